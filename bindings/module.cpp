@@ -1,0 +1,221 @@
+// The only file that knows pybind11: array checks, GIL release, conversions. No math here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fedrecon/cohort.hpp"
+#include "fedrecon/rng.hpp"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+using fedrecon::ClientConfig;
+
+namespace {
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style>;
+
+[[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+
+fedrecon::ModelView model_view(const Array<float>& item_factors,
+                               const std::optional<Array<float>>& item_bias, float global_mean) {
+  if (item_factors.ndim() != 2) fail("item_factors must be 2-D (num_items, dim)");
+  if (item_factors.shape(1) < 1) fail("item_factors must have dim >= 1 columns");
+  fedrecon::ModelView m;
+  m.item_factors = item_factors.data();
+  m.num_items = item_factors.shape(0);
+  m.dim = static_cast<int>(item_factors.shape(1));
+  m.global_mean = global_mean;
+  if (item_bias) {
+    if (item_bias->ndim() != 1 || item_bias->shape(0) != m.num_items)
+      fail("item_bias must have shape (num_items,) matching item_factors");
+    m.item_bias = item_bias->data();
+  }
+  return m;
+}
+
+fedrecon::CsrView csr_view(const Array<std::int64_t>& indptr, const Array<std::int32_t>& items,
+                           const Array<float>& ratings) {
+  if (indptr.ndim() != 1 || indptr.shape(0) < 1) fail("indptr must be 1-D with num_clients + 1 entries");
+  if (items.ndim() != 1 || ratings.ndim() != 1 || items.shape(0) != ratings.shape(0))
+    fail("items and ratings must be 1-D arrays of the same length");
+  fedrecon::CsrView d;
+  d.indptr = indptr.data();
+  d.items = items.data();
+  d.ratings = ratings.data();
+  d.num_clients = indptr.shape(0) - 1;
+  d.nnz = items.shape(0);
+  return d;
+}
+
+const std::int64_t* client_ids(const Array<std::int64_t>& clients) {
+  if (clients.ndim() != 1) fail("clients must be a 1-D array of client indices");
+  return clients.data();
+}
+
+template <class T>
+Array<T> column(const std::vector<fedrecon::ClientStats>& s, T fedrecon::ClientStats::*field) {
+  Array<T> out(static_cast<py::ssize_t>(s.size()));
+  auto* p = out.mutable_data();
+  for (std::size_t i = 0; i < s.size(); ++i) p[i] = s[i].*field;
+  return out;
+}
+
+py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
+  return py::dict("weight"_a = column(s, &fedrecon::ClientStats::weight),
+                  "loss_sum"_a = column(s, &fedrecon::ClientStats::loss_sum),
+                  "num_examples"_a = column(s, &fedrecon::ClientStats::num_examples),
+                  "num_correct"_a = column(s, &fedrecon::ClientStats::num_correct),
+                  "rows"_a = column(s, &fedrecon::ClientStats::rows),
+                  "status"_a = column(s, &fedrecon::ClientStats::status));
+}
+
+py::tuple train_round(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                      float global_mean, const Array<std::int64_t>& indptr,
+                      const Array<std::int32_t>& items, const Array<float>& ratings,
+                      const Array<std::int64_t>& clients, const ClientConfig& config,
+                      std::uint64_t seed, std::uint64_t round, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  Array<float> delta({model.num_items, static_cast<py::ssize_t>(model.dim)});
+  std::optional<Array<float>> delta_bias;
+  if (model.has_bias()) delta_bias.emplace(model.num_items);
+  float* delta_ptr = delta.mutable_data();
+  float* delta_bias_ptr = delta_bias ? delta_bias->mutable_data() : nullptr;
+  std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
+  fedrecon::RoundSummary s;
+  {
+    py::gil_scoped_release release;
+    s = fedrecon::train_round(model, data, ids, n, config, seed, round, num_threads, delta_ptr,
+                              delta_bias_ptr, stats.data());
+  }
+  py::dict summary("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
+                   "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
+                   "num_reporting"_a = s.num_reporting, "num_nonfinite"_a = s.num_nonfinite,
+                   "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated);
+  py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
+  return py::make_tuple(delta, bias_out, stats_dict(stats), summary);
+}
+
+py::dict client_updates(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                        float global_mean, const Array<std::int64_t>& indptr,
+                        const Array<std::int32_t>& items, const Array<float>& ratings,
+                        const Array<std::int64_t>& clients, const ClientConfig& config,
+                        std::uint64_t seed, std::uint64_t round, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  fedrecon::SparseUpdates u;
+  {
+    py::gil_scoped_release release;
+    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads);
+  }
+  const auto nrows = static_cast<py::ssize_t>(u.rows.size());
+  Array<float> values({nrows, static_cast<py::ssize_t>(model.dim)});
+  std::copy(u.values.begin(), u.values.end(), values.mutable_data());
+  py::object bias = py::none();
+  if (model.has_bias()) bias = Array<float>(nrows, u.bias_values.data());
+  return py::dict("offsets"_a = Array<std::int64_t>(static_cast<py::ssize_t>(u.offsets.size()), u.offsets.data()),
+                  "rows"_a = Array<std::int32_t>(nrows, u.rows.data()), "values"_a = values,
+                  "bias_values"_a = bias, "stats"_a = stats_dict(u.stats));
+}
+
+py::tuple reconstruct_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                            float global_mean, const Array<std::int64_t>& indptr,
+                            const Array<std::int32_t>& items, const Array<float>& ratings,
+                            const Array<std::int64_t>& clients, const ClientConfig& config,
+                            std::uint64_t seed, std::uint64_t round, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  Array<float> users({n, static_cast<py::ssize_t>(model.dim)});
+  std::optional<Array<float>> user_bias;
+  if (model.has_bias()) user_bias.emplace(n);
+  float* users_ptr = users.mutable_data();
+  float* bias_ptr = user_bias ? user_bias->mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    fedrecon::reconstruct_users(model, data, ids, n, config, seed, round, num_threads, users_ptr, bias_ptr);
+  }
+  py::object bias_out = user_bias ? py::object(*user_bias) : py::object(py::none());
+  return py::make_tuple(users, bias_out);
+}
+
+py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                        float global_mean, const Array<std::int64_t>& indptr,
+                        const Array<std::int32_t>& items, const Array<float>& ratings,
+                        const Array<std::int64_t>& clients, const ClientConfig& config,
+                        std::uint64_t seed, std::uint64_t round, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  std::vector<fedrecon::EvalStats> stats(static_cast<std::size_t>(n));
+  {
+    py::gil_scoped_release release;
+    fedrecon::evaluate_users(model, data, ids, n, config, seed, round, num_threads, stats.data());
+  }
+  Array<double> sq(n);
+  Array<std::int64_t> count(n), correct(n);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    sq.mutable_data()[i] = stats[static_cast<std::size_t>(i)].sq_err_sum;
+    count.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_examples;
+    correct.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_correct;
+  }
+  return py::dict("sq_err_sum"_a = sq, "num_examples"_a = count, "num_correct"_a = correct);
+}
+
+template <class Enum>
+void enum_property(py::class_<ClientConfig>& cls, const char* name, Enum ClientConfig::*field) {
+  cls.def_property(
+      name, [field](const ClientConfig& c) { return static_cast<int>(c.*field); },
+      [field](ClientConfig& c, int v) { c.*field = static_cast<Enum>(v); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fedrecon_fast native kernels (private: use the fedrecon_fast package API)";
+  m.attr("__version__") = FEDRECON_VERSION;
+
+  py::class_<ClientConfig> cfg(m, "ClientConfig");
+  cfg.def(py::init<>())
+      .def_readwrite("batch_size", &ClientConfig::batch_size)
+      .def_readwrite("support_fraction", &ClientConfig::support_fraction)
+      .def_readwrite("reshuffle", &ClientConfig::reshuffle)
+      .def_readwrite("init_scale", &ClientConfig::init_scale)
+      .def_readwrite("recon_epochs", &ClientConfig::recon_epochs)
+      .def_readwrite("recon_steps_max", &ClientConfig::recon_steps_max)
+      .def_readwrite("recon_lr", &ClientConfig::recon_lr)
+      .def_readwrite("recon_l2", &ClientConfig::recon_l2)
+      .def_readwrite("ridge", &ClientConfig::ridge)
+      .def_readwrite("update_epochs", &ClientConfig::update_epochs)
+      .def_readwrite("update_steps_max", &ClientConfig::update_steps_max)
+      .def_readwrite("client_lr", &ClientConfig::client_lr)
+      .def_readwrite("update_l2", &ClientConfig::update_l2)
+      .def_readwrite("joint", &ClientConfig::joint);
+  enum_property(cfg, "split", &ClientConfig::split);
+  enum_property(cfg, "recon", &ClientConfig::recon);
+  enum_property(cfg, "init", &ClientConfig::init);
+  enum_property(cfg, "weighting", &ClientConfig::weighting);
+
+  m.def("derive_seed", &fedrecon::derive_seed, "seed"_a, "round"_a, "client"_a, "stream"_a);
+
+#define FEDRECON_COHORT_ARGS                                                                     \
+  "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \
+      "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(),                    \
+      "clients"_a.noconvert(), "config"_a, "seed"_a, "round"_a, "num_threads"_a
+  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS);
+  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS);
+  m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
+  m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);
+#undef FEDRECON_COHORT_ARGS
+}

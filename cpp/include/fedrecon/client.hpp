@@ -1,0 +1,69 @@
+// One FedRecon client: split its ratings, reconstruct its local embedding u with V frozen,
+// then train the rows of V its query set touches. A ClientWorker holds per-thread scratch, so
+// the inner loops never allocate once its buffers have grown to the largest client.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fedrecon/types.hpp"
+
+namespace fedrecon {
+
+/// Throws std::invalid_argument for an unusable configuration (non-positive batch size,
+/// negative learning rates, Exact reconstruction without a positive ridge, ...).
+void validate_config(const ClientConfig& config);
+
+class ClientWorker {
+ public:
+  explicit ClientWorker(const ModelView& model);
+
+  /// Splits client `client` of `data` into support and query batches (stream kStreamSplit of
+  /// (seed, round, client)). Throws std::out_of_range for an item id outside the model.
+  void split(const CsrView& data, std::int64_t client, const ClientConfig& config,
+             std::uint64_t seed, std::uint64_t round);
+
+  /// Reconstructs u (and b_u when the model has biases) on the support set, V frozen.
+  void reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                   std::int64_t client);
+
+  /// Client update on the query set; afterwards rows()/delta()/bias_delta() hold the sparse
+  /// update V_final - V_initial over the touched rows. Non-finite updates get weight 0.
+  ClientStats update(const ClientConfig& config);
+
+  /// Squared error and rating accuracy of the reconstructed u on the whole query set.
+  EvalStats evaluate() const;
+
+  const std::vector<std::int32_t>& rows() const { return rows_; }
+  const float* delta() const { return local_.data(); }  // rows().size() x dim, W - W0
+  const float* bias_delta() const { return local_bias_.data(); }
+  const float* user() const { return u_.data(); }
+  float user_bias() const { return bu_; }
+  std::int64_t num_support() const { return static_cast<std::int64_t>(sup_pos_.size()); }
+  std::int64_t num_query() const { return static_cast<std::int64_t>(qry_pos_.size()); }
+
+ private:
+  float predict_row(const float* v, float item_bias) const;
+
+  ModelView model_;
+  int dim_;
+  // The current client: its entries in the CSR arrays, and positions relative to `base_`.
+  const std::int32_t* items_ = nullptr;
+  const float* ratings_ = nullptr;
+  std::vector<std::int64_t> perm_;
+  std::vector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
+  std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
+  // Local embedding and its gradient.
+  std::vector<float> u_, grad_u_;
+  float bu_ = 0.0f;
+  // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
+  std::vector<std::int32_t> rows_;
+  std::vector<float> local_, local0_, local_bias_, local_bias0_;
+  std::vector<std::int32_t> qry_local_;
+  std::vector<std::int32_t> item_to_local_;  // num_items, -1 when absent; reset after use
+  std::vector<std::int64_t> decayed_at_;      // L2 decay once per row per step
+  std::vector<float> err_;
+  std::vector<float> gram_, rhs_;
+};
+
+}  // namespace fedrecon

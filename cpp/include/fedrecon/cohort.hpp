@@ -1,0 +1,61 @@
+// Cohort kernels: one call processes many clients in parallel (std::thread, dynamic
+// scheduling) and reduces their results in a fixed order, so the output is bit-identical for
+// any thread count. All pointers are plain views; outputs are written, never read.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fedrecon/types.hpp"
+
+namespace fedrecon {
+
+/// Totals of one training round.
+struct RoundSummary {
+  double total_weight = 0.0;
+  double loss_sum = 0.0;
+  std::int64_t num_examples = 0;
+  std::int64_t num_correct = 0;
+  std::int64_t num_reporting = 0;   // clients with weight > 0
+  std::int64_t num_nonfinite = 0;   // clients whose update was not finite (zeroed, weight 0)
+  std::int64_t rows_sent = 0;       // sum over reporting clients of touched rows
+  std::int64_t rows_aggregated = 0; // distinct rows of V with a non-zero aggregate
+};
+
+/// The fused FedRecon round: for each sampled client, reconstruct -> update -> weighted sum of
+/// the sparse deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
+/// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
+/// biases) and stats_out[num_sampled]. Sums run in float64 in the order of `clients`.
+/// Throws std::invalid_argument / std::out_of_range on bad input.
+RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                         std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                         std::uint64_t round, int num_threads, float* delta_out,
+                         float* delta_bias_out, ClientStats* stats_out);
+
+/// Unfused form for frameworks that run clients one at a time: each client's sparse update.
+/// Client k's rows are rows[offsets[k]:offsets[k+1]], values the matching (rows x dim) block.
+struct SparseUpdates {
+  std::vector<std::int64_t> offsets;
+  std::vector<std::int32_t> rows;
+  std::vector<float> values;
+  std::vector<float> bias_values;  // empty without biases
+  std::vector<ClientStats> stats;
+};
+SparseUpdates client_updates(const ModelView& model, const CsrView& data,
+                             const std::int64_t* clients, std::int64_t num_sampled,
+                             const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                             int num_threads);
+
+/// Reconstruct u (num_sampled x dim) and, with biases, b_u (num_sampled) from each client's
+/// support set.
+void reconstruct_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                       std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                       std::uint64_t round, int num_threads, float* users_out,
+                       float* user_bias_out);
+
+/// ReconEval: reconstruct on support, score every query rating once.
+void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                    std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                    std::uint64_t round, int num_threads, EvalStats* stats_out);
+
+}  // namespace fedrecon

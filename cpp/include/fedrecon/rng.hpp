@@ -1,0 +1,49 @@
+// Counter-based random streams: every random number depends only on (seed, round, client,
+// stream), never on threads or scheduling. The generator is fully specified (SplitMix64) so
+// NumPy can reproduce it exactly; std::*_distribution is avoided (implementation-defined).
+#pragma once
+
+#include <cstdint>
+
+namespace fedrecon {
+
+enum Stream : std::uint64_t {
+  kStreamSplit = 0,   // support/query split and per-round reshuffles
+  kStreamInit = 1,    // initial user embedding
+  kStreamQuant = 2,   // quantization noise
+  kStreamSample = 3,  // client sampling (used from Python)
+};
+
+inline std::uint64_t splitmix64_next(std::uint64_t& state) {
+  state += 0x9E3779B97F4A7C15ULL;
+  std::uint64_t z = state;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+inline std::uint64_t mix64(std::uint64_t x) { return splitmix64_next(x); }
+
+/// The seed of one random stream: a hash of (seed, round, client, stream).
+inline std::uint64_t derive_seed(std::uint64_t seed, std::uint64_t round, std::uint64_t client,
+                                 std::uint64_t stream) {
+  std::uint64_t h = mix64(seed);
+  h = mix64(h ^ round);
+  h = mix64(h ^ client);
+  return mix64(h ^ stream);
+}
+
+class Rng {
+ public:
+  explicit Rng(std::uint64_t seed) : state_(seed) {}
+  std::uint64_t next() { return splitmix64_next(state_); }
+  /// Uniform in [0, 1) with 24 random bits (exact in float32).
+  float uniform01() { return static_cast<float>(next() >> 40) * 0x1p-24f; }
+  /// Uniform integer in [0, n) for n < 2^32 (multiply-shift; bias below 2^-32 * n).
+  std::uint64_t below(std::uint64_t n) { return ((next() >> 32) * n) >> 32; }
+
+ private:
+  std::uint64_t state_;
+};
+
+}  // namespace fedrecon

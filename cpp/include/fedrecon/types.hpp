@@ -1,0 +1,86 @@
+// Plain views and configuration shared by the FedRecon kernels. No Python here.
+#pragma once
+
+#include <cstdint>
+
+namespace fedrecon {
+
+/// Ratings of many clients in CSR form: client c owns entries [indptr[c], indptr[c+1]).
+/// The order of a client's entries is meaningful: it is the fixed (seeded) order in which
+/// TFF-style `split_dataset` cuts batches.
+struct CsrView {
+  const std::int64_t* indptr = nullptr;  // num_clients + 1, non-decreasing, indptr[0] == 0
+  const std::int32_t* items = nullptr;   // nnz item ids in [0, num_items)
+  const float* ratings = nullptr;        // nnz ratings
+  std::int64_t num_clients = 0;
+  std::int64_t nnz = 0;
+};
+
+/// The global model: item factors V (num_items x dim, row-major), optional item biases and a
+/// global mean. With item biases the model also reconstructs a local user bias:
+///   r_hat = u . v_i + global_mean [+ b_u + b_i].
+struct ModelView {
+  const float* item_factors = nullptr;
+  const float* item_bias = nullptr;  // nullptr: a model without biases
+  float global_mean = 0.0f;
+  std::int64_t num_items = 0;
+  int dim = 0;
+  bool has_bias() const { return item_bias != nullptr; }
+};
+
+/// How a client's ratings are divided into a support set (reconstruction) and a query set
+/// (global update / evaluation).
+enum class SplitMode : int {
+  Batches = 0,  // TFF split_dataset: even batches support, odd batches query
+  Random = 1,   // disjoint random split with a support fraction, new each round
+  Reuse = 2,    // both sets are all ratings (paper Appendix D)
+};
+enum class ReconMethod : int { Sgd = 0, Exact = 1 };
+enum class InitMode : int { Uniform = 0, Zeros = 1 };
+enum class Weighting : int { Examples = 0, Uniform = 1 };
+
+/// Everything a client does in one round. Step caps <= 0 mean "no cap".
+struct ClientConfig {
+  int batch_size = 5;
+  SplitMode split = SplitMode::Batches;
+  float support_fraction = 0.5f;  // SplitMode::Random only
+  bool reshuffle = false;         // permute the client's ratings anew every round
+
+  ReconMethod recon = ReconMethod::Sgd;
+  InitMode init = InitMode::Uniform;
+  float init_scale = 0.05f;  // u ~ U(-init_scale, init_scale)
+  int recon_epochs = 1;
+  std::int64_t recon_steps_max = 0;
+  float recon_lr = 0.1f;
+  float recon_l2 = 0.0f;  // SGD: batch loss += recon_l2 * |u|^2
+  float ridge = 1.0f;     // Exact: u = (V_s^T V_s + ridge I)^-1 V_s^T (r_s - offsets)
+
+  int update_epochs = 1;
+  std::int64_t update_steps_max = 0;
+  float client_lr = 0.1f;
+  float update_l2 = 0.0f;  // batch loss += update_l2 * |rows of V in the batch|^2
+  bool joint = false;      // also train u (and b_u) during the client update
+
+  Weighting weighting = Weighting::Examples;
+};
+
+/// Per-client outcome of a training round.
+enum ClientStatus : std::int8_t { kOk = 0, kNonFinite = 1, kNoQuery = 2 };
+
+struct ClientStats {
+  double weight = 0.0;       // aggregation weight (0 for non-finite or empty clients)
+  double loss_sum = 0.0;     // sum of squared errors over query batches (pre-step predictions)
+  std::int64_t num_examples = 0;  // query examples processed by the update steps
+  std::int64_t num_correct = 0;   // of those, |r - r_hat| <= 0.5
+  std::int64_t rows = 0;          // rows of V the update touched
+  std::int8_t status = kOk;
+};
+
+/// Per-client outcome of reconstruction evaluation (ReconEval).
+struct EvalStats {
+  double sq_err_sum = 0.0;
+  std::int64_t num_examples = 0;
+  std::int64_t num_correct = 0;
+};
+
+}  // namespace fedrecon

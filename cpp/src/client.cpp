@@ -1,0 +1,328 @@
+#include "fedrecon/client.hpp"
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "fedrecon/rng.hpp"
+
+namespace fedrecon {
+
+namespace {
+
+using VecMap = Eigen::Map<Eigen::VectorXf>;
+using CVecMap = Eigen::Map<const Eigen::VectorXf>;
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+// Cuts positions[begin, end) into batches of `batch`, appending them to pos/off.
+void append_batches(const std::int64_t* positions, std::int64_t count, std::int64_t batch,
+                    std::vector<std::int64_t>& pos, std::vector<std::int64_t>& off) {
+  for (std::int64_t k = 0; k < count; k += batch) {
+    const std::int64_t end = std::min(count, k + batch);
+    pos.insert(pos.end(), positions + k, positions + end);
+    off.push_back(static_cast<std::int64_t>(pos.size()));
+  }
+}
+
+// Number of steps of `epochs` passes over `batches` batches, capped by steps_max (> 0).
+std::int64_t schedule_steps(std::int64_t batches, int epochs, std::int64_t steps_max) {
+  std::int64_t steps = batches * std::max(0, epochs);
+  if (steps_max > 0) steps = std::min(steps, steps_max);
+  return steps;
+}
+
+}  // namespace
+
+void validate_config(const ClientConfig& c) {
+  require(c.batch_size >= 1, "batch_size must be >= 1");
+  require(c.support_fraction >= 0.0f && c.support_fraction <= 1.0f,
+          "support_fraction must be in [0, 1]");
+  require(c.init_scale >= 0.0f && std::isfinite(c.init_scale), "init_scale must be finite and >= 0");
+  require(c.recon_epochs >= 0, "recon_epochs must be >= 0");
+  require(c.update_epochs >= 0, "update_epochs must be >= 0");
+  require(c.recon_lr >= 0.0f && std::isfinite(c.recon_lr), "recon_lr must be finite and >= 0");
+  require(c.client_lr >= 0.0f && std::isfinite(c.client_lr), "client_lr must be finite and >= 0");
+  require(c.recon_l2 >= 0.0f && std::isfinite(c.recon_l2), "recon_l2 must be finite and >= 0");
+  require(c.update_l2 >= 0.0f && std::isfinite(c.update_l2), "update_l2 must be finite and >= 0");
+  require(std::isfinite(c.ridge) && (c.recon != ReconMethod::Exact || c.ridge > 0.0f),
+          "ridge must be finite and > 0 for exact reconstruction");
+  const int split = static_cast<int>(c.split);
+  require(split >= 0 && split <= 2, "split must be batches, random or reuse");
+  const int recon = static_cast<int>(c.recon);
+  require(recon >= 0 && recon <= 1, "recon must be sgd or exact");
+  const int init = static_cast<int>(c.init);
+  require(init >= 0 && init <= 1, "init must be uniform or zeros");
+  const int weighting = static_cast<int>(c.weighting);
+  require(weighting >= 0 && weighting <= 1, "weighting must be examples or uniform");
+}
+
+ClientWorker::ClientWorker(const ModelView& model)
+    : model_(model),
+      dim_(model.dim),
+      u_(static_cast<std::size_t>(model.dim)),
+      grad_u_(static_cast<std::size_t>(model.dim)),
+      item_to_local_(static_cast<std::size_t>(model.num_items), -1) {}
+
+void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
+                         std::uint64_t seed, std::uint64_t round) {
+  const std::int64_t begin = data.indptr[client];
+  const std::int64_t n = data.indptr[client + 1] - begin;
+  items_ = data.items + begin;
+  ratings_ = data.ratings + begin;
+  for (std::int64_t k = 0; k < n; ++k) {
+    if (items_[k] < 0 || items_[k] >= model_.num_items)
+      throw std::out_of_range("item id " + std::to_string(items_[k]) + " of client " +
+                              std::to_string(client) + " is outside [0, " +
+                              std::to_string(model_.num_items) + ")");
+  }
+
+  perm_.resize(static_cast<std::size_t>(n));
+  for (std::int64_t k = 0; k < n; ++k) perm_[static_cast<std::size_t>(k)] = k;
+  if (config.reshuffle || config.split == SplitMode::Random) {
+    // Fisher-Yates with the client's own stream: a pure function of (seed, round, client).
+    Rng rng(derive_seed(seed, round, static_cast<std::uint64_t>(client), kStreamSplit));
+    for (std::int64_t k = n - 1; k > 0; --k) {
+      const auto j = static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(k + 1)));
+      std::swap(perm_[static_cast<std::size_t>(k)], perm_[static_cast<std::size_t>(j)]);
+    }
+  }
+
+  const std::int64_t b = config.batch_size;
+  sup_pos_.clear();
+  qry_pos_.clear();
+  sup_off_.assign(1, 0);
+  qry_off_.assign(1, 0);
+  switch (config.split) {
+    case SplitMode::Batches:
+      // TFF split_dataset: batch k of the (fixed-order) data goes to support if k is even.
+      for (std::int64_t k = 0, batch = 0; k < n; k += b, ++batch) {
+        const std::int64_t len = std::min(b, n - k);
+        if (batch % 2 == 0)
+          append_batches(perm_.data() + k, len, b, sup_pos_, sup_off_);
+        else
+          append_batches(perm_.data() + k, len, b, qry_pos_, qry_off_);
+      }
+      break;
+    case SplitMode::Random: {
+      auto ns = static_cast<std::int64_t>(std::floor(config.support_fraction * static_cast<double>(n) + 0.5));
+      if (n >= 2) ns = std::min(std::max<std::int64_t>(ns, 1), n - 1);  // both sets non-empty
+      ns = std::min(ns, n);
+      append_batches(perm_.data(), ns, b, sup_pos_, sup_off_);
+      append_batches(perm_.data() + ns, n - ns, b, qry_pos_, qry_off_);
+      break;
+    }
+    case SplitMode::Reuse:
+      append_batches(perm_.data(), n, b, sup_pos_, sup_off_);
+      append_batches(perm_.data(), n, b, qry_pos_, qry_off_);
+      break;
+  }
+}
+
+float ClientWorker::predict_row(const float* v, float item_bias) const {
+  float p = CVecMap(u_.data(), dim_).dot(CVecMap(v, dim_)) + model_.global_mean;
+  if (model_.has_bias()) p += bu_ + item_bias;
+  return p;
+}
+
+void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                               std::int64_t client) {
+  VecMap u(u_.data(), dim_);
+  bu_ = 0.0f;
+  const bool bias = model_.has_bias();
+  const float* V = model_.item_factors;
+  const std::int64_t K = dim_;
+
+  if (config.recon == ReconMethod::Exact) {
+    // Ridge solution of the support set: (X^T X + ridge I) w = X^T (r - offsets), with
+    // x = [v_i, 1] when the model has a user bias. Gram in float, solve in double.
+    const std::int64_t D = K + (bias ? 1 : 0);
+    Eigen::MatrixXd A = Eigen::MatrixXd::Identity(D, D) * static_cast<double>(config.ridge);
+    Eigen::VectorXd rhs = Eigen::VectorXd::Zero(D);
+    const std::int64_t ns = num_support();
+    if (ns > 0) {
+      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> X(ns, D);
+      Eigen::VectorXf y(ns);
+      for (std::int64_t k = 0; k < ns; ++k) {
+        const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
+        const std::int32_t item = items_[p];
+        X.row(k).head(K) = CVecMap(V + item * K, K).transpose();
+        float target = ratings_[p] - model_.global_mean;
+        if (bias) {
+          X(k, K) = 1.0f;
+          target -= model_.item_bias[item];
+        }
+        y[k] = target;
+      }
+      Eigen::MatrixXf G = Eigen::MatrixXf::Zero(D, D);
+      G.selfadjointView<Eigen::Lower>().rankUpdate(X.transpose());
+      A += G.selfadjointView<Eigen::Lower>().toDenseMatrix().cast<double>();
+      rhs = (X.transpose() * y).cast<double>();
+    }
+    Eigen::LLT<Eigen::MatrixXd> llt(A);
+    const Eigen::VectorXd w = llt.solve(rhs);
+    u = w.head(K).cast<float>();
+    if (bias) bu_ = static_cast<float>(w[K]);
+    return;
+  }
+
+  if (config.init == InitMode::Uniform) {
+    Rng rng(derive_seed(seed, round, static_cast<std::uint64_t>(client), kStreamInit));
+    for (std::int64_t k = 0; k < K; ++k) u[k] = (2.0f * rng.uniform01() - 1.0f) * config.init_scale;
+  } else {
+    u.setZero();
+  }
+
+  const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
+  const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
+  VecMap g(grad_u_.data(), dim_);
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const std::int64_t batch = s % batches;
+    const std::int64_t lo = sup_off_[static_cast<std::size_t>(batch)];
+    const std::int64_t hi = sup_off_[static_cast<std::size_t>(batch) + 1];
+    g.setZero();
+    float gb = 0.0f;
+    for (std::int64_t k = lo; k < hi; ++k) {
+      const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
+      const std::int32_t item = items_[p];
+      const float* v = V + item * K;
+      const float err = predict_row(v, bias ? model_.item_bias[item] : 0.0f) - ratings_[p];
+      g += err * CVecMap(v, K);
+      gb += err;
+    }
+    // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
+    const float scale = 2.0f / static_cast<float>(hi - lo);
+    u -= config.recon_lr * (scale * g + (2.0f * config.recon_l2) * u);
+    if (bias) bu_ -= config.recon_lr * scale * gb;
+  }
+}
+
+ClientStats ClientWorker::update(const ClientConfig& config) {
+  ClientStats stats;
+  const bool bias = model_.has_bias();
+  const std::int64_t K = dim_;
+  const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
+  const std::int64_t steps = schedule_steps(batches, config.update_epochs, config.update_steps_max);
+
+  // Gather the rows that the executed steps touch into a local copy W.
+  rows_.clear();
+  const std::int64_t used = qry_off_[static_cast<std::size_t>(std::min(steps, batches))];
+  qry_local_.resize(static_cast<std::size_t>(used));
+  for (std::int64_t k = 0; k < used; ++k) {
+    const std::int32_t item = items_[qry_pos_[static_cast<std::size_t>(k)]];
+    std::int32_t& slot = item_to_local_[static_cast<std::size_t>(item)];
+    if (slot < 0) {
+      slot = static_cast<std::int32_t>(rows_.size());
+      rows_.push_back(item);
+    }
+    qry_local_[static_cast<std::size_t>(k)] = slot;
+  }
+  for (std::int32_t item : rows_) item_to_local_[static_cast<std::size_t>(item)] = -1;
+  const std::int64_t nrows = static_cast<std::int64_t>(rows_.size());
+  local_.resize(static_cast<std::size_t>(nrows * K));
+  local_bias_.assign(static_cast<std::size_t>(bias ? nrows : 0), 0.0f);
+  for (std::int64_t r = 0; r < nrows; ++r) {
+    const std::int32_t item = rows_[static_cast<std::size_t>(r)];
+    std::copy_n(model_.item_factors + item * K, K, local_.data() + r * K);
+    if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
+  }
+  local0_ = local_;
+  local_bias0_ = local_bias_;
+  decayed_at_.assign(static_cast<std::size_t>(nrows), -1);
+
+  VecMap u(u_.data(), dim_);
+  VecMap gu(grad_u_.data(), dim_);
+  const float l2 = config.update_l2;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const std::int64_t batch = s % batches;
+    const std::int64_t lo = qry_off_[static_cast<std::size_t>(batch)];
+    const std::int64_t hi = qry_off_[static_cast<std::size_t>(batch) + 1];
+    const std::int64_t m = hi - lo;
+    err_.resize(static_cast<std::size_t>(m));
+    // Forward pass at the pre-step values: errors, metrics, and u's gradient when joint.
+    if (config.joint) gu.setZero();
+    float gbu = 0.0f;
+    for (std::int64_t k = lo; k < hi; ++k) {
+      const std::int64_t p = qry_pos_[static_cast<std::size_t>(k)];
+      const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
+      const float* w = local_.data() + l * K;
+      const float err = predict_row(w, bias ? local_bias_[static_cast<std::size_t>(l)] : 0.0f) - ratings_[p];
+      err_[static_cast<std::size_t>(k - lo)] = err;
+      stats.loss_sum += static_cast<double>(err) * err;
+      stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
+      if (config.joint) {
+        gu += err * CVecMap(w, K);
+        gbu += err;
+      }
+    }
+    stats.num_examples += m;
+    const float scale = 2.0f / static_cast<float>(m);
+    if (l2 > 0.0f) {
+      // The L2 gradient is taken once per distinct row, at its pre-step value.
+      const float decay = 1.0f - config.client_lr * 2.0f * l2;
+      for (std::int64_t k = lo; k < hi; ++k) {
+        const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
+        if (decayed_at_[static_cast<std::size_t>(l)] == s) continue;
+        decayed_at_[static_cast<std::size_t>(l)] = s;
+        VecMap(local_.data() + l * K, K) *= decay;
+      }
+    }
+    for (std::int64_t k = lo; k < hi; ++k) {
+      const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
+      const float step = config.client_lr * scale * err_[static_cast<std::size_t>(k - lo)];
+      VecMap(local_.data() + l * K, K) -= step * u;
+      if (bias) local_bias_[static_cast<std::size_t>(l)] -= step;
+    }
+    if (config.joint) {
+      u -= config.client_lr * (scale * gu + (2.0f * l2) * u);
+      if (bias) bu_ -= config.client_lr * scale * gbu;
+    }
+  }
+
+  // The update is W - W0 over the touched rows; a non-finite update is dropped (TFF semantics).
+  bool finite = true;
+  for (std::size_t k = 0; k < local_.size(); ++k) {
+    local_[k] -= local0_[k];
+    finite = finite && std::isfinite(local_[k]);
+  }
+  for (std::size_t k = 0; k < local_bias_.size(); ++k) {
+    local_bias_[k] -= local_bias0_[k];
+    finite = finite && std::isfinite(local_bias_[k]);
+  }
+  stats.rows = nrows;
+  if (!finite || !std::isfinite(stats.loss_sum)) {
+    stats.status = kNonFinite;
+    stats.weight = 0.0;
+    rows_.clear();
+    local_.clear();
+    local_bias_.clear();
+    stats.rows = 0;
+  } else if (num_query() == 0 || steps == 0) {
+    stats.status = kNoQuery;
+    stats.weight = 0.0;
+  } else {
+    stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
+  }
+  return stats;
+}
+
+EvalStats ClientWorker::evaluate() const {
+  EvalStats stats;
+  const bool bias = model_.has_bias();
+  for (const std::int64_t p : qry_pos_) {
+    const std::int32_t item = items_[p];
+    const float err = predict_row(model_.item_factors + static_cast<std::int64_t>(item) * dim_,
+                                  bias ? model_.item_bias[item] : 0.0f) - ratings_[p];
+    stats.sq_err_sum += static_cast<double>(err) * err;
+    stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
+  }
+  stats.num_examples = num_query();
+  return stats;
+}
+
+}  // namespace fedrecon

@@ -1,0 +1,191 @@
+#include "fedrecon/cohort.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "fedrecon/client.hpp"
+#include "fedrecon/parallel.hpp"
+
+namespace fedrecon {
+
+namespace {
+
+void check_inputs(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                  std::int64_t num_sampled) {
+  if (model.dim < 1) throw std::invalid_argument("dim must be >= 1");
+  if (model.num_items < 0) throw std::invalid_argument("num_items must be >= 0");
+  if (num_sampled < 0) throw std::invalid_argument("number of clients must be >= 0");
+  if (data.num_clients < 0 || data.indptr == nullptr) throw std::invalid_argument("indptr is empty");
+  if (data.indptr[0] != 0 || data.indptr[data.num_clients] != data.nnz)
+    throw std::invalid_argument("indptr must start at 0 and end at the number of ratings");
+  for (std::int64_t i = 0; i < num_sampled; ++i) {
+    const std::int64_t c = clients[i];
+    if (c < 0 || c >= data.num_clients)
+      throw std::out_of_range("client id " + std::to_string(c) + " is outside [0, " +
+                              std::to_string(data.num_clients) + ")");
+    if (data.indptr[c + 1] < data.indptr[c])
+      throw std::invalid_argument("indptr must be non-decreasing");
+  }
+}
+
+std::vector<ClientWorker> make_workers(const ModelView& model, int threads) {
+  std::vector<ClientWorker> workers;
+  workers.reserve(static_cast<std::size_t>(threads));
+  for (int t = 0; t < threads; ++t) workers.emplace_back(model);
+  return workers;
+}
+
+// One client's sparse update, kept until the ordered reduction.
+struct ClientResult {
+  std::vector<std::int32_t> rows;
+  std::vector<float> values;
+  std::vector<float> bias;
+  ClientStats stats;
+};
+
+std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& data,
+                                      const std::int64_t* clients, std::int64_t n,
+                                      const ClientConfig& config, std::uint64_t seed,
+                                      std::uint64_t round, int num_threads) {
+  validate_config(config);
+  check_inputs(model, data, clients, n);
+  const int threads = resolve_threads(num_threads, n);
+  auto workers = make_workers(model, threads);
+  std::vector<ClientResult> results(static_cast<std::size_t>(n));
+  const std::int64_t K = model.dim;
+  parallel_for(n, threads, [&](std::int64_t i, int tid) {
+    ClientWorker& w = workers[static_cast<std::size_t>(tid)];
+    const std::int64_t c = clients[i];
+    w.split(data, c, config, seed, round);
+    w.reconstruct(config, seed, round, c);
+    ClientResult& out = results[static_cast<std::size_t>(i)];
+    out.stats = w.update(config);
+    if (out.stats.weight > 0.0) {
+      const std::size_t nrows = w.rows().size();
+      out.rows = w.rows();
+      out.values.assign(w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
+      if (model.has_bias()) out.bias.assign(w.bias_delta(), w.bias_delta() + nrows);
+    }
+  });
+  return results;
+}
+
+}  // namespace
+
+RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                         std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                         std::uint64_t round, int num_threads, float* delta_out,
+                         float* delta_bias_out, ClientStats* stats_out) {
+  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads);
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
+
+  RoundSummary summary;
+  struct Entry {
+    std::uint64_t key;  // (row << 32) | client position: rows grouped, clients in order
+    std::int32_t local;
+  };
+  std::vector<Entry> entries;
+  for (std::int64_t i = 0; i < num_sampled; ++i) {
+    const ClientResult& r = results[static_cast<std::size_t>(i)];
+    stats_out[i] = r.stats;
+    summary.loss_sum += r.stats.loss_sum;
+    summary.num_examples += r.stats.num_examples;
+    summary.num_correct += r.stats.num_correct;
+    summary.num_nonfinite += r.stats.status == kNonFinite ? 1 : 0;
+    if (r.stats.weight <= 0.0) continue;
+    summary.total_weight += r.stats.weight;
+    summary.num_reporting += 1;
+    summary.rows_sent += static_cast<std::int64_t>(r.rows.size());
+    for (std::size_t l = 0; l < r.rows.size(); ++l)
+      entries.push_back({(static_cast<std::uint64_t>(r.rows[l]) << 32) | static_cast<std::uint64_t>(i),
+                         static_cast<std::int32_t>(l)});
+  }
+  std::fill_n(delta_out, model.num_items * K, 0.0f);
+  if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
+  if (summary.total_weight <= 0.0) return summary;
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key < b.key; });
+
+  // Segments of equal row; each row sums its clients in cohort order (float64), so the
+  // reduction is parallel across rows yet independent of the thread count.
+  std::vector<std::size_t> seg{0};
+  for (std::size_t e = 1; e < entries.size(); ++e)
+    if ((entries[e].key >> 32) != (entries[e - 1].key >> 32)) seg.push_back(e);
+  seg.push_back(entries.size());
+  const std::int64_t num_segments = static_cast<std::int64_t>(seg.size()) - 1;
+  summary.rows_aggregated = num_segments;
+  const std::int64_t block = 64;
+  const std::int64_t num_blocks = (num_segments + block - 1) / block;
+  const double inv_total = 1.0 / summary.total_weight;
+  parallel_for(num_blocks, resolve_threads(num_threads, num_blocks), [&](std::int64_t b, int) {
+    std::vector<double> acc(static_cast<std::size_t>(K));
+    for (std::int64_t s = b * block; s < std::min(num_segments, (b + 1) * block); ++s) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double acc_bias = 0.0;
+      const std::int64_t row = static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
+      for (std::size_t e = seg[static_cast<std::size_t>(s)]; e < seg[static_cast<std::size_t>(s) + 1]; ++e) {
+        const ClientResult& r = results[entries[e].key & 0xffffffffULL];
+        const double w = r.stats.weight;
+        const float* v = r.values.data() + static_cast<std::int64_t>(entries[e].local) * K;
+        for (std::int64_t k = 0; k < K; ++k) acc[static_cast<std::size_t>(k)] += w * v[k];
+        if (bias) acc_bias += w * r.bias[static_cast<std::size_t>(entries[e].local)];
+      }
+      float* out = delta_out + row * K;
+      for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(acc[static_cast<std::size_t>(k)] * inv_total);
+      if (bias) delta_bias_out[row] = static_cast<float>(acc_bias * inv_total);
+    }
+  });
+  return summary;
+}
+
+SparseUpdates client_updates(const ModelView& model, const CsrView& data,
+                             const std::int64_t* clients, std::int64_t num_sampled,
+                             const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                             int num_threads) {
+  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads);
+  SparseUpdates out;
+  out.offsets.push_back(0);
+  for (auto& r : results) {
+    out.rows.insert(out.rows.end(), r.rows.begin(), r.rows.end());
+    out.values.insert(out.values.end(), r.values.begin(), r.values.end());
+    out.bias_values.insert(out.bias_values.end(), r.bias.begin(), r.bias.end());
+    out.offsets.push_back(static_cast<std::int64_t>(out.rows.size()));
+    out.stats.push_back(r.stats);
+  }
+  return out;
+}
+
+void reconstruct_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                       std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                       std::uint64_t round, int num_threads, float* users_out,
+                       float* user_bias_out) {
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  const int threads = resolve_threads(num_threads, num_sampled);
+  auto workers = make_workers(model, threads);
+  parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
+    ClientWorker& w = workers[static_cast<std::size_t>(tid)];
+    w.split(data, clients[i], config, seed, round);
+    w.reconstruct(config, seed, round, clients[i]);
+    std::copy_n(w.user(), model.dim, users_out + i * model.dim);
+    if (user_bias_out != nullptr) user_bias_out[i] = w.user_bias();
+  });
+}
+
+void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                    std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                    std::uint64_t round, int num_threads, EvalStats* stats_out) {
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  const int threads = resolve_threads(num_threads, num_sampled);
+  auto workers = make_workers(model, threads);
+  parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
+    ClientWorker& w = workers[static_cast<std::size_t>(tid)];
+    w.split(data, clients[i], config, seed, round);
+    w.reconstruct(config, seed, round, clients[i]);
+    stats_out[i] = w.evaluate();
+  });
+}
+
+}  // namespace fedrecon
