@@ -1,1 +1,52 @@
-"""fedrecon_fast."""
+"""fedrecon_fast: fast, faithful Federated Reconstruction for matrix factorization.
+
+Federated Reconstruction (Singhal et al., "Federated Reconstruction: Partially Local Federated
+Learning", NeurIPS 2021) trains a global item matrix V across clients while each user's
+embedding stays local and is reconstructed from the user's own ratings whenever it is needed.
+The hot paths run in C++ (``fedrecon_fast._core``, private); this package is the API.
+"""
+
+from ._core import __version__
+from .config import PRESETS, ClientConfig, FedReconConfig, preset
+from .data import ClientData, split_by_time, split_users
+from .evaluation import recon_eval
+from .kernels import (
+    ClientUpdates,
+    RoundResult,
+    client_updates,
+    derive_seed,
+    evaluate_users,
+    reconstruct_users,
+    train_round,
+)
+from .model import GlobalModel
+from .movielens import download_movielens, load_movielens
+from .optimizers import make_optimizer
+from .synthetic import synthetic_ratings
+from .training import FedRecon, sample_clients
+
+__all__ = [
+    "__version__",
+    "PRESETS",
+    "ClientConfig",
+    "ClientData",
+    "ClientUpdates",
+    "FedRecon",
+    "FedReconConfig",
+    "GlobalModel",
+    "RoundResult",
+    "client_updates",
+    "derive_seed",
+    "download_movielens",
+    "evaluate_users",
+    "load_movielens",
+    "make_optimizer",
+    "preset",
+    "recon_eval",
+    "reconstruct_users",
+    "sample_clients",
+    "split_by_time",
+    "split_users",
+    "synthetic_ratings",
+    "train_round",
+]

@@ -1,0 +1,78 @@
+"""Argument checks shared by the public API: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def as_float32_matrix(x, name: str, *, cols: int | None = None, check_finite: bool = True) -> np.ndarray:
+    """Convert a real 2-D array-like to C-contiguous float32 (one copy at most)."""
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {arr.shape}")
+    if cols is not None and arr.shape[1] != cols:
+        raise ValueError(f"{name} must have {cols} columns; got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if check_finite and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def as_float32_vector(x, name: str, *, size: int | None = None, check_finite: bool = True) -> np.ndarray:
+    """Convert a real 1-D array-like to C-contiguous float32."""
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    if size is not None and arr.shape[0] != size:
+        raise ValueError(f"{name} must have length {size}; got {arr.shape[0]}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if check_finite and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def as_index_array(x, name: str, *, upper: int) -> np.ndarray:
+    """Convert integer ids to a C-contiguous int64 array and check 0 <= id < upper."""
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= upper):
+        raise ValueError(f"{name} must lie in [0, {upper}); got values in [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def check_int(value, name: str, *, minimum: int | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def check_float(value, name: str, *, minimum: float | None = None, maximum: float | None = None,
+                strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {value}")
+
+
+def check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}")

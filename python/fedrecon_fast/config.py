@@ -1,0 +1,232 @@
+"""Configuration of FedRecon training: client-side settings, round settings, presets.
+
+Defaults follow TensorFlow Federated's ``build_fed_recon``; the ``paper`` preset is the
+MovieLens 1M recipe of Singhal et al., "Federated Reconstruction: Partially Local Federated
+Learning" (NeurIPS 2021), and ``fast`` is our best accuracy-per-second setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import _core
+from ._validation import check_choice, check_float, check_int
+
+SPLITS = {"batches": 0, "random": 1, "reuse": 2}
+RECON_METHODS = {"sgd": 0, "exact": 1}
+INITS = {"uniform": 0, "zeros": 1}
+WEIGHTINGS = {"examples": 0, "uniform": 1}
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad", "yogi")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What each client does in a round (and in evaluation).
+
+    Parameters
+    ----------
+    batch_size : int
+        Examples per minibatch; one optimizer step per batch, loss = batch mean squared error.
+    split : {"batches", "random", "reuse"}
+        Support/query split: TFF ``split_dataset`` (even batches reconstruct, odd batches
+        update), a disjoint random split with ``support_fraction``, or the same ratings for both.
+    support_fraction : float
+        Fraction of ratings in the support set for ``split="random"``.
+    reshuffle : bool
+        Permute each client's ratings anew every round before splitting (otherwise the stored,
+        seeded order is used, as TFF does).
+    recon : {"sgd", "exact"}
+        Minibatch SGD on ``u`` or the exact ridge solution ``(VᵀV + ridge I)⁻¹ Vᵀ r``.
+    init : {"uniform", "zeros"}
+        Initial ``u``: U(-init_scale, init_scale) or zeros.
+    recon_epochs, recon_steps_max, recon_lr, recon_l2
+        Reconstruction schedule (``None`` = no step cap) and L2 (batch loss + l2 |u|²).
+    ridge : float
+        Ridge strength of exact reconstruction (> 0).
+    update_epochs, update_steps_max, client_lr, update_l2
+        Client update schedule on the touched rows of V, and its L2.
+    joint : bool
+        Also train ``u`` during the client update.
+    weighting : {"examples", "uniform"}
+        Client weight: number of query examples, or 1.
+    """
+
+    batch_size: int = 5
+    split: str = "batches"
+    support_fraction: float = 0.5
+    reshuffle: bool = False
+    recon: str = "sgd"
+    init: str = "uniform"
+    init_scale: float = 0.05
+    recon_epochs: int = 1
+    recon_steps_max: int | None = None
+    recon_lr: float = 0.1
+    recon_l2: float = 0.0
+    ridge: float = 1.0
+    update_epochs: int = 1
+    update_steps_max: int | None = None
+    client_lr: float = 0.1
+    update_l2: float = 0.0
+    joint: bool = False
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_choice(self.split, "split", SPLITS)
+        check_float(self.support_fraction, "support_fraction", minimum=0.0, maximum=1.0)
+        check_choice(self.recon, "recon", RECON_METHODS)
+        check_choice(self.init, "init", INITS)
+        check_float(self.init_scale, "init_scale", minimum=0.0)
+        check_int(self.recon_epochs, "recon_epochs", minimum=0)
+        check_int(self.recon_steps_max, "recon_steps_max", minimum=1, allow_none=True)
+        check_float(self.recon_lr, "recon_lr", minimum=0.0)
+        check_float(self.recon_l2, "recon_l2", minimum=0.0)
+        check_float(self.ridge, "ridge", minimum=0.0, strict=True)
+        check_int(self.update_epochs, "update_epochs", minimum=0)
+        check_int(self.update_steps_max, "update_steps_max", minimum=1, allow_none=True)
+        check_float(self.client_lr, "client_lr", minimum=0.0)
+        check_float(self.update_l2, "update_l2", minimum=0.0)
+        check_choice(self.weighting, "weighting", WEIGHTINGS)
+        for name in ("reshuffle", "joint"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+
+    def to_native(self) -> _core.ClientConfig:
+        """The equivalent native configuration object."""
+        c = _core.ClientConfig()
+        c.batch_size = self.batch_size
+        c.split = SPLITS[self.split]
+        c.support_fraction = self.support_fraction
+        c.reshuffle = self.reshuffle
+        c.recon = RECON_METHODS[self.recon]
+        c.init = INITS[self.init]
+        c.init_scale = self.init_scale
+        c.recon_epochs = self.recon_epochs
+        c.recon_steps_max = self.recon_steps_max or 0
+        c.recon_lr = self.recon_lr
+        c.recon_l2 = self.recon_l2
+        c.ridge = self.ridge
+        c.update_epochs = self.update_epochs
+        c.update_steps_max = self.update_steps_max or 0
+        c.client_lr = self.client_lr
+        c.update_l2 = self.update_l2
+        c.joint = self.joint
+        c.weighting = WEIGHTINGS[self.weighting]
+        return c
+
+
+@dataclass(frozen=True)
+class FedReconConfig:
+    """A whole FedRecon training run.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding dimension K.
+    client : ClientConfig
+        Client behaviour in training and in ReconEval.
+    rounds, clients_per_round : int
+        Training rounds and clients sampled per round (without replacement).
+    server_optimizer : {"sgd", "momentum", "adam", "adagrad", "yogi"}
+        Applied to ``-Δ`` as the gradient; ``server_lr`` is its learning rate and
+        ``server_options`` its other hyperparameters.
+    biases : bool
+        Global mean, item biases (global) and user biases (local, reconstructed).
+    item_init_scale : float
+        ``V`` starts from U(-item_init_scale, item_init_scale).
+    max_examples, min_examples : int
+        Per-client caps (most recent ratings kept) and minimum (smaller clients are dropped).
+    user_split : tuple of float
+        Train/validation/test fractions of users.
+    eval_every : int
+        Evaluate on validation users every N rounds (0: only after the last round).
+    seed, num_threads : int
+        Seed of every random choice; threads for the native kernels (0: all cores).
+    """
+
+    dim: int = 50
+    client: ClientConfig = field(default_factory=ClientConfig)
+    rounds: int = 100
+    clients_per_round: int = 100
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_options: tuple = ()
+    biases: bool = False
+    item_init_scale: float = 0.05
+    max_examples: int | None = None
+    min_examples: int = 0
+    user_split: tuple = (0.8, 0.1, 0.1)
+    eval_every: int = 0
+    seed: int = 0
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self.dim, "dim", minimum=1)
+        if not isinstance(self.client, ClientConfig):
+            raise TypeError(f"client must be a ClientConfig; got {type(self.client).__name__}")
+        check_int(self.rounds, "rounds", minimum=0)
+        check_int(self.clients_per_round, "clients_per_round", minimum=1)
+        check_choice(self.server_optimizer, "server_optimizer", SERVER_OPTIMIZERS)
+        check_float(self.server_lr, "server_lr", minimum=0.0, strict=True)
+        object.__setattr__(self, "server_options", tuple(dict(self.server_options).items()))
+        if not isinstance(self.biases, bool):
+            raise TypeError(f"biases must be a bool; got {self.biases!r}")
+        check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
+        check_int(self.max_examples, "max_examples", minimum=1, allow_none=True)
+        check_int(self.min_examples, "min_examples", minimum=0)
+        fractions = tuple(float(f) for f in self.user_split)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"user_split must be 3 non-negative fractions summing to 1; got {self.user_split!r}")
+        object.__setattr__(self, "user_split", fractions)
+        check_int(self.eval_every, "eval_every", minimum=0)
+        check_int(self.seed, "seed", minimum=0)
+        check_int(self.num_threads, "num_threads", minimum=0)
+
+    def replace(self, **changes) -> FedReconConfig:
+        """A copy with some fields changed; client fields may be given directly too."""
+        client_fields = {f.name for f in dataclasses.fields(ClientConfig)}
+        client_changes = {k: changes.pop(k) for k in list(changes) if k in client_fields}
+        unknown = set(changes) - {f.name for f in dataclasses.fields(FedReconConfig)}
+        if unknown:
+            raise ValueError(f"unknown configuration field(s): {sorted(unknown)}")
+        if client_changes:
+            changes["client"] = dataclasses.replace(changes.get("client", self.client), **client_changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (round trip with :meth:`from_dict`)."""
+        d = dataclasses.asdict(self)
+        d["server_options"] = dict(self.server_options)
+        d["user_split"] = list(self.user_split)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FedReconConfig:
+        d = dict(d)
+        client = ClientConfig(**d.pop("client", {}))
+        d["user_split"] = tuple(d.get("user_split", (0.8, 0.1, 0.1)))
+        return cls(client=client, **d)
+
+
+PAPER = FedReconConfig(
+    dim=50,
+    client=ClientConfig(
+        batch_size=5, split="batches", recon="sgd", init="uniform", init_scale=0.05,
+        recon_epochs=5, recon_steps_max=50, recon_lr=0.1,
+        update_epochs=1, update_steps_max=50, client_lr=0.5,
+    ),
+    rounds=500, clients_per_round=100, server_optimizer="sgd", server_lr=1.0,
+    biases=False, max_examples=300,
+)
+
+# Tuned on validation users only (see README): exact reconstruction and biases.
+FAST = PAPER.replace(recon="exact", ridge=1.0, biases=True)
+
+PRESETS = {"paper": PAPER, "fast": FAST}
+
+
+def preset(name: str, **overrides) -> FedReconConfig:
+    """A named configuration (``"paper"`` or ``"fast"``), optionally with fields changed."""
+    check_choice(name, "preset", PRESETS)
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,191 @@
+"""Typed wrappers over the native cohort kernels.
+
+Each call processes a whole cohort of clients in one native call, in parallel across clients
+with the GIL released; results are identical for any ``num_threads``. Inputs are validated
+here (clear ``ValueError``/``TypeError`` naming the argument) and converted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from ._validation import as_float32_matrix, as_float32_vector, as_index_array, check_float, check_int
+from .config import ClientConfig
+
+__all__ = [
+    "RoundResult",
+    "ClientUpdates",
+    "train_round",
+    "client_updates",
+    "reconstruct_users",
+    "evaluate_users",
+    "derive_seed",
+]
+
+_UINT64 = 2**64
+
+
+def derive_seed(seed: int, round: int, client: int, stream: int) -> int:
+    """The seed of one counter-based random stream (the native SplitMix64 hash)."""
+    return _core.derive_seed(seed % _UINT64, round % _UINT64, client % _UINT64, stream % _UINT64)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Output of :func:`train_round`.
+
+    Attributes
+    ----------
+    delta : ndarray, shape (num_items, dim), float32
+        Weighted mean of the clients' updates ``Σ w_i Δ_i / Σ w_i`` (0 on untouched rows).
+    delta_bias : ndarray, shape (num_items,), float32, or None
+        The same for item biases (None without biases).
+    client_stats : dict of ndarray
+        Per sampled client: ``weight``, ``loss_sum``, ``num_examples``, ``num_correct``,
+        ``rows`` (touched rows of V) and ``status`` (0 ok, 1 non-finite, 2 no query data).
+    summary : dict
+        Totals: ``total_weight``, ``loss_sum``, ``num_examples``, ``num_correct``,
+        ``num_reporting``, ``num_nonfinite``, ``rows_sent``, ``rows_aggregated``.
+    """
+
+    delta: np.ndarray
+    delta_bias: np.ndarray | None
+    client_stats: dict
+    summary: dict
+
+
+@dataclass(frozen=True)
+class ClientUpdates:
+    """Sparse per-client updates from :func:`client_updates` (unfused path).
+
+    Client ``k`` touched ``rows[offsets[k]:offsets[k+1]]`` (int32 item indices) and its update
+    for them is ``values[offsets[k]:offsets[k+1]]`` (float32, one row of V each); with biases,
+    ``bias_values`` holds the item-bias updates the same way. ``weights`` is 0 for a client that
+    did not report (non-finite update or no query data).
+    """
+
+    offsets: np.ndarray
+    rows: np.ndarray
+    values: np.ndarray
+    bias_values: np.ndarray | None
+    client_stats: dict
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.client_stats["weight"]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def client(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(rows, values, bias_values)`` of the k-th client."""
+        lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+        bias = None if self.bias_values is None else self.bias_values[lo:hi]
+        return self.rows[lo:hi], self.values[lo:hi], bias
+
+
+def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
+                 num_threads, check_finite):
+    V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
+    bias = None if item_bias is None else as_float32_vector(
+        item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)
+    for name in ("indptr", "items", "ratings"):
+        if not hasattr(data, name):
+            raise TypeError(f"data must be a ClientData (CSR ratings); got {type(data).__name__}")
+    if data.num_items > V.shape[0]:
+        raise ValueError(f"item_factors has {V.shape[0]} rows but data has {data.num_items} items")
+    if clients is None:
+        clients = np.arange(data.num_clients, dtype=np.int64)
+    clients = as_index_array(clients, "clients", upper=data.num_clients)
+    if not isinstance(config, ClientConfig):
+        raise TypeError(f"config must be a ClientConfig; got {type(config).__name__}")
+    check_float(global_mean, "global_mean")
+    check_int(seed, "seed", minimum=0)
+    check_int(round, "round", minimum=0)
+    check_int(num_threads, "num_threads", minimum=0)
+    return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
+            config.to_native(), seed % _UINT64, round % _UINT64, num_threads)
+
+
+def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                num_threads: int = 0, check_finite: bool = True) -> RoundResult:
+    """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
+
+    Parameters
+    ----------
+    item_factors : array_like, shape (num_items, dim)
+        Global item matrix V (converted once to C-contiguous float32).
+    data : ClientData
+        Ratings of all clients (CSR).
+    clients : array_like of int, shape (m,), optional
+        Indices into ``data`` of the sampled clients (default: all). Their order fixes the
+        order of the float64 reduction, not the result's dependence on threads.
+    config : ClientConfig, optional
+        Client behaviour (TFF defaults when omitted).
+    item_bias : array_like, shape (num_items,), optional
+        Item biases; when given, the model also reconstructs a user bias.
+    global_mean : float
+        Added to every prediction.
+    seed, round : int
+        Key the per-client random streams (seed, round, client id).
+    num_threads : int
+        0 uses all cores.
+
+    Returns
+    -------
+    RoundResult
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite)
+    delta, delta_bias, stats, summary = _core.train_round(*args)
+    return RoundResult(delta, delta_bias, stats, summary)
+
+
+def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                   item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                   num_threads: int = 0, check_finite: bool = True) -> ClientUpdates:
+    """Each client's sparse update (row ids + values) and weight, without aggregating.
+
+    Same parameters as :func:`train_round`; a framework that runs one client at a time passes
+    ``clients=[k]``.
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite)
+    out = _core.client_updates(*args)
+    return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"])
+
+
+def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                      item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                      num_threads: int = 0, check_finite: bool = True):
+    """Reconstruct the local embeddings of clients from their support sets, V frozen.
+
+    Returns
+    -------
+    users : ndarray, shape (m, dim), float32
+    user_bias : ndarray, shape (m,), float32, or None
+        Reconstructed user biases (only when ``item_bias`` is given).
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite)
+    return _core.reconstruct_users(*args)
+
+
+def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                   item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                   num_threads: int = 0, check_finite: bool = True) -> dict:
+    """ReconEval per client: reconstruct on support, score each query rating once.
+
+    Returns
+    -------
+    dict of ndarray, shape (m,)
+        ``sq_err_sum`` (float64), ``num_examples`` and ``num_correct`` (int64; a rating is
+        correct when ``|r - r_hat| <= 0.5``).
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite)
+    return _core.evaluate_users(*args)

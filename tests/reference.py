@@ -1,0 +1,478 @@
+"""Pure-NumPy reference of the native FedRecon kernels (the test oracle).
+
+Federated Reconstruction (Singhal et al., "Federated Reconstruction: Partially Local Federated
+Learning", NeurIPS 2021) on matrix factorization: every sampled client splits its ratings into
+a support and a query set, reconstructs its local embedding ``u`` on the support set with the
+item matrix ``V`` frozen, then trains the rows of ``V`` its query set touches; the server takes
+the weighted mean of the clients' updates.
+
+This module restates, step by step, what ``cpp/src/client.cpp`` and ``cpp/src/cohort.cpp`` do,
+so that ``tests/test_kernels.py`` can compare the native results against it. It is written for
+readability, not speed: plain Python loops over clients and steps. Arithmetic is done in float32
+wherever the C++ code uses ``float`` (so results agree up to float32 rounding and summation
+order) and in float64 where the C++ code uses ``double`` (metrics, aggregation, ridge solve).
+64-bit hashing uses Python ints masked to 64 bits, which never overflows or warns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MASK64 = 2**64 - 1
+GAMMA = 0x9E3779B97F4A7C15
+MUL1 = 0xBF58476D1CE4E5B9
+MUL2 = 0x94D049BB133111EB
+
+# Random streams (cpp/include/fedrecon/rng.hpp).
+STREAM_SPLIT = 0
+STREAM_INIT = 1
+
+# Client statuses (cpp/include/fedrecon/types.hpp).
+STATUS_OK = 0
+STATUS_NONFINITE = 1
+STATUS_NO_QUERY = 2
+
+F32 = np.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Random numbers
+# --------------------------------------------------------------------------------------------
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One SplitMix64 step: returns ``(new_state, output)``, all modulo 2**64."""
+    state = (state + GAMMA) & MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * MUL1) & MASK64
+    z = ((z ^ (z >> 27)) * MUL2) & MASK64
+    return state, z ^ (z >> 31)
+
+
+def mix64(x: int) -> int:
+    """SplitMix64 output for state ``x`` (a stateless 64-bit hash)."""
+    return splitmix64(x & MASK64)[1]
+
+
+def derive_seed(seed: int, round: int, client: int, stream: int) -> int:  # noqa: A002
+    """Seed of the stream ``(seed, round, client, stream)``; every argument is taken mod 2**64."""
+    h = mix64(seed & MASK64)
+    h = mix64(h ^ (round & MASK64))
+    h = mix64(h ^ (client & MASK64))
+    return mix64(h ^ (stream & MASK64))
+
+
+class Rng:
+    """The native counter-based generator: a SplitMix64 stream."""
+
+    def __init__(self, seed: int):
+        self.state = seed & MASK64
+
+    def next(self) -> int:
+        """Next raw 64-bit output."""
+        self.state, out = splitmix64(self.state)
+        return out
+
+    def uniform01(self) -> np.float32:
+        """Uniform float32 in [0, 1): the top 24 bits times 2**-24 (exact in float32)."""
+        return F32(self.next() >> 40) * F32(2.0**-24)
+
+    def below(self, n: int) -> int:
+        """Integer in [0, n) for n < 2**32 by multiply-shift: ``((x >> 32) * n) >> 32``."""
+        return ((self.next() >> 32) * n) >> 32
+
+
+def fisher_yates(n: int, rng: Rng) -> np.ndarray:
+    """The permutation of ``range(n)`` the native code draws: for k = n-1 .. 1, swap k with
+    ``rng.below(k + 1)``."""
+    perm = np.arange(n, dtype=np.int64)
+    for k in range(n - 1, 0, -1):
+        j = rng.below(k + 1)
+        perm[k], perm[j] = perm[j], perm[k]
+    return perm
+
+
+# --------------------------------------------------------------------------------------------
+# One client
+# --------------------------------------------------------------------------------------------
+
+
+def _cut(positions: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Cut ``positions`` into consecutive batches of ``batch_size`` (the last may be shorter)."""
+    return [positions[k:k + batch_size] for k in range(0, len(positions), batch_size)]
+
+
+def split_client(n: int, client: int, config, seed: int, round: int):  # noqa: A002
+    """Support and query batches of a client with ``n`` ratings.
+
+    Returns ``(support_batches, query_batches)``, lists of int64 arrays of positions into the
+    client's ratings. The positions are first permuted (Fisher–Yates with the client's
+    ``STREAM_SPLIT`` stream) when ``config.reshuffle`` or ``split == "random"``, else kept in
+    stored order. Then:
+
+    - ``batches``: the data is cut into batches; even batches are support, odd are query.
+    - ``random``: the first ``ns = floor(support_fraction * n + 0.5)`` positions are support,
+      the rest query; with ``n >= 2``, ``ns`` is clamped to ``[1, n - 1]`` so both are non-empty.
+    - ``reuse``: support and query are both all positions.
+    """
+    b = config.batch_size
+    perm = np.arange(n, dtype=np.int64)
+    if config.reshuffle or config.split == "random":
+        perm = fisher_yates(n, Rng(derive_seed(seed, round, client, STREAM_SPLIT)))
+    if config.split == "batches":
+        batches = _cut(perm, b)
+        return batches[0::2], batches[1::2]
+    if config.split == "random":
+        # float support_fraction promoted to double, as in the C++ code.
+        ns = int(np.floor(float(F32(config.support_fraction)) * float(n) + 0.5))
+        if n >= 2:
+            ns = min(max(ns, 1), n - 1)
+        ns = min(ns, n)
+        return _cut(perm[:ns], b), _cut(perm[ns:], b)
+    if config.split == "reuse":
+        return _cut(perm, b), _cut(perm, b)
+    raise ValueError(f"unknown split {config.split!r}")
+
+
+def schedule_steps(num_batches: int, epochs: int, steps_max) -> int:
+    """Steps of ``epochs`` passes over ``num_batches`` batches, capped by ``steps_max``
+    (``None`` or <= 0: no cap). Step ``s`` uses batch ``s % num_batches``."""
+    steps = num_batches * max(0, epochs)
+    if steps_max is not None and steps_max > 0:
+        steps = min(steps, steps_max)
+    return steps
+
+
+@dataclass
+class Model:
+    """The global model seen by a client: V, optional item biases, global mean (float32)."""
+
+    item_factors: np.ndarray
+    item_bias: np.ndarray | None = None
+    global_mean: np.float32 = F32(0.0)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.item_bias is not None
+
+
+def predict(u: np.ndarray, bu: np.float32, v: np.ndarray, bi: np.float32, model: Model) -> np.float32:
+    """``u . v + global_mean`` (+ ``b_u + b_i`` with biases), in float32 and in the native order."""
+    p = F32(np.dot(u, v)) + model.global_mean
+    if model.has_bias:
+        p = p + bu + bi
+    return F32(p)
+
+
+def init_user(dim: int, config, seed: int, round: int, client: int) -> np.ndarray:  # noqa: A002
+    """Initial u: ``(2 * uniform01() - 1) * init_scale`` from ``STREAM_INIT``, or zeros."""
+    if config.init == "zeros":
+        return np.zeros(dim, dtype=F32)
+    rng = Rng(derive_seed(seed, round, client, STREAM_INIT))
+    scale = F32(config.init_scale)
+    u = np.empty(dim, dtype=F32)
+    for k in range(dim):
+        u[k] = (F32(2.0) * rng.uniform01() - F32(1.0)) * scale
+    return u
+
+
+def reconstruct(model: Model, items, ratings, support, config, seed, round, client):  # noqa: A002
+    """Reconstruct ``(u, b_u)`` on the support batches with V frozen.
+
+    Exact: ridge solution ``(XᵀX + ridge I) w = Xᵀ y`` with rows ``x = v_i`` (``[v_i, 1]`` with
+    biases, the last weight being ``b_u``) and targets ``y = r - global_mean (- b_i)``; the Gram
+    matrix and ``Xᵀy`` in float32, the solve in float64. No support data gives ``w = 0``.
+
+    SGD: u from :func:`init_user`, ``b_u = 0``; each step on batch ``s % nbatches`` of m
+    ratings: ``err = prediction - r``, ``u -= lr * (2/m Σ err v + 2 l2 u)`` and, with biases,
+    ``b_u -= lr * 2/m Σ err``.
+    """
+    V = model.item_factors
+    K = V.shape[1]
+    if config.recon == "exact":
+        D = K + (1 if model.has_bias else 0)
+        A = np.eye(D) * float(F32(config.ridge))
+        rhs = np.zeros(D)
+        pos = np.concatenate(support) if support else np.zeros(0, dtype=np.int64)
+        if len(pos):
+            X = np.ones((len(pos), D), dtype=F32)
+            X[:, :K] = V[items[pos]]
+            y = ratings[pos] - model.global_mean
+            if model.has_bias:
+                y = y - model.item_bias[items[pos]]
+            A += (X.T @ X).astype(np.float64)
+            rhs = (X.T @ y.astype(F32)).astype(np.float64)
+        w = np.linalg.solve(A, rhs)
+        u = w[:K].astype(F32)
+        bu = F32(w[K]) if model.has_bias else F32(0.0)
+        return u, bu
+
+    u = init_user(K, config, seed, round, client)
+    bu = F32(0.0)
+    lr, l2 = F32(config.recon_lr), F32(config.recon_l2)
+    steps = schedule_steps(len(support), config.recon_epochs, config.recon_steps_max)
+    for s in range(steps):
+        batch = support[s % len(support)]
+        g = np.zeros(K, dtype=F32)
+        gb = F32(0.0)
+        for p in batch:
+            item = items[p]
+            bi = model.item_bias[item] if model.has_bias else F32(0.0)
+            err = predict(u, bu, V[item], bi, model) - ratings[p]
+            g += err * V[item]
+            gb += err
+        scale = F32(2.0) / F32(len(batch))
+        u = u - lr * (scale * g + (F32(2.0) * l2) * u)
+        if model.has_bias:
+            bu = bu - lr * scale * gb
+    return u.astype(F32), F32(bu)
+
+
+@dataclass
+class ClientResult:
+    """One client's update: touched rows (global ids, in order of first use), ``W - W0`` for
+    them (float32), the item-bias update (or None), and the per-client stats."""
+
+    rows: np.ndarray
+    delta: np.ndarray
+    bias_delta: np.ndarray | None
+    stats: dict = field(default_factory=dict)
+
+
+def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientResult:
+    """The client update on the query batches, starting from the reconstructed ``(u, b_u)``.
+
+    Touched rows are the distinct items of the batches the schedule executes (only the first
+    ``min(steps, nbatches)`` batches), in order of first appearance. Each step on batch
+    ``s % nbatches`` of m ratings:
+
+    1. forward pass at the pre-step values: ``err = prediction - r`` with the local rows W;
+       ``loss_sum += err²`` (float64), ``num_correct += |err| <= 0.5``, ``num_examples += m``;
+    2. with ``update_l2 > 0``: each distinct row of the batch is scaled once by
+       ``1 - lr * 2 * l2`` (its L2 gradient at the pre-step value);
+    3. each rating k: ``W[row_k] -= lr * 2/m * err_k * u`` (and ``b_i -= lr * 2/m * err_k``);
+    4. with ``joint``: ``u -= lr * (2/m Σ err w + 2 l2 u)``, ``b_u -= lr * 2/m Σ err`` (the
+       gradient from the pre-step rows).
+
+    The update is ``W - W0``. A non-finite update or loss gives status 1, weight 0 and no rows;
+    no query data or no steps gives status 2, weight 0; otherwise the weight is the query-set
+    size (``examples``) or 1 (``uniform``).
+    """
+    V = model.item_factors
+    K = V.shape[1]
+    bias = model.has_bias
+    steps = schedule_steps(len(query), config.update_epochs, config.update_steps_max)
+    num_query = sum(len(b) for b in query)
+
+    local_of: dict[int, int] = {}
+    for batch in query[:min(steps, len(query))]:
+        for p in batch:
+            local_of.setdefault(int(items[p]), len(local_of))
+    rows = np.array(list(local_of), dtype=np.int32)
+    W = V[rows].astype(F32)  # a copy
+    W0 = W.copy()
+    Wb = model.item_bias[rows].astype(F32) if bias else None
+    Wb0 = Wb.copy() if bias else None
+
+    lr, l2 = F32(config.client_lr), F32(config.update_l2)
+    loss_sum, num_examples, num_correct = 0.0, 0, 0
+    u = u.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(steps):
+            batch = query[s % len(query)]
+            m = len(batch)
+            locs = [local_of[int(items[p])] for p in batch]
+            errs = []
+            gu = np.zeros(K, dtype=F32)
+            gbu = F32(0.0)
+            for p, l in zip(batch, locs):
+                err = predict(u, bu, W[l], Wb[l] if bias else F32(0.0), model) - ratings[p]
+                errs.append(err)
+                loss_sum += float(err) * float(err)
+                num_correct += int(abs(err) <= F32(0.5))
+                gu += err * W[l]
+                gbu += err
+            num_examples += m
+            scale = F32(2.0) / F32(m)
+            if l2 > 0:
+                decay = F32(1.0) - lr * F32(2.0) * l2
+                for l in dict.fromkeys(locs):  # distinct rows, once each
+                    W[l] *= decay
+            for l, err in zip(locs, errs):
+                step = lr * scale * err
+                W[l] -= step * u
+                if bias:
+                    Wb[l] -= step
+            if config.joint:
+                u = u - lr * (scale * gu + (F32(2.0) * l2) * u)
+                if bias:
+                    bu = bu - lr * scale * gbu
+        delta = W - W0
+        bias_delta = Wb - Wb0 if bias else None
+
+    finite = bool(np.isfinite(delta).all()) and np.isfinite(loss_sum)
+    if bias:
+        finite = finite and bool(np.isfinite(bias_delta).all())
+    stats = dict(loss_sum=loss_sum, num_examples=num_examples, num_correct=num_correct,
+                 rows=len(rows), status=STATUS_OK, weight=0.0)
+    if not finite:
+        stats.update(status=STATUS_NONFINITE, rows=0)
+        rows = rows[:0]
+        delta = delta[:0]
+        bias_delta = bias_delta[:0] if bias else None
+    elif num_query == 0 or steps == 0:
+        stats.update(status=STATUS_NO_QUERY)
+    else:
+        stats.update(weight=float(num_query) if config.weighting == "examples" else 1.0)
+    return ClientResult(rows, delta, bias_delta, stats)
+
+
+def evaluate_client(model: Model, items, ratings, query, u, bu) -> dict:
+    """ReconEval of one client: squared error (float64 sum), count and ``|err| <= 0.5`` over
+    the whole query set, with V as given (not updated)."""
+    sq, correct, count = 0.0, 0, 0
+    for batch in query:
+        for p in batch:
+            item = items[p]
+            bi = model.item_bias[item] if model.has_bias else F32(0.0)
+            err = predict(u, bu, model.item_factors[item], bi, model) - ratings[p]
+            sq += float(err) * float(err)
+            correct += int(abs(err) <= F32(0.5))
+            count += 1
+    return dict(sq_err_sum=sq, num_examples=count, num_correct=correct)
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort kernels (same signatures as fedrecon_fast.kernels)
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(item_factors, data, clients, item_bias, global_mean):
+    """The float32 model, the clients as a list of ints, and the CSR arrays."""
+    model = Model(np.asarray(item_factors, dtype=F32),
+                  None if item_bias is None else np.asarray(item_bias, dtype=F32),
+                  F32(global_mean))
+    if clients is None:
+        clients = range(data.num_clients)
+    clients = [int(c) for c in np.asarray(clients).reshape(-1)]
+    return model, clients
+
+
+def _client_data(data, c):
+    """Items (int32) and ratings (float32) of client ``c``."""
+    lo, hi = int(data.indptr[c]), int(data.indptr[c + 1])
+    return data.items[lo:hi], data.ratings[lo:hi].astype(F32)
+
+
+def _run_client(model, data, c, config, seed, round):  # noqa: A002
+    """Split, reconstruct and update one client."""
+    items, ratings = _client_data(data, c)
+    support, query = split_client(len(items), c, config, seed, round)
+    u, bu = reconstruct(model, items, ratings, support, config, seed, round, c)
+    return client_update(model, items, ratings, query, u, bu, config)
+
+
+def _stats_columns(per_client: list[dict]) -> dict:
+    """Per-client stats as arrays with the native dtypes."""
+    dtypes = dict(weight=np.float64, loss_sum=np.float64, num_examples=np.int64,
+                  num_correct=np.int64, rows=np.int64, status=np.int8)
+    return {k: np.array([s[k] for s in per_client], dtype=t) for k, t in dtypes.items()}
+
+
+def client_updates(item_factors, data, clients=None, config=None, *, item_bias=None,
+                   global_mean=0.0, seed=0, round=0):  # noqa: A002
+    """Per-client sparse updates: list of :class:`ClientResult` in the order of ``clients``.
+
+    A client that does not report (weight 0) contributes no rows, as in the native output.
+    """
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    out = []
+    for c in clients:
+        r = _run_client(model, data, c, config, seed, round)
+        if r.stats["weight"] <= 0:
+            r = ClientResult(r.rows[:0], r.delta[:0],
+                             None if r.bias_delta is None else r.bias_delta[:0], r.stats)
+        out.append(r)
+    return out
+
+
+def aggregate(results: list[ClientResult], num_items: int, dim: int, has_bias: bool):
+    """Weighted mean ``Σ w_i Δ_i / Σ w_i`` of the reporting clients, summed in float64 in
+    cohort order, then cast to float32; all zeros when no client reports."""
+    acc = np.zeros((num_items, dim))
+    acc_bias = np.zeros(num_items)
+    total = sum(r.stats["weight"] for r in results if r.stats["weight"] > 0)
+    if total <= 0:
+        return acc.astype(F32), (acc_bias.astype(F32) if has_bias else None)
+    for r in results:
+        w = r.stats["weight"]
+        if w <= 0:
+            continue
+        acc[r.rows] += w * r.delta.astype(np.float64)
+        if has_bias:
+            acc_bias[r.rows] += w * r.bias_delta.astype(np.float64)
+    inv = 1.0 / total
+    return (acc * inv).astype(F32), ((acc_bias * inv).astype(F32) if has_bias else None)
+
+
+def train_round(item_factors, data, clients=None, config=None, *, item_bias=None,
+                global_mean=0.0, seed=0, round=0):  # noqa: A002
+    """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel.
+
+    ``summary`` sums loss, examples and correct counts over all sampled clients (reporting or
+    not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
+    reporting clients) and ``rows_aggregated`` (distinct rows touched by reporting clients).
+    """
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    results = [_run_client(model, data, c, config, seed, round) for c in clients]
+    num_items, dim = model.item_factors.shape
+    delta, delta_bias = aggregate(results, num_items, dim, model.has_bias)
+    reporting = [r for r in results if r.stats["weight"] > 0]
+    touched = set()
+    for r in reporting:
+        touched.update(int(x) for x in r.rows)
+    summary = dict(
+        total_weight=float(sum(r.stats["weight"] for r in reporting)),
+        loss_sum=float(sum(r.stats["loss_sum"] for r in results)),
+        num_examples=sum(r.stats["num_examples"] for r in results),
+        num_correct=sum(r.stats["num_correct"] for r in results),
+        num_reporting=len(reporting),
+        num_nonfinite=sum(r.stats["status"] == STATUS_NONFINITE for r in results),
+        rows_sent=sum(len(r.rows) for r in reporting),
+        rows_aggregated=len(touched),
+    )
+    return delta, delta_bias, _stats_columns([r.stats for r in results]), summary
+
+
+def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bias=None,
+                      global_mean=0.0, seed=0, round=0):  # noqa: A002
+    """``(users (m, dim) float32, user_bias (m,) float32 or None)`` reconstructed on each
+    client's support set."""
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    dim = model.item_factors.shape[1]
+    users = np.zeros((len(clients), dim), dtype=F32)
+    user_bias = np.zeros(len(clients), dtype=F32)
+    for i, c in enumerate(clients):
+        items, ratings = _client_data(data, c)
+        support, _ = split_client(len(items), c, config, seed, round)
+        users[i], user_bias[i] = reconstruct(model, items, ratings, support, config, seed, round, c)
+    return users, (user_bias if model.has_bias else None)
+
+
+def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=None,
+                   global_mean=0.0, seed=0, round=0):  # noqa: A002
+    """ReconEval per client: dict of arrays ``sq_err_sum``, ``num_examples``, ``num_correct``."""
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    per_client = []
+    for c in clients:
+        items, ratings = _client_data(data, c)
+        support, query = split_client(len(items), c, config, seed, round)
+        u, bu = reconstruct(model, items, ratings, support, config, seed, round, c)
+        per_client.append(evaluate_client(model, items, ratings, query, u, bu))
+    return dict(
+        sq_err_sum=np.array([s["sq_err_sum"] for s in per_client], dtype=np.float64),
+        num_examples=np.array([s["num_examples"] for s in per_client], dtype=np.int64),
+        num_correct=np.array([s["num_correct"] for s in per_client], dtype=np.int64),
+    )
