@@ -71,6 +71,7 @@ py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
                   "num_examples"_a = column(s, &fedrecon::ClientStats::num_examples),
                   "num_correct"_a = column(s, &fedrecon::ClientStats::num_correct),
                   "rows"_a = column(s, &fedrecon::ClientStats::rows),
+                  "recon_examples"_a = column(s, &fedrecon::ClientStats::recon_examples),
                   "status"_a = column(s, &fedrecon::ClientStats::status));
 }
 

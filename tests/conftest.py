@@ -1,14 +1,17 @@
-"""Shared test helpers."""
+"""Shared test helpers (import them with ``from conftest import ...``)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
+
+# Clients with 0, 1, 2 ratings, a few typical ones, and two (40, 57) with more ratings than
+# batch_size x step caps the tests use.
+CLIENT_SIZES = (0, 1, 2, 3, 5, 8, 13, 40, 0, 21, 1, 57)
 
 
-def random_client_data(rng: np.random.Generator, num_items: int, sizes,
+def random_client_data(rng: np.random.Generator, num_items: int, sizes=CLIENT_SIZES,
                        rating_range=(1.0, 5.0)) -> SimpleNamespace:
     """Random CSR ratings with one client per entry of ``sizes`` (its number of ratings).
 
@@ -31,16 +34,12 @@ def random_client_data(rng: np.random.Generator, num_items: int, sizes,
     )
 
 
-# Clients with 0, 1, 2 ratings, a few typical ones, and two larger than any batch x step cap
-# the tests use.
-DEFAULT_SIZES = (0, 1, 2, 3, 5, 8, 13, 40, 0, 21, 1, 57)
-
-
-@pytest.fixture
-def make_client_data():
-    """Factory fixture: ``make_client_data(seed, num_items, sizes=DEFAULT_SIZES)``."""
-
-    def make(seed: int, num_items: int, sizes=DEFAULT_SIZES, rating_range=(1.0, 5.0)) -> SimpleNamespace:
-        return random_client_data(np.random.default_rng(seed), num_items, sizes, rating_range)
-
-    return make
+def csr(indptr, items, ratings, num_items: int) -> SimpleNamespace:
+    """Client data from explicit CSR lists (for hand-made cases)."""
+    return SimpleNamespace(
+        indptr=np.asarray(indptr, dtype=np.int64),
+        items=np.asarray(items, dtype=np.int32),
+        ratings=np.asarray(ratings, dtype=np.float32),
+        num_clients=len(indptr) - 1,
+        num_items=num_items,
+    )

@@ -371,13 +371,20 @@ def _run_client(model, data, c, config, seed, round):  # noqa: A002
     items, ratings = _client_data(data, c)
     support, query = split_client(len(items), c, config, seed, round)
     u, bu = reconstruct(model, items, ratings, support, config, seed, round, c)
-    return client_update(model, items, ratings, query, u, bu, config)
+    result = client_update(model, items, ratings, query, u, bu, config)
+    if config.recon == "exact":
+        recon_examples = sum(len(b) for b in support)
+    else:
+        steps = schedule_steps(len(support), config.recon_epochs, config.recon_steps_max)
+        recon_examples = sum(len(support[s % len(support)]) for s in range(steps))
+    result.stats["recon_examples"] = recon_examples
+    return result
 
 
 def _stats_columns(per_client: list[dict]) -> dict:
     """Per-client stats as arrays with the native dtypes."""
     dtypes = dict(weight=np.float64, loss_sum=np.float64, num_examples=np.int64,
-                  num_correct=np.int64, rows=np.int64, status=np.int8)
+                  num_correct=np.int64, rows=np.int64, recon_examples=np.int64, status=np.int8)
     return {k: np.array([s[k] for s in per_client], dtype=t) for k, t in dtypes.items()}
 
 
@@ -421,8 +428,8 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
                 global_mean=0.0, seed=0, round=0):  # noqa: A002
     """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel.
 
-    ``summary`` sums loss, examples and correct counts over all sampled clients (reporting or
-    not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
+    ``summary`` sums loss, examples and correct counts over the clients whose update is finite
+    (reporting or not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
     reporting clients) and ``rows_aggregated`` (distinct rows touched by reporting clients).
     """
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
@@ -430,14 +437,15 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
     num_items, dim = model.item_factors.shape
     delta, delta_bias = aggregate(results, num_items, dim, model.has_bias)
     reporting = [r for r in results if r.stats["weight"] > 0]
+    finite = [r for r in results if r.stats["status"] != STATUS_NONFINITE]
     touched = set()
     for r in reporting:
         touched.update(int(x) for x in r.rows)
     summary = dict(
         total_weight=float(sum(r.stats["weight"] for r in reporting)),
-        loss_sum=float(sum(r.stats["loss_sum"] for r in results)),
-        num_examples=sum(r.stats["num_examples"] for r in results),
-        num_correct=sum(r.stats["num_correct"] for r in results),
+        loss_sum=float(sum(r.stats["loss_sum"] for r in finite)),
+        num_examples=sum(r.stats["num_examples"] for r in finite),
+        num_correct=sum(r.stats["num_correct"] for r in finite),
         num_reporting=len(reporting),
         num_nonfinite=sum(r.stats["status"] == STATUS_NONFINITE for r in results),
         rows_sent=sum(len(r.rows) for r in reporting),

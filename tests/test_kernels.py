@@ -3,12 +3,10 @@ client-order independence, non-finite handling and hand-computed cases."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import reference as ref
-from conftest import random_client_data
+from conftest import csr, random_client_data
 from numpy.testing import assert_allclose, assert_array_equal
 
 from fedrecon_fast.config import ClientConfig
@@ -21,23 +19,27 @@ from fedrecon_fast.kernels import (
 )
 
 # float32 tolerances: native and reference differ only in float32 rounding and summation
-# order (Eigen's vectorised dot products vs NumPy's), observed below 1e-7 absolute.
+# order (Eigen's vectorised dot products vs NumPy's), observed up to ~2e-7 absolute.
 RTOL, ATOL = 1e-4, 1e-5
-# float64 sums of float32 squared errors.
-LOSS_RTOL = 1e-5
+# float64 sums of float32 squared errors. An error r_hat - r of a rating near 3 carries ~3e-7
+# absolute rounding, so a tiny squared error is only good to ~1e-6 absolute.
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 
-# Configuration cases: (ClientConfig overrides, with biases?, global mean).
+# Configuration cases: (ClientConfig overrides, with biases?, global mean). Learning rates are
+# kept <= 0.2: with the data scale of make_problem, SGD then stays stable even when every
+# rating hits the same row (num_items 1, dim 1, batch 1). A diverging run amplifies float32
+# rounding exponentially and cannot be compared (test_nonfinite_* covers divergence).
 CASES = {
     "default": ({}, False, 0.0),
-    "global-mean": ({"client_lr": 0.3}, False, 3.0),
-    "batches-reshuffle": ({"reshuffle": True, "recon_lr": 0.3}, False, 0.0),
+    "global-mean": ({"client_lr": 0.2}, False, 3.0),
+    "batches-reshuffle": ({"reshuffle": True, "recon_lr": 0.2}, False, 0.0),
     "random": ({"split": "random"}, False, 0.0),
     "random-0.3-reshuffle": ({"split": "random", "support_fraction": 0.3, "reshuffle": True}, True, 3.0),
     "random-0.0": ({"split": "random", "support_fraction": 0.0}, False, 0.0),
     "random-1.0": ({"split": "random", "support_fraction": 1.0}, False, 0.0),
     "reuse": ({"split": "reuse", "init_scale": 0.5}, False, 0.0),
     "reuse-reshuffle-bias": ({"split": "reuse", "reshuffle": True}, True, 3.0),
-    "exact": ({"recon": "exact", "ridge": 0.5, "client_lr": 0.3}, False, 0.0),
+    "exact": ({"recon": "exact", "ridge": 0.5, "client_lr": 0.2}, False, 0.0),
     "exact-bias": ({"recon": "exact", "ridge": 2.0}, True, 3.0),
     "exact-random": ({"recon": "exact", "split": "random", "support_fraction": 0.6}, True, 2.5),
     "sgd-bias": ({"recon_lr": 0.2, "client_lr": 0.2}, True, 3.0),
@@ -65,11 +67,17 @@ SHAPES = [
 
 
 def make_problem(case: str, num_items: int, dim: int, batch_size: int, seed: int = 0):
-    """Random data, V, item biases and config for a case; all seeded from the arguments."""
+    """Random data, V, item biases and config for a case; all seeded from the arguments.
+
+    Ratings are ``global_mean + U(-1, 1)`` and rows of V have norms in [0.5, 1.5], so the
+    reconstructed ``|u|`` stays below ~2 and the learning rates of CASES are stable.
+    """
     overrides, biases, global_mean = CASES[case]
-    rng = np.random.default_rng([seed, num_items, dim, batch_size, sorted(CASES).index(case)])
-    data = random_client_data(rng, num_items, (0, 1, 2, 3, 5, 8, 13, 40, 0, 21, 1, 57))
-    V = rng.normal(0.0, 0.3, size=(num_items, dim)).astype(np.float32)
+    rng = np.random.default_rng([seed % 2**32, num_items, dim, batch_size, sorted(CASES).index(case)])
+    data = random_client_data(rng, num_items, rating_range=(global_mean - 1.0, global_mean + 1.0))
+    V = rng.normal(size=(num_items, dim))
+    V *= rng.uniform(0.5, 1.5, size=(num_items, 1)) / np.linalg.norm(V, axis=1, keepdims=True)
+    V = V.astype(np.float32)
     item_bias = rng.normal(0.0, 0.2, size=num_items).astype(np.float32) if biases else None
     config = ClientConfig(batch_size=batch_size, **overrides)
     # A sample of clients in a scrambled order, one of them twice.
@@ -84,7 +92,7 @@ def assert_stats_match(native: dict, expected: dict) -> None:
     for name in ("weight", "num_examples", "num_correct", "rows", "status"):
         assert native[name].dtype == expected[name].dtype, name
         assert_array_equal(native[name], expected[name], err_msg=name)
-    assert_allclose(native["loss_sum"], expected["loss_sum"], rtol=LOSS_RTOL, atol=1e-9)
+    assert_allclose(native["loss_sum"], expected["loss_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
 
 # ------------------------------------------------------------------------------- RNG
@@ -155,7 +163,7 @@ def test_train_round_matches_reference(case, num_items, dim, batch_size, num_thr
     assert set(out.summary) == set(summary)
     for name, value in summary.items():
         if isinstance(value, float):
-            assert out.summary[name] == pytest.approx(value, rel=LOSS_RTOL), name
+            assert out.summary[name] == pytest.approx(value, rel=LOSS_RTOL, abs=LOSS_ATOL), name
         else:
             assert out.summary[name] == value, name
     # Untouched rows are exactly zero.
@@ -218,7 +226,7 @@ def test_evaluate_users_matches_reference(case, num_items, dim, batch_size, num_
 
     assert_array_equal(out["num_examples"], expected["num_examples"])
     assert_array_equal(out["num_correct"], expected["num_correct"])
-    assert_allclose(out["sq_err_sum"], expected["sq_err_sum"], rtol=LOSS_RTOL, atol=1e-9)
+    assert_allclose(out["sq_err_sum"], expected["sq_err_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
 
 # ------------------------------------------------------------------------------- properties
@@ -293,9 +301,10 @@ def test_client_order_does_not_change_per_client_updates():
 
 
 def test_nonfinite_client_gets_weight_zero():
-    # batch_size 1, split "batches": client 0 (4 ratings) runs two query steps, client 1
-    # (2 ratings) one, client 2 (1 rating) none. With lr 1e30 the second step overflows.
-    data = random_client_data(np.random.default_rng(0), 6, (4, 2, 1))
+    # batch_size 1, split "batches": client 0 runs two query steps on the same row (item 1),
+    # client 1 one step (item 3), client 2 none. With lr 1e30 the first step moves a row to
+    # ~1e30 and the second step on it overflows to inf; a single step stays finite.
+    data = csr([0, 4, 6, 7], [0, 1, 0, 1, 2, 3, 4], [3.0, 4.0, 2.0, 5.0, 1.0, 3.0, 2.0], 6)
     rng = np.random.default_rng(1)
     V = rng.normal(0.0, 0.5, size=(6, 4)).astype(np.float32)
     config = ClientConfig(batch_size=1, client_lr=1e30, init_scale=0.5)
@@ -306,12 +315,15 @@ def test_nonfinite_client_gets_weight_zero():
     assert_array_equal(out.client_stats["status"], [1, 0, 2])
     assert_array_equal(out.client_stats["weight"], [0.0, 1.0, 0.0])
     assert_array_equal(out.client_stats["rows"], [0, 1, 0])
+    assert_array_equal(out.client_stats["num_examples"], [2, 1, 0])
     assert out.summary["num_nonfinite"] == 1
     assert out.summary["num_reporting"] == 1
     assert out.summary["total_weight"] == 1.0
     assert np.isfinite(out.delta).all()
     assert_stats_match(out.client_stats, stats)
-    assert summary["num_nonfinite"] == 1
+    # The dropped client's (finite, huge) loss and its examples still count in the summary.
+    for name, value in summary.items():
+        assert out.summary[name] == pytest.approx(value, rel=LOSS_RTOL), name
     # Only client 1's single row moved, by client 1's own update (weight 1 of 1).
     assert np.count_nonzero(out.delta.any(axis=1)) == 1
     assert_allclose(out.delta, delta, rtol=RTOL)
@@ -348,20 +360,10 @@ def test_round_without_reports_returns_zero_delta(sizes, config, clients):
 # ------------------------------------------------------------------------------- hand checks
 
 
-def _one_client(items, ratings, num_items):
-    return SimpleNamespace(
-        indptr=np.array([0, len(items)], dtype=np.int64),
-        items=np.array(items, dtype=np.int32),
-        ratings=np.array(ratings, dtype=np.float32),
-        num_clients=1,
-        num_items=num_items,
-    )
-
-
 def test_batches_split_and_step_cap_pick_the_touched_rows():
     # batch_size 2 over items 0..8: batches [0,1] [2,3] [4,5] [6,7] [8]; odd batches are the
     # query set; a cap of one update step touches only the first query batch.
-    data = _one_client(range(9), [3.0] * 9, 9)
+    data = csr([0, 9], range(9), [3.0] * 9, 9)
     V = np.full((9, 2), 0.5, dtype=np.float32)
     full = client_updates(V, data, None, ClientConfig(batch_size=2))
     capped = client_updates(V, data, None, ClientConfig(batch_size=2, update_steps_max=1))
@@ -375,7 +377,7 @@ def test_one_step_by_hand():
     # Exact reconstruction on the support rating (item 0, v = 1, r = 2, ridge 1):
     # u = 1 * 2 / (1 + 1) = 1. Query rating (item 1, v = 0.5, r = 3): err = 0.5 - 3 = -2.5,
     # and one SGD step with lr 0.1 on the batch MSE gives Δv = -0.1 * 2 * err * u = 0.5.
-    data = _one_client([0, 1], [2.0, 3.0], 3)
+    data = csr([0, 2], [0, 1], [2.0, 3.0], 3)
     V = np.array([[1.0], [0.5], [7.0]], dtype=np.float32)
     config = ClientConfig(batch_size=1, recon="exact", ridge=1.0, client_lr=0.1)
     out = train_round(V, data, None, config)

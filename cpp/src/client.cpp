@@ -168,6 +168,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     const Eigen::VectorXd w = llt.solve(rhs);
     u = w.head(K).cast<float>();
     if (bias) bu_ = static_cast<float>(w[K]);
+    recon_examples_ = ns;
     return;
   }
 
@@ -180,6 +181,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
 
   const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
+  recon_examples_ = 0;
   VecMap g(grad_u_.data(), dim_);
   for (std::int64_t s = 0; s < steps; ++s) {
     const std::int64_t batch = s % batches;
@@ -196,6 +198,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
       gb += err;
     }
     // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
+    recon_examples_ += hi - lo;
     const float scale = 2.0f / static_cast<float>(hi - lo);
     u -= config.recon_lr * (scale * g + (2.0f * config.recon_l2) * u);
     if (bias) bu_ -= config.recon_lr * scale * gb;
@@ -295,6 +298,7 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
     finite = finite && std::isfinite(local_bias_[k]);
   }
   stats.rows = nrows;
+  stats.recon_examples = recon_examples_;
   if (!finite || !std::isfinite(stats.loss_sum)) {
     stats.status = kNonFinite;
     stats.weight = 0.0;

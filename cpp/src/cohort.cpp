@@ -24,8 +24,9 @@ void check_inputs(const ModelView& model, const CsrView& data, const std::int64_
     if (c < 0 || c >= data.num_clients)
       throw std::out_of_range("client id " + std::to_string(c) + " is outside [0, " +
                               std::to_string(data.num_clients) + ")");
-    if (data.indptr[c + 1] < data.indptr[c])
-      throw std::invalid_argument("indptr must be non-decreasing");
+    // Bounds of the client's slice: nothing downstream reads outside [0, nnz).
+    if (data.indptr[c] < 0 || data.indptr[c + 1] < data.indptr[c] || data.indptr[c + 1] > data.nnz)
+      throw std::invalid_argument("indptr must be non-decreasing within [0, number of ratings]");
   }
 }
 
@@ -90,10 +91,14 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   for (std::int64_t i = 0; i < num_sampled; ++i) {
     const ClientResult& r = results[static_cast<std::size_t>(i)];
     stats_out[i] = r.stats;
+    // A dropped (non-finite) client is counted but its metrics would poison the round's.
+    if (r.stats.status == kNonFinite) {
+      summary.num_nonfinite += 1;
+      continue;
+    }
     summary.loss_sum += r.stats.loss_sum;
     summary.num_examples += r.stats.num_examples;
     summary.num_correct += r.stats.num_correct;
-    summary.num_nonfinite += r.stats.status == kNonFinite ? 1 : 0;
     if (r.stats.weight <= 0.0) continue;
     summary.total_weight += r.stats.weight;
     summary.num_reporting += 1;

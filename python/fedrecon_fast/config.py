@@ -220,8 +220,9 @@ PAPER = FedReconConfig(
     biases=False, max_examples=300,
 )
 
-# Tuned on validation users only (see README): exact reconstruction and biases.
-FAST = PAPER.replace(recon="exact", ridge=1.0, biases=True)
+# Tuned on validation users of MovieLens 1M (users 1-2999) only, never on test users: exact
+# ridge reconstruction with ridge 3 (grid 0.3..10) and biases; val RMSE .896 vs .930 (paper).
+FAST = PAPER.replace(recon="exact", ridge=3.0, biases=True)
 
 PRESETS = {"paper": PAPER, "fast": FAST}
 

@@ -244,10 +244,10 @@ class ClientData:
         nnz = items_raw.size
         if int(indptr[-1]) != nnz:
             raise ValueError(f"indptr[-1] ({indptr[-1]}) must equal the number of ratings ({nnz})")
-        items64 = _integer_1d(items_raw, "items", np.int64)
+        items = _integer_1d(items_raw, "items", np.int32)
 
         if self.item_ids is None:
-            n_items = int(items64.max()) + 1 if nnz else 0
+            n_items = int(items.max()) + 1 if nnz else 0
             item_ids = np.arange(n_items, dtype=np.int64)
         else:
             item_ids = _integer_1d(self.item_ids, "item_ids", np.int64)
@@ -256,9 +256,8 @@ class ClientData:
         num_items = item_ids.size
         if num_items > _INT32_MAX:
             raise ValueError(f"item_ids: at most {_INT32_MAX} items are supported")
-        if nnz and (int(items64.min()) < 0 or int(items64.max()) >= num_items):
+        if nnz and (int(items.min()) < 0 or int(items.max()) >= num_items):
             raise ValueError(f"items must lie in [0, num_items={num_items})")
-        items = items64.astype(np.int32)
 
         ratings = _ratings_1d(self.ratings, "ratings")
         if ratings.size != nnz:

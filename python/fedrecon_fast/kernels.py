@@ -92,9 +92,16 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
     bias = None if item_bias is None else as_float32_vector(
         item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)
-    for name in ("indptr", "items", "ratings"):
-        if not hasattr(data, name):
+    for name, dtype in (("indptr", np.int64), ("items", np.int32), ("ratings", np.float32)):
+        arr = getattr(data, name, None)
+        if not isinstance(arr, np.ndarray):
             raise TypeError(f"data must be a ClientData (CSR ratings); got {type(data).__name__}")
+        if arr.dtype != dtype or arr.ndim != 1 or not arr.flags.c_contiguous:
+            raise TypeError(f"data.{name} must be a C-contiguous 1-D {np.dtype(dtype)} array; "
+                            f"got {arr.dtype} with shape {arr.shape}")
+    if len(data.indptr) < 1 or data.indptr[0] != 0 or data.indptr[-1] != len(data.items) \
+            or len(data.items) != len(data.ratings):
+        raise ValueError("data.indptr must run from 0 to len(data.items) == len(data.ratings)")
     if data.num_items > V.shape[0]:
         raise ValueError(f"item_factors has {V.shape[0]} rows but data has {data.num_items} items")
     if clients is None:

@@ -12,11 +12,11 @@ ratings.csv   ml-20m, ml-25m, ml-latest   header ``userId,movieId,rating,timesta
 ============  ==========================  =====================================
 
 Ratings may be integers (100K, 1M) or half stars such as ``3.5`` (10M and
-later).  Parsing is vectorised NumPy over the raw bytes (no per-line Python),
-reads the file in blocks of bounded size, and reports malformed content with
-the file name and the 1-based line number.  pandas is optional: with
-``engine="pandas"`` its C parser is used instead (any problem is then
-re-diagnosed by the NumPy parser to name the line).
+later).  Parsing is vectorised NumPy over the raw bytes (no per-line Python,
+no pandas needed), reads the file in blocks of bounded size, is strict (ids
+and timestamps must be plain non-negative decimal integers, ratings finite
+decimal numbers) and reports malformed content with the file name and the
+1-based line number.  On MovieLens 1M it is as fast as pandas' C parser.
 
 The data sets are distributed by GroupLens (https://grouplens.org/datasets/movielens/)
 under their own terms of use; :func:`download_movielens` fetches them from the
@@ -26,7 +26,6 @@ official site and verifies a checksum before extracting anything.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -101,7 +100,7 @@ _RATING_RE = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 # --------------------------------------------------------------------------- loading
 
 
-def load_movielens(path: PathLike, *, engine: str = "numpy") -> ClientData:
+def load_movielens(path: PathLike) -> ClientData:
     """Load MovieLens ratings from a folder or a ratings file.
 
     Parameters
@@ -111,10 +110,6 @@ def load_movielens(path: PathLike, *, engine: str = "numpy") -> ClientData:
         ``ratings.csv`` (20M, 25M, latest) -- preferred in that order when
         several exist -- or the path of such a file.  A file with another
         name is accepted if its first line is in one of these formats.
-    engine : {"numpy", "pandas"}, default "numpy"
-        Parser.  ``"numpy"`` needs nothing beyond NumPy; ``"pandas"`` uses
-        pandas' C parser (pandas must be installed).  Both give identical
-        results on well-formed files.
 
     Returns
     -------
@@ -133,13 +128,8 @@ def load_movielens(path: PathLike, *, engine: str = "numpy") -> ClientData:
         or empty field, a NaN/inf rating, a wrong csv header): the message
         names the file and the 1-based line number.
     """
-    if engine not in ("numpy", "pandas"):
-        raise ValueError(f"engine must be 'numpy' or 'pandas', got {engine!r}")
     file, delim = _resolve_ratings_file(path)
-    if engine == "pandas":
-        users, items, ratings, timestamps = _parse_pandas(file, delim)
-    else:
-        users, items, ratings, timestamps = _parse_numpy(file, delim)
+    users, items, ratings, timestamps = _parse_numpy(file, delim)
     return ClientData.from_coo(users, items, ratings, timestamps)
 
 
@@ -208,14 +198,15 @@ def _parse_numpy(file: Path, delim: bytes):
             data = carry + block if carry else block
             if not block:
                 if data:
-                    parts.append(_parse_block(data, delim, line_no, file))
+                    parts.append(_parse_block(data, delim, line_no, file)[0])
                 break
             cut = data.rfind(b"\n")
             if cut < 0:
                 carry = data
                 continue
-            parts.append(_parse_block(data[:cut + 1], delim, line_no, file))
-            line_no += data.count(b"\n", 0, cut + 1)
+            columns, n_lines = _parse_block(data[:cut + 1], delim, line_no, file)
+            parts.append(columns)
+            line_no += n_lines
             carry = data[cut + 1:]
     if not parts:
         empty = np.zeros(0, np.int64)
@@ -224,11 +215,15 @@ def _parse_numpy(file: Path, delim: bytes):
 
 
 def _parse_block(raw: bytes, delim: bytes, first_line_no: int, file: Path):
-    """Parse whole lines of text; returns (users, items, ratings, timestamps)."""
-    buf = raw.replace(b"::", b"\t") if delim == b"::" else raw
-    sep = ord("\t") if delim == b"::" else ord(delim)
-    if b"\r" in buf:
-        buf = buf.replace(b"\r\n", b"\n")  # keeps the line count
+    """Parse whole lines of text.
+
+    Returns ``((users, items, ratings, timestamps), number of lines)``.
+
+    Structure is checked vectorised: every non-blank line must hold exactly
+    three separators.  When it does not, :func:`_diagnose_block` finds the
+    first offending line (a slow pass, only on the error path).
+    """
+    buf = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw  # keeps the line count
     a = np.frombuffer(buf, dtype=np.uint8)
     n = a.size
     ends = np.flatnonzero(a == 10)
@@ -238,119 +233,144 @@ def _parse_block(raw: bytes, delim: bytes, first_line_no: int, file: Path):
     if ends.size:
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
-    lengths = ends - starts
+    total_lines = ends.size
+    lines = np.flatnonzero(ends > starts)  # non-blank lines
+    n_lines = lines.size
+    starts, ends = starts[lines], ends[lines]
 
-    def fail(line_index: int, reason: str) -> ValueError:
-        line = raw.split(b"\n")[line_index]
-        return _line_error(file, first_line_no + line_index, reason, line)
+    # Separator characters: 3 * len(delim) per line.  If the total matches and
+    # each line's group of separators lies inside the line, every line has
+    # exactly its share; for "::" the colons must also pair up.
+    width = len(delim)
+    per_line = 3 * width
+    pos = np.flatnonzero(a == delim[0])
+    ok = pos.size == per_line * n_lines
+    if ok and n_lines:
+        c = pos.reshape(n_lines, per_line)
+        ok = bool((c[:, 0] >= starts).all() and (c[:, -1] < ends).all())
+        if ok and width == 2:
+            ok = bool((c[:, 1::2] == c[:, 0::2] + 1).all())
+    if not ok:
+        raise _diagnose_block(raw, delim, first_line_no, file)
+    if n_lines == 0:
+        empty = np.zeros(0, np.int64)
+        return (empty, empty.copy(), np.zeros(0, np.float64), empty.copy()), total_lines
+    sep_first = c[:, 0::width]  # (n_lines, 3): end of fields 0..2
+    sep_last = c[:, width - 1::width] + 1  # (n_lines, 3): start of fields 1..3
 
-    # exactly three separators on every non-blank line
-    dpos = np.flatnonzero(a == sep)
-    counts = np.diff(np.searchsorted(dpos, ends), prepend=0)
-    nonblank = lengths > 0
-    wrong = nonblank & (counts != 3)
-    if wrong.any():
-        j = int(np.argmax(wrong))
-        raise fail(j, f"expected 4 fields separated by {delim.decode()!r}, found {int(counts[j]) + 1}")
-    lines = np.flatnonzero(nonblank)
-    d = dpos.reshape(-1, 3)  # blank lines hold no separator
-    field_starts = (starts[lines], d[:, 0] + 1, d[:, 1] + 1, d[:, 2] + 1)
-    field_ends = (d[:, 0], d[:, 1], d[:, 2], ends[lines])
-
-    users, bad_u = _parse_uints(a, field_starts[0], field_ends[0])
-    items, bad_i = _parse_uints(a, field_starts[1], field_ends[1])
-    ratings, bad_r = _parse_ratings(a, field_starts[2], field_ends[2])
-    timestamps, bad_t = _parse_uints(a, field_starts[3], field_ends[3])
-    bad = (bad_u, bad_i, bad_r, bad_t)
+    users, bad_u = _parse_uints(a, starts, sep_first[:, 0])
+    items, bad_i = _parse_uints(a, sep_last[:, 0], sep_first[:, 1])
+    ratings, bad_r = _parse_ratings(a, sep_last[:, 1], sep_first[:, 2])
+    timestamps, bad_t = _parse_uints(a, sep_last[:, 2], ends)
     any_bad = bad_u | bad_i | bad_r | bad_t
     if any_bad.any():
         k = int(np.argmax(any_bad))
-        field = next(f for f, b in zip(_FIELDS, bad) if b[k])
-        what = "a finite number" if field == "rating" else "a non-negative integer"
-        raise fail(int(lines[k]), f"{field} is not {what}")
-    return users, items, ratings, timestamps
+        field = next(f for f, b in zip(_FIELDS, (bad_u, bad_i, bad_r, bad_t)) if b[k])
+        line_index = int(lines[k])
+        raise _line_error(file, first_line_no + line_index, _field_problem(field),
+                          raw.split(b"\n", line_index + 1)[line_index])
+    return (users, items, ratings, timestamps), total_lines
+
+
+def _field_problem(field: str) -> str:
+    what = "a finite number" if field == "rating" else "a non-negative integer"
+    return f"{field} is not {what}"
+
+
+_UINT_RE = re.compile(rb"\d{1,%d}" % _MAX_INT_DIGITS)
+
+
+def _diagnose_block(raw: bytes, delim: bytes, first_line_no: int, file: Path) -> ValueError:
+    """Error for the first malformed line of a block (slow path, errors only)."""
+    for j, line in enumerate(raw.split(b"\n")):
+        text = line.rstrip(b"\r")
+        if not text:
+            continue
+        fields = text.split(delim)
+        if len(fields) != 4:
+            return _line_error(file, first_line_no + j,
+                               f"expected 4 fields separated by {delim.decode()!r}, found {len(fields)}",
+                               line)
+        for field, value in zip(_FIELDS, fields):
+            if field == "rating":
+                good = (_RATING_RE.fullmatch(value) is not None
+                        and np.isfinite(float(value)))
+            else:
+                good = _UINT_RE.fullmatch(value) is not None
+            if not good:
+                return _line_error(file, first_line_no + j, _field_problem(field), line)
+    return ValueError(f"{str(file)!r}: malformed ratings in the block starting at line {first_line_no}")
 
 
 def _parse_uints(a: np.ndarray, s: np.ndarray, e: np.ndarray):
     """Decimal integers in byte ranges ``a[s:e]``; returns (int64 values, bad mask)."""
     w = e - s
     bad = (w < 1) | (w > _MAX_INT_DIGITS)
-    val = np.zeros(s.size, dtype=np.int64)
     if s.size == 0:
-        return val, bad
+        return np.zeros(0, np.int64), bad
     width = int(min(w.max(), _MAX_INT_DIGITS))
-    last = a.size - 1
+    full = int(max(w.min(), 0))  # digits present in every field
+    dtype = np.int32 if width <= 9 else np.int64
+    val = np.zeros(s.size, dtype=dtype)
+    idx = s.copy()
+    digit = np.empty(s.size, dtype=np.uint8)
     for k in range(width):
-        active = w > k
-        digit = a[np.minimum(s + k, last)] - np.uint8(48)  # wraps for non-digits
-        bad |= active & (digit > 9)
-        val = np.where(active, val * 10 + digit, val)
-    return val, bad
+        a.take(idx, mode="clip", out=digit)
+        digit -= np.uint8(48)  # wraps for non-digits
+        if k < full:
+            bad |= digit > 9
+            val *= 10
+            val += digit
+        else:
+            active = w > k
+            bad |= active & (digit > 9)
+            np.multiply(val, 10, out=val, where=active)
+            np.add(val, digit, out=val, where=active, casting="unsafe")
+        idx += 1
+    return val.astype(np.int64, copy=False), bad
 
 
 def _parse_ratings(a: np.ndarray, s: np.ndarray, e: np.ndarray):
     """Decimal numbers in byte ranges; returns (float64 values, bad mask).
 
     Ratings take few distinct spellings ("4", "3.5", ...), so each distinct
-    token is parsed once: the tokens are gathered into fixed-width byte
-    strings, deduplicated, validated with a strict regular expression and
-    converted with ``float``.
+    token is parsed once: tokens are packed into fixed-width keys, the
+    distinct keys found (from a sample, then from any key the sample
+    missed), validated with a strict regular expression and converted with
+    ``float``.
     """
     w = e - s
     bad = (w < 1) | (w > _MAX_RATING_CHARS)
     if s.size == 0:
         return np.zeros(0, np.float64), bad
     width = int(min(max(int(w.max()), 1), _MAX_RATING_CHARS))
-    cols = np.arange(width)
-    idx = np.minimum(s[:, None] + cols, a.size - 1)
-    tokens = np.where(cols < w[:, None], a[idx], np.uint8(0)).astype(np.uint8)
-    if width <= 8:  # pack into one integer per token: fast unique
-        packed = np.zeros((s.size, 8), dtype=np.uint8)
-        packed[:, :width] = tokens
-        keys = packed.view("<u8").reshape(-1)
+    key_width = 8 if width <= 8 else width
+    tokens = np.zeros((s.size, key_width), dtype=np.uint8)
+    for k in range(width):
+        column = a.take(s + k, mode="clip")
+        column[w <= k] = 0
+        tokens[:, k] = column
+    bad |= ((tokens[:, :width] == 0) & (np.arange(width) < w[:, None])).any(axis=1)  # NUL bytes
+    if key_width == 8:
+        keys = tokens.view("<u8").reshape(-1)
     else:
-        keys = np.ascontiguousarray(tokens).view(f"S{width}").reshape(-1)
-    uniq, inverse = np.unique(keys, return_inverse=True)
+        keys = tokens.view(f"S{key_width}").reshape(-1)
+    uniq = np.unique(keys[:4096])
+    index = np.minimum(np.searchsorted(uniq, keys), uniq.size - 1)
+    missed = uniq[index] != keys
+    if missed.any():
+        uniq = np.union1d(uniq, keys[missed])
+        index = np.searchsorted(uniq, keys)
     values = np.empty(uniq.size, dtype=np.float64)
     valid = np.ones(uniq.size, dtype=bool)
     for j, key in enumerate(uniq):  # a handful of distinct spellings
-        text = (np.array(key, dtype="<u8").tobytes() if width <= 8 else bytes(key)).rstrip(b"\0")
+        text = (np.array(key, dtype="<u8").tobytes() if key_width == 8 else bytes(key)).rstrip(b"\0")
         ok = _RATING_RE.fullmatch(text) is not None
         value = float(text) if ok else np.nan
-        valid[j] = ok and np.isfinite(value)
+        valid[j] = ok and bool(np.isfinite(value))
         values[j] = value if valid[j] else 0.0
-    inverse = inverse.reshape(-1)
-    bad |= ~valid[inverse]
-    bad |= ((tokens == 0) & (cols < w[:, None])).any(axis=1)  # NUL bytes inside a token
-    return values[inverse], bad
-
-
-def _parse_pandas(file: Path, delim: bytes):
-    """Parse with pandas' C parser; re-diagnose any problem with the NumPy parser."""
-    import pandas as pd  # lazy: optional dependency
-
-    with open(file, "rb") as fh:
-        first = fh.readline()
-    header = _csv_header_lines(file, first.removeprefix(b"\xef\xbb\xbf"), delim)
-    if delim == b"::":
-        with open(file, "rb") as fh:
-            source = io.BytesIO(fh.read().replace(b"::", b"\t"))
-        sep = "\t"
-    else:
-        source, sep = file, delim.decode()
-    try:
-        df = pd.read_csv(source, sep=sep, header=None, skiprows=header, engine="c",
-                         names=["u", "i", "r", "t"], encoding="utf-8-sig", na_filter=False,
-                         dtype={"u": np.int64, "i": np.int64, "r": np.float64, "t": np.int64})
-        cols = [df[c].to_numpy() for c in ("u", "i", "r", "t")]
-        ok = (np.isfinite(cols[2]).all()
-              and all(c.size == 0 or int(c.min()) >= 0 for c in (cols[0], cols[1], cols[3])))
-    except (ValueError, TypeError, OverflowError, pd.errors.ParserError):
-        ok = False
-    if ok:
-        return tuple(cols)
-    # Let the NumPy parser name the offending line (or accept what it can read).
-    return _parse_numpy(file, delim)
+    bad |= ~valid[index]
+    return values[index], bad
 
 
 # --------------------------------------------------------------------------- download

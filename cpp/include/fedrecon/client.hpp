@@ -56,6 +56,7 @@ class ClientWorker {
   // Local embedding and its gradient.
   std::vector<float> u_, grad_u_;
   float bu_ = 0.0f;
+  std::int64_t recon_examples_ = 0;
   // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
   std::vector<std::int32_t> rows_;
   std::vector<float> local_, local0_, local_bias_, local_bias0_;

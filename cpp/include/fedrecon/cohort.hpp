@@ -13,13 +13,13 @@ namespace fedrecon {
 /// Totals of one training round.
 struct RoundSummary {
   double total_weight = 0.0;
-  double loss_sum = 0.0;
+  double loss_sum = 0.0;            // metrics over clients with finite updates
   std::int64_t num_examples = 0;
   std::int64_t num_correct = 0;
   std::int64_t num_reporting = 0;   // clients with weight > 0
   std::int64_t num_nonfinite = 0;   // clients whose update was not finite (zeroed, weight 0)
   std::int64_t rows_sent = 0;       // sum over reporting clients of touched rows
-  std::int64_t rows_aggregated = 0; // distinct rows of V with a non-zero aggregate
+  std::int64_t rows_aggregated = 0; // distinct rows of V touched by reporting clients
 };
 
 /// The fused FedRecon round: for each sampled client, reconstruct -> update -> weighted sum of

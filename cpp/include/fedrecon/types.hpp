@@ -73,6 +73,7 @@ struct ClientStats {
   std::int64_t num_examples = 0;  // query examples processed by the update steps
   std::int64_t num_correct = 0;   // of those, |r - r_hat| <= 0.5
   std::int64_t rows = 0;          // rows of V the update touched
+  std::int64_t recon_examples = 0;  // support examples processed by reconstruction
   std::int8_t status = kOk;
 };
 
