@@ -107,3 +107,13 @@ def test_non_integer_arguments_rejected():
         _rng.derive_seed(1, 0, "3", 0)
     with pytest.raises(TypeError, match="round"):
         _rng.derive_seed(1, True, 0, 0)
+
+
+def test_matches_the_cpp_core():
+    core = pytest.importorskip("fedrecon_fast._core", reason="C++ extension not built")
+    rng = np.random.default_rng(1)
+    cases = [(0, 0, 0, 0), (2**64 - 1, 2**64 - 1, 2**64 - 1, 4)]
+    cases += [tuple(int(v) for v in rng.integers(0, 2**64 - 1, 4, dtype=np.uint64, endpoint=True))
+              for _ in range(20)]
+    for args in cases:
+        assert core.derive_seed(*args) == _rng.derive_seed(*args), args

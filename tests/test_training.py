@@ -1,0 +1,125 @@
+"""The FedRecon trainer: it learns, it is deterministic, and its pieces behave."""
+
+import numpy as np
+import pytest
+
+import fedrecon_fast as ff
+
+
+@pytest.fixture(scope="module")
+def splits():
+    data = ff.synthetic_ratings(num_users=400, num_items=300, seed=1).prepare(max_examples=300, shuffle_seed=1)
+    tr, va, te = ff.split_users(data.num_clients, seed=1)
+    return data.subset(tr), data.subset(va), data.subset(te)
+
+
+def small(preset="paper", **kw):
+    kw = {"rounds": 40, "clients_per_round": 40, "dim": 8, **kw}
+    return ff.preset(preset, **kw)
+
+
+# Untrained, "paper" predicts about 0 (RMSE ~3.7); "fast" already has the global mean and a
+# reconstructed user bias (RMSE ~0.97), so its required gain is smaller.
+@pytest.mark.parametrize(("name", "gain"), [("paper", 2.0), ("fast", 0.1)])
+def test_training_lowers_reconeval_rmse_on_unseen_users(splits, name, gain):
+    # Prepare
+    train, val, test = splits
+    untrained = ff.FedRecon(small(name, rounds=0)).fit(train).evaluate(test)
+    # Execute
+    trainer = ff.FedRecon(small(name)).fit(train, val)
+    trained = trainer.evaluate(test)
+    # Assert: a clear gain over the untrained model, and sane metrics
+    assert trained["rmse"] < untrained["rmse"] - gain
+    assert trained["rmse"] < 1.3
+    assert 0.2 < trained["accuracy"] <= 1.0
+    assert trained["users"] == test.num_clients and trained["ratings"] > 0
+    assert "val_rmse" in trainer.history[-1] and len(trainer.history) == 40
+
+
+def test_same_seed_same_model_for_any_thread_count(splits):
+    train, val, _ = splits
+    models = [ff.FedRecon(small("fast", rounds=5, num_threads=t)).fit(train).model for t in (1, 2, 3)]
+    for m in models[1:]:
+        assert np.array_equal(m.item_factors, models[0].item_factors)
+        assert np.array_equal(m.item_bias, models[0].item_bias)
+    other = ff.FedRecon(small("fast", rounds=5, seed=7)).fit(train).model
+    assert not np.array_equal(other.item_factors, models[0].item_factors)
+
+
+def test_fit_in_two_calls_equals_one_call(splits):
+    train, _, _ = splits
+    once = ff.FedRecon(small(rounds=6)).fit(train)
+    twice = ff.FedRecon(small(rounds=6)).fit(train, rounds=2).fit(train, rounds=4)
+    assert twice.round == 6
+    assert np.array_equal(once.model.item_factors, twice.model.item_factors)
+
+
+def test_history_metrics_and_eval_schedule(splits):
+    train, val, _ = splits
+    trainer = ff.FedRecon(small(rounds=6, eval_every=3)).fit(train, val)
+    evaluated = [h["round"] for h in trainer.history if "val_rmse" in h]
+    assert evaluated == [3, 6]
+    h = trainer.history[0]
+    assert h["clients"] == 40 and h["reporting"] <= 40 and h["nonfinite"] == 0
+    assert h["train_rmse"] == pytest.approx(np.sqrt(h["train_loss"]))
+    assert trainer.train_seconds > 0 and trainer.eval_seconds > 0
+
+
+def test_diverging_clients_are_dropped_and_counted(splits):
+    train, _, _ = splits
+    trainer = ff.FedRecon(small(rounds=2, client_lr=1e30)).fit(train)
+    assert sum(h["nonfinite"] for h in trainer.history) > 0
+    assert np.isfinite(trainer.model.item_factors).all()
+
+
+def test_sample_clients_is_a_pure_function_of_seed_and_round():
+    a = ff.sample_clients(100, 30, seed=3, round=5)
+    assert len(np.unique(a)) == 30 and a.min() >= 0 and a.max() < 100
+    assert np.array_equal(a, ff.sample_clients(100, 30, seed=3, round=5))
+    assert not np.array_equal(a, ff.sample_clients(100, 30, seed=3, round=6))
+    assert np.array_equal(np.sort(ff.sample_clients(10, 30, seed=0, round=0)), np.arange(10))
+
+
+def test_every_server_optimizer_trains(splits):
+    train, val, _ = splits
+    for name, lr in (("sgd", 1.0), ("momentum", 0.5), ("adam", 0.01), ("adagrad", 0.1), ("yogi", 0.01)):
+        trainer = ff.FedRecon(small(rounds=10, server_optimizer=name, server_lr=lr)).fit(train)
+        assert np.isfinite(trainer.evaluate(val)["rmse"]), name
+
+
+def test_paper_preset_is_the_published_recipe():
+    p = ff.preset("paper")
+    c = p.client
+    assert (p.dim, p.rounds, p.clients_per_round, p.max_examples, p.biases) == (50, 500, 100, 300, False)
+    assert (p.server_optimizer, p.server_lr) == ("sgd", 1.0)
+    assert (c.batch_size, c.split, c.recon, c.init, c.init_scale) == (5, "batches", "sgd", "uniform", 0.05)
+    assert (c.recon_epochs, c.recon_steps_max, c.recon_lr) == (5, 50, 0.1)
+    assert (c.update_epochs, c.update_steps_max, c.client_lr) == (1, 50, 0.5)
+    assert (c.recon_l2, c.update_l2, c.joint, c.weighting) == (0.0, 0.0, False, "examples")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="preset"):
+        ff.preset("nope")
+    with pytest.raises(ValueError, match="client_lr"):
+        ff.preset("paper", client_lr=-1.0)
+    with pytest.raises(ValueError, match="dim"):
+        ff.FedReconConfig(dim=0)
+    with pytest.raises(ValueError, match="server_optimizer"):
+        ff.FedReconConfig(server_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="unknown configuration"):
+        ff.preset("paper", colour="red")
+    with pytest.raises(TypeError, match="batch_size"):
+        ff.ClientConfig(batch_size=2.5)
+    cfg = ff.preset("fast", rounds=3)
+    assert ff.FedReconConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_fit_rejects_empty_or_mismatched_data(splits):
+    train, _, _ = splits
+    with pytest.raises(ValueError, match="no clients"):
+        ff.FedRecon(small()).fit(train.subset(np.array([], dtype=np.int64)))
+    other = ff.synthetic_ratings(num_users=50, num_items=20, seed=0)
+    trainer = ff.FedRecon(small(rounds=1)).fit(train)
+    with pytest.raises(ValueError, match="item indexing"):
+        trainer.fit(other, rounds=1)
