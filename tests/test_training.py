@@ -65,10 +65,12 @@ def test_history_metrics_and_eval_schedule(splits):
     assert trainer.train_seconds > 0 and trainer.eval_seconds > 0
 
 
-def test_diverging_clients_are_dropped_and_counted(splits):
+def test_divergence_stops_training_with_a_clear_error(splits):
+    # (Dropping and counting individual non-finite clients is tested on the kernels.)
     train, _, _ = splits
-    trainer = ff.FedRecon(small(rounds=2, client_lr=1e30)).fit(train)
-    assert sum(h["nonfinite"] for h in trainer.history) > 0
+    trainer = ff.FedRecon(small(rounds=2, client_lr=1e30))
+    with pytest.raises(FloatingPointError, match="training diverged in round"):
+        trainer.fit(train)
     assert np.isfinite(trainer.model.item_factors).all()
 
 
@@ -119,6 +121,11 @@ def test_fit_rejects_empty_or_mismatched_data(splits):
     train, _, _ = splits
     with pytest.raises(ValueError, match="no clients"):
         ff.FedRecon(small()).fit(train.subset(np.array([], dtype=np.int64)))
+    import scipy.sparse as sp
+
+    matrix = sp.csr_matrix(([4.0, 5.0], ([0, 2], [1, 1])), shape=(3, train.num_items))
+    with pytest.raises(ValueError, match="without ratings"):
+        ff.FedRecon(small()).fit(ff.ClientData.from_scipy(matrix))
     other = ff.synthetic_ratings(num_users=50, num_items=20, seed=0)
     trainer = ff.FedRecon(small(rounds=1)).fit(train)
     with pytest.raises(ValueError, match="item indexing"):

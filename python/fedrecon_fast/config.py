@@ -136,7 +136,8 @@ class FedReconConfig:
     item_init_scale : float
         ``V`` starts from U(-item_init_scale, item_init_scale).
     max_examples, min_examples : int
-        Per-client caps (most recent ratings kept) and minimum (smaller clients are dropped).
+        Per-client caps (most recent ratings kept) and minimum (smaller clients are dropped;
+        the default 1 drops users without ratings).
     user_split : tuple of float
         Train/validation/test fractions of users.
     eval_every : int
@@ -155,7 +156,7 @@ class FedReconConfig:
     biases: bool = False
     item_init_scale: float = 0.05
     max_examples: int | None = None
-    min_examples: int = 0
+    min_examples: int = 1
     user_split: tuple = (0.8, 0.1, 0.1)
     eval_every: int = 0
     seed: int = 0

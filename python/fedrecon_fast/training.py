@@ -93,6 +93,10 @@ class FedRecon:
         rounds = cfg.rounds if rounds is None else rounds
         if train.num_clients == 0:
             raise ValueError("train has no clients")
+        empty = int((train.sizes == 0).sum())
+        if empty:
+            raise ValueError(f"train has {empty} clients without ratings; drop them first with "
+                             "data.prepare(min_examples=1)")
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
             self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean)
@@ -147,6 +151,10 @@ class FedRecon:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
                                      "lower the learning rates")
         s = res.summary
+        if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
+            raise FloatingPointError(
+                f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
+                "non-finite updates; lower client_lr or recon_lr")
         n = s["num_examples"]
         self.round += 1
         return {
