@@ -95,6 +95,7 @@ def test_paper_preset_is_the_published_recipe():
     assert (p.dim, p.rounds, p.clients_per_round, p.max_examples, p.biases) == (50, 500, 100, 300, False)
     assert (p.server_optimizer, p.server_lr) == ("sgd", 1.0)
     assert (c.batch_size, c.split, c.recon, c.init, c.init_scale) == (5, "batches", "sgd", "uniform", 0.05)
+    assert c.reshuffle  # seeded per (seed, round, client), as tf.data's shuffle each iteration
     assert (c.recon_epochs, c.recon_steps_max, c.recon_lr) == (5, 50, 0.1)
     assert (c.update_epochs, c.update_steps_max, c.client_lr) == (1, 50, 0.5)
     assert (c.recon_l2, c.update_l2, c.joint, c.weighting) == (0.0, 0.0, False, "examples")
