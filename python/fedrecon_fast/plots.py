@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def plot_learning_curve(history: list[dict], path: str | Path, *, title: str = "FedRecon") -> Path:
     """Train RMSE per round and validation RMSE/accuracy where evaluated, as a PNG."""
@@ -13,13 +15,20 @@ def plot_learning_curve(history: list[dict], path: str | Path, *, title: str = "
     import matplotlib.pyplot as plt
 
     rounds = [h["round"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(rounds, [h["train_rmse"] for h in history], label="train (query batches)", lw=1)
+    train_rmse = [h["train_rmse"] for h in history]
     val = [h for h in history if "val_rmse" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(rounds, train_rmse, color="C0", lw=1, label="train (query batches)")
+    ax2.plot(rounds, [100 * h["train_accuracy"] for h in history], color="C0", lw=1, label="train")
     if val:
-        ax1.plot([h["round"] for h in val], [h["val_rmse"] for h in val], "o-", label="validation (ReconEval)")
-        ax2.plot([h["round"] for h in val], [100 * h["val_accuracy"] for h in val], "o-", label="validation")
-    ax2.plot(rounds, [100 * h["train_accuracy"] for h in history], label="train", lw=1)
+        ax1.plot([h["round"] for h in val], [h["val_rmse"] for h in val], "o-", color="C1",
+                 label="validation (ReconEval)")
+        ax2.plot([h["round"] for h in val], [100 * h["val_accuracy"] for h in val], "o-",
+                 color="C1", label="validation")
+    # The untrained model's error dwarfs the rest: zoom on the range after the first rounds.
+    tail = [r for r in train_rmse[len(train_rmse) // 10:] if np.isfinite(r)]
+    if tail:
+        ax1.set_ylim(0.95 * min(tail), 1.5 * float(np.median(tail)))
     ax1.set(xlabel="round", ylabel="RMSE", title=f"{title}: RMSE")
     ax2.set(xlabel="round", ylabel="rating accuracy (%)", title=f"{title}: accuracy")
     for ax in (ax1, ax2):
