@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "fedrecon/centralized.hpp"
 #include "fedrecon/cohort.hpp"
 #include "fedrecon/rng.hpp"
 
@@ -57,6 +58,38 @@ const std::int64_t* client_ids(const Array<std::int64_t>& clients) {
   return clients.data();
 }
 
+// Stored user embeddings of stateful baselines: inputs checked, outputs allocated.
+struct UserArrays {
+  fedrecon::UserState state;
+  std::optional<Array<float>> users_out, user_bias_out;
+};
+
+UserArrays user_arrays(const std::optional<Array<float>>& users, const std::optional<Array<float>>& user_bias,
+                       const fedrecon::ModelView& model, py::ssize_t n) {
+  UserArrays out;
+  if (!users) {
+    if (user_bias) fail("user_bias needs users");
+    return out;
+  }
+  if (users->ndim() != 2 || users->shape(0) != n || users->shape(1) != model.dim)
+    fail("users must have shape (number of clients, dim)");
+  if (model.has_bias() != static_cast<bool>(user_bias))
+    fail("user_bias must be given exactly when item_bias is");
+  if (user_bias && (user_bias->ndim() != 1 || user_bias->shape(0) != n))
+    fail("user_bias must have shape (number of clients,)");
+  out.state.users_in = users->data();
+  out.users_out.emplace(std::vector<py::ssize_t>{n, static_cast<py::ssize_t>(model.dim)});
+  out.state.users_out = out.users_out->mutable_data();
+  if (user_bias) {
+    out.state.user_bias_in = user_bias->data();
+    out.user_bias_out.emplace(n);
+    out.state.user_bias_out = out.user_bias_out->mutable_data();
+  }
+  return out;
+}
+
+py::object or_none(const std::optional<Array<float>>& a) { return a ? py::object(*a) : py::object(py::none()); }
+
 template <class T>
 Array<T> column(const std::vector<fedrecon::ClientStats>& s, T fedrecon::ClientStats::*field) {
   Array<T> out(static_cast<py::ssize_t>(s.size()));
@@ -79,11 +112,14 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       float global_mean, const Array<std::int64_t>& indptr,
                       const Array<std::int32_t>& items, const Array<float>& ratings,
                       const Array<std::int64_t>& clients, const ClientConfig& config,
-                      std::uint64_t seed, std::uint64_t round, int num_threads) {
+                      std::uint64_t seed, std::uint64_t round, int num_threads,
+                      const std::optional<Array<float>>& users,
+                      const std::optional<Array<float>>& user_bias) {
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
   const auto n = clients.shape(0);
+  auto user_state = user_arrays(users, user_bias, model, n);
   Array<float> delta({model.num_items, static_cast<py::ssize_t>(model.dim)});
   std::optional<Array<float>> delta_bias;
   if (model.has_bias()) delta_bias.emplace(model.num_items);
@@ -94,29 +130,33 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
   {
     py::gil_scoped_release release;
     s = fedrecon::train_round(model, data, ids, n, config, seed, round, num_threads, delta_ptr,
-                              delta_bias_ptr, stats.data());
+                              delta_bias_ptr, stats.data(), user_state.state);
   }
   py::dict summary("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
                    "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
                    "num_reporting"_a = s.num_reporting, "num_nonfinite"_a = s.num_nonfinite,
                    "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated);
   py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
-  return py::make_tuple(delta, bias_out, stats_dict(stats), summary);
+  return py::make_tuple(delta, bias_out, stats_dict(stats), summary, or_none(user_state.users_out),
+                        or_none(user_state.user_bias_out));
 }
 
 py::dict client_updates(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
                         float global_mean, const Array<std::int64_t>& indptr,
                         const Array<std::int32_t>& items, const Array<float>& ratings,
                         const Array<std::int64_t>& clients, const ClientConfig& config,
-                        std::uint64_t seed, std::uint64_t round, int num_threads) {
+                        std::uint64_t seed, std::uint64_t round, int num_threads,
+                        const std::optional<Array<float>>& users,
+                        const std::optional<Array<float>>& user_bias) {
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
   const auto n = clients.shape(0);
+  auto user_state = user_arrays(users, user_bias, model, n);
   fedrecon::SparseUpdates u;
   {
     py::gil_scoped_release release;
-    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads);
+    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads, user_state.state);
   }
   const auto nrows = static_cast<py::ssize_t>(u.rows.size());
   Array<float> values({nrows, static_cast<py::ssize_t>(model.dim)});
@@ -125,7 +165,8 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
   if (model.has_bias()) bias = Array<float>(nrows, u.bias_values.data());
   return py::dict("offsets"_a = Array<std::int64_t>(static_cast<py::ssize_t>(u.offsets.size()), u.offsets.data()),
                   "rows"_a = Array<std::int32_t>(nrows, u.rows.data()), "values"_a = values,
-                  "bias_values"_a = bias, "stats"_a = stats_dict(u.stats));
+                  "bias_values"_a = bias, "stats"_a = stats_dict(u.stats),
+                  "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
 }
 
 py::tuple reconstruct_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -174,6 +215,40 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
   return py::dict("sq_err_sum"_a = sq, "num_examples"_a = count, "num_correct"_a = correct);
 }
 
+double mf_sgd_epoch(Array<float>& users, std::optional<Array<float>>& user_bias, Array<float>& items,
+                    std::optional<Array<float>>& item_bias, float global_mean,
+                    const Array<std::int64_t>& user_ids, const Array<std::int32_t>& item_ids,
+                    const Array<float>& ratings, int batch_size, float lr, float l2) {
+  if (users.ndim() != 2 || items.ndim() != 2 || users.shape(1) != items.shape(1))
+    fail("users and items must be 2-D with the same number of columns");
+  if (user_ids.ndim() != 1 || item_ids.ndim() != 1 || ratings.ndim() != 1 ||
+      user_ids.shape(0) != ratings.shape(0) || item_ids.shape(0) != ratings.shape(0))
+    fail("user_ids, item_ids and ratings must be 1-D arrays of the same length");
+  if (static_cast<bool>(user_bias) != static_cast<bool>(item_bias))
+    fail("user_bias and item_bias must be given together");
+  if (user_bias && (user_bias->ndim() != 1 || user_bias->shape(0) != users.shape(0)))
+    fail("user_bias must have shape (num_users,)");
+  if (item_bias && (item_bias->ndim() != 1 || item_bias->shape(0) != items.shape(0)))
+    fail("item_bias must have shape (num_items,)");
+  fedrecon::MfTables t;
+  t.users = users.mutable_data();
+  t.num_users = users.shape(0);
+  t.items = items.mutable_data();
+  t.num_items = items.shape(0);
+  t.dim = static_cast<int>(users.shape(1));
+  t.global_mean = global_mean;
+  if (user_bias) {
+    t.user_bias = user_bias->mutable_data();
+    t.item_bias = item_bias->mutable_data();
+  }
+  fedrecon::MfSgdConfig config;
+  config.batch_size = batch_size;
+  config.lr = lr;
+  config.l2 = l2;
+  py::gil_scoped_release release;
+  return fedrecon::mf_sgd_epoch(t, user_ids.data(), item_ids.data(), ratings.data(), ratings.shape(0), config);
+}
+
 template <class Enum>
 void enum_property(py::class_<ClientConfig>& cls, const char* name, Enum ClientConfig::*field) {
   cls.def_property(
@@ -214,9 +289,16 @@ PYBIND11_MODULE(_core, m) {
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \
       "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(),                    \
       "clients"_a.noconvert(), "config"_a, "seed"_a, "round"_a, "num_threads"_a
-  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS);
-  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS);
+  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, "users"_a.noconvert().none(true) = py::none(),
+        "user_bias"_a.noconvert().none(true) = py::none());
+  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS,
+        "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none());
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);
 #undef FEDRECON_COHORT_ARGS
+
+  m.def("mf_sgd_epoch", &mf_sgd_epoch, "users"_a.noconvert(), "user_bias"_a.noconvert().none(true),
+        "items"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,
+        "user_ids"_a.noconvert(), "item_ids"_a.noconvert(), "ratings"_a.noconvert(), "batch_size"_a,
+        "lr"_a, "l2"_a);
 }

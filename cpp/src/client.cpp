@@ -131,7 +131,7 @@ float ClientWorker::predict_row(const float* v, float item_bias) const {
 }
 
 void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                               std::int64_t client) {
+                               std::int64_t client, const float* init_u, float init_bu) {
   VecMap u(u_.data(), dim_);
   bu_ = 0.0f;
   const bool bias = model_.has_bias();
@@ -172,7 +172,10 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     return;
   }
 
-  if (config.init == InitMode::Uniform) {
+  if (init_u != nullptr) {
+    u = CVecMap(init_u, K);
+    bu_ = init_bu;
+  } else if (config.init == InitMode::Uniform) {
     Rng rng(derive_seed(seed, round, static_cast<std::uint64_t>(client), kStreamInit));
     for (std::int64_t k = 0; k < K; ++k) u[k] = (2.0f * rng.uniform01() - 1.0f) * config.init_scale;
   } else {

@@ -48,7 +48,7 @@ struct ClientResult {
 std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& data,
                                       const std::int64_t* clients, std::int64_t n,
                                       const ClientConfig& config, std::uint64_t seed,
-                                      std::uint64_t round, int num_threads) {
+                                      std::uint64_t round, int num_threads, const UserState& users) {
   validate_config(config);
   check_inputs(model, data, clients, n);
   const int threads = resolve_threads(num_threads, n);
@@ -59,9 +59,17 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     const std::int64_t c = clients[i];
     w.split(data, c, config, seed, round);
-    w.reconstruct(config, seed, round, c);
+    const float* init_u = users.users_in ? users.users_in + i * K : nullptr;
+    const float init_bu = users.user_bias_in ? users.user_bias_in[i] : 0.0f;
+    w.reconstruct(config, seed, round, c, init_u, init_bu);
     ClientResult& out = results[static_cast<std::size_t>(i)];
     out.stats = w.update(config);
+    if (users.users_out != nullptr) {
+      // A diverged client keeps its stored embedding.
+      const bool keep = out.stats.status == kNonFinite && init_u != nullptr;
+      std::copy_n(keep ? init_u : w.user(), K, users.users_out + i * K);
+      if (users.user_bias_out != nullptr) users.user_bias_out[i] = keep ? init_bu : w.user_bias();
+    }
     if (out.stats.weight > 0.0) {
       const std::size_t nrows = w.rows().size();
       out.rows = w.rows();
@@ -77,8 +85,8 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
-                         float* delta_bias_out, ClientStats* stats_out) {
-  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads);
+                         float* delta_bias_out, ClientStats* stats_out, const UserState& users) {
+  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users);
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
 
@@ -147,8 +155,8 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,
                              const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                             int num_threads) {
-  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads);
+                             int num_threads, const UserState& users) {
+  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users);
   SparseUpdates out;
   out.offsets.push_back(0);
   for (auto& r : results) {

@@ -49,12 +49,17 @@ class RoundResult:
     summary : dict
         Totals: ``total_weight``, ``loss_sum``, ``num_examples``, ``num_correct``,
         ``num_reporting``, ``num_nonfinite``, ``rows_sent``, ``rows_aggregated``.
+    users, user_bias : ndarray or None
+        With stored embeddings passed in (``users=``), each client's final ``u`` (and ``b_u``);
+        a client whose update was not finite gets its stored values back.
     """
 
     delta: np.ndarray
     delta_bias: np.ndarray | None
     client_stats: dict
     summary: dict
+    users: np.ndarray | None = None
+    user_bias: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class ClientUpdates:
     values: np.ndarray
     bias_values: np.ndarray | None
     client_stats: dict
+    users: np.ndarray | None = None
+    user_bias: np.ndarray | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -117,9 +124,25 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
             config.to_native(), seed % _UINT64, round % _UINT64, num_threads)
 
 
+def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
+    if users is None:
+        if user_bias is not None:
+            raise ValueError("user_bias needs users")
+        return None, None
+    users = as_float32_matrix(users, "users", cols=dim)
+    if users.shape[0] != num_clients:
+        raise ValueError(f"users must have one row per client ({num_clients}); got {users.shape[0]}")
+    if biased != (user_bias is not None):
+        raise ValueError("user_bias must be given exactly when item_bias is")
+    if user_bias is not None:
+        user_bias = as_float32_vector(user_bias, "user_bias", size=num_clients)
+    return users, user_bias
+
+
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                 item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                num_threads: int = 0, check_finite: bool = True) -> RoundResult:
+                num_threads: int = 0, check_finite: bool = True, users=None,
+                user_bias=None) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
 
     Parameters
@@ -141,6 +164,10 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
         Key the per-client random streams (seed, round, client id).
     num_threads : int
         0 uses all cores.
+    users, user_bias : array_like, shape (m, dim) and (m,), optional
+        Stored embeddings of the sampled clients (stateful baselines such as FedAvg): each
+        client starts from its row instead of a fresh initialisation, and the trained values
+        come back in ``RoundResult.users``. ``user_bias`` goes with ``item_bias``.
 
     Returns
     -------
@@ -148,13 +175,14 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite)
-    delta, delta_bias, stats, summary = _core.train_round(*args)
-    return RoundResult(delta, delta_bias, stats, summary)
+    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
+    return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias))
 
 
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                   num_threads: int = 0, check_finite: bool = True) -> ClientUpdates:
+                   num_threads: int = 0, check_finite: bool = True, users=None,
+                   user_bias=None) -> ClientUpdates:
     """Each client's sparse update (row ids + values) and weight, without aggregating.
 
     Same parameters as :func:`train_round`; a framework that runs one client at a time passes
@@ -162,8 +190,10 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite)
-    out = _core.client_updates(*args)
-    return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"])
+    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
+    out = _core.client_updates(*args, users=users, user_bias=user_bias)
+    return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
+                         out["users"], out["user_bias"])
 
 
 def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,

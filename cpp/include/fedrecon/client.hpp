@@ -23,9 +23,11 @@ class ClientWorker {
   void split(const CsrView& data, std::int64_t client, const ClientConfig& config,
              std::uint64_t seed, std::uint64_t round);
 
-  /// Reconstructs u (and b_u when the model has biases) on the support set, V frozen.
+  /// Reconstructs u (and b_u when the model has biases) on the support set, V frozen. SGD starts
+  /// from `init_u` (dim floats) and `init_bu` when init_u is given (stateful baselines), else
+  /// from config.init.
   void reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                   std::int64_t client);
+                   std::int64_t client, const float* init_u = nullptr, float init_bu = 0.0f);
 
   /// Client update on the query set; afterwards rows()/delta()/bias_delta() hold the sparse
   /// update V_final - V_initial over the touched rows. Non-finite updates get weight 0.

@@ -22,6 +22,16 @@ struct RoundSummary {
   std::int64_t rows_aggregated = 0; // distinct rows of V touched by reporting clients
 };
 
+/// Stored user embeddings for stateful baselines (FedAvg keeps u on the server). All pointers
+/// are optional and index the sampled clients (num_sampled x dim, num_sampled). `users_out`
+/// receives each client's final u (its old u again if its update was not finite).
+struct UserState {
+  const float* users_in = nullptr;
+  const float* user_bias_in = nullptr;
+  float* users_out = nullptr;
+  float* user_bias_out = nullptr;
+};
+
 /// The fused FedRecon round: for each sampled client, reconstruct -> update -> weighted sum of
 /// the sparse deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
 /// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
@@ -30,7 +40,8 @@ struct RoundSummary {
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
-                         float* delta_bias_out, ClientStats* stats_out);
+                         float* delta_bias_out, ClientStats* stats_out,
+                         const UserState& users = UserState());
 
 /// Unfused form for frameworks that run clients one at a time: each client's sparse update.
 /// Client k's rows are rows[offsets[k]:offsets[k+1]], values the matching (rows x dim) block.
@@ -44,7 +55,7 @@ struct SparseUpdates {
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,
                              const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                             int num_threads);
+                             int num_threads, const UserState& users = UserState());
 
 /// Reconstruct u (num_sampled x dim) and, with biases, b_u (num_sampled) from each client's
 /// support set.
