@@ -140,7 +140,8 @@ class FedRecon:
         res = kernels.train_round(
             self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
-            num_threads=cfg.num_threads, check_finite=False)
+            num_threads=cfg.num_threads, check_finite=False, **self._user_state(train, clients))
+        self._store_users(clients, res)
         update = {"item_factors": res.delta}
         if res.delta_bias is not None:
             update["item_bias"] = res.delta_bias
@@ -169,6 +170,13 @@ class FedRecon:
             "rows_sent": s["rows_sent"],
             "round_seconds": seconds,
         }
+
+    def _user_state(self, train, clients) -> dict:
+        """Stored user embeddings to send with the clients (none: FedRecon is stateless)."""
+        return {}
+
+    def _store_users(self, clients, result) -> None:
+        """Keep what the clients return about their users (nothing for FedRecon)."""
 
     def _validate(self, val) -> dict:
         start = time.perf_counter()
