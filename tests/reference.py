@@ -178,14 +178,17 @@ def init_user(dim: int, config, seed: int, round: int, client: int) -> np.ndarra
     return u
 
 
-def reconstruct(model: Model, items, ratings, support, config, seed, round, client):  # noqa: A002
+def reconstruct(model: Model, items, ratings, support, config, seed, round, client,  # noqa: A002
+                init_u=None, init_bu=None):
     """Reconstruct ``(u, b_u)`` on the support batches with V frozen.
 
     Exact: ridge solution ``(XᵀX + ridge I) w = Xᵀ y`` with rows ``x = v_i`` (``[v_i, 1]`` with
     biases, the last weight being ``b_u``) and targets ``y = r - global_mean (- b_i)``; the Gram
     matrix and ``Xᵀy`` in float32, the solve in float64. No support data gives ``w = 0``.
 
-    SGD: u from :func:`init_user`, ``b_u = 0``; each step on batch ``s % nbatches`` of m
+    SGD: u from :func:`init_user`, ``b_u = 0`` (or, for stateful baselines, from the stored
+    ``init_u`` and ``init_bu`` when ``init_u`` is given; exact reconstruction ignores them);
+    each step on batch ``s % nbatches`` of m
     ratings: ``err = prediction - r``, ``u -= lr * (2/m Σ err v + 2 l2 u)`` and, with biases,
     ``b_u -= lr * 2/m Σ err``.
     """
@@ -209,8 +212,12 @@ def reconstruct(model: Model, items, ratings, support, config, seed, round, clie
         bu = F32(w[K]) if model.has_bias else F32(0.0)
         return u, bu
 
-    u = init_user(K, config, seed, round, client)
-    bu = F32(0.0)
+    if init_u is not None:
+        u = np.array(init_u, dtype=F32)  # a copy
+        bu = F32(0.0 if init_bu is None else init_bu)
+    else:
+        u = init_user(K, config, seed, round, client)
+        bu = F32(0.0)
     lr, l2 = F32(config.recon_lr), F32(config.recon_l2)
     steps = schedule_steps(len(support), config.recon_epochs, config.recon_steps_max)
     for s in range(steps):
@@ -233,12 +240,15 @@ def reconstruct(model: Model, items, ratings, support, config, seed, round, clie
 @dataclass
 class ClientResult:
     """One client's update: touched rows (global ids, in order of first use), ``W - W0`` for
-    them (float32), the item-bias update (or None), and the per-client stats."""
+    them (float32), the item-bias update (or None), the per-client stats, and the client's
+    final ``u`` and ``b_u`` (after the update; trained only with ``joint``)."""
 
     rows: np.ndarray
     delta: np.ndarray
     bias_delta: np.ndarray | None
     stats: dict = field(default_factory=dict)
+    user: np.ndarray | None = None
+    user_bias: np.float32 | None = None
 
 
 def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientResult:
@@ -256,7 +266,7 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
     4. with ``joint``: ``u -= lr * (2/m Σ err w + 2 l2 u)``, ``b_u -= lr * 2/m Σ err`` (the
        gradient from the pre-step rows).
 
-    The update is ``W - W0``. A non-finite update or loss gives status 1, weight 0 and no rows;
+    The update is ``W - W0``; the final ``(u, b_u)`` is kept in the result. A non-finite update or loss gives status 1, weight 0 and no rows;
     no query data or no steps gives status 2, weight 0; otherwise the weight is the query-set
     size (``examples``) or 1 (``uniform``).
     """
@@ -326,7 +336,7 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
         stats.update(status=STATUS_NO_QUERY)
     else:
         stats.update(weight=float(num_query) if config.weighting == "examples" else 1.0)
-    return ClientResult(rows, delta, bias_delta, stats)
+    return ClientResult(rows, delta, bias_delta, stats, u.astype(F32), F32(bu))
 
 
 def evaluate_client(model: Model, items, ratings, query, u, bu) -> dict:
@@ -366,12 +376,17 @@ def _client_data(data, c):
     return data.items[lo:hi], data.ratings[lo:hi].astype(F32)
 
 
-def _run_client(model, data, c, config, seed, round):  # noqa: A002
-    """Split, reconstruct and update one client."""
+def _run_client(model, data, c, config, seed, round, init_u=None, init_bu=None):  # noqa: A002
+    """Split, reconstruct (from the stored ``init_u``/``init_bu`` when given) and update one
+    client. With a stored ``init_u``, a client whose update is not finite gets its stored
+    values back as its final ``u``/``b_u``."""
     items, ratings = _client_data(data, c)
     support, query = split_client(len(items), c, config, seed, round)
-    u, bu = reconstruct(model, items, ratings, support, config, seed, round, c)
+    u, bu = reconstruct(model, items, ratings, support, config, seed, round, c, init_u, init_bu)
     result = client_update(model, items, ratings, query, u, bu, config)
+    if init_u is not None and result.stats["status"] == STATUS_NONFINITE:
+        result.user = np.array(init_u, dtype=F32)
+        result.user_bias = F32(0.0 if init_bu is None else init_bu)
     if config.recon == "exact":
         recon_examples = sum(len(b) for b in support)
     else:
@@ -388,19 +403,45 @@ def _stats_columns(per_client: list[dict]) -> dict:
     return {k: np.array([s[k] for s in per_client], dtype=t) for k, t in dtypes.items()}
 
 
+def _run_cohort(model, data, clients, config, seed, round, users, user_bias):  # noqa: A002
+    """:func:`_run_client` for each sampled client; row ``i`` of ``users`` (and entry ``i`` of
+    ``user_bias``) is the stored state of the i-th sampled client, not of client id ``i``."""
+    if users is None:
+        if user_bias is not None:
+            raise ValueError("user_bias needs users")
+        return [_run_client(model, data, c, config, seed, round) for c in clients]
+    users = np.asarray(users, dtype=F32)
+    assert users.shape == (len(clients), model.item_factors.shape[1]), users.shape
+    if user_bias is not None:
+        user_bias = np.asarray(user_bias, dtype=F32)
+    return [_run_client(model, data, c, config, seed, round, users[i],
+                        None if user_bias is None else user_bias[i])
+            for i, c in enumerate(clients)]
+
+
+def final_users(results: list[ClientResult], dim: int, has_bias: bool):
+    """The clients' final ``(users (m, dim), user_bias (m,) or None)``, float32."""
+    users = np.array([r.user for r in results], dtype=F32).reshape(len(results), dim)
+    user_bias = np.array([r.user_bias for r in results], dtype=F32) if has_bias else None
+    return users, user_bias
+
+
 def client_updates(item_factors, data, clients=None, config=None, *, item_bias=None,
-                   global_mean=0.0, seed=0, round=0):  # noqa: A002
+                   global_mean=0.0, seed=0, round=0, users=None, user_bias=None):  # noqa: A002
     """Per-client sparse updates: list of :class:`ClientResult` in the order of ``clients``.
 
     A client that does not report (weight 0) contributes no rows, as in the native output.
+    With stored ``users`` (and ``user_bias``; one row per sampled client) reconstruction
+    starts from them; each result's ``user``/``user_bias`` is the client's final state (see
+    :func:`final_users`).
     """
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
     out = []
-    for c in clients:
-        r = _run_client(model, data, c, config, seed, round)
+    for r in _run_cohort(model, data, clients, config, seed, round, users, user_bias):
         if r.stats["weight"] <= 0:
             r = ClientResult(r.rows[:0], r.delta[:0],
-                             None if r.bias_delta is None else r.bias_delta[:0], r.stats)
+                             None if r.bias_delta is None else r.bias_delta[:0], r.stats,
+                             r.user, r.user_bias)
         out.append(r)
     return out
 
@@ -425,15 +466,18 @@ def aggregate(results: list[ClientResult], num_items: int, dim: int, has_bias: b
 
 
 def train_round(item_factors, data, clients=None, config=None, *, item_bias=None,
-                global_mean=0.0, seed=0, round=0):  # noqa: A002
-    """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel.
+                global_mean=0.0, seed=0, round=0, users=None, user_bias=None):  # noqa: A002
+    """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel;
+    with stored ``users`` given (stateful baselines), ``(delta, delta_bias, client_stats,
+    summary, users, user_bias)`` with the clients' final embeddings (``user_bias`` None
+    without biases), like ``fedrecon_fast._core.train_round``.
 
     ``summary`` sums loss, examples and correct counts over the clients whose update is finite
     (reporting or not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
     reporting clients) and ``rows_aggregated`` (distinct rows touched by reporting clients).
     """
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
-    results = [_run_client(model, data, c, config, seed, round) for c in clients]
+    results = _run_cohort(model, data, clients, config, seed, round, users, user_bias)
     num_items, dim = model.item_factors.shape
     delta, delta_bias = aggregate(results, num_items, dim, model.has_bias)
     reporting = [r for r in results if r.stats["weight"] > 0]
@@ -451,7 +495,10 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
         rows_sent=sum(len(r.rows) for r in reporting),
         rows_aggregated=len(touched),
     )
-    return delta, delta_bias, _stats_columns([r.stats for r in results]), summary
+    out = (delta, delta_bias, _stats_columns([r.stats for r in results]), summary)
+    if users is None:
+        return out
+    return out + final_users(results, dim, model.has_bias)
 
 
 def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bias=None,
@@ -484,3 +531,67 @@ def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=N
         num_examples=np.array([s["num_examples"] for s in per_client], dtype=np.int64),
         num_correct=np.array([s["num_correct"] for s in per_client], dtype=np.int64),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Centralized matrix factorization (cpp/src/centralized.cpp)
+# --------------------------------------------------------------------------------------------
+
+
+def mf_sgd_epoch_reference(users, user_bias, items, item_bias, global_mean, user_ids, item_ids,
+                           ratings, batch_size, lr, l2) -> float:
+    """One epoch of minibatch SGD on ``users``/``items`` (float32, updated in place), like
+    ``fedrecon_fast._core.mf_sgd_epoch``; returns the float64 sum of squared errors.
+
+    The ratings are cut into consecutive batches of ``batch_size`` in the given order. For a
+    batch of m ratings (loss = mean squared error + ``l2 (|u|² + |v|²)`` over its distinct rows):
+
+    1. every error ``err = u·v + global_mean (+ b_u + b_i) - r`` is taken at the pre-step
+       values, and the pre-step rows u0, v0 of each rating are kept;
+    2. with ``l2 > 0`` each distinct user row and item row of the batch is scaled once by
+       ``1 - lr * 2 * l2`` (its L2 gradient at the pre-step value; biases are not decayed);
+    3. each rating j, in order: ``g = lr * 2/m * err_j``; ``u[a] -= g v0_j``, ``v[b] -= g u0_j``
+       and, with biases, ``b_u[a] -= g``, ``b_i[b] -= g`` — so the gradients of repeated rows
+       in a batch add up, all computed from the pre-step copies.
+
+    Arithmetic in float32 in the native order, the SSE in float64. ``user_bias`` and
+    ``item_bias`` are both given or both None.
+    """
+    assert (user_bias is None) == (item_bias is None)
+    assert users.dtype == F32 and items.dtype == F32
+    bias = user_bias is not None
+    gm, lr, l2 = F32(global_mean), F32(lr), F32(l2)
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    ratings = np.asarray(ratings, dtype=F32)
+    n = len(ratings)
+    sse = 0.0
+    for lo in range(0, n, batch_size):
+        a_ids = [int(a) for a in user_ids[lo:lo + batch_size]]
+        b_ids = [int(b) for b in item_ids[lo:lo + batch_size]]
+        m = len(a_ids)
+        u0 = [users[a].copy() for a in a_ids]
+        v0 = [items[b].copy() for b in b_ids]
+        errs = []
+        for j, (a, b) in enumerate(zip(a_ids, b_ids)):
+            p = F32(np.dot(u0[j], v0[j])) + gm
+            if bias:
+                p = p + (user_bias[a] + item_bias[b])
+            err = F32(p - ratings[lo + j])
+            errs.append(err)
+            sse += float(err) * float(err)
+        if l2 > 0:
+            decay = F32(1.0) - lr * F32(2.0) * l2
+            for a in dict.fromkeys(a_ids):
+                users[a] *= decay
+            for b in dict.fromkeys(b_ids):
+                items[b] *= decay
+        scale = lr * F32(2.0) / F32(m)
+        for j, (a, b) in enumerate(zip(a_ids, b_ids)):
+            g = scale * errs[j]
+            users[a] -= g * v0[j]
+            items[b] -= g * u0[j]
+            if bias:
+                user_bias[a] -= g
+                item_bias[b] -= g
+    return sse
