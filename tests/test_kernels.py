@@ -66,14 +66,15 @@ SHAPES = [
 ]
 
 
-def make_problem(case: str, num_items: int, dim: int, batch_size: int, seed: int = 0):
-    """Random data, V, item biases and config for a case; all seeded from the arguments.
+def make_problem(case: str, num_items: int, dim: int, batch_size: int, seed: int = 0, cases=CASES):
+    """Random data, V, item biases and config for a case of ``cases``; all seeded from the
+    arguments.
 
     Ratings are ``global_mean + U(-1, 1)`` and rows of V have norms in [0.5, 1.5], so the
     reconstructed ``|u|`` stays below ~2 and the learning rates of CASES are stable.
     """
-    overrides, biases, global_mean = CASES[case]
-    rng = np.random.default_rng([seed % 2**32, num_items, dim, batch_size, sorted(CASES).index(case)])
+    overrides, biases, global_mean = cases[case]
+    rng = np.random.default_rng([seed % 2**32, num_items, dim, batch_size, sorted(cases).index(case)])
     data = random_client_data(rng, num_items, rating_range=(global_mean - 1.0, global_mean + 1.0))
     V = rng.normal(size=(num_items, dim))
     V *= rng.uniform(0.5, 1.5, size=(num_items, 1)) / np.linalg.norm(V, axis=1, keepdims=True)
@@ -388,3 +389,237 @@ def test_one_step_by_hand():
     assert_allclose(users, [[1.0]], rtol=1e-6)
     ev = evaluate_users(V, data, None, config)
     assert ev["sq_err_sum"][0] == pytest.approx(6.25) and ev["num_examples"][0] == 1
+
+
+# ------------------------------------------------------------------------------- stored users
+
+# Stateful baselines pass each sampled client's stored u (and b_u) in and get the final values
+# back. Same layout as CASES. FedAvg: no reconstruction, u trained jointly with V on all ratings.
+STATEFUL_CASES = {
+    "fedavg": ({"recon_epochs": 0, "split": "reuse", "joint": True}, False, 0.0),
+    "fedavg-bias": ({"recon_epochs": 0, "split": "reuse", "joint": True, "client_lr": 0.2}, True, 3.0),
+    "fedavg-l2-bias-epochs": ({"recon_epochs": 0, "split": "reuse", "joint": True, "reshuffle": True,
+                               "update_l2": 0.05, "update_epochs": 2}, True, 3.0),
+    "fedavg-capped": ({"recon_epochs": 0, "split": "reuse", "joint": True, "update_epochs": 3,
+                       "update_steps_max": 4}, False, 2.0),
+    # FedRecon from the stored u: SGD reconstruction starts at the stored row.
+    "fedrecon-stored": ({}, False, 0.0),
+    "fedrecon-stored-bias": ({"recon_epochs": 2, "recon_lr": 0.2}, True, 3.0),
+    "fedrecon-stored-joint-random": ({"split": "random", "joint": True, "recon_l2": 0.02,
+                                      "update_l2": 0.02}, True, 3.0),
+    # Exact reconstruction ignores the stored u.
+    "exact-stored-joint": ({"recon": "exact", "ridge": 0.5, "joint": True}, True, 3.0),
+}
+
+
+def make_stateful_problem(case: str, num_items: int, dim: int, batch_size: int, seed: int = 0):
+    """:func:`make_problem` for STATEFUL_CASES, plus stored ``users`` (one row per sampled
+    position; the client that is sampled twice gets two different rows) and ``user_bias``."""
+    V, data, clients, config, kwargs = make_problem(case, num_items, dim, batch_size, seed,
+                                                    cases=STATEFUL_CASES)
+    rng = np.random.default_rng([seed, dim, 99])
+    kwargs["users"] = rng.normal(0.0, 0.3, size=(len(clients), dim)).astype(np.float32)
+    if kwargs["item_bias"] is not None:
+        kwargs["user_bias"] = rng.normal(0.0, 0.2, size=len(clients)).astype(np.float32)
+    return V, data, clients, config, kwargs
+
+
+def assert_users_match(users, user_bias, expected_users, expected_bias, dim):
+    assert users.dtype == np.float32 and users.shape == (len(expected_users), dim)
+    assert_allclose(users, expected_users, rtol=RTOL, atol=ATOL)
+    if expected_bias is None:
+        assert user_bias is None
+    else:
+        assert user_bias.dtype == np.float32 and user_bias.shape == expected_bias.shape
+        assert_allclose(user_bias, expected_bias, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(("num_items", "dim", "batch_size", "num_threads"), SHAPES)
+@pytest.mark.parametrize("case", list(STATEFUL_CASES))
+def test_stateful_train_round_matches_reference(case, num_items, dim, batch_size, num_threads):
+    V, data, clients, config, kwargs = make_stateful_problem(case, num_items, dim, batch_size, seed=21)
+    stored_users = kwargs["users"].copy()
+
+    out = train_round(V, data, clients, config, num_threads=num_threads, **kwargs)
+    delta, delta_bias, stats, summary, users, user_bias = ref.train_round(V, data, clients, config, **kwargs)
+
+    assert_users_match(out.users, out.user_bias, users, user_bias, dim)
+    assert_allclose(out.delta, delta, rtol=RTOL, atol=ATOL)
+    if delta_bias is not None:
+        assert_allclose(out.delta_bias, delta_bias, rtol=RTOL, atol=ATOL)
+    assert_stats_match(out.client_stats, stats)
+    for name, value in summary.items():
+        assert out.summary[name] == pytest.approx(value, rel=LOSS_RTOL, abs=LOSS_ATOL), name
+    assert_array_equal(kwargs["users"], stored_users)  # the input is not modified
+    # The returned rows are really trained: every reporting client's u moved (joint) or was
+    # reconstructed (SGD recon); with recon_epochs=0 a client without steps keeps its row.
+    # (With batch 64 and split "batches" no client has query data, so none reports.)
+    reporting = out.client_stats["weight"] > 0
+    assert reporting.any() or (config.split == "batches" and batch_size == 64)
+    if config.joint or config.recon_epochs > 0:
+        assert np.all(np.any(out.users[reporting] != stored_users[reporting], axis=1))
+    if config.recon == "sgd" and config.recon_epochs == 0:
+        idle = out.client_stats["status"] == ref.STATUS_NO_QUERY
+        assert_array_equal(out.users[idle], stored_users[idle])
+        if out.user_bias is not None:
+            assert_array_equal(out.user_bias[idle], kwargs["user_bias"][idle])
+
+
+@pytest.mark.parametrize(("num_items", "dim", "batch_size", "num_threads"), SHAPES)
+@pytest.mark.parametrize("case", list(STATEFUL_CASES))
+def test_stateful_client_updates_match_reference(case, num_items, dim, batch_size, num_threads):
+    V, data, clients, config, kwargs = make_stateful_problem(case, num_items, dim, batch_size, seed=22)
+
+    out = client_updates(V, data, clients, config, num_threads=num_threads, **kwargs)
+    expected = ref.client_updates(V, data, clients, config, **kwargs)
+    users, user_bias = ref.final_users(expected, dim, kwargs["item_bias"] is not None)
+
+    assert_users_match(out.users, out.user_bias, users, user_bias, dim)
+    assert_array_equal(out.offsets, np.concatenate([[0], np.cumsum([len(r.rows) for r in expected])]))
+    for k, r in enumerate(expected):
+        rows, values, bias_values = out.client(k)
+        assert_array_equal(rows, r.rows)
+        assert_allclose(values, r.delta, rtol=RTOL, atol=ATOL)
+        if r.bias_delta is not None:
+            assert_allclose(bias_values, r.bias_delta, rtol=RTOL, atol=ATOL)
+    assert_stats_match(out.client_stats, ref._stats_columns([r.stats for r in expected]))
+
+
+@pytest.mark.parametrize("case", ["fedavg", "fedrecon-stored-bias", "fedavg-l2-bias-epochs"])
+def test_stored_users_are_read_by_position(case):
+    # The cohort samples one client twice (first and last position) with two different stored
+    # rows: each position starts from its own row, so the two final rows differ.
+    V, data, clients, config, kwargs = make_stateful_problem(case, 30, 4, 3, seed=23)
+    assert clients[0] == clients[-1] and data.indptr[clients[0] + 1] > data.indptr[clients[0]]
+    out = train_round(V, data, clients, config, num_threads=2, **kwargs)
+    assert not np.array_equal(out.users[0], out.users[-1])
+    # Swapping the two stored rows swaps the two results.
+    swapped = kwargs["users"].copy()
+    swapped[[0, -1]] = swapped[[-1, 0]]
+    kw = dict(kwargs, users=swapped)
+    if kwargs.get("user_bias") is not None:
+        kw["user_bias"] = kwargs["user_bias"].copy()
+        kw["user_bias"][[0, -1]] = kw["user_bias"][[-1, 0]]
+    out2 = train_round(V, data, clients, config, num_threads=3, **kw)
+    assert_array_equal(out2.users[[0, -1]], out.users[[-1, 0]])
+    assert_array_equal(out2.users[1:-1], out.users[1:-1])
+
+
+@pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize(
+    "config",
+    [ClientConfig(recon_epochs=0, split="reuse", joint=True, batch_size=4),
+     ClientConfig(recon_epochs=0, split="reuse", joint=True, update_l2=0.01, reshuffle=True, update_epochs=2),
+     ClientConfig(split="random", recon_epochs=2)],
+    ids=["fedavg", "fedavg-l2-reshuffle", "fedrecon-stored"],
+)
+def test_stateful_bit_identical_for_any_thread_count(config, biases):
+    V, data, clients, item_bias = _big_problem()
+    rng = np.random.default_rng(5)
+    users = rng.normal(0.0, 0.1, size=(len(clients), V.shape[1])).astype(np.float32)
+    kw = dict(item_bias=item_bias if biases else None, global_mean=3.0, seed=5, round=2, users=users,
+              user_bias=rng.normal(0.0, 0.1, size=len(clients)).astype(np.float32) if biases else None)
+    rounds = [train_round(V, data, clients, config, num_threads=t, **kw) for t in (1, 2, 4)]
+    updates = [client_updates(V, data, clients, config, num_threads=t, **kw) for t in (1, 2, 4)]
+
+    assert rounds[0].users.shape == users.shape and not np.array_equal(rounds[0].users, users)
+    assert (rounds[0].user_bias is not None) == biases
+    for r in rounds[1:] + updates:
+        assert np.array_equal(r.users, rounds[0].users)
+        assert np.array_equal(r.user_bias, rounds[0].user_bias)
+    for r in rounds[1:]:
+        assert np.array_equal(r.delta, rounds[0].delta)
+        assert r.summary == rounds[0].summary
+
+
+def test_no_stored_users_gives_none():
+    V, data, clients, config, kwargs = make_problem("sgd-bias", 7, 3, 2)
+    out = train_round(V, data, clients, config, **kwargs)
+    updates = client_updates(V, data, clients, config, **kwargs)
+    assert out.users is None and out.user_bias is None
+    assert updates.users is None and updates.user_bias is None
+    # ... and the result is the one of the reference without stored users (a 4-tuple).
+    delta, *_ = ref.train_round(V, data, clients, config, **kwargs)
+    assert_allclose(out.delta, delta, rtol=RTOL, atol=ATOL)
+
+
+def test_stored_users_are_the_starting_point_of_sgd_reconstruction():
+    V, data, clients, config, kwargs = make_problem("default", 30, 4, 3, seed=1)
+    users = np.random.default_rng(2).normal(0.0, 1.0, size=(len(clients), 4)).astype(np.float32)
+    fresh = train_round(V, data, clients, config, **kwargs)
+    stored = train_round(V, data, clients, config, users=users, **kwargs)
+    assert not np.allclose(stored.delta, fresh.delta, rtol=1e-3, atol=1e-4)
+    # Without reconstruction steps or joint training, the stored rows pass through unchanged.
+    still = ClientConfig(batch_size=3, recon_epochs=0)
+    out = train_round(V, data, clients, still, users=users, **kwargs)
+    assert_array_equal(out.users, users)
+    assert out.users is not users  # a new array
+    # FedAvg: a client without ratings (no steps at all) keeps its stored row exactly, the
+    # others train theirs jointly with V.
+    fedavg = ClientConfig(batch_size=3, recon_epochs=0, split="reuse", joint=True)
+    everyone = np.arange(data.num_clients)
+    stored = np.random.default_rng(3).normal(0.0, 0.3, size=(data.num_clients, 4)).astype(np.float32)
+    out = train_round(V, data, everyone, fedavg, users=stored, **kwargs)
+    empty = np.diff(data.indptr) == 0
+    assert empty.sum() == 2 and np.all(out.client_stats["status"][empty] == ref.STATUS_NO_QUERY)
+    assert_array_equal(out.users[empty], stored[empty])
+    assert np.all(np.any(out.users[~empty] != stored[~empty], axis=1))
+    # And a zero stored u with zero-init and no steps equals the users=None round exactly.
+    zeros = ClientConfig(batch_size=3, recon_epochs=0, init="zeros")
+    a = train_round(V, data, clients, zeros, **kwargs)
+    b = train_round(V, data, clients, zeros, users=np.zeros_like(users), **kwargs)
+    assert_array_equal(a.delta, b.delta)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_exact_reconstruction_ignores_stored_users(joint):
+    V, data, clients, config, kwargs = make_problem("exact-bias", 30, 4, 3, seed=2)
+    config = ClientConfig(batch_size=3, recon="exact", ridge=2.0, joint=joint)
+    rng = np.random.default_rng(3)
+    users = rng.normal(0.0, 1.0, size=(len(clients), 4)).astype(np.float32)
+    user_bias = rng.normal(0.0, 1.0, size=len(clients)).astype(np.float32)
+
+    plain = train_round(V, data, clients, config, **kwargs)
+    out = train_round(V, data, clients, config, users=users, user_bias=user_bias, **kwargs)
+
+    assert_array_equal(out.delta, plain.delta)
+    assert_array_equal(out.delta_bias, plain.delta_bias)
+    if not joint:
+        # The final u is the exact reconstruction itself.
+        recon_u, recon_bu = reconstruct_users(V, data, clients, config, **kwargs)
+        assert_array_equal(out.users, recon_u)
+        assert_array_equal(out.user_bias, recon_bu)
+    else:
+        assert not np.allclose(out.users, users)
+
+
+@pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "bias"])
+def test_diverging_client_returns_its_stored_user(biases):
+    # The setting of test_nonfinite_client_gets_weight_zero, trained jointly: client 0 overflows
+    # (status 1), client 1 takes one huge but finite step, client 2 has no query data.
+    data = csr([0, 4, 6, 7], [0, 1, 0, 1, 2, 3, 4], [3.0, 4.0, 2.0, 5.0, 1.0, 3.0, 2.0], 6)
+    rng = np.random.default_rng(1)
+    V = rng.normal(0.0, 0.5, size=(6, 4)).astype(np.float32)
+    users = rng.normal(0.0, 0.5, size=(3, 4)).astype(np.float32)
+    kw = dict(seed=1, users=users)
+    if biases:
+        kw.update(item_bias=rng.normal(0.0, 0.1, size=6).astype(np.float32), global_mean=3.0,
+                  user_bias=np.array([0.25, -0.5, 0.125], dtype=np.float32))
+    config = ClientConfig(batch_size=1, client_lr=1e30, joint=True)
+
+    out = train_round(V, data, None, config, num_threads=2, **kw)
+    updates = client_updates(V, data, None, config, num_threads=2, **kw)
+    *_, ref_users, ref_bias = ref.train_round(V, data, None, config, **kw)
+
+    assert_array_equal(out.client_stats["status"], [1, 0, 2])
+    for res in (out, updates):
+        assert_array_equal(res.users[0], users[0])  # bit-exact: the stored row, untouched
+        assert np.isfinite(res.users).all()
+        assert np.abs(res.users[1]).max() > 1e20  # client 1's u took the huge step
+        assert not np.array_equal(res.users[2], users[2])  # client 2 reconstructed
+        if biases:
+            assert res.user_bias[0] == kw["user_bias"][0]
+            assert np.isfinite(res.user_bias).all()
+        else:
+            assert res.user_bias is None
+    assert_users_match(out.users, out.user_bias, ref_users, ref_bias, 4)

@@ -306,3 +306,126 @@ def test_core_rejects_indptr_outside_the_ratings(case):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ValueError:") and "indptr" in proc.stdout
+
+
+# ------------------------------------------------------------------------------- stored users
+
+STATEFUL_KERNELS = [train_round, client_updates]
+parametrize_stateful = pytest.mark.parametrize("kernel", STATEFUL_KERNELS, ids=[k.__name__ for k in STATEFUL_KERNELS])
+COHORT = [0, 2, 3]
+
+
+@parametrize_stateful
+@pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "bias"])
+def test_valid_stateful_call_runs(kernel, data, V, biases):
+    # The baseline of the tests below: users may be any real array-like (converted once).
+    kw = dict(item_bias=np.zeros(NUM_ITEMS), user_bias=[0.0, 1, 2]) if biases else {}
+    out = kernel(V, data, COHORT, ClientConfig(), users=np.ones((3, DIM), dtype=np.float64), **kw)
+    assert out.users.shape == (3, DIM) and out.users.dtype == np.float32
+    assert (out.user_bias is not None) == biases
+
+
+@parametrize_stateful
+@pytest.mark.parametrize(
+    "shape", [(2, DIM), (4, DIM), (3, DIM + 1), (3, DIM - 1), (3,), (3 * DIM,), (3, DIM, 1), ()],
+    ids=["fewer-rows", "more-rows", "wide", "narrow", "1d", "flat", "3d", "0d"],
+)
+def test_users_shape(kernel, data, V, shape):
+    with pytest.raises(ValueError, match="users"):
+        kernel(V, data, COHORT, users=np.zeros(shape, dtype=np.float32))
+
+
+@parametrize_stateful
+def test_users_rows_follow_the_default_cohort(kernel, data, V):
+    # clients=None samples every client: users needs one row per client of data.
+    assert kernel(V, data, users=np.zeros((data.num_clients, DIM))).users.shape == (data.num_clients, DIM)
+    with pytest.raises(ValueError, match="users"):
+        kernel(V, data, users=np.zeros((3, DIM)))
+
+
+@parametrize_stateful
+@pytest.mark.parametrize(
+    "bad",
+    [np.ones((3, DIM), dtype=np.complex64), np.full((3, DIM), None, dtype=object),
+     np.full((3, DIM), "a"), np.ones((3, DIM), dtype=bool)],
+    ids=["complex", "object", "str", "bool"],
+)
+def test_users_dtype(kernel, data, V, bad):
+    with pytest.raises(TypeError, match="users"):
+        kernel(V, data, COHORT, users=bad)
+
+
+@parametrize_stateful
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_users_not_finite(kernel, data, V, value):
+    users = np.zeros((3, DIM), dtype=np.float32)
+    users[1, 2] = value
+    with pytest.raises(ValueError, match="users"):
+        kernel(V, data, COHORT, users=users)
+
+
+@parametrize_stateful
+@pytest.mark.parametrize(
+    "kw",
+    [dict(users=np.zeros((3, DIM)), user_bias=np.zeros(3)),  # user_bias without item_bias
+     dict(users=np.zeros((3, DIM)), item_bias=np.zeros(NUM_ITEMS)),  # item_bias without user_bias
+     dict(user_bias=np.zeros(3)),  # user_bias without users
+     dict(user_bias=np.zeros(3), item_bias=np.zeros(NUM_ITEMS))],
+    ids=["no-item-bias", "no-user-bias", "no-users", "no-users-with-item-bias"],
+)
+def test_user_bias_goes_with_item_bias_and_users(kernel, data, V, kw):
+    with pytest.raises(ValueError, match="user_bias"):
+        kernel(V, data, COHORT, **kw)
+
+
+@parametrize_stateful
+@pytest.mark.parametrize(
+    ("bias", "error"),
+    [(np.zeros(2), ValueError), (np.zeros(4), ValueError), (np.zeros((3, 1)), ValueError),
+     (np.array([0.0, np.nan, 0.0]), ValueError), (np.zeros(3, dtype=complex), TypeError)],
+    ids=["short", "long", "2d", "nan", "complex"],
+)
+def test_user_bias_values(kernel, data, V, bias, error):
+    with pytest.raises(error, match="user_bias"):
+        kernel(V, data, COHORT, item_bias=np.zeros(NUM_ITEMS), users=np.zeros((3, DIM)), user_bias=bias)
+
+
+CORE_STATEFUL = [_core.train_round, _core.client_updates]
+
+
+@pytest.mark.parametrize("fn", CORE_STATEFUL, ids=["train_round", "client_updates"])
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"users": np.zeros((3, 2), dtype=np.float32)}, ValueError, "users"),
+        ({"users": np.zeros((2, 3), dtype=np.float32)}, ValueError, "users"),
+        ({"users": np.zeros(4, dtype=np.float32)}, ValueError, "users"),
+        ({"users": np.zeros((2, 2), dtype=np.float32), "user_bias": np.zeros(2, dtype=np.float32)},
+         ValueError, "user_bias"),
+        ({"user_bias": np.zeros(2, dtype=np.float32)}, ValueError, "user_bias"),
+        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32)},
+         ValueError, "user_bias"),
+        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32),
+          "user_bias": np.zeros(3, dtype=np.float32)}, ValueError, "user_bias"),
+        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32),
+          "user_bias": np.zeros((2, 1), dtype=np.float32)}, ValueError, "user_bias"),
+        ({"users": np.zeros((2, 2))}, TypeError, "incompatible function arguments"),
+        ({"users": np.zeros((2, 4), dtype=np.float32)[:, ::2]}, TypeError, "incompatible function arguments"),
+    ],
+    ids=["rows", "cols", "1d", "bias-without-item-bias", "bias-without-users", "missing-bias",
+         "bias-length", "bias-2d", "float64", "strided"],
+)
+def test_core_rejects_bad_user_state(fn, changes, error, match):
+    with pytest.raises(error, match=match):
+        fn(**core_args(**changes))
+
+
+@pytest.mark.parametrize("fn", CORE_STATEFUL, ids=["train_round", "client_updates"])
+def test_core_user_state_round_trip(fn):
+    users = np.arange(4, dtype=np.float32).reshape(2, 2)
+    out = fn(**core_args(users=users, config=_native_config(batch_size=1, recon_epochs=0)))
+    final = out[4] if isinstance(out, tuple) else out["users"]
+    assert final.shape == (2, 2) and final.dtype == np.float32
+    # No reconstruction steps, no joint training: the stored rows come back, in a new array.
+    assert np.array_equal(final, users) and final is not users
+    assert np.array_equal(users, np.arange(4, dtype=np.float32).reshape(2, 2))  # input not written

@@ -253,8 +253,11 @@ class CentralizedMF:
 
 def fedavg_config(**overrides) -> FedReconConfig:
     """Stateful FedAvg in the paper recipe's setting: no reconstruction; each client trains its
-    stored u jointly with V on all of its ratings (one epoch, batch 5, lr 0.5, ≤ 50 steps)."""
-    base = preset("paper").replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True)
+    stored u jointly with V on all of its ratings (one epoch, batch 5, ≤ 50 steps). ReconEval of
+    its V uses the paper's reconstruction schedule."""
+    paper = preset("paper")
+    base = paper.replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True,
+                         eval_client=paper.client)
     return base.replace(**overrides) if overrides else base
 
 

@@ -125,7 +125,10 @@ class FedReconConfig:
     dim : int
         Embedding dimension K.
     client : ClientConfig
-        Client behaviour in training and in ReconEval.
+        Client behaviour in training (and in ReconEval unless ``eval_client`` is given).
+    eval_client : ClientConfig, optional
+        Split and reconstruction schedule of ReconEval, when it differs from training (e.g.
+        FedAvg trains without reconstruction but is evaluated with it).
     rounds, clients_per_round : int
         Training rounds and clients sampled per round (without replacement).
     server_optimizer : {"sgd", "momentum", "adam", "adagrad", "yogi"}
@@ -161,11 +164,14 @@ class FedReconConfig:
     eval_every: int = 0
     seed: int = 0
     num_threads: int = 0
+    eval_client: ClientConfig | None = None
 
     def __post_init__(self) -> None:
         check_int(self.dim, "dim", minimum=1)
         if not isinstance(self.client, ClientConfig):
             raise TypeError(f"client must be a ClientConfig; got {type(self.client).__name__}")
+        if self.eval_client is not None and not isinstance(self.eval_client, ClientConfig):
+            raise TypeError(f"eval_client must be a ClientConfig or None; got {type(self.eval_client).__name__}")
         check_int(self.rounds, "rounds", minimum=0)
         check_int(self.clients_per_round, "clients_per_round", minimum=1)
         check_choice(self.server_optimizer, "server_optimizer", SERVER_OPTIMIZERS)
@@ -183,6 +189,11 @@ class FedReconConfig:
         check_int(self.eval_every, "eval_every", minimum=0)
         check_int(self.seed, "seed", minimum=0)
         check_int(self.num_threads, "num_threads", minimum=0)
+
+    @property
+    def evaluation(self) -> ClientConfig:
+        """The client configuration ReconEval uses."""
+        return self.eval_client if self.eval_client is not None else self.client
 
     def replace(self, **changes) -> FedReconConfig:
         """A copy with some fields changed; client fields may be given directly too."""
@@ -206,6 +217,8 @@ class FedReconConfig:
     def from_dict(cls, d: dict) -> FedReconConfig:
         d = dict(d)
         client = ClientConfig(**d.pop("client", {}))
+        if d.get("eval_client") is not None:
+            d["eval_client"] = ClientConfig(**d["eval_client"])
         d["user_split"] = tuple(d.get("user_split", (0.8, 0.1, 0.1)))
         return cls(client=client, **d)
 

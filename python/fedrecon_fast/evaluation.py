@@ -66,7 +66,7 @@ def recon_eval(model, data, clients=None, config: ClientConfig | None = None, *,
         ``loss`` (MSE), ``rmse``, ``accuracy``, ``users`` and ``ratings`` scored.
     """
     if config is None:
-        config = model.config.client if model.config is not None else ClientConfig()
+        config = model.config.evaluation if model.config is not None else ClientConfig()
     stats = kernels.evaluate_users(
         model.item_factors, data, clients, config, item_bias=model.item_bias,
         global_mean=model.global_mean, seed=seed, round=EVAL_ROUND, num_threads=num_threads)

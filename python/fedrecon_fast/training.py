@@ -188,5 +188,5 @@ class FedRecon:
         """ReconEval of the current model on clients of ``data`` (default: all of them)."""
         if self.model is None:
             raise ValueError("the model is not trained yet: call fit() first")
-        return recon_eval(self.model, data, clients, self.config.client, seed=self.config.seed,
+        return recon_eval(self.model, data, clients, self.config.evaluation, seed=self.config.seed,
                           num_threads=self.config.num_threads, per_user=per_user)
