@@ -29,7 +29,7 @@ double mf_sgd_epoch(const MfTables& t, const std::int64_t* users, const std::int
   }
   const std::int64_t K = t.dim;
   const bool bias = t.user_bias != nullptr;
-  const std::int64_t B = config.batch_size;
+  const std::int64_t B = std::max<std::int64_t>(1, std::min<std::int64_t>(config.batch_size, n));
   // Pre-step copies of the batch's rows, so repeated users/items in a batch see the same values.
   std::vector<float> u0(static_cast<std::size_t>(B * K)), v0(static_cast<std::size_t>(B * K));
   std::vector<float> err(static_cast<std::size_t>(B));

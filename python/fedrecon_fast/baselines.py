@@ -78,6 +78,7 @@ def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, i
     if len(item_ids) != len(user_ids):
         raise ValueError("user_ids, item_ids and ratings must have the same length")
     check_int(batch_size, "batch_size", minimum=1)
+    batch_size = min(batch_size, max(len(ratings), 1))  # a batch never exceeds the data
     check_float(lr, "lr", minimum=0.0)
     check_float(l2, "l2", minimum=0.0)
     check_float(global_mean, "global_mean")
