@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, required=True, help="MovieLens folder or ratings file")
         p.add_argument("--seed", type=_non_negative_int, default=0)
         p.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
+        p.add_argument("--rounds", type=_positive_int, help="federated rounds (default: the paper's 500)")
         p.add_argument("--out", type=Path, help="write the table as Markdown and JSON (and a PNG) here")
         p.add_argument("--json", action="store_true", help="print the results as one JSON line last")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -166,8 +167,8 @@ def run_paper(args) -> dict:
     data = load_movielens(args.data)
     progress = not args.no_progress and sys.stderr.isatty()
     start = time.perf_counter()
-    rows = paper.table1(data, seed=args.seed, num_threads=args.threads, progress=progress)
-    result = {"data": str(args.data), "seed": args.seed, "rows": rows,
+    rows = paper.table1(data, seed=args.seed, num_threads=args.threads, rounds=args.rounds, progress=progress)
+    result = {"data": str(args.data), "seed": args.seed, "rounds": args.rounds or 500, "rows": rows,
               "total_seconds": time.perf_counter() - start}
     markdown = paper.table1_markdown(rows)
     print(markdown)
@@ -186,7 +187,8 @@ def run_ablation(args) -> dict:
     data = load_movielens(args.data)
     progress = not args.no_progress and sys.stderr.isatty()
     start = time.perf_counter()
-    result = paper.ablation(data, seed=args.seed, num_threads=args.threads, progress=progress)
+    result = paper.ablation(data, seed=args.seed, num_threads=args.threads, rounds=args.rounds,
+                            progress=progress)
     result.update(data=str(args.data), seed=args.seed, total_seconds=time.perf_counter() - start)
     markdown = paper.ablation_markdown(result)
     print(markdown)

@@ -55,18 +55,23 @@ def _prepare(data: ClientData, seed: int) -> ClientData:
 
 
 def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
-           progress: bool = False) -> dict:
-    """Run the rows of Table 1 on ``data``; returns {row: {rmse, accuracy, seconds, ...}}."""
+           rounds: int | None = None, progress: bool = False) -> dict:
+    """Run the rows of Table 1 on ``data``; returns {row: {rmse, accuracy, seconds, ...}}.
+
+    ``rounds`` overrides the federated rows' 500 rounds (for quick checks only).
+    """
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"rows must be among {ROWS}; got {sorted(unknown)}")
     data = _prepare(data, seed)
     paper = preset("paper", seed=seed, num_threads=num_threads)
+    if rounds is not None:
+        paper = paper.replace(rounds=rounds)
     recon_cfg = paper.client  # every ReconEval row reconstructs with the paper's schedule
     by_time = split_by_time(data)
     train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
     centralized = replace(CENTRALIZED, seed=seed, num_threads=num_threads)
-    fedavg = {row: fedavg_config(client_lr=lr, seed=seed, num_threads=num_threads)
+    fedavg = {row: fedavg_config(client_lr=lr, seed=seed, num_threads=num_threads, rounds=paper.rounds)
               for row, lr in FEDAVG_CLIENT_LR.items()}
 
     def recon(model):
@@ -107,7 +112,7 @@ KU = (1, 2, 5, 10)
 
 
 def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku=KU,
-             progress: bool = False) -> dict:
+             rounds: int | None = None, progress: bool = False) -> dict:
     """Figure 3: FedRecon with kr reconstruction steps and/or ku client update steps (in
     training and in evaluation), accuracy relative to base FedRecon (the paper preset).
 
@@ -117,6 +122,8 @@ def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku
     """
     data = _prepare(data, seed)
     paper = preset("paper", seed=seed, num_threads=num_threads)
+    if rounds is not None:
+        paper = paper.replace(rounds=rounds)
     train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
 
     def run(config):
