@@ -417,8 +417,31 @@ class MomentumSGD(_Base):
             p += v
 
 
+class _Moments(_Base):
+    """Shared by Adam and Yogi: ``m = b1 m + (1 - b1) g``, a second-moment rule for ``v``, and
+    ``p -= step_size(t) * m / (sqrt(v) + eps)``."""
+
+    def _second_moment(self, v, g2) -> None:
+        raise NotImplementedError
+
+    def _step_size(self, t) -> float:
+        return self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+
+    def _step(self, p, d, slots, t):
+        m, v = slots["m"], slots["v"]
+        tmp = np.multiply(d, _DTYPE(1.0 - self.beta1))
+        m *= _DTYPE(self.beta1)
+        m -= tmp  # m = b1 m + (1 - b1) g, g = -d
+        self._second_moment(v, np.square(d, out=tmp))
+        np.sqrt(v, out=tmp)
+        tmp += _DTYPE(self.eps)
+        np.divide(m, tmp, out=tmp)
+        tmp *= _DTYPE(self._step_size(t))
+        p -= tmp
+
+
 @dataclasses.dataclass(frozen=True, init=False)
-class Adam(_Base):
+class Adam(_Moments):
     """Adam with Keras-style bias correction ("epsilon hat").
 
     ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g**2``;
@@ -452,22 +475,10 @@ class Adam(_Base):
             eps=_positive("eps", eps),
         )
 
-    def _step(self, p, d, slots, t):
-        m, v = slots["m"], slots["v"]
-        b1, b2 = self.beta1, self.beta2
-        alpha = self.lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        tmp = np.multiply(d, _DTYPE(1.0 - b1))
-        m *= _DTYPE(b1)
-        m -= tmp  # m = b1 m + (1 - b1) g, g = -d
-        np.square(d, out=tmp)
-        tmp *= _DTYPE(1.0 - b2)
-        v *= _DTYPE(b2)
-        v += tmp
-        np.sqrt(v, out=tmp)
-        tmp += _DTYPE(self.eps)
-        np.divide(m, tmp, out=tmp)
-        tmp *= _DTYPE(alpha)
-        p -= tmp
+    def _second_moment(self, v, g2) -> None:
+        g2 *= _DTYPE(1.0 - self.beta2)
+        v *= _DTYPE(self.beta2)
+        v += g2  # v = b2 v + (1 - b2) g^2
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -514,7 +525,7 @@ class Adagrad(_Base):
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Yogi(_Base):
+class Yogi(_Moments):
     """Yogi (Zaheer et al., 2018; FedYogi in Reddi et al., 2021).
 
     ``m = b1 m + (1 - b1) g``; ``v = v - (1 - b2) sign(v - g**2) g**2``;
@@ -567,26 +578,15 @@ class Yogi(_Base):
             bias_correction=_boolean("bias_correction", bias_correction),
         )
 
-    def _step(self, p, d, slots, t):
-        m, v = slots["m"], slots["v"]
-        b1, b2 = self.beta1, self.beta2
-        alpha = self.lr
-        if self.bias_correction:
-            alpha *= math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        tmp = np.multiply(d, _DTYPE(1.0 - b1))
-        m *= _DTYPE(b1)
-        m -= tmp  # m = b1 m + (1 - b1) g, g = -d
-        g2 = np.square(d, out=tmp)
+    def _second_moment(self, v, g2) -> None:
         change = np.subtract(v, g2)
         np.sign(change, out=change)
         change *= g2
-        change *= _DTYPE(1.0 - b2)
+        change *= _DTYPE(1.0 - self.beta2)
         v -= change  # v = v - (1 - b2) sign(v - g^2) g^2
-        np.sqrt(v, out=tmp)
-        tmp += _DTYPE(self.eps)
-        np.divide(m, tmp, out=tmp)
-        tmp *= _DTYPE(alpha)
-        p -= tmp
+
+    def _step_size(self, t) -> float:
+        return super()._step_size(t) if self.bias_correction else self.lr
 
 
 # --------------------------------------------------------------------------
