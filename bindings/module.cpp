@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings.hpp"
 #include "fedrecon/centralized.hpp"
 #include "fedrecon/cohort.hpp"
 #include "fedrecon/rng.hpp"
@@ -296,6 +297,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);
 #undef FEDRECON_COHORT_ARGS
+
+  bind_compression(m);
+  bind_aggregation(m);
 
   m.def("mf_sgd_epoch", &mf_sgd_epoch, "users"_a.noconvert(), "user_bias"_a.noconvert().none(true),
         "items"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,

@@ -1,0 +1,1 @@
+#include "fedrecon/wire.hpp"
