@@ -34,6 +34,11 @@ __all__ = [
     "STREAM_QUANT",
     "STREAM_SAMPLE",
     "STREAM_DATA",
+    "STREAM_MODEL_INIT",
+    "STREAM_USER_TABLE",
+    "STREAM_ITEM_TABLE",
+    "STREAM_EPOCH_ORDER",
+    "STREAM_PRIVACY",
     "MASK64",
     "mix64",
     "mix64_array",
@@ -52,6 +57,14 @@ STREAM_QUANT = 2
 STREAM_SAMPLE = 3
 #: Stream of data preparation done in Python (per-user shuffles, user splits).
 STREAM_DATA = 4
+#: Stream of the initial global model.
+STREAM_MODEL_INIT = 5
+#: Streams of the baselines: stored user embeddings, item table, epoch order.
+STREAM_USER_TABLE = 6
+STREAM_ITEM_TABLE = 7
+STREAM_EPOCH_ORDER = 8
+#: Stream of DP-FedAvg's Gaussian noise.
+STREAM_PRIVACY = 10
 
 #: 2**64 - 1, the mask that reduces a Python int modulo 2**64.
 MASK64 = 0xFFFFFFFFFFFFFFFF

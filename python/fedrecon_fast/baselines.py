@@ -18,15 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core, kernels
-from ._rng import derive_seed
+from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, derive_seed
 from ._validation import as_float32_matrix, check_choice, check_float, check_int
 from .config import ClientConfig, FedReconConfig, preset
 from .data import ClientData
 from .evaluation import summarize
 from .model import GlobalModel
 from .training import FedRecon
-
-STREAM_USER_INIT = 6
 
 
 def _uniform(shape, scale: float, seed: int, stream: int) -> np.ndarray:
@@ -192,8 +190,8 @@ class CentralizedMF:
         if data.nnz == 0:
             raise ValueError("data has no ratings")
         mean = float(data.ratings.mean()) if cfg.biases else 0.0
-        self.users = _uniform((data.num_clients, cfg.dim), cfg.init_scale, cfg.seed, STREAM_USER_INIT)
-        items = _uniform((data.num_items, cfg.dim), cfg.init_scale, cfg.seed, STREAM_USER_INIT + 1)
+        self.users = _uniform((data.num_clients, cfg.dim), cfg.init_scale, cfg.seed, STREAM_USER_TABLE)
+        items = _uniform((data.num_items, cfg.dim), cfg.init_scale, cfg.seed, STREAM_ITEM_TABLE)
         self.user_bias = np.zeros(data.num_clients, np.float32) if cfg.biases else None
         item_bias = np.zeros(data.num_items, np.float32) if cfg.biases else None
         self.model = GlobalModel(items, item_bias, mean, data.item_ids)
@@ -201,7 +199,7 @@ class CentralizedMF:
         self.model.item_bias = item_bias
         user_index, item_index, ratings = data.to_coo()
         by_item = transpose(data) if cfg.method == "als" else None
-        rng = np.random.Generator(np.random.PCG64(derive_seed(cfg.seed, 0, 0, STREAM_USER_INIT + 2)))
+        rng = np.random.Generator(np.random.PCG64(derive_seed(cfg.seed, 0, 0, STREAM_EPOCH_ORDER)))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -277,7 +275,7 @@ class FedAvg(FedRecon):
     def _user_state(self, train, clients) -> dict:
         if self.users is None:
             cfg = self.config
-            self.users = _uniform((train.num_clients, cfg.dim), cfg.client.init_scale, cfg.seed, STREAM_USER_INIT)
+            self.users = _uniform((train.num_clients, cfg.dim), cfg.client.init_scale, cfg.seed, STREAM_USER_TABLE)
             self.user_bias = np.zeros(train.num_clients, np.float32) if cfg.biases else None
         if len(self.users) != train.num_clients:
             raise ValueError("FedAvg keeps one embedding per training client: fit on the same clients")

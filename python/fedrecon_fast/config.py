@@ -147,6 +147,22 @@ class FedReconConfig:
         Evaluate on validation users every N rounds (0: only after the last round).
     seed, num_threads : int
         Seed of every random choice; threads for the native kernels (0: all cores).
+    quantize_bits : int, optional
+        Quantize each client's update to this many bits (1..16) with stochastic rounding
+        (unbiased), for variables of at least ``quantize_threshold`` elements; ``None`` sends
+        float32.
+    quantize_threshold : int
+        Smallest variable (in elements, the whole variable) that is quantized; TFF uses 20,000.
+    quantize_scaling : {"tensor", "row"}
+        One min/max per client update, or one per row.
+    hadamard : bool
+        Randomized Hadamard rotation of each row before quantization.
+    sparse_updates : bool
+        Clients send only the rows they touched (row ids + values), not a dense delta.
+    dp_clip, dp_noise : float, optional
+        DP-FedAvg: clip each client update to L2 norm ``dp_clip``, add Gaussian noise of
+        standard deviation ``dp_noise * dp_clip`` to the sum, divide by ``clients_per_round``.
+        Requires ``weighting="uniform"``.
     """
 
     dim: int = 50
@@ -165,6 +181,13 @@ class FedReconConfig:
     seed: int = 0
     num_threads: int = 0
     eval_client: ClientConfig | None = None
+    quantize_bits: int | None = None
+    quantize_threshold: int = 20000
+    quantize_scaling: str = "tensor"
+    hadamard: bool = False
+    sparse_updates: bool = False
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_int(self.dim, "dim", minimum=1)
@@ -187,6 +210,21 @@ class FedReconConfig:
             raise ValueError(f"user_split must be 3 non-negative fractions summing to 1; got {self.user_split!r}")
         object.__setattr__(self, "user_split", fractions)
         check_int(self.eval_every, "eval_every", minimum=0)
+        check_int(self.quantize_bits, "quantize_bits", minimum=1, allow_none=True)
+        if self.quantize_bits is not None and self.quantize_bits > 16:
+            raise ValueError(f"quantize_bits must be in 1..16; got {self.quantize_bits}")
+        check_int(self.quantize_threshold, "quantize_threshold", minimum=0)
+        check_choice(self.quantize_scaling, "quantize_scaling", {"tensor", "row"})
+        for name in ("hadamard", "sparse_updates"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if self.dp_clip is not None:
+            check_float(self.dp_clip, "dp_clip", minimum=0.0, strict=True)
+            if self.client.weighting != "uniform":
+                raise ValueError("dp_clip (DP-FedAvg) needs uniform client weighting: set weighting='uniform'")
+        check_float(self.dp_noise, "dp_noise", minimum=0.0)
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ValueError("dp_noise needs dp_clip (the noise is dp_noise * dp_clip)")
         check_int(self.seed, "seed", minimum=0)
         check_int(self.num_threads, "num_threads", minimum=0)
 

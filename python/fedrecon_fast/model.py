@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ._rng import derive_seed
+from ._rng import STREAM_MODEL_INIT, derive_seed
 from ._validation import as_float32_matrix, as_float32_vector, check_float
 from .config import FedReconConfig
 
 FORMAT = "fedrecon_fast.model"
 FORMAT_VERSION = 1
-STREAM_MODEL_INIT = 5
 
 
 @dataclass

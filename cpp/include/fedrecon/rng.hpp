@@ -12,6 +12,12 @@ enum Stream : std::uint64_t {
   kStreamInit = 1,    // initial user embedding
   kStreamQuant = 2,   // quantization noise
   kStreamSample = 3,  // client sampling (used from Python)
+  kStreamData = 4,    // per-user data shuffles and user splits (Python)
+  kStreamModelInit = 5,   // initial global model (Python)
+  kStreamUserTable = 6,   // stored user embeddings of the baselines (Python)
+  kStreamItemTable = 7,   // centralized baseline's item table (Python)
+  kStreamEpochOrder = 8,  // centralized baseline's epoch shuffles (Python)
+  kStreamPrivacy = 10,    // DP-FedAvg Gaussian noise
 };
 
 inline std::uint64_t splitmix64_next(std::uint64_t& state) {
