@@ -89,6 +89,18 @@ UserArrays user_arrays(const std::optional<Array<float>>& users, const std::opti
   return out;
 }
 
+fedrecon::UpdateCodec make_codec(int bits, bool row_scaling, bool hadamard, bool sparse,
+                                 std::int64_t threshold, double clip) {
+  fedrecon::UpdateCodec c;
+  c.bits = bits;
+  c.row_scaling = row_scaling;
+  c.hadamard = hadamard;
+  c.sparse = sparse;
+  c.threshold = threshold;
+  c.clip = clip;
+  return c;
+}
+
 py::object or_none(const std::optional<Array<float>>& a) { return a ? py::object(*a) : py::object(py::none()); }
 
 template <class T>
@@ -106,6 +118,8 @@ py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
                   "num_correct"_a = column(s, &fedrecon::ClientStats::num_correct),
                   "rows"_a = column(s, &fedrecon::ClientStats::rows),
                   "recon_examples"_a = column(s, &fedrecon::ClientStats::recon_examples),
+                  "bytes"_a = column(s, &fedrecon::ClientStats::bytes),
+                  "clipped"_a = column(s, &fedrecon::ClientStats::clipped),
                   "status"_a = column(s, &fedrecon::ClientStats::status));
 }
 
@@ -115,7 +129,9 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       const Array<std::int64_t>& clients, const ClientConfig& config,
                       std::uint64_t seed, std::uint64_t round, int num_threads,
                       const std::optional<Array<float>>& users,
-                      const std::optional<Array<float>>& user_bias) {
+                      const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
+                      bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
@@ -131,12 +147,13 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
   {
     py::gil_scoped_release release;
     s = fedrecon::train_round(model, data, ids, n, config, seed, round, num_threads, delta_ptr,
-                              delta_bias_ptr, stats.data(), user_state.state);
+                              delta_bias_ptr, stats.data(), user_state.state, codec);
   }
   py::dict summary("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
                    "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
                    "num_reporting"_a = s.num_reporting, "num_nonfinite"_a = s.num_nonfinite,
-                   "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated);
+                   "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated,
+                   "bytes_sent"_a = s.bytes_sent, "num_clipped"_a = s.num_clipped);
   py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
   return py::make_tuple(delta, bias_out, stats_dict(stats), summary, or_none(user_state.users_out),
                         or_none(user_state.user_bias_out));
@@ -148,7 +165,9 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
                         const Array<std::int64_t>& clients, const ClientConfig& config,
                         std::uint64_t seed, std::uint64_t round, int num_threads,
                         const std::optional<Array<float>>& users,
-                        const std::optional<Array<float>>& user_bias) {
+                        const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
+                        bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
@@ -157,7 +176,7 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
   fedrecon::SparseUpdates u;
   {
     py::gil_scoped_release release;
-    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads, user_state.state);
+    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads, user_state.state, codec);
   }
   const auto nrows = static_cast<py::ssize_t>(u.rows.size());
   Array<float> values({nrows, static_cast<py::ssize_t>(model.dim)});
@@ -290,10 +309,13 @@ PYBIND11_MODULE(_core, m) {
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \
       "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(),                    \
       "clients"_a.noconvert(), "config"_a, "seed"_a, "round"_a, "num_threads"_a
-  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, "users"_a.noconvert().none(true) = py::none(),
-        "user_bias"_a.noconvert().none(true) = py::none());
-  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS,
-        "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none());
+#define FEDRECON_UPDATE_ARGS                                                                     \
+  "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none(), \
+      "bits"_a = 0, "row_scaling"_a = false, "hadamard"_a = false, "sparse"_a = true,             \
+      "threshold"_a = 0, "clip"_a = 0.0
+  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+#undef FEDRECON_UPDATE_ARGS
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);
 #undef FEDRECON_COHORT_ARGS

@@ -393,13 +393,21 @@ def _run_client(model, data, c, config, seed, round, init_u=None, init_bu=None):
         steps = schedule_steps(len(support), config.recon_epochs, config.recon_steps_max)
         recon_examples = sum(len(support[s % len(support)]) for s in range(steps))
     result.stats["recon_examples"] = recon_examples
+    # Bytes sent with the default codec (touched rows as float32 with a 4-byte id each, plus
+    # their float32 item-bias deltas); clients that do not report send nothing.
+    K = model.item_factors.shape[1]
+    n = result.stats["rows"]
+    reporting = result.stats["weight"] > 0
+    result.stats["bytes"] = n * (4 + 4 * K) + (4 * n if model.has_bias else 0) if reporting else 0
+    result.stats["clipped"] = 0
     return result
 
 
 def _stats_columns(per_client: list[dict]) -> dict:
     """Per-client stats as arrays with the native dtypes."""
     dtypes = dict(weight=np.float64, loss_sum=np.float64, num_examples=np.int64,
-                  num_correct=np.int64, rows=np.int64, recon_examples=np.int64, status=np.int8)
+                  num_correct=np.int64, rows=np.int64, recon_examples=np.int64, bytes=np.int64,
+                  clipped=np.int8, status=np.int8)
     return {k: np.array([s[k] for s in per_client], dtype=t) for k, t in dtypes.items()}
 
 
@@ -494,6 +502,8 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
         num_nonfinite=sum(r.stats["status"] == STATUS_NONFINITE for r in results),
         rows_sent=sum(len(r.rows) for r in reporting),
         rows_aggregated=len(touched),
+        bytes_sent=sum(r.stats["bytes"] for r in reporting),
+        num_clipped=0,
     )
     out = (delta, delta_bias, _stats_columns([r.stats for r in results]), summary)
     if users is None:

@@ -6,6 +6,7 @@
 
 #include "fedrecon/client.hpp"
 #include "fedrecon/parallel.hpp"
+#include "fedrecon/rng.hpp"
 
 namespace fedrecon {
 
@@ -43,16 +44,21 @@ struct ClientResult {
   std::vector<float> values;
   std::vector<float> bias;
   ClientStats stats;
+  EncodedUpdate enc;
 };
 
 std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& data,
                                       const std::int64_t* clients, std::int64_t n,
                                       const ClientConfig& config, std::uint64_t seed,
-                                      std::uint64_t round, int num_threads, const UserState& users) {
+                                      std::uint64_t round, int num_threads, const UserState& users,
+                                      const UpdateCodec& codec) {
   validate_config(config);
   check_inputs(model, data, clients, n);
+  if (codec.bits != 0) check_bits(codec.bits);
+  if (!(codec.clip >= 0.0) || codec.threshold < 0) throw std::invalid_argument("clip and threshold must be >= 0");
   const int threads = resolve_threads(num_threads, n);
   auto workers = make_workers(model, threads);
+  std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
   std::vector<ClientResult> results(static_cast<std::size_t>(n));
   const std::int64_t K = model.dim;
   parallel_for(n, threads, [&](std::int64_t i, int tid) {
@@ -75,6 +81,13 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
       out.rows = w.rows();
       out.values.assign(w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
       if (model.has_bias()) out.bias.assign(w.bias_delta(), w.bias_delta() + nrows);
+      bool clipped = false;
+      out.stats.bytes = encode_update(codec, model.num_items, model.dim, out.rows.data(),
+                                      static_cast<std::int64_t>(nrows), out.values.data(),
+                                      model.has_bias() ? out.bias.data() : nullptr,
+                                      derive_seed(seed, round, static_cast<std::uint64_t>(c), kStreamQuant),
+                                      out.enc, clipped, scratch[static_cast<std::size_t>(tid)]);
+      out.stats.clipped = clipped ? 1 : 0;
     }
   });
   return results;
@@ -85,8 +98,9 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
-                         float* delta_bias_out, ClientStats* stats_out, const UserState& users) {
-  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users);
+                         float* delta_bias_out, ClientStats* stats_out, const UserState& users,
+                         const UpdateCodec& codec) {
+  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
 
@@ -96,6 +110,8 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
     std::int32_t local;
   };
   std::vector<Entry> entries;
+  std::vector<std::int64_t> reporting;  // cohort positions of the reporting clients, in order
+  bool any_noisy = false;                // a dense quantized update: every row gets noise
   for (std::int64_t i = 0; i < num_sampled; ++i) {
     const ClientResult& r = results[static_cast<std::size_t>(i)];
     stats_out[i] = r.stats;
@@ -111,6 +127,10 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
     summary.total_weight += r.stats.weight;
     summary.num_reporting += 1;
     summary.rows_sent += static_cast<std::int64_t>(r.rows.size());
+    summary.bytes_sent += r.stats.bytes;
+    summary.num_clipped += r.stats.clipped;
+    reporting.push_back(i);
+    any_noisy = any_noisy || r.enc.noisy_zeros;
     for (std::size_t l = 0; l < r.rows.size(); ++l)
       entries.push_back({(static_cast<std::uint64_t>(r.rows[l]) << 32) | static_cast<std::uint64_t>(i),
                          static_cast<std::int32_t>(l)});
@@ -121,28 +141,69 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key < b.key; });
 
   // Segments of equal row; each row sums its clients in cohort order (float64), so the
-  // reduction is parallel across rows yet independent of the thread count.
+  // reduction is parallel across rows yet independent of the thread count. With a dense
+  // quantized update in the cohort every row is visited: rows a client did not touch decode to
+  // its quantization noise around zero.
   std::vector<std::size_t> seg{0};
   for (std::size_t e = 1; e < entries.size(); ++e)
     if ((entries[e].key >> 32) != (entries[e - 1].key >> 32)) seg.push_back(e);
   seg.push_back(entries.size());
+  if (entries.empty()) seg.assign(1, 0);
   const std::int64_t num_segments = static_cast<std::int64_t>(seg.size()) - 1;
   summary.rows_aggregated = num_segments;
+  auto row_of = [&](std::int64_t s) {
+    return static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
+  };
+  const std::int64_t num_visits = any_noisy ? model.num_items : num_segments;
   const std::int64_t block = 64;
-  const std::int64_t num_blocks = (num_segments + block - 1) / block;
+  const std::int64_t num_blocks = (num_visits + block - 1) / block;
   const double inv_total = 1.0 / summary.total_weight;
-  parallel_for(num_blocks, resolve_threads(num_threads, num_blocks), [&](std::int64_t b, int) {
+  const int threads = resolve_threads(num_threads, num_blocks);
+  std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
+  parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
     std::vector<double> acc(static_cast<std::size_t>(K));
-    for (std::int64_t s = b * block; s < std::min(num_segments, (b + 1) * block); ++s) {
+    std::vector<float> noise(static_cast<std::size_t>(K));
+    CodecScratch& cs = scratch[static_cast<std::size_t>(tid)];
+    const std::int64_t lo = b * block, hi = std::min(num_visits, (b + 1) * block);
+    // With noise, visits are rows 0..num_items-1; find the first segment at or after `lo`.
+    std::int64_t s = 0;
+    if (any_noisy) {
+      std::int64_t a = 0, z = num_segments;
+      while (a < z) {
+        const std::int64_t mid = (a + z) / 2;
+        if (row_of(mid) < lo) a = mid + 1; else z = mid;
+      }
+      s = a;
+    }
+    for (std::int64_t v = lo; v < hi; ++v) {
+      const std::int64_t row = any_noisy ? v : row_of(v);
+      if (!any_noisy) s = v;
+      const bool has_seg = s < num_segments && row_of(s) == row;
+      std::size_t e = has_seg ? seg[static_cast<std::size_t>(s)] : 0;
+      const std::size_t e_end = has_seg ? seg[static_cast<std::size_t>(s) + 1] : 0;
       std::fill(acc.begin(), acc.end(), 0.0);
       double acc_bias = 0.0;
-      const std::int64_t row = static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
-      for (std::size_t e = seg[static_cast<std::size_t>(s)]; e < seg[static_cast<std::size_t>(s) + 1]; ++e) {
-        const ClientResult& r = results[entries[e].key & 0xffffffffULL];
+      auto add = [&](const ClientResult& r, const float* x) {
         const double w = r.stats.weight;
-        const float* v = r.values.data() + static_cast<std::int64_t>(entries[e].local) * K;
-        for (std::int64_t k = 0; k < K; ++k) acc[static_cast<std::size_t>(k)] += w * v[k];
-        if (bias) acc_bias += w * r.bias[static_cast<std::size_t>(entries[e].local)];
+        for (std::int64_t k = 0; k < K; ++k) acc[static_cast<std::size_t>(k)] += w * x[k];
+      };
+      auto add_entry = [&](std::size_t entry) {
+        const ClientResult& r = results[entries[entry].key & 0xffffffffULL];
+        add(r, r.values.data() + static_cast<std::int64_t>(entries[entry].local) * K);
+        if (bias) acc_bias += r.stats.weight * r.bias[static_cast<std::size_t>(entries[entry].local)];
+      };
+      if (!any_noisy) {
+        for (; e < e_end; ++e) add_entry(e);
+      } else {
+        for (const std::int64_t i : reporting) {
+          if (e < e_end && static_cast<std::int64_t>(entries[e].key & 0xffffffffULL) == i) {
+            add_entry(e++);
+          } else if (results[static_cast<std::size_t>(i)].enc.noisy_zeros) {
+            decode_untouched_row(results[static_cast<std::size_t>(i)].enc, row, model.dim, noise.data(), cs);
+            add(results[static_cast<std::size_t>(i)], noise.data());
+          }
+        }
+        if (has_seg) ++s;
       }
       float* out = delta_out + row * K;
       for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(acc[static_cast<std::size_t>(k)] * inv_total);
@@ -155,8 +216,11 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,
                              const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                             int num_threads, const UserState& users) {
-  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users);
+                             int num_threads, const UserState& users, const UpdateCodec& codec) {
+  if (codec.quantizes(model.num_items, model.dim) && !codec.sparse && !codec.row_scaling)
+    throw std::invalid_argument("a dense update quantized with one scale decodes to noise on every row; "
+                                "client_updates returns touched rows only: use sparse or row scaling");
+  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   SparseUpdates out;
   out.offsets.push_back(0);
   for (auto& r : results) {

@@ -191,53 +191,65 @@ void hadamard_inverse(float* row, std::int64_t n, std::uint64_t signs_seed) {
   apply_signs(row, n, signs_seed);
 }
 
+namespace {
+
+// Indices of values v[0, n) of one row, starting at column j0, with the row's group and noise
+// stream. Value j of a row draws 24 bits of stream output j / 2: its top 24 bits for even j,
+// bits 16..39 for odd j.
+void quantize_run(const float* v, std::int64_t n, std::int64_t j0, const QuantGroup& g,
+                  std::uint64_t seed, int bits, std::uint32_t* out) {
+  if (g.step == 0.0f) {
+    std::fill_n(out, n, 0U);
+    return;
+  }
+  const double levels = static_cast<double>((std::uint32_t{1} << bits) - 1U);
+  const double lo = g.lo;
+  const double step = g.step;
+  auto index = [&](float x, std::uint32_t bits24) {
+    const double u = static_cast<double>(static_cast<std::int32_t>(bits24)) * 0x1p-24;
+    const double t = (static_cast<double>(x) - lo) / step + u;  // >= 0 since x >= lo
+    return static_cast<std::uint32_t>(static_cast<std::int32_t>(std::min(t, levels)));
+  };
+  std::int64_t k = 0;
+  if (j0 & 1) {
+    const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>(j0 >> 1));
+    out[0] = index(v[0], static_cast<std::uint32_t>(z >> 16) & 0xFFFFFFU);
+    k = 1;
+  }
+  const std::uint64_t pair0 = static_cast<std::uint64_t>((j0 + k) >> 1);
+  const std::int64_t pairs = (n - k) / 2;
+  const float* pv = v + k;
+  std::uint32_t* po = out + k;
+  for (std::int64_t p = 0; p < pairs; ++p) {
+    const std::uint64_t z = stream_output(seed, pair0 + static_cast<std::uint64_t>(p));
+    po[2 * p] = index(pv[2 * p], static_cast<std::uint32_t>(z >> 40));
+    po[2 * p + 1] = index(pv[2 * p + 1], static_cast<std::uint32_t>(z >> 16) & 0xFFFFFFU);
+  }
+  k += 2 * pairs;
+  if (k < n) {
+    const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>((j0 + k) >> 1));
+    out[k] = index(v[k], static_cast<std::uint32_t>(z >> 40));
+  }
+}
+
+}  // namespace
+
 void quantize_span(const float* values, const QuantLayout& l, const QuantScheme& scheme, const QuantGroup* groups,
                    std::int64_t begin, std::int64_t end, std::uint32_t* indices) {
-  const double levels = static_cast<double>((std::uint32_t{1} << scheme.bits) - 1U);
   std::int64_t e = begin;
   while (e < end) {
     const std::int64_t r = e / l.padded_cols;
     const std::int64_t j0 = e - r * l.padded_cols;
     const std::int64_t n = std::min(end - e, l.padded_cols - j0);
-    const QuantGroup g = groups[scheme.row_scaling ? r : 0];
-    const float* v = values + (e - begin);
-    std::uint32_t* out = indices + (e - begin);
-    if (g.step == 0.0f) {
-      std::fill_n(out, n, 0U);
-    } else {
-      const double lo = g.lo;
-      const double step = g.step;
-      const std::uint64_t seed = noise_seed(scheme.key, r);
-      // Value j of the row draws 24 bits of output j / 2 of the stream: its top 24 bits for
-      // even j, bits 16..39 for odd j.
-      auto index = [&](float x, std::uint32_t bits24) {
-        const double u = static_cast<double>(static_cast<std::int32_t>(bits24)) * 0x1p-24;
-        const double t = (static_cast<double>(x) - lo) / step + u;  // >= 0 since x >= lo
-        return static_cast<std::uint32_t>(static_cast<std::int32_t>(std::min(t, levels)));
-      };
-      std::int64_t k = 0;
-      if (j0 & 1) {
-        const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>(j0 >> 1));
-        out[0] = index(v[0], static_cast<std::uint32_t>(z >> 16) & 0xFFFFFFU);
-        k = 1;
-      }
-      const std::uint64_t pair0 = static_cast<std::uint64_t>((j0 + k) >> 1);
-      const std::int64_t pairs = (n - k) / 2;
-      const float* pv = v + k;
-      std::uint32_t* po = out + k;
-      for (std::int64_t p = 0; p < pairs; ++p) {
-        const std::uint64_t z = stream_output(seed, pair0 + static_cast<std::uint64_t>(p));
-        po[2 * p] = index(pv[2 * p], static_cast<std::uint32_t>(z >> 40));
-        po[2 * p + 1] = index(pv[2 * p + 1], static_cast<std::uint32_t>(z >> 16) & 0xFFFFFFU);
-      }
-      k += 2 * pairs;
-      if (k < n) {
-        const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>((j0 + k) >> 1));
-        out[k] = index(v[k], static_cast<std::uint32_t>(z >> 40));
-      }
-    }
+    quantize_run(values + (e - begin), n, j0, groups[scheme.row_scaling ? r : 0], noise_seed(scheme.key, r),
+                 scheme.bits, indices + (e - begin));
     e += n;
   }
+}
+
+void quantize_row(const float* row, std::int64_t padded_cols, std::int64_t r, const QuantScheme& scheme,
+                  const QuantGroup& group, std::uint32_t* indices) {
+  quantize_run(row, padded_cols, 0, group, noise_seed(scheme.key, r), scheme.bits, indices);
 }
 
 namespace {
@@ -391,7 +403,8 @@ void roundtrip_blocks(const float* x, const QuantLayout& l, const QuantScheme& s
                     for (std::int64_t r = e0 / l.padded_cols; r < e1 / l.padded_cols; ++r) {
                       const QuantGroup g = groups[scheme.row_scaling ? r : 0];
                       const std::uint32_t* ri = idx + (r * l.padded_cols - e0);
-                      for (std::int64_t j = 0; j < l.padded_cols; ++j) buf[static_cast<std::size_t>(j)] = dequantize(g, ri[j]);
+                      for (std::int64_t j = 0; j < l.padded_cols; ++j)
+                        buf[static_cast<std::size_t>(j)] = dequantize(g, ri[j]);
                       hadamard_inverse(buf.data(), l.padded_cols, sign_seed(scheme.key, r));
                       emit(r * l.cols, buf.data(), l.cols);
                     }

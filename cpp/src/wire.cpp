@@ -326,7 +326,7 @@ void decode_span(const WireHeader& h, const std::uint8_t* data, std::int64_t e0,
   for (std::int64_t r = e0 / l.cols; r < e1 / l.cols; ++r) {
     unpack_indices(payload, h.payload_bytes, r * P, P, bits, s.idx.data());
     const QuantGroup g = h.groups[h.scheme.row_scaling ? static_cast<std::size_t>(r) : 0];
-    for (std::int64_t j = 0; j < P; ++j) s.row[static_cast<std::size_t>(j)] = dequantize(g, s.idx[static_cast<std::size_t>(j)]);
+    for (std::size_t j = 0; j < static_cast<std::size_t>(P); ++j) s.row[j] = dequantize(g, s.idx[j]);
     hadamard_inverse(s.row.data(), P, sign_seed(h.scheme.key, r));
     std::copy_n(s.row.data(), l.cols, dst + (r * l.cols - e0));
   }
@@ -586,7 +586,8 @@ void decode_accumulate(const WireBuffer* buffers, const double* weights, std::in
         decode_span(headers[static_cast<std::size_t>(k)], buffers[k].data, e0, e1, s.values.data(), s);
         const double w = weights[k];
         double* a = acc + e0;
-        for (std::int64_t e = 0; e < e1 - e0; ++e) a[e] += w * static_cast<double>(s.values[static_cast<std::size_t>(e)]);
+        const float* v = s.values.data();
+        for (std::int64_t e = 0; e < e1 - e0; ++e) a[e] += w * static_cast<double>(v[e]);
       }
     });
     return;
@@ -632,7 +633,7 @@ void decode_accumulate(const WireBuffer* buffers, const double* weights, std::in
       local[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(id);
       ++b.start[static_cast<std::size_t>(id / rows_per_block + 1)];
     }
-    for (std::int64_t c = 0; c < blocks; ++c) b.start[static_cast<std::size_t>(c + 1)] += b.start[static_cast<std::size_t>(c)];
+    for (std::size_t c = 0; c < static_cast<std::size_t>(blocks); ++c) b.start[c + 1] += b.start[c];
     std::vector<std::int64_t> fill(b.start.begin(), b.start.end() - 1);
     b.entry.resize(static_cast<std::size_t>(n));
     b.row.resize(static_cast<std::size_t>(n));
@@ -651,10 +652,13 @@ void decode_accumulate(const WireBuffer* buffers, const double* weights, std::in
     for (std::int64_t k = 0; k < num_buffers; ++k) {
       const Buckets& b = buckets[static_cast<std::size_t>(k)];
       const double w = weights[k];
-      for (std::int64_t p = b.start[static_cast<std::size_t>(block)]; p < b.start[static_cast<std::size_t>(block + 1)]; ++p) {
-        const std::int64_t i = b.entry[static_cast<std::size_t>(p)];
-        decode_span(headers[static_cast<std::size_t>(k)], buffers[k].data, i * cols, (i + 1) * cols, s.values.data(), s);
-        double* a = acc + static_cast<std::int64_t>(b.row[static_cast<std::size_t>(p)]) * cols;
+      const WireHeader& h = headers[static_cast<std::size_t>(k)];
+      const auto first = static_cast<std::size_t>(b.start[static_cast<std::size_t>(block)]);
+      const auto last = static_cast<std::size_t>(b.start[static_cast<std::size_t>(block + 1)]);
+      for (std::size_t p = first; p < last; ++p) {
+        const std::int64_t i = b.entry[p];
+        decode_span(h, buffers[k].data, i * cols, (i + 1) * cols, s.values.data(), s);
+        double* a = acc + static_cast<std::int64_t>(b.row[p]) * cols;
         for (std::int64_t j = 0; j < cols; ++j) a[j] += w * static_cast<double>(s.values[static_cast<std::size_t>(j)]);
       }
     }

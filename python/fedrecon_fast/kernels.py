@@ -139,10 +139,29 @@ def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
     return users, user_bias
 
 
+def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
+    """Keyword arguments of the native update codec, validated."""
+    check_int(bits, "bits", minimum=1, allow_none=True)
+    if bits is not None and bits > 16:
+        raise ValueError(f"bits must be in 1..16; got {bits}")
+    if scaling not in ("tensor", "row"):
+        raise ValueError(f"scaling must be 'tensor' or 'row'; got {scaling!r}")
+    for name, value in (("hadamard", hadamard), ("sparse", sparse)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {value!r}")
+    check_int(threshold, "threshold", minimum=0)
+    if clip is not None:
+        check_float(clip, "clip", minimum=0.0, strict=True)
+    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": hadamard,
+            "sparse": sparse, "threshold": threshold, "clip": float(clip or 0.0)}
+
+
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                 item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                 num_threads: int = 0, check_finite: bool = True, users=None,
-                user_bias=None) -> RoundResult:
+                user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                hadamard: bool = False, sparse: bool = True, threshold: int = 0,
+                clip: float | None = None) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
 
     Parameters
@@ -168,6 +187,14 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
         Stored embeddings of the sampled clients (stateful baselines such as FedAvg): each
         client starts from its row instead of a fresh initialisation, and the trained values
         come back in ``RoundResult.users``. ``user_bias`` goes with ``item_bias``.
+    bits, scaling, hadamard, sparse, threshold, clip
+        What each client sends (DESIGN §1.4–§1.6), simulated exactly: its update is clipped to
+        L2 norm ``clip`` (DP-FedAvg), then the item factors are quantized to ``bits`` bits with
+        stochastic rounding (one scale per update or per row, optional Hadamard rotation) when
+        the variable has at least ``threshold`` elements; ``sparse`` sends the touched rows, else
+        a dense delta whose untouched rows then also carry quantization noise. The aggregate is
+        of the values :mod:`fedrecon_fast.compression` would decode (stream key
+        ``(seed, round, client id)``), and ``client_stats["bytes"]`` is each encoded size.
 
     Returns
     -------
@@ -176,22 +203,27 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
-    return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias))
+    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
+    return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias, **codec))
 
 
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                    num_threads: int = 0, check_finite: bool = True, users=None,
-                   user_bias=None) -> ClientUpdates:
+                   user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                   hadamard: bool = False, sparse: bool = True, threshold: int = 0,
+                   clip: float | None = None) -> ClientUpdates:
     """Each client's sparse update (row ids + values) and weight, without aggregating.
 
     Same parameters as :func:`train_round`; a framework that runs one client at a time passes
-    ``clients=[k]``.
+    ``clients=[k]``. The values are what the client sends after clipping and quantization
+    (decoded); a dense update quantized with one scale needs :func:`train_round`.
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
-    out = _core.client_updates(*args, users=users, user_bias=user_bias)
+    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
+    out = _core.client_updates(*args, users=users, user_bias=user_bias, **codec)
     return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
                          out["users"], out["user_bias"])
 

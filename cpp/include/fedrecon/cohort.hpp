@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fedrecon/codec.hpp"
 #include "fedrecon/types.hpp"
 
 namespace fedrecon {
@@ -20,6 +21,8 @@ struct RoundSummary {
   std::int64_t num_nonfinite = 0;   // clients whose update was not finite (zeroed, weight 0)
   std::int64_t rows_sent = 0;       // sum over reporting clients of touched rows
   std::int64_t rows_aggregated = 0; // distinct rows of V touched by reporting clients
+  std::int64_t bytes_sent = 0;      // encoded updates of the reporting clients
+  std::int64_t num_clipped = 0;     // reporting clients whose update DP clipping scaled down
 };
 
 /// Stored user embeddings for stateful baselines (FedAvg keeps u on the server). All pointers
@@ -32,8 +35,8 @@ struct UserState {
   float* user_bias_out = nullptr;
 };
 
-/// The fused FedRecon round: for each sampled client, reconstruct -> update -> weighted sum of
-/// the sparse deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
+/// The fused FedRecon round: for each sampled client, reconstruct -> update -> encode (clip,
+/// quantize: `codec`) -> weighted sum of the decoded deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
 /// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
 /// biases) and stats_out[num_sampled]. Sums run in float64 in the order of `clients`.
 /// Throws std::invalid_argument / std::out_of_range on bad input.
@@ -41,9 +44,10 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
                          float* delta_bias_out, ClientStats* stats_out,
-                         const UserState& users = UserState());
+                         const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec());
 
-/// Unfused form for frameworks that run clients one at a time: each client's sparse update.
+/// Unfused form for frameworks that run clients one at a time: each client's sparse update
+/// (clipped and quantized as `codec` says; a dense quantized codec needs train_round).
 /// Client k's rows are rows[offsets[k]:offsets[k+1]], values the matching (rows x dim) block.
 struct SparseUpdates {
   std::vector<std::int64_t> offsets;
@@ -55,7 +59,8 @@ struct SparseUpdates {
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,
                              const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                             int num_threads, const UserState& users = UserState());
+                             int num_threads, const UserState& users = UserState(),
+                             const UpdateCodec& codec = UpdateCodec());
 
 /// Reconstruct u (num_sampled x dim) and, with biases, b_u (num_sampled) from each client's
 /// support set.

@@ -92,6 +92,11 @@ void quantize_span(const float* values, const QuantLayout& layout, const QuantSc
                    const QuantGroup* groups, std::int64_t begin, std::int64_t end,
                    std::uint32_t* indices);
 
+/// Indices of one whole (rotated, padded) row r of padded_cols values with its scale group: the
+/// same numbers quantize_span gives that row, for callers that quantize rows one at a time.
+void quantize_row(const float* row, std::int64_t padded_cols, std::int64_t r, const QuantScheme& scheme,
+                  const QuantGroup& group, std::uint32_t* indices);
+
 /// Receives the indices of the values [begin, end) of one block, with the scales (those of the
 /// block's rows are final), on worker thread `tid` (< resolve_threads(num_threads, n) for any n).
 using QuantSink = std::function<void(std::int64_t begin, std::int64_t end, const std::uint32_t* indices,

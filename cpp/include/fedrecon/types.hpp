@@ -74,6 +74,8 @@ struct ClientStats {
   std::int64_t num_correct = 0;   // of those, |r - r_hat| <= 0.5
   std::int64_t rows = 0;          // rows of V the update touched
   std::int64_t recon_examples = 0;  // support examples processed by reconstruction
+  std::int64_t bytes = 0;           // size of the encoded update the client sends (reporting only)
+  std::int8_t clipped = 0;          // 1 if DP clipping scaled the update down
   std::int8_t status = kOk;
 };
 
