@@ -51,3 +51,22 @@ def test_impossible_options_exit_nonzero(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_compression_and_privacy_options_report_bits(capsys):
+    base = ["train", "--rounds", "3", "--clients-per-round", "10", "--dim", "8", "--json", "--no-progress"]
+    results = {}
+    for name, extra in (("dense", []), ("q8", ["--quantize-bits", "8", "--quantize-threshold", "0"]),
+                        ("sparse", ["--sparse-updates"]),
+                        ("dp", ["--sparse-updates", "--dp-clip", "0.5", "--dp-noise", "0.1"])):
+        assert main(base + extra) == 0
+        results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dense, q8, sparse, dp = (results[k] for k in ("dense", "q8", "sparse", "dp"))
+    assert dense["broadcasted_bits"] == q8["broadcasted_bits"] > 0
+    assert 3.9 < dense["aggregated_bits"] / q8["aggregated_bits"] <= 4.0
+    assert sparse["aggregated_bits"] < dense["aggregated_bits"] / 5
+    assert dp["dp_clip"] == 0.5 and dp["test_rmse"] > 0
+    with pytest.raises(SystemExit):
+        main(base + ["--quantize-scaling", "diagonal"])
+    assert main(base + ["--quantize-bits", "17"]) == 2
+    assert "quantize_bits" in capsys.readouterr().err

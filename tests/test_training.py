@@ -131,3 +131,32 @@ def test_fit_rejects_empty_or_mismatched_data(splits):
     trainer = ff.FedRecon(small(rounds=1)).fit(train)
     with pytest.raises(ValueError, match="item indexing"):
         trainer.fit(other, rounds=1)
+
+
+def test_dp_fedavg_fixed_denominator_and_seeded_noise(splits):
+    train, _, _ = splits
+    plain = ff.FedRecon(small(rounds=3, weighting="uniform")).fit(train)
+    # A clip no update reaches and no noise: the fixed denominator (clients_per_round) equals
+    # the number of reporting clients here, so the model is unchanged.
+    loose = ff.FedRecon(small(rounds=3, weighting="uniform", dp_clip=1e9)).fit(train)
+    assert all(h["reporting"] == 40 for h in loose.history)
+    np.testing.assert_allclose(loose.model.item_factors, plain.model.item_factors, rtol=1e-6, atol=1e-7)
+    assert loose.history[-1]["dp_clipped"] == 0 and loose.history[-1]["dp_noise_std"] == 0
+    noisy = [ff.FedRecon(small(rounds=3, weighting="uniform", dp_clip=0.05, dp_noise=1.0)).fit(train)
+             for _ in range(2)]
+    assert np.array_equal(noisy[0].model.item_factors, noisy[1].model.item_factors)
+    assert not np.allclose(noisy[0].model.item_factors, plain.model.item_factors)
+    assert noisy[0].history[0]["dp_clipped"] > 0
+    assert noisy[0].history[0]["dp_noise_std"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="uniform"):
+        small(dp_clip=1.0)
+
+
+def test_bits_are_counted_every_round(splits):
+    train, _, _ = splits
+    t = ff.FedRecon(small(rounds=2, quantize_bits=8, quantize_threshold=0, sparse_updates=True)).fit(train)
+    h = t.history
+    model_floats = t.model.item_factors.size
+    assert h[0]["broadcasted_bits"] == 32 * 40 * model_floats
+    assert h[1]["aggregated_bits_total"] == h[0]["aggregated_bits"] + h[1]["aggregated_bits"] == t.aggregated_bits
+    assert 0 < h[0]["aggregated_bits"] < 8 * 2 * h[0]["rows_sent"] * 8

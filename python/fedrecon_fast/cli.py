@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
                        help="validate every N rounds (default: 10 evaluations per run)")
+    comm = train.add_argument_group("communication and privacy of client updates")
+    comm.add_argument("--quantize-bits", type=_positive_int, help="quantize updates to B bits (1..16)")
+    comm.add_argument("--quantize-threshold", type=_non_negative_int, default=20000,
+                      help="only variables with at least N elements are quantized (TFF: 20000)")
+    comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor")
+    comm.add_argument("--hadamard", action="store_true", help="randomized Hadamard rotation before quantizing")
+    comm.add_argument("--sparse-updates", action="store_true", help="send only touched rows (ids + values)")
+    comm.add_argument("--dp-clip", type=float, help="DP-FedAvg: clip each update to this L2 norm "
+                      "(switches to uniform client weighting)")
+    comm.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z")
     train.add_argument("--out", type=Path, help="write metrics (CSV, JSON) and a learning curve (PNG) here")
     train.add_argument("--save", type=Path, help="save the trained global model to this folder")
     train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
@@ -87,6 +97,11 @@ def run_train(args) -> dict:
                          ("dim", args.dim)):
         if value is not None:
             overrides[field] = value
+    overrides.update(quantize_bits=args.quantize_bits, quantize_threshold=args.quantize_threshold,
+                     quantize_scaling=args.quantize_scaling, hadamard=args.hadamard,
+                     sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
+    if args.dp_clip is not None:
+        overrides["weighting"] = "uniform"  # DP-FedAvg bounds each client's influence
     config = preset(args.preset, **overrides)
     eval_every = args.eval_every if args.eval_every is not None else max(1, config.rounds // 10)
     config = config.replace(eval_every=eval_every)
@@ -128,6 +143,12 @@ def run_train(args) -> dict:
         "eval_seconds": trainer.eval_seconds + test_seconds,
         "load_seconds": load_seconds,
         "nonfinite_clients": int(sum(h["nonfinite"] for h in trainer.history)),
+        "broadcasted_bits": trainer.broadcasted_bits,
+        "aggregated_bits": trainer.aggregated_bits,
+        "quantize_bits": config.quantize_bits,
+        "sparse_updates": config.sparse_updates,
+        "dp_clip": config.dp_clip,
+        "dp_noise": config.dp_noise,
     }
     if args.out is not None:
         _write_outputs(args.out, trainer, result)

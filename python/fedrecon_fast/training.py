@@ -62,6 +62,8 @@ class FedRecon:
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        self.broadcasted_bits = 0
+        self.aggregated_bits = 0
         self._optimizer = make_optimizer(self.config.server_optimizer, lr=self.config.server_lr,
                                          **dict(self.config.server_options))
         self._opt_state = None
@@ -140,11 +142,15 @@ class FedRecon:
         res = kernels.train_round(
             self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
-            num_threads=cfg.num_threads, check_finite=False, **self._user_state(train, clients))
+            num_threads=cfg.num_threads, check_finite=False, bits=cfg.quantize_bits,
+            scaling=cfg.quantize_scaling, hadamard=cfg.hadamard, sparse=cfg.sparse_updates,
+            threshold=cfg.quantize_threshold, clip=cfg.dp_clip, **self._user_state(train, clients))
         self._store_users(clients, res)
         update = {"item_factors": res.delta}
         if res.delta_bias is not None:
             update["item_bias"] = res.delta_bias
+        if cfg.dp_clip is not None:
+            self._privatize(update, res.summary["total_weight"], r)
         self._optimizer.apply(params, update, self._opt_state)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
@@ -152,6 +158,12 @@ class FedRecon:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
                                      "lower the learning rates")
         s = res.summary
+        # The server broadcasts the float32 model to every sampled client; clients send their
+        # encoded updates (sizes counted by the native codec).
+        broadcast = 32 * len(clients) * sum(p.size for p in params.values())
+        aggregated = 8 * s["bytes_sent"]
+        self.broadcasted_bits += broadcast
+        self.aggregated_bits += aggregated
         if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
             raise FloatingPointError(
                 f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
@@ -168,8 +180,29 @@ class FedRecon:
             "train_accuracy": s["num_correct"] / n if n else float("nan"),
             "train_examples": n,
             "rows_sent": s["rows_sent"],
+            "broadcasted_bits": broadcast,
+            "aggregated_bits": aggregated,
+            "broadcasted_bits_total": self.broadcasted_bits,
+            "aggregated_bits_total": self.aggregated_bits,
+            **({"dp_clipped": s["num_clipped"], "dp_noise_std": cfg.dp_noise * cfg.dp_clip}
+               if cfg.dp_clip is not None else {}),
             "round_seconds": seconds,
         }
+
+    def _privatize(self, update: dict, total_weight: float, r: int) -> None:
+        """DP-FedAvg (McMahan et al. 2018): Gaussian noise of std dp_noise * dp_clip on the sum
+        of the clipped updates, divided by the expected number of clients (fixed denominator)."""
+        from .privacy import gaussian_noise
+
+        cfg = self.config
+        sizes = [a.size for a in update.values()]
+        noise = gaussian_noise(sum(sizes), cfg.dp_noise * cfg.dp_clip, seed=cfg.seed, round=r,
+                               num_threads=cfg.num_threads)
+        offset = 0
+        for name, mean in update.items():
+            noised = mean.astype(np.float64) * total_weight + noise[offset:offset + mean.size].reshape(mean.shape)
+            update[name] = (noised / cfg.clients_per_round).astype(np.float32)
+            offset += mean.size
 
     def _user_state(self, train, clients) -> dict:
         """Stored user embeddings to send with the clients (none: FedRecon is stateless)."""
