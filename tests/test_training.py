@@ -147,6 +147,7 @@ def test_dp_fedavg_fixed_denominator_and_seeded_noise(splits):
     assert np.array_equal(noisy[0].model.item_factors, noisy[1].model.item_factors)
     assert not np.allclose(noisy[0].model.item_factors, plain.model.item_factors)
     assert noisy[0].history[0]["dp_clipped"] > 0
+    assert noisy[0].history[0]["dp_clip_fraction"] == noisy[0].history[0]["dp_clipped"] / 40
     assert noisy[0].history[0]["dp_noise_std"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="uniform"):
         small(dp_clip=1.0)

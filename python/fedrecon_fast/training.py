@@ -184,8 +184,9 @@ class FedRecon:
             "aggregated_bits": aggregated,
             "broadcasted_bits_total": self.broadcasted_bits,
             "aggregated_bits_total": self.aggregated_bits,
-            **({"dp_clipped": s["num_clipped"], "dp_noise_std": cfg.dp_noise * cfg.dp_clip}
-               if cfg.dp_clip is not None else {}),
+            **({"dp_clipped": s["num_clipped"],
+                "dp_clip_fraction": s["num_clipped"] / s["num_reporting"] if s["num_reporting"] else 0.0,
+                "dp_noise_std": cfg.dp_noise * cfg.dp_clip} if cfg.dp_clip is not None else {}),
             "round_seconds": seconds,
         }
 
