@@ -6,6 +6,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fedrecon/rng.hpp"
 
@@ -27,6 +28,24 @@ void append_batches(const std::int64_t* positions, std::int64_t count, std::int6
     const std::int64_t end = std::min(count, k + batch);
     pos.insert(pos.end(), positions + k, positions + end);
     off.push_back(static_cast<std::int64_t>(pos.size()));
+  }
+}
+
+// Rows are padded to a multiple of 8 floats and the hot loops are compiled for each padded size,
+// so Eigen emits whole-register (AVX) dot products and axpys with no scalar tail; sizes above 128
+// take the dynamic path. The zero padding never changes a result.
+template <int P>
+using Vec = Eigen::Matrix<float, P, 1>;
+
+int padded(int dim) { return (dim + 7) / 8 * 8; }
+
+template <int P, class F>
+void with_padded(int p, F&& f) {
+  if constexpr (P > 128) {
+    f(std::integral_constant<int, Eigen::Dynamic>{});
+  } else {
+    if (p == P) return f(std::integral_constant<int, P>{});
+    with_padded<P + 8>(p, std::forward<F>(f));
   }
 }
 
@@ -65,8 +84,9 @@ void validate_config(const ClientConfig& c) {
 ClientWorker::ClientWorker(const ModelView& model)
     : model_(model),
       dim_(model.dim),
-      u_(static_cast<std::size_t>(model.dim)),
-      grad_u_(static_cast<std::size_t>(model.dim)),
+      pdim_(padded(model.dim)),
+      u_(static_cast<std::size_t>(padded(model.dim)), 0.0f),
+      grad_u_(static_cast<std::size_t>(padded(model.dim)), 0.0f),
       item_to_local_(static_cast<std::size_t>(model.num_items), -1) {}
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
@@ -132,6 +152,9 @@ float ClientWorker::predict_row(const float* v, float item_bias) const {
 
 void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
                                std::int64_t client, const float* init_u, float init_bu) {
+  // Reset the whole padded vector: a previous client's overflow (inf * 0 = NaN) must not leak
+  // into this one through the padding.
+  std::fill(u_.begin(), u_.end(), 0.0f);
   VecMap u(u_.data(), dim_);
   bu_ = 0.0f;
   const bool bias = model_.has_bias();
@@ -182,10 +205,29 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     u.setZero();
   }
 
+  // Gather the support rows (padded) and targets once; every epoch then reads them in order.
+  const std::int64_t ns = num_support();
+  const std::int64_t P = pdim_;
+  sup_rows_.assign(static_cast<std::size_t>(ns * P), 0.0f);
+  sup_y_.resize(static_cast<std::size_t>(ns));
+  for (std::int64_t k = 0; k < ns; ++k) {
+    const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
+    const std::int32_t item = items_[p];
+    std::copy_n(V + item * K, K, sup_rows_.data() + k * P);
+    sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
+  }
+  with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
+}
+
+template <int P>
+void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
+  using Row = Eigen::Map<const Vec<P>>;
+  const bool bias = model_.has_bias();
+  Eigen::Map<Vec<P>> u(u_.data(), pdim_);
+  Eigen::Map<Vec<P>> g(grad_u_.data(), pdim_);
   const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
   recon_examples_ = 0;
-  VecMap g(grad_u_.data(), dim_);
   for (std::int64_t s = 0; s < steps; ++s) {
     const std::int64_t batch = s % batches;
     const std::int64_t lo = sup_off_[static_cast<std::size_t>(batch)];
@@ -193,11 +235,10 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     g.setZero();
     float gb = 0.0f;
     for (std::int64_t k = lo; k < hi; ++k) {
-      const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
-      const std::int32_t item = items_[p];
-      const float* v = V + item * K;
-      const float err = predict_row(v, bias ? model_.item_bias[item] : 0.0f) - ratings_[p];
-      g += err * CVecMap(v, K);
+      const Row v(sup_rows_.data() + k * pdim_, pdim_);
+      float err = u.dot(v) - sup_y_[static_cast<std::size_t>(k)];
+      if (bias) err += bu_;
+      g += err * v;
       gb += err;
     }
     // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
@@ -230,19 +271,59 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
   }
   for (std::int32_t item : rows_) item_to_local_[static_cast<std::size_t>(item)] = -1;
   const std::int64_t nrows = static_cast<std::int64_t>(rows_.size());
-  local_.resize(static_cast<std::size_t>(nrows * K));
+  const std::int64_t P = pdim_;
+  local_.assign(static_cast<std::size_t>(nrows * P), 0.0f);
   local_bias_.assign(static_cast<std::size_t>(bias ? nrows : 0), 0.0f);
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int32_t item = rows_[static_cast<std::size_t>(r)];
-    std::copy_n(model_.item_factors + item * K, K, local_.data() + r * K);
+    std::copy_n(model_.item_factors + item * K, K, local_.data() + r * P);
     if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
   }
-  local0_ = local_;
-  local_bias0_ = local_bias_;
   decayed_at_.assign(static_cast<std::size_t>(nrows), -1);
+  with_padded<8>(pdim_, [&](auto pc) { update_steps<decltype(pc)::value>(config, steps, stats); });
 
-  VecMap u(u_.data(), dim_);
-  VecMap gu(grad_u_.data(), dim_);
+  // The update is W - V over the touched rows; a non-finite update is dropped (TFF semantics).
+  // (x - x) is 0 for finite x and NaN otherwise, so one vectorised sum tests every element.
+  float nan_probe = 0.0f;
+  delta_.resize(static_cast<std::size_t>(nrows * K));
+  for (std::int64_t r = 0; r < nrows; ++r) {
+    const std::int64_t item = rows_[static_cast<std::size_t>(r)];
+    VecMap w(delta_.data() + r * K, K);
+    w = CVecMap(local_.data() + r * P, K) - CVecMap(model_.item_factors + item * K, K);
+    nan_probe += (w - w).sum();
+    if (bias) {
+      float& b = local_bias_[static_cast<std::size_t>(r)];
+      b -= model_.item_bias[item];
+      nan_probe += b - b;
+    }
+  }
+  const bool finite = nan_probe == 0.0f;
+  stats.rows = nrows;
+  stats.recon_examples = recon_examples_;
+  if (!finite || !std::isfinite(stats.loss_sum)) {
+    stats.status = kNonFinite;
+    stats.weight = 0.0;
+    rows_.clear();
+    delta_.clear();
+    local_bias_.clear();
+    stats.rows = 0;
+  } else if (num_query() == 0 || steps == 0) {
+    stats.status = kNoQuery;
+    stats.weight = 0.0;
+  } else {
+    stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
+  }
+  return stats;
+}
+
+template <int P>
+void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats) {
+  using Row = Eigen::Map<Vec<P>>;
+  const std::int64_t K = pdim_;  // row stride of the padded local copy
+  const bool bias = model_.has_bias();
+  const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
+  Eigen::Map<Vec<P>> u(u_.data(), pdim_);
+  Eigen::Map<Vec<P>> gu(grad_u_.data(), pdim_);
   const float l2 = config.update_l2;
   for (std::int64_t s = 0; s < steps; ++s) {
     const std::int64_t batch = s % batches;
@@ -256,13 +337,15 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
     for (std::int64_t k = lo; k < hi; ++k) {
       const std::int64_t p = qry_pos_[static_cast<std::size_t>(k)];
       const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
-      const float* w = local_.data() + l * K;
-      const float err = predict_row(w, bias ? local_bias_[static_cast<std::size_t>(l)] : 0.0f) - ratings_[p];
+      const Row w(local_.data() + l * K, pdim_);
+      float pred = u.dot(w) + model_.global_mean;
+      if (bias) pred += bu_ + local_bias_[static_cast<std::size_t>(l)];
+      const float err = pred - ratings_[p];
       err_[static_cast<std::size_t>(k - lo)] = err;
       stats.loss_sum += static_cast<double>(err) * err;
       stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
       if (config.joint) {
-        gu += err * CVecMap(w, K);
+        gu += err * w;
         gbu += err;
       }
     }
@@ -275,13 +358,13 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
         const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
         if (decayed_at_[static_cast<std::size_t>(l)] == s) continue;
         decayed_at_[static_cast<std::size_t>(l)] = s;
-        VecMap(local_.data() + l * K, K) *= decay;
+        Row(local_.data() + l * K, pdim_) *= decay;
       }
     }
     for (std::int64_t k = lo; k < hi; ++k) {
       const std::int32_t l = qry_local_[static_cast<std::size_t>(k)];
       const float step = config.client_lr * scale * err_[static_cast<std::size_t>(k - lo)];
-      VecMap(local_.data() + l * K, K) -= step * u;
+      Row(local_.data() + l * K, pdim_) -= step * u;
       if (bias) local_bias_[static_cast<std::size_t>(l)] -= step;
     }
     if (config.joint) {
@@ -289,33 +372,6 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
       if (bias) bu_ -= config.client_lr * scale * gbu;
     }
   }
-
-  // The update is W - W0 over the touched rows; a non-finite update is dropped (TFF semantics).
-  bool finite = true;
-  for (std::size_t k = 0; k < local_.size(); ++k) {
-    local_[k] -= local0_[k];
-    finite = finite && std::isfinite(local_[k]);
-  }
-  for (std::size_t k = 0; k < local_bias_.size(); ++k) {
-    local_bias_[k] -= local_bias0_[k];
-    finite = finite && std::isfinite(local_bias_[k]);
-  }
-  stats.rows = nrows;
-  stats.recon_examples = recon_examples_;
-  if (!finite || !std::isfinite(stats.loss_sum)) {
-    stats.status = kNonFinite;
-    stats.weight = 0.0;
-    rows_.clear();
-    local_.clear();
-    local_bias_.clear();
-    stats.rows = 0;
-  } else if (num_query() == 0 || steps == 0) {
-    stats.status = kNoQuery;
-    stats.weight = 0.0;
-  } else {
-    stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
-  }
-  return stats;
 }
 
 EvalStats ClientWorker::evaluate() const {

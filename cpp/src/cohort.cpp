@@ -1,5 +1,6 @@
 #include "fedrecon/cohort.hpp"
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -183,9 +184,9 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
       const std::size_t e_end = has_seg ? seg[static_cast<std::size_t>(s) + 1] : 0;
       std::fill(acc.begin(), acc.end(), 0.0);
       double acc_bias = 0.0;
+      Eigen::Map<Eigen::VectorXd> acc_v(acc.data(), K);
       auto add = [&](const ClientResult& r, const float* x) {
-        const double w = r.stats.weight;
-        for (std::int64_t k = 0; k < K; ++k) acc[static_cast<std::size_t>(k)] += w * x[k];
+        acc_v += r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
       };
       auto add_entry = [&](std::size_t entry) {
         const ClientResult& r = results[entries[entry].key & 0xffffffffULL];
@@ -205,8 +206,7 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
         }
         if (has_seg) ++s;
       }
-      float* out = delta_out + row * K;
-      for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(acc[static_cast<std::size_t>(k)] * inv_total);
+      Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) = (acc_v * inv_total).cast<float>();
       if (bias) delta_bias_out[row] = static_cast<float>(acc_bias * inv_total);
     }
   });

@@ -37,7 +37,7 @@ class ClientWorker {
   EvalStats evaluate() const;
 
   const std::vector<std::int32_t>& rows() const { return rows_; }
-  const float* delta() const { return local_.data(); }  // rows().size() x dim, W - W0
+  const float* delta() const { return delta_.data(); }  // rows().size() x dim, W - V
   const float* bias_delta() const { return local_bias_.data(); }
   const float* user() const { return u_.data(); }
   float user_bias() const { return bu_; }
@@ -46,22 +46,32 @@ class ClientWorker {
 
  private:
   float predict_row(const float* v, float item_bias) const;
+  // The hot loops, compiled for each padded size P (a multiple of 8 up to 128, so every row
+  // is whole AVX vectors) and a dynamic fallback.
+  template <int P>
+  void reconstruct_sgd(const ClientConfig& config);
+  template <int P>
+  void update_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats);
 
   ModelView model_;
   int dim_;
+  int pdim_;  // dim rounded up to a multiple of 8: the stride of the padded working rows
   // The current client: its entries in the CSR arrays, and positions relative to `base_`.
   const std::int32_t* items_ = nullptr;
   const float* ratings_ = nullptr;
   std::vector<std::int64_t> perm_;
   std::vector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
   std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
-  // Local embedding and its gradient.
+  // The support rows gathered once per client (padded, in batch order) and their targets
+  // r - global_mean - b_i, so reconstruction streams through contiguous memory.
+  std::vector<float> sup_rows_, sup_y_;
+  // Local embedding and its gradient (padded; the padding stays zero).
   std::vector<float> u_, grad_u_;
   float bu_ = 0.0f;
   std::int64_t recon_examples_ = 0;
   // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
   std::vector<std::int32_t> rows_;
-  std::vector<float> local_, local0_, local_bias_, local_bias0_;
+  std::vector<float> local_, local_bias_, delta_;  // local_ padded; delta_ rows x dim
   std::vector<std::int32_t> qry_local_;
   std::vector<std::int32_t> item_to_local_;  // num_items, -1 when absent; reset after use
   std::vector<std::int64_t> decayed_at_;      // L2 decay once per row per step
