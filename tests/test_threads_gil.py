@@ -21,3 +21,30 @@ def test_concurrent_calls_from_python_threads_match_serial_results():
     for a, b in zip(serial, concurrent):
         assert np.array_equal(a, b)
     assert not np.array_equal(serial[0], serial[1])  # rounds differ, so the check is not vacuous
+
+
+def test_kernels_work_in_a_forked_child_after_the_parent_used_threads():
+    # The native thread pool must be rebuilt in a fork()ed child (its threads do not exist
+    # there); a stale pool would hang. Run in a subprocess with a timeout.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import multiprocessing as mp
+        import numpy as np
+        import fedrecon_fast as ff
+
+        def round_delta(_):
+            d = ff.synthetic_ratings(num_users=120, num_items=60, seed=4).prepare(shuffle_seed=4)
+            V = ff.GlobalModel.initialize(d.item_ids, ff.preset("paper", dim=8)).item_factors
+            return ff.train_round(V, d, None, ff.preset("paper").client, seed=1, num_threads=2).delta
+
+        parent = round_delta(0)
+        with mp.get_context("fork").Pool(2) as pool:
+            children = pool.map(round_delta, range(2))
+        assert all(np.array_equal(parent, c) for c in children)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

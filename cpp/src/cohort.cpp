@@ -80,7 +80,7 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
     if (out.stats.weight > 0.0) {
       const std::size_t nrows = w.rows().size();
       out.rows = w.rows();
-      out.values.assign(w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
+      w.take_delta(out.values);  // hand the buffer over instead of copying it
       if (model.has_bias()) out.bias.assign(w.bias_delta(), w.bias_delta() + nrows);
       bool clipped = false;
       out.stats.bytes = encode_update(codec, model.num_items, model.dim, out.rows.data(),
@@ -139,7 +139,16 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   std::fill_n(delta_out, model.num_items * K, 0.0f);
   if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
   if (summary.total_weight <= 0.0) return summary;
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.key < b.key; });
+  // Counting sort by row: entries were appended in cohort order and the scatter is stable, so
+  // each row's clients stay in cohort order. Linear in rows + entries.
+  {
+    std::vector<std::int64_t> start(static_cast<std::size_t>(model.num_items) + 1, 0);
+    for (const Entry& e : entries) ++start[static_cast<std::size_t>(e.key >> 32) + 1];
+    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
+    std::vector<Entry> sorted(entries.size());
+    for (const Entry& e : entries) sorted[static_cast<std::size_t>(start[static_cast<std::size_t>(e.key >> 32)]++)] = e;
+    entries.swap(sorted);
+  }
 
   // Segments of equal row; each row sums its clients in cohort order (float64), so the
   // reduction is parallel across rows yet independent of the thread count. With a dense
