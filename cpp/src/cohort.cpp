@@ -80,7 +80,7 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
     if (out.stats.weight > 0.0) {
       const std::size_t nrows = w.rows().size();
       out.rows = w.rows();
-      w.take_delta(out.values);  // hand the buffer over instead of copying it
+      out.values.assign(w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
       if (model.has_bias()) out.bias.assign(w.bias_delta(), w.bias_delta() + nrows);
       bool clipped = false;
       out.stats.bytes = encode_update(codec, model.num_items, model.dim, out.rows.data(),

@@ -39,8 +39,6 @@ class ClientWorker {
   const std::vector<std::int32_t>& rows() const { return rows_; }
   const float* delta() const { return delta_.data(); }  // rows().size() x dim, W - V
   const float* bias_delta() const { return local_bias_.data(); }
-  /// Moves the delta buffer (rows().size() x dim) into `out`; delta() is empty afterwards.
-  void take_delta(std::vector<float>& out) { out.swap(delta_); delta_.clear(); }
   const float* user() const { return u_.data(); }
   float user_bias() const { return bu_; }
   std::int64_t num_support() const { return static_cast<std::int64_t>(sup_pos_.size()); }
