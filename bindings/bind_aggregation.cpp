@@ -18,10 +18,8 @@ using namespace pybind11::literals;
 
 namespace {
 
-template <class T>
-using Array = py::array_t<T, py::array::c_style>;
-
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+using fedrecon_bindings::Array;
+using fedrecon_bindings::fail;
 
 // Data pointers of float32 arrays that must each hold `size` values.
 std::vector<const float*> dense_pointers(const std::vector<Array<float>>& updates, py::ssize_t size) {

@@ -17,10 +17,8 @@ using namespace pybind11::literals;
 
 namespace {
 
-template <class T>
-using Array = py::array_t<T, py::array::c_style>;
-
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+using fedrecon_bindings::Array;
+using fedrecon_bindings::fail;
 
 fedrecon::QuantScheme make_scheme(int bits, bool row_scaling, bool hadamard, std::uint64_t key) {
   fedrecon::QuantScheme s;

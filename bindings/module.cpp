@@ -18,10 +18,8 @@ using fedrecon::ClientConfig;
 
 namespace {
 
-template <class T>
-using Array = py::array_t<T, py::array::c_style>;
-
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+using fedrecon_bindings::Array;
+using fedrecon_bindings::fail;
 
 fedrecon::ModelView model_view(const Array<float>& item_factors,
                                const std::optional<Array<float>>& item_bias, float global_mean) {

@@ -9,14 +9,7 @@
 #include "fedrecon/parallel.hpp"
 #include "fedrecon/rng.hpp"
 
-// Every float64 sum here is exactly the sequence of IEEE roundings "acc += c * x" (product
-// rounded, then sum rounded): no fused multiply-add, whatever -march allows. A portable wheel
-// and a -march=native build then agree bit for bit, and so does a NumPy loop.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fedrecon/strict_fp.hpp"
 
 namespace fedrecon {
 
