@@ -89,6 +89,18 @@ ClientWorker::ClientWorker(const ModelView& model)
       grad_u_(static_cast<std::size_t>(padded(model.dim)), 0.0f),
       item_to_local_(static_cast<std::size_t>(model.num_items), -1) {}
 
+void ClientWorker::rebind(const ModelView& model) {
+  if (model.dim != dim_) {
+    dim_ = model.dim;
+    pdim_ = padded(model.dim);
+    u_.assign(static_cast<std::size_t>(pdim_), 0.0f);
+    grad_u_.assign(static_cast<std::size_t>(pdim_), 0.0f);
+  }
+  if (model.num_items != model_.num_items)
+    item_to_local_.assign(static_cast<std::size_t>(model.num_items), -1);
+  model_ = model;
+}
+
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
                          std::uint64_t seed, std::uint64_t round) {
   const std::int64_t begin = data.indptr[client];
@@ -208,12 +220,13 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   // Gather the support rows (padded) and targets once; every epoch then reads them in order.
   const std::int64_t ns = num_support();
   const std::int64_t P = pdim_;
-  sup_rows_.assign(static_cast<std::size_t>(ns * P), 0.0f);
+  sup_rows_.resize(static_cast<std::size_t>(ns * P));
   sup_y_.resize(static_cast<std::size_t>(ns));
   for (std::int64_t k = 0; k < ns; ++k) {
     const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
     const std::int32_t item = items_[p];
     std::copy_n(V + item * K, K, sup_rows_.data() + k * P);
+    std::fill_n(sup_rows_.data() + k * P + K, P - K, 0.0f);
     sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
   }
   with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
@@ -272,11 +285,12 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
   for (std::int32_t item : rows_) item_to_local_[static_cast<std::size_t>(item)] = -1;
   const std::int64_t nrows = static_cast<std::int64_t>(rows_.size());
   const std::int64_t P = pdim_;
-  local_.assign(static_cast<std::size_t>(nrows * P), 0.0f);
+  local_.resize(static_cast<std::size_t>(nrows * P));
   local_bias_.assign(static_cast<std::size_t>(bias ? nrows : 0), 0.0f);
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int32_t item = rows_[static_cast<std::size_t>(r)];
     std::copy_n(model_.item_factors + item * K, K, local_.data() + r * P);
+    std::fill_n(local_.data() + r * P + K, P - K, 0.0f);
     if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
   }
   decayed_at_.assign(static_cast<std::size_t>(nrows), -1);

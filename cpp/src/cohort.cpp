@@ -2,6 +2,9 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -32,12 +35,44 @@ void check_inputs(const ModelView& model, const CsrView& data, const std::int64_
   }
 }
 
-std::vector<ClientWorker> make_workers(const ModelView& model, int threads) {
-  std::vector<ClientWorker> workers;
-  workers.reserve(static_cast<std::size_t>(threads));
-  for (int t = 0; t < threads; ++t) workers.emplace_back(model);
-  return workers;
-}
+// Workers (and their num_items-sized scratch) are reused across calls: a lease takes them from
+// a process-wide free list and returns them, so concurrent callers never share one. A call that
+// ends in an exception drops its workers rather than return possibly dirty scratch.
+class WorkerLease {
+ public:
+  WorkerLease(const ModelView& model, int threads) {
+    std::lock_guard<std::mutex> lock(mutex());
+    for (int t = 0; t < threads; ++t) {
+      if (free_list().empty()) {
+        workers_.push_back(std::make_unique<ClientWorker>(model));
+      } else {
+        workers_.push_back(std::move(free_list().back()));
+        free_list().pop_back();
+        workers_.back()->rebind(model);
+      }
+    }
+  }
+  ~WorkerLease() {
+    if (std::uncaught_exceptions() > 0) return;
+    std::lock_guard<std::mutex> lock(mutex());
+    for (auto& w : workers_)
+      if (free_list().size() < 64) free_list().push_back(std::move(w));
+  }
+  WorkerLease(const WorkerLease&) = delete;
+  WorkerLease& operator=(const WorkerLease&) = delete;
+  ClientWorker& operator[](std::size_t i) { return *workers_[i]; }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::unique_ptr<ClientWorker>>& free_list() {
+    static auto* list = new std::vector<std::unique_ptr<ClientWorker>>();  // leaked: no exit-order issues
+    return *list;
+  }
+  std::vector<std::unique_ptr<ClientWorker>> workers_;
+};
 
 // One client's sparse update, kept until the ordered reduction.
 struct ClientResult {
@@ -58,7 +93,7 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
   if (codec.bits != 0) check_bits(codec.bits);
   if (!(codec.clip >= 0.0) || codec.threshold < 0) throw std::invalid_argument("clip and threshold must be >= 0");
   const int threads = resolve_threads(num_threads, n);
-  auto workers = make_workers(model, threads);
+  WorkerLease workers(model, threads);
   std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
   std::vector<ClientResult> results(static_cast<std::size_t>(n));
   const std::int64_t K = model.dim;
@@ -249,7 +284,7 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
   validate_config(config);
   check_inputs(model, data, clients, num_sampled);
   const int threads = resolve_threads(num_threads, num_sampled);
-  auto workers = make_workers(model, threads);
+  WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     w.split(data, clients[i], config, seed, round);
@@ -265,7 +300,7 @@ void evaluate_users(const ModelView& model, const CsrView& data, const std::int6
   validate_config(config);
   check_inputs(model, data, clients, num_sampled);
   const int threads = resolve_threads(num_threads, num_sampled);
-  auto workers = make_workers(model, threads);
+  WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     w.split(data, clients[i], config, seed, round);

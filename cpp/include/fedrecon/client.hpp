@@ -18,6 +18,9 @@ class ClientWorker {
  public:
   explicit ClientWorker(const ModelView& model);
 
+  /// Points a (cached) worker at this call's model, resizing its scratch if the shape changed.
+  void rebind(const ModelView& model);
+
   /// Splits client `client` of `data` into support and query batches (stream kStreamSplit of
   /// (seed, round, client)). Throws std::out_of_range for an item id outside the model.
   void split(const CsrView& data, std::int64_t client, const ClientConfig& config,
