@@ -35,65 +35,95 @@ void check_inputs(const ModelView& model, const CsrView& data, const std::int64_
   }
 }
 
-// Workers (and their num_items-sized scratch) are reused across calls: a lease takes them from
-// a process-wide free list and returns them, so concurrent callers never share one. A call that
-// ends in an exception drops its workers rather than return possibly dirty scratch.
+// The reporting clients' updates of one call, appended per thread; results refer to them by
+// offset, so nothing is allocated per client once the arenas have grown.
+struct Arena {
+  std::vector<std::int32_t> rows;
+  std::vector<float> values, bias;
+  void clear() {
+    rows.clear();
+    values.clear();
+    bias.clear();
+  }
+};
+
+// Workers (with their num_items-sized scratch) and arenas are reused across calls: a lease
+// takes them from a process-wide free list and returns them, so concurrent callers never share
+// one. A call that ends in an exception drops them rather than return possibly dirty scratch.
 class WorkerLease {
  public:
   WorkerLease(const ModelView& model, int threads) {
     std::lock_guard<std::mutex> lock(mutex());
     for (int t = 0; t < threads; ++t) {
       if (free_list().empty()) {
-        workers_.push_back(std::make_unique<ClientWorker>(model));
+        slots_.push_back(std::make_unique<Slot>(Slot{std::make_unique<ClientWorker>(model), Arena()}));
       } else {
-        workers_.push_back(std::move(free_list().back()));
+        slots_.push_back(std::move(free_list().back()));
         free_list().pop_back();
-        workers_.back()->rebind(model);
+        slots_.back()->worker->rebind(model);
+        slots_.back()->arena.clear();
       }
     }
   }
   ~WorkerLease() {
     if (std::uncaught_exceptions() > 0) return;
     std::lock_guard<std::mutex> lock(mutex());
-    for (auto& w : workers_)
-      if (free_list().size() < 64) free_list().push_back(std::move(w));
+    for (auto& s : slots_)
+      if (free_list().size() < 64) free_list().push_back(std::move(s));
   }
   WorkerLease(const WorkerLease&) = delete;
   WorkerLease& operator=(const WorkerLease&) = delete;
-  ClientWorker& operator[](std::size_t i) { return *workers_[i]; }
+  ClientWorker& operator[](std::size_t i) { return *slots_[i]->worker; }
+  Arena& arena(std::size_t i) { return slots_[i]->arena; }
+  const Arena& arena(std::size_t i) const { return slots_[i]->arena; }
 
  private:
+  struct Slot {
+    std::unique_ptr<ClientWorker> worker;
+    Arena arena;
+  };
   static std::mutex& mutex() {
     static std::mutex m;
     return m;
   }
-  static std::vector<std::unique_ptr<ClientWorker>>& free_list() {
-    static auto* list = new std::vector<std::unique_ptr<ClientWorker>>();  // leaked: no exit-order issues
+  static std::vector<std::unique_ptr<Slot>>& free_list() {
+    static auto* list = new std::vector<std::unique_ptr<Slot>>();  // leaked: no exit-order issues
     return *list;
   }
-  std::vector<std::unique_ptr<ClientWorker>> workers_;
+  std::vector<std::unique_ptr<Slot>> slots_;
 };
 
 // One client's sparse update, kept until the ordered reduction.
 struct ClientResult {
-  std::vector<std::int32_t> rows;
-  std::vector<float> values;
-  std::vector<float> bias;
+  int arena = 0;            // thread whose arena holds the update
+  std::size_t offset = 0;   // first row in that arena
+  std::size_t nrows = 0;
   ClientStats stats;
   EncodedUpdate enc;
 };
 
-std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& data,
+// Views of a result's update in its arena.
+struct UpdateView {
+  const std::int32_t* rows;
+  const float* values;  // nrows x dim
+  const float* bias;    // nrows, or nullptr
+};
+
+UpdateView view(const WorkerLease& lease, const ClientResult& r, std::int64_t K, bool bias) {
+  const Arena& a = lease.arena(static_cast<std::size_t>(r.arena));
+  return {a.rows.data() + r.offset, a.values.data() + r.offset * static_cast<std::size_t>(K),
+          bias ? a.bias.data() + r.offset : nullptr};
+}
+
+std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& model, const CsrView& data,
                                       const std::int64_t* clients, std::int64_t n,
                                       const ClientConfig& config, std::uint64_t seed,
                                       std::uint64_t round, int num_threads, const UserState& users,
                                       const UpdateCodec& codec) {
-  validate_config(config);
-  check_inputs(model, data, clients, n);
+  // The caller has validated config and inputs (before leasing workers sized by the model).
   if (codec.bits != 0) check_bits(codec.bits);
   if (!(codec.clip >= 0.0) || codec.threshold < 0) throw std::invalid_argument("clip and threshold must be >= 0");
   const int threads = resolve_threads(num_threads, n);
-  WorkerLease workers(model, threads);
   std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
   std::vector<ClientResult> results(static_cast<std::size_t>(n));
   const std::int64_t K = model.dim;
@@ -114,13 +144,17 @@ std::vector<ClientResult> run_updates(const ModelView& model, const CsrView& dat
     }
     if (out.stats.weight > 0.0) {
       const std::size_t nrows = w.rows().size();
-      out.rows = w.rows();
-      out.values.assign(w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
-      if (model.has_bias()) out.bias.assign(w.bias_delta(), w.bias_delta() + nrows);
+      Arena& a = workers.arena(static_cast<std::size_t>(tid));
+      out.arena = tid;
+      out.offset = a.rows.size();
+      out.nrows = nrows;
+      a.rows.insert(a.rows.end(), w.rows().begin(), w.rows().end());
+      a.values.insert(a.values.end(), w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
+      if (model.has_bias()) a.bias.insert(a.bias.end(), w.bias_delta(), w.bias_delta() + nrows);
       bool clipped = false;
-      out.stats.bytes = encode_update(codec, model.num_items, model.dim, out.rows.data(),
-                                      static_cast<std::int64_t>(nrows), out.values.data(),
-                                      model.has_bias() ? out.bias.data() : nullptr,
+      out.stats.bytes = encode_update(codec, model.num_items, model.dim, a.rows.data() + out.offset,
+                                      static_cast<std::int64_t>(nrows), a.values.data() + out.offset * static_cast<std::size_t>(K),
+                                      model.has_bias() ? a.bias.data() + out.offset : nullptr,
                                       derive_seed(seed, round, static_cast<std::uint64_t>(c), kStreamQuant),
                                       out.enc, clipped, scratch[static_cast<std::size_t>(tid)]);
       out.stats.clipped = clipped ? 1 : 0;
@@ -136,7 +170,10 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          std::uint64_t round, int num_threads, float* delta_out,
                          float* delta_bias_out, ClientStats* stats_out, const UserState& users,
                          const UpdateCodec& codec) {
-  const auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
+  const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
 
@@ -162,13 +199,14 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
     if (r.stats.weight <= 0.0) continue;
     summary.total_weight += r.stats.weight;
     summary.num_reporting += 1;
-    summary.rows_sent += static_cast<std::int64_t>(r.rows.size());
+    summary.rows_sent += static_cast<std::int64_t>(r.nrows);
     summary.bytes_sent += r.stats.bytes;
     summary.num_clipped += r.stats.clipped;
     reporting.push_back(i);
     any_noisy = any_noisy || r.enc.noisy_zeros;
-    for (std::size_t l = 0; l < r.rows.size(); ++l)
-      entries.push_back({(static_cast<std::uint64_t>(r.rows[l]) << 32) | static_cast<std::uint64_t>(i),
+    const std::int32_t* rows = view(lease, r, K, bias).rows;
+    for (std::size_t l = 0; l < r.nrows; ++l)
+      entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
                          static_cast<std::int32_t>(l)});
   }
   std::fill_n(delta_out, model.num_items * K, 0.0f);
@@ -234,8 +272,9 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
       };
       auto add_entry = [&](std::size_t entry) {
         const ClientResult& r = results[entries[entry].key & 0xffffffffULL];
-        add(r, r.values.data() + static_cast<std::int64_t>(entries[entry].local) * K);
-        if (bias) acc_bias += r.stats.weight * r.bias[static_cast<std::size_t>(entries[entry].local)];
+        const UpdateView u = view(lease, r, K, bias);
+        add(r, u.values + static_cast<std::int64_t>(entries[entry].local) * K);
+        if (bias) acc_bias += r.stats.weight * u.bias[entries[entry].local];
       };
       if (!any_noisy) {
         for (; e < e_end; ++e) add_entry(e);
@@ -264,13 +303,19 @@ SparseUpdates client_updates(const ModelView& model, const CsrView& data,
   if (codec.quantizes(model.num_items, model.dim) && !codec.sparse && !codec.row_scaling)
     throw std::invalid_argument("a dense update quantized with one scale decodes to noise on every row; "
                                 "client_updates returns touched rows only: use sparse or row scaling");
-  auto results = run_updates(model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
+  auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
   SparseUpdates out;
   out.offsets.push_back(0);
   for (auto& r : results) {
-    out.rows.insert(out.rows.end(), r.rows.begin(), r.rows.end());
-    out.values.insert(out.values.end(), r.values.begin(), r.values.end());
-    out.bias_values.insert(out.bias_values.end(), r.bias.begin(), r.bias.end());
+    const UpdateView u = view(lease, r, K, bias);
+    out.rows.insert(out.rows.end(), u.rows, u.rows + r.nrows);
+    out.values.insert(out.values.end(), u.values, u.values + r.nrows * static_cast<std::size_t>(K));
+    if (bias) out.bias_values.insert(out.bias_values.end(), u.bias, u.bias + r.nrows);
     out.offsets.push_back(static_cast<std::int64_t>(out.rows.size()));
     out.stats.push_back(r.stats);
   }
