@@ -594,3 +594,17 @@ def test_classes_match_registry():
     assert isinstance(make_optimizer("adam"), Adam)
     assert isinstance(make_optimizer("adagrad"), Adagrad)
     assert isinstance(make_optimizer("yogi"), Yogi)
+
+
+def test_apply_without_validation_gives_the_same_result():
+    rng = np.random.default_rng(7)
+    for name in ("sgd", "momentum", "adam", "adagrad", "yogi"):
+        p1 = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
+        p2 = {"w": p1["w"].copy()}
+        opt = make_optimizer(name)
+        s1, s2 = opt.init(p1), opt.init(p2)
+        for _ in range(3):
+            d = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
+            opt.apply(p1, d, s1)
+            opt.apply(p2, d, s2, validate=False)
+        assert np.array_equal(p1["w"], p2["w"]), name

@@ -111,6 +111,8 @@ class ServerOptimizer(Protocol):
         params: Mapping[str, np.ndarray],
         update: Mapping[str, np.ndarray],
         state: Mapping[str, np.ndarray],
+        *,
+        validate: bool = True,
     ) -> None:
         """Apply the client update ``update`` to ``params`` in place."""
         ...
@@ -293,6 +295,8 @@ class _Base:
         params: Mapping[str, np.ndarray],
         update: Mapping[str, np.ndarray],
         state: Mapping[str, np.ndarray],
+        *,
+        validate: bool = True,
     ) -> None:
         """Apply one server step in place.
 
@@ -310,6 +314,10 @@ class _Base:
         state : dict of str to numpy.ndarray
             State returned by :meth:`init` (or loaded back from
             :func:`numpy.savez`), modified in place.
+        validate : bool, default True
+            Check keys, shapes, dtypes and finiteness first. A caller that built
+            ``update`` itself as float32 arrays of the right shapes (the trainer)
+            may skip it.
 
         Raises
         ------
@@ -318,10 +326,13 @@ class _Base:
             shape differs, an update contains NaN/Inf (the message names the
             key), or ``state`` does not belong to ``params``/this optimizer.
         """
-        _check_params(params)
-        deltas = _check_update(params, update)
         slot_names = tuple(s for s, _ in self._slots)
-        _check_state(params, state, slot_names)
+        if validate:
+            _check_params(params)
+            deltas = _check_update(params, update)
+            _check_state(params, state, slot_names)
+        else:
+            deltas = update
         step = state[_STEP_KEY]
         np.add(step, 1, out=step)
         t = int(step)
