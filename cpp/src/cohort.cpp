@@ -209,9 +209,11 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
       entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
                          static_cast<std::int32_t>(l)});
   }
-  std::fill_n(delta_out, model.num_items * K, 0.0f);
-  if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
-  if (summary.total_weight <= 0.0) return summary;
+  if (summary.total_weight <= 0.0) {
+    std::fill_n(delta_out, model.num_items * K, 0.0f);
+    if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
+    return summary;
+  }
   // Counting sort by row: entries were appended in cohort order and the scatter is stable, so
   // each row's clients stay in cohort order. Linear in rows + entries.
   {
@@ -237,39 +239,41 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   auto row_of = [&](std::int64_t s) {
     return static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
   };
-  const std::int64_t num_visits = any_noisy ? model.num_items : num_segments;
-  const std::int64_t block = 64;
-  const std::int64_t num_blocks = (num_visits + block - 1) / block;
+  // Parallel over blocks of consecutive rows: a block zero-fills its rows of the output, then
+  // sums the clients of each of its touched rows (or, with noise, of every row).
+  const std::int64_t rows_per_block = 256;
+  const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
   const double inv_total = 1.0 / summary.total_weight;
   const int threads = resolve_threads(num_threads, num_blocks);
   std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
   parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
+    const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
+    std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
+    if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
     std::vector<double> acc(static_cast<std::size_t>(K));
     std::vector<float> noise(static_cast<std::size_t>(K));
+    Eigen::Map<Eigen::VectorXd> acc_v(acc.data(), K);
     CodecScratch& cs = scratch[static_cast<std::size_t>(tid)];
-    const std::int64_t lo = b * block, hi = std::min(num_visits, (b + 1) * block);
-    // With noise, visits are rows 0..num_items-1; find the first segment at or after `lo`.
-    std::int64_t s = 0;
-    if (any_noisy) {
-      std::int64_t a = 0, z = num_segments;
-      while (a < z) {
-        const std::int64_t mid = (a + z) / 2;
-        if (row_of(mid) < lo) a = mid + 1; else z = mid;
-      }
-      s = a;
+    // The first segment at or after row `lo`.
+    std::int64_t s = 0, z = num_segments;
+    while (s < z) {
+      const std::int64_t mid = (s + z) / 2;
+      if (row_of(mid) < lo) s = mid + 1; else z = mid;
     }
-    for (std::int64_t v = lo; v < hi; ++v) {
-      const std::int64_t row = any_noisy ? v : row_of(v);
-      if (!any_noisy) s = v;
+    auto add = [&](const ClientResult& r, const float* x) {
+      acc_v += r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
+    };
+    for (std::int64_t row = lo; row < hi; ++row) {
       const bool has_seg = s < num_segments && row_of(s) == row;
+      if (!has_seg && !any_noisy) {
+        if (s >= num_segments || row_of(s) >= hi) break;  // no more touched rows in this block
+        row = row_of(s) - 1;  // jump to the next touched row
+        continue;
+      }
       std::size_t e = has_seg ? seg[static_cast<std::size_t>(s)] : 0;
       const std::size_t e_end = has_seg ? seg[static_cast<std::size_t>(s) + 1] : 0;
-      std::fill(acc.begin(), acc.end(), 0.0);
+      acc_v.setZero();
       double acc_bias = 0.0;
-      Eigen::Map<Eigen::VectorXd> acc_v(acc.data(), K);
-      auto add = [&](const ClientResult& r, const float* x) {
-        acc_v += r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
-      };
       auto add_entry = [&](std::size_t entry) {
         const ClientResult& r = results[entries[entry].key & 0xffffffffULL];
         const UpdateView u = view(lease, r, K, bias);
@@ -287,8 +291,8 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
             add(results[static_cast<std::size_t>(i)], noise.data());
           }
         }
-        if (has_seg) ++s;
       }
+      if (has_seg) ++s;
       Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) = (acc_v * inv_total).cast<float>();
       if (bias) delta_bias_out[row] = static_cast<float>(acc_bias * inv_total);
     }
