@@ -7,33 +7,32 @@ import numbers
 import numpy as np
 
 
-def as_float32_matrix(x, name: str, *, cols: int | None = None, check_finite: bool = True) -> np.ndarray:
-    """Convert a real 2-D array-like to C-contiguous float32 (one copy at most)."""
+def _as_float32(x, name: str, ndim: int, check_finite: bool) -> np.ndarray:
+    """Convert a real array-like of `ndim` dimensions to C-contiguous float32 (one copy at most)."""
     arr = np.asarray(x)
     if arr.dtype == object or arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D; got shape {arr.shape}")
-    if cols is not None and arr.shape[1] != cols:
-        raise ValueError(f"{name} must have {cols} columns; got shape {arr.shape}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if check_finite and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr
 
 
+def as_float32_matrix(x, name: str, *, cols: int | None = None, check_finite: bool = True) -> np.ndarray:
+    """A real 2-D array-like as C-contiguous float32, optionally with `cols` columns."""
+    arr = _as_float32(x, name, 2, check_finite)
+    if cols is not None and arr.shape[1] != cols:
+        raise ValueError(f"{name} must have {cols} columns; got shape {arr.shape}")
+    return arr
+
+
 def as_float32_vector(x, name: str, *, size: int | None = None, check_finite: bool = True) -> np.ndarray:
-    """Convert a real 1-D array-like to C-contiguous float32."""
-    arr = np.asarray(x)
-    if arr.dtype == object or arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    """A real 1-D array-like as C-contiguous float32, optionally of length `size`."""
+    arr = _as_float32(x, name, 1, check_finite)
     if size is not None and arr.shape[0] != size:
         raise ValueError(f"{name} must have length {size}; got {arr.shape[0]}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if check_finite and not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
     return arr
 
 

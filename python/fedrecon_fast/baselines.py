@@ -18,8 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core, kernels
-from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, derive_seed
-from ._validation import as_float32_matrix, check_choice, check_float, check_int
+from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
+from ._validation import (
+    as_float32_matrix,
+    as_float32_vector,
+    as_index_array,
+    check_choice,
+    check_float,
+    check_int,
+)
 from .config import ClientConfig, FedReconConfig, preset
 from .data import ClientData
 from .evaluation import summarize
@@ -28,7 +35,7 @@ from .training import FedRecon
 
 
 def _uniform(shape, scale: float, seed: int, stream: int) -> np.ndarray:
-    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, 0, 0, stream)))
+    rng = generator(seed, 0, 0, stream)
     return rng.uniform(-scale, scale, size=shape).astype(np.float32)
 
 
@@ -70,9 +77,9 @@ def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, i
     if user_bias is not None:
         user_bias = _writable_f32(user_bias, "user_bias", 1)
         item_bias = _writable_f32(item_bias, "item_bias", 1)
-    user_ids = kernels.as_index_array(user_ids, "user_ids", upper=users.shape[0])
-    item_ids = kernels.as_index_array(item_ids, "item_ids", upper=items.shape[0]).astype(np.int32)
-    ratings = kernels.as_float32_vector(ratings, "ratings", size=len(user_ids))
+    user_ids = as_index_array(user_ids, "user_ids", upper=users.shape[0])
+    item_ids = as_index_array(item_ids, "item_ids", upper=items.shape[0]).astype(np.int32)
+    ratings = as_float32_vector(ratings, "ratings", size=len(user_ids))
     if len(item_ids) != len(user_ids):
         raise ValueError("user_ids, item_ids and ratings must have the same length")
     check_int(batch_size, "batch_size", minimum=1)
@@ -194,12 +201,11 @@ class CentralizedMF:
         items = _uniform((data.num_items, cfg.dim), cfg.init_scale, cfg.seed, STREAM_ITEM_TABLE)
         self.user_bias = np.zeros(data.num_clients, np.float32) if cfg.biases else None
         item_bias = np.zeros(data.num_items, np.float32) if cfg.biases else None
+        # GlobalModel keeps these float32 arrays without copying: training updates the model.
         self.model = GlobalModel(items, item_bias, mean, data.item_ids)
-        self.model.item_factors = items  # train the model's own arrays in place
-        self.model.item_bias = item_bias
         user_index, item_index, ratings = data.to_coo()
         by_item = transpose(data) if cfg.method == "als" else None
-        rng = np.random.Generator(np.random.PCG64(derive_seed(cfg.seed, 0, 0, STREAM_EPOCH_ORDER)))
+        rng = generator(cfg.seed, 0, 0, STREAM_EPOCH_ORDER)
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._rng import STREAM_MODEL_INIT, derive_seed
+from ._rng import STREAM_MODEL_INIT, generator
 from ._validation import as_float32_matrix, as_float32_vector, check_float
 from .config import FedReconConfig
 
@@ -69,7 +69,7 @@ class GlobalModel:
     def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0) -> GlobalModel:
         """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        rng = np.random.Generator(np.random.PCG64(derive_seed(config.seed, 0, 0, STREAM_MODEL_INIT)))
+        rng = generator(config.seed, 0, 0, STREAM_MODEL_INIT)
         a = config.item_init_scale
         V = rng.uniform(-a, a, size=(len(item_ids), config.dim)).astype(np.float32)
         bias = np.zeros(len(item_ids), dtype=np.float32) if config.biases else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import numpy as np
 
 from .baselines import CentralizedConfig, CentralizedMF, FedAvg, fedavg_config
 from .config import preset
@@ -205,7 +204,3 @@ def plot_ablation(result: dict, path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def mean_std(values) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std())

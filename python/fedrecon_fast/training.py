@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from ._rng import STREAM_SAMPLE, derive_seed
+from ._rng import STREAM_SAMPLE, generator
 from .config import FedReconConfig
 from .evaluation import recon_eval
 from .model import GlobalModel
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: int) -> np.ndarray:
     """Clients of one round, without replacement; depends only on (seed, round)."""
-    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, round, 0, STREAM_SAMPLE)))
+    rng = generator(seed, round, 0, STREAM_SAMPLE)
     m = min(clients_per_round, num_clients)
     return rng.choice(num_clients, size=m, replace=False).astype(np.int64)
 
