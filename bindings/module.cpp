@@ -121,6 +121,14 @@ py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
                   "status"_a = column(s, &fedrecon::ClientStats::status));
 }
 
+py::dict summary_dict(const fedrecon::RoundSummary& s) {
+  return py::dict("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
+                  "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
+                  "num_reporting"_a = s.num_reporting, "num_nonfinite"_a = s.num_nonfinite,
+                  "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated,
+                  "bytes_sent"_a = s.bytes_sent, "num_clipped"_a = s.num_clipped);
+}
+
 py::tuple train_round(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
                       float global_mean, const Array<std::int64_t>& indptr,
                       const Array<std::int32_t>& items, const Array<float>& ratings,
@@ -147,14 +155,42 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
     s = fedrecon::train_round(model, data, ids, n, config, seed, round, num_threads, delta_ptr,
                               delta_bias_ptr, stats.data(), user_state.state, codec);
   }
-  py::dict summary("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
-                   "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
-                   "num_reporting"_a = s.num_reporting, "num_nonfinite"_a = s.num_nonfinite,
-                   "rows_sent"_a = s.rows_sent, "rows_aggregated"_a = s.rows_aggregated,
-                   "bytes_sent"_a = s.bytes_sent, "num_clipped"_a = s.num_clipped);
   py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
-  return py::make_tuple(delta, bias_out, stats_dict(stats), summary, or_none(user_state.users_out),
+  return py::make_tuple(delta, bias_out, stats_dict(stats), summary_dict(s), or_none(user_state.users_out),
                         or_none(user_state.user_bias_out));
+}
+
+py::dict train_round_partial(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                             float global_mean, const Array<std::int64_t>& indptr,
+                             const Array<std::int32_t>& items, const Array<float>& ratings,
+                             const Array<std::int64_t>& clients, const ClientConfig& config,
+                             std::uint64_t seed, std::uint64_t round, int num_threads,
+                             const std::optional<Array<float>>& users,
+                             const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
+                             bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  auto user_state = user_arrays(users, user_bias, model, n);
+  std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
+  fedrecon::PartialSums p;
+  fedrecon::RoundSummary s;
+  {
+    py::gil_scoped_release release;
+    s = fedrecon::train_round_partial(model, data, ids, n, config, seed, round, num_threads, p,
+                                      stats.data(), user_state.state, codec);
+  }
+  const auto nrows = static_cast<py::ssize_t>(p.rows.size());
+  Array<double> values({nrows, static_cast<py::ssize_t>(model.dim)});
+  std::copy(p.values.begin(), p.values.end(), values.mutable_data());
+  py::object bias = py::none();
+  if (model.has_bias()) bias = Array<double>(nrows, p.bias.data());
+  return py::dict("rows"_a = Array<std::int32_t>(nrows, p.rows.data()), "values"_a = values,
+                  "bias"_a = bias, "touched"_a = Array<std::int32_t>(static_cast<py::ssize_t>(p.touched.size()), p.touched.data()),
+                  "stats"_a = stats_dict(stats), "summary"_a = summary_dict(s),
+                  "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
 }
 
 py::dict client_updates(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -312,7 +348,9 @@ PYBIND11_MODULE(_core, m) {
       "bits"_a = 0, "row_scaling"_a = false, "hadamard"_a = false, "sparse"_a = true,             \
       "threshold"_a = 0, "clip"_a = 0.0
   m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+  m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+  m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
 #undef FEDRECON_UPDATE_ARGS
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);

@@ -163,30 +163,29 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
   return results;
 }
 
-}  // namespace
-
-RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
-                         std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
-                         std::uint64_t round, int num_threads, float* delta_out,
-                         float* delta_bias_out, ClientStats* stats_out, const UserState& users,
-                         const UpdateCodec& codec) {
-  validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
-  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
-  const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
-  const std::int64_t K = model.dim;
-  const bool bias = model.has_bias();
-
-  RoundSummary summary;
+// The cohort's touched rows: (row, client) entries grouped by row, clients in cohort order.
+struct RowIndex {
   struct Entry {
-    std::uint64_t key;  // (row << 32) | client position: rows grouped, clients in order
-    std::int32_t local;
+    std::uint64_t key;  // (row << 32) | cohort position
+    std::int32_t local; // row of the client's update
   };
   std::vector<Entry> entries;
+  std::vector<std::size_t> seg;         // entries[seg[s]:seg[s+1]] share one row
   std::vector<std::int64_t> reporting;  // cohort positions of the reporting clients, in order
-  bool any_noisy = false;                // a dense quantized update: every row gets noise
-  for (std::int64_t i = 0; i < num_sampled; ++i) {
-    const ClientResult& r = results[static_cast<std::size_t>(i)];
+  bool any_noisy = false;               // a dense quantized update: every row gets noise
+  std::int64_t num_segments() const { return static_cast<std::int64_t>(seg.size()) - 1; }
+  std::int64_t row_of(std::int64_t s) const {
+    return static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
+  }
+};
+
+// Copies the per-client stats out, totals them in cohort order and indexes the touched rows.
+RoundSummary index_rows(const WorkerLease& lease, const std::vector<ClientResult>& results,
+                        const ModelView& model, ClientStats* stats_out, RowIndex& index) {
+  RoundSummary summary;
+  const std::int64_t K = model.dim;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const ClientResult& r = results[i];
     stats_out[i] = r.stats;
     // A dropped (non-finite) client is counted but its metrics would poison the round's.
     if (r.stats.status == kNonFinite) {
@@ -202,101 +201,253 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
     summary.rows_sent += static_cast<std::int64_t>(r.nrows);
     summary.bytes_sent += r.stats.bytes;
     summary.num_clipped += r.stats.clipped;
-    reporting.push_back(i);
-    any_noisy = any_noisy || r.enc.noisy_zeros;
-    const std::int32_t* rows = view(lease, r, K, bias).rows;
+    index.reporting.push_back(static_cast<std::int64_t>(i));
+    index.any_noisy = index.any_noisy || r.enc.noisy_zeros;
+    const std::int32_t* rows = view(lease, r, K, model.has_bias()).rows;
     for (std::size_t l = 0; l < r.nrows; ++l)
-      entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
-                         static_cast<std::int32_t>(l)});
+      index.entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
+                               static_cast<std::int32_t>(l)});
   }
+  // Counting sort by row: entries were appended in cohort order and the scatter is stable, so
+  // each row's clients stay in cohort order. Linear in rows + entries.
+  auto& entries = index.entries;
+  {
+    std::vector<std::int64_t> start(static_cast<std::size_t>(model.num_items) + 1, 0);
+    for (const auto& e : entries) ++start[static_cast<std::size_t>(e.key >> 32) + 1];
+    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
+    std::vector<RowIndex::Entry> sorted(entries.size());
+    for (const auto& e : entries) sorted[static_cast<std::size_t>(start[static_cast<std::size_t>(e.key >> 32)]++)] = e;
+    entries.swap(sorted);
+  }
+  index.seg.assign(1, 0);
+  for (std::size_t e = 1; e < entries.size(); ++e)
+    if ((entries[e].key >> 32) != (entries[e - 1].key >> 32)) index.seg.push_back(e);
+  if (!entries.empty()) index.seg.push_back(entries.size());
+  summary.rows_aggregated = index.num_segments();
+  return summary;
+}
+
+// One client's contribution to one row: an entry of the row index, or (local < 0) the
+// quantization noise a dense update decodes to on a row the client did not touch.
+using Contribution = RowIndex::Entry;
+inline std::int64_t position(const Contribution& c) { return static_cast<std::int64_t>(c.key & 0xffffffffULL); }
+
+// Sums the contributions to a row along a fixed binary tree over cohort positions: a range of
+// more than kReduceLeaf positions splits at its midpoint (rounded up), a smaller one is summed
+// in cohort order (float64). A range's tree depends only on its length, so shards of a cohort
+// reduced elsewhere (reduce_partial, other processes or machines) combine into exactly the
+// local result; a range without contributions is absent, not zero.
+class TreeSum {
+ public:
+  TreeSum(std::int64_t num_sampled, std::int64_t dim) : K_(dim) {
+    int depth = 1;
+    for (std::int64_t n = num_sampled; n > kReduceLeaf; n = (n + 1) / 2) ++depth;
+    acc_.resize(static_cast<std::size_t>(depth * dim));
+    bias_.resize(static_cast<std::size_t>(depth));
+  }
+  const double* values() const { return acc_.data(); }
+  double bias() const { return bias_[0]; }
+
+  // add(contribution, acc, acc_bias, first) adds one contribution into a level's accumulators
+  // (the first one assigns). The sum of contributions c[0:n) (positions in [a, b)) lands in
+  // level d.
+  template <class Add>
+  bool sum(const Contribution* c, std::size_t n, std::int64_t a, std::int64_t b, int d, const Add& add) {
+    if (n == 0) return false;
+    while (n > 1 && b - a > kReduceLeaf) {
+      const std::int64_t mid = a + (b - a + 1) / 2;
+      const std::size_t nl = static_cast<std::size_t>(
+          std::lower_bound(c, c + n, mid, [](const Contribution& x, std::int64_t p) { return position(x) < p; }) - c);
+      if (nl == n) {
+        b = mid;  // one child holds everything: its sum is this node's, no copy needed
+      } else if (nl == 0) {
+        a = mid;
+      } else {
+        sum(c, nl, a, mid, d, add);
+        sum(c + nl, n - nl, mid, b, d + 1, add);
+        Eigen::Map<Eigen::VectorXd>(level(d), K_) += Eigen::Map<const Eigen::VectorXd>(level(d + 1), K_);
+        bias_[static_cast<std::size_t>(d)] += bias_[static_cast<std::size_t>(d) + 1];
+        return true;
+      }
+    }
+    Eigen::Map<Eigen::VectorXd> acc(level(d), K_);
+    for (std::size_t i = 0; i < n; ++i) add(c[i], acc, bias_[static_cast<std::size_t>(d)], i == 0);
+    return true;
+  }
+
+ private:
+  double* level(int d) { return acc_.data() + static_cast<std::size_t>(d) * static_cast<std::size_t>(K_); }
+  std::int64_t K_;
+  std::vector<double> acc_, bias_;
+};
+
+// Reduces every touched row (with noise: every row) of the cohort: emit(row, slot, sum,
+// bias_sum) gets the un-normalised float64 weighted sums, slot = the row's segment (with noise:
+// the row). Parallel over blocks of consecutive rows; block(lo, hi) runs first in each block.
+template <class Block, class Emit>
+void reduce_rows(const WorkerLease& lease, const std::vector<ClientResult>& results,
+                 const RowIndex& index, const ModelView& model, int num_threads, const Block& block,
+                 const Emit& emit) {
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
+  const std::int64_t num_sampled = static_cast<std::int64_t>(results.size());
+  const std::int64_t num_segments = index.num_segments();
+  const std::int64_t rows_per_block = 256;
+  const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
+  const int threads = resolve_threads(num_threads, num_blocks);
+  struct Scratch {
+    TreeSum tree;
+    std::vector<Contribution> contrib;
+    std::vector<float> noise;
+    CodecScratch codec;
+  };
+  std::vector<Scratch> scratch;
+  for (int t = 0; t < threads; ++t)
+    scratch.push_back({TreeSum(num_sampled, K), {}, std::vector<float>(static_cast<std::size_t>(K)), {}});
+  parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
+    const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
+    block(lo, hi);
+    Scratch& sc = scratch[static_cast<std::size_t>(tid)];
+    TreeSum& tree = sc.tree;
+    std::vector<Contribution>& contrib = sc.contrib;
+    std::vector<float>& noise = sc.noise;
+    CodecScratch& cs = sc.codec;
+    std::int64_t current_row = 0;
+    auto add = [&](const Contribution& c, Eigen::Map<Eigen::VectorXd>& acc, double& acc_bias, bool first) {
+      const ClientResult& r = results[static_cast<std::size_t>(position(c))];
+      const float* x = noise.data();
+      double b = 0.0;
+      if (c.local >= 0) {
+        const UpdateView u = view(lease, r, K, bias);
+        x = u.values + static_cast<std::int64_t>(c.local) * K;
+        if (bias) b = r.stats.weight * u.bias[c.local];
+      } else {
+        decode_untouched_row(r.enc, current_row, model.dim, noise.data(), cs);
+      }
+      const auto term = r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
+      if (first) {
+        acc = term;
+        acc_bias = b;
+      } else {
+        acc += term;
+        acc_bias += b;
+      }
+    };
+    // The first segment at or after row `lo`.
+    std::int64_t s = 0, z = num_segments;
+    while (s < z) {
+      const std::int64_t mid = (s + z) / 2;
+      if (index.row_of(mid) < lo) s = mid + 1; else z = mid;
+    }
+    for (std::int64_t row = lo; row < hi; ++row) {
+      const bool has_seg = s < num_segments && index.row_of(s) == row;
+      if (!has_seg && !index.any_noisy) {
+        if (s >= num_segments || index.row_of(s) >= hi) break;  // no more touched rows here
+        row = index.row_of(s) - 1;  // jump to the next touched row
+        continue;
+      }
+      std::size_t e = has_seg ? index.seg[static_cast<std::size_t>(s)] : 0;
+      const std::size_t e_end = has_seg ? index.seg[static_cast<std::size_t>(s) + 1] : 0;
+      const Contribution* c = index.entries.data() + e;
+      std::size_t n = e_end - e;
+      if (index.any_noisy) {  // every reporting client adds its row or its noise
+        contrib.clear();
+        for (const std::int64_t i : index.reporting) {
+          if (e < e_end && position(index.entries[e]) == i)
+            contrib.push_back(index.entries[e++]);
+          else if (results[static_cast<std::size_t>(i)].enc.noisy_zeros)
+            contrib.push_back({(static_cast<std::uint64_t>(row) << 32) | static_cast<std::uint64_t>(i), -1});
+        }
+        c = contrib.data();
+        n = contrib.size();
+      }
+      const std::int64_t slot = index.any_noisy ? row : s;
+      if (has_seg) ++s;
+      current_row = row;
+      if (tree.sum(c, n, 0, num_sampled, 0, add))
+        emit(row, slot, tree.values(), tree.bias());
+    }
+  });
+}
+
+}  // namespace
+
+RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                         std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                         std::uint64_t round, int num_threads, float* delta_out,
+                         float* delta_bias_out, ClientStats* stats_out, const UserState& users,
+                         const UpdateCodec& codec) {
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
+  const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
+  RowIndex index;
+  RoundSummary summary = index_rows(lease, results, model, stats_out, index);
   if (summary.total_weight <= 0.0) {
     std::fill_n(delta_out, model.num_items * K, 0.0f);
     if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
     return summary;
   }
-  // Counting sort by row: entries were appended in cohort order and the scatter is stable, so
-  // each row's clients stay in cohort order. Linear in rows + entries.
-  {
-    std::vector<std::int64_t> start(static_cast<std::size_t>(model.num_items) + 1, 0);
-    for (const Entry& e : entries) ++start[static_cast<std::size_t>(e.key >> 32) + 1];
-    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
-    std::vector<Entry> sorted(entries.size());
-    for (const Entry& e : entries) sorted[static_cast<std::size_t>(start[static_cast<std::size_t>(e.key >> 32)]++)] = e;
-    entries.swap(sorted);
-  }
-
-  // Segments of equal row; each row sums its clients in cohort order (float64), so the
-  // reduction is parallel across rows yet independent of the thread count. With a dense
-  // quantized update in the cohort every row is visited: rows a client did not touch decode to
-  // its quantization noise around zero.
-  std::vector<std::size_t> seg{0};
-  for (std::size_t e = 1; e < entries.size(); ++e)
-    if ((entries[e].key >> 32) != (entries[e - 1].key >> 32)) seg.push_back(e);
-  seg.push_back(entries.size());
-  if (entries.empty()) seg.assign(1, 0);
-  const std::int64_t num_segments = static_cast<std::int64_t>(seg.size()) - 1;
-  summary.rows_aggregated = num_segments;
-  auto row_of = [&](std::int64_t s) {
-    return static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
-  };
-  // Parallel over blocks of consecutive rows: a block zero-fills its rows of the output, then
-  // sums the clients of each of its touched rows (or, with noise, of every row).
-  const std::int64_t rows_per_block = 256;
-  const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
   const double inv_total = 1.0 / summary.total_weight;
-  const int threads = resolve_threads(num_threads, num_blocks);
-  std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
-  parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
-    const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
-    std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
-    if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
-    std::vector<double> acc(static_cast<std::size_t>(K));
-    std::vector<float> noise(static_cast<std::size_t>(K));
-    Eigen::Map<Eigen::VectorXd> acc_v(acc.data(), K);
-    CodecScratch& cs = scratch[static_cast<std::size_t>(tid)];
-    // The first segment at or after row `lo`.
-    std::int64_t s = 0, z = num_segments;
-    while (s < z) {
-      const std::int64_t mid = (s + z) / 2;
-      if (row_of(mid) < lo) s = mid + 1; else z = mid;
+  reduce_rows(
+      lease, results, index, model, num_threads,
+      [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0
+        std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
+        if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
+      },
+      [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
+        Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) =
+            (Eigen::Map<const Eigen::VectorXd>(sum, K) * inv_total).cast<float>();
+        if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
+      });
+  return summary;
+}
+
+RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
+                                 const std::int64_t* clients, std::int64_t num_sampled,
+                                 const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                                 int num_threads, PartialSums& out, ClientStats* stats_out,
+                                 const UserState& users, const UpdateCodec& codec) {
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled);
+  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
+  const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
+  RowIndex index;
+  RoundSummary summary = index_rows(lease, results, model, stats_out, index);
+  // Every row (noise) or every touched row has a slot, filled in parallel; rows a subtree left
+  // empty (all its contributions absent) are dropped afterwards.
+  const std::int64_t slots = index.any_noisy ? model.num_items : index.num_segments();
+  out.rows.assign(static_cast<std::size_t>(slots), -1);
+  out.values.assign(static_cast<std::size_t>(slots * K), 0.0);
+  out.bias.assign(bias ? static_cast<std::size_t>(slots) : 0, 0.0);
+  out.touched.resize(static_cast<std::size_t>(index.num_segments()));
+  for (std::int64_t s = 0; s < index.num_segments(); ++s)
+    out.touched[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(index.row_of(s));
+  if (index.reporting.empty()) return summary;
+  reduce_rows(
+      lease, results, index, model, num_threads, [](std::int64_t, std::int64_t) {},
+      [&](std::int64_t row, std::int64_t slot, const double* sum, double bias_sum) {
+        out.rows[static_cast<std::size_t>(slot)] = static_cast<std::int32_t>(row);
+        std::copy_n(sum, K, out.values.data() + slot * K);
+        if (bias) out.bias[static_cast<std::size_t>(slot)] = bias_sum;
+      });
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < out.rows.size(); ++i) {
+    if (out.rows[i] < 0) continue;
+    if (kept != i) {
+      out.rows[kept] = out.rows[i];
+      std::copy_n(out.values.data() + i * static_cast<std::size_t>(K), K, out.values.data() + kept * static_cast<std::size_t>(K));
+      if (bias) out.bias[kept] = out.bias[i];
     }
-    auto add = [&](const ClientResult& r, const float* x) {
-      acc_v += r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
-    };
-    for (std::int64_t row = lo; row < hi; ++row) {
-      const bool has_seg = s < num_segments && row_of(s) == row;
-      if (!has_seg && !any_noisy) {
-        if (s >= num_segments || row_of(s) >= hi) break;  // no more touched rows in this block
-        row = row_of(s) - 1;  // jump to the next touched row
-        continue;
-      }
-      std::size_t e = has_seg ? seg[static_cast<std::size_t>(s)] : 0;
-      const std::size_t e_end = has_seg ? seg[static_cast<std::size_t>(s) + 1] : 0;
-      acc_v.setZero();
-      double acc_bias = 0.0;
-      auto add_entry = [&](std::size_t entry) {
-        const ClientResult& r = results[entries[entry].key & 0xffffffffULL];
-        const UpdateView u = view(lease, r, K, bias);
-        add(r, u.values + static_cast<std::int64_t>(entries[entry].local) * K);
-        if (bias) acc_bias += r.stats.weight * u.bias[entries[entry].local];
-      };
-      if (!any_noisy) {
-        for (; e < e_end; ++e) add_entry(e);
-      } else {
-        for (const std::int64_t i : reporting) {
-          if (e < e_end && static_cast<std::int64_t>(entries[e].key & 0xffffffffULL) == i) {
-            add_entry(e++);
-          } else if (results[static_cast<std::size_t>(i)].enc.noisy_zeros) {
-            decode_untouched_row(results[static_cast<std::size_t>(i)].enc, row, model.dim, noise.data(), cs);
-            add(results[static_cast<std::size_t>(i)], noise.data());
-          }
-        }
-      }
-      if (has_seg) ++s;
-      Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) = (acc_v * inv_total).cast<float>();
-      if (bias) delta_bias_out[row] = static_cast<float>(acc_bias * inv_total);
-    }
-  });
+    ++kept;
+  }
+  out.rows.resize(kept);
+  out.values.resize(kept * static_cast<std::size_t>(K));
+  if (bias) out.bias.resize(kept);
   return summary;
 }
 

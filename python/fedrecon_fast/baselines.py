@@ -274,8 +274,9 @@ class FedAvg(FedRecon):
     StandardEval uses. ReconEval ignores them and reconstructs, as for FedRecon.
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None):
-        super().__init__(config if config is not None else fedavg_config(), model=model)
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
+                 backend="local"):
+        super().__init__(config if config is not None else fedavg_config(), model=model, backend=backend)
         self.users = self.user_bias = None
 
     def _user_state(self, train, clients) -> dict:

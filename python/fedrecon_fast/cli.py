@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dim", type=_positive_int)
     train.add_argument("--seed", type=_non_negative_int, default=0)
     train.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
+    train.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="ray: shards of each round on Ray workers (RAY_ADDRESS or a local Ray); "
+                       "same results as local")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
                        help="validate every N rounds (default: 10 evaluations per run)")
     comm = train.add_argument_group("communication and privacy of client updates")
@@ -112,8 +115,11 @@ def run_train(args) -> dict:
     train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
 
-    trainer = FedRecon(config)
-    trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty())
+    trainer = FedRecon(config, backend=args.backend)
+    try:
+        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty())
+    finally:
+        trainer.close()
     start = time.perf_counter()
     test_metrics = trainer.evaluate(test, per_user=True)
     test_seconds = time.perf_counter() - start
@@ -127,6 +133,7 @@ def run_train(args) -> dict:
         "rounds": config.rounds,
         "clients_per_round": config.clients_per_round,
         "threads": config.num_threads or os.cpu_count(),
+        "backend": args.backend,
         "seed": config.seed,
         "train_users": train.num_clients,
         "val_users": val.num_clients,

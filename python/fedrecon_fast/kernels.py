@@ -19,6 +19,8 @@ __all__ = [
     "RoundResult",
     "ClientUpdates",
     "train_round",
+    "PartialRound",
+    "train_round_partial",
     "client_updates",
     "reconstruct_users",
     "evaluate_users",
@@ -58,6 +60,33 @@ class RoundResult:
     delta_bias: np.ndarray | None
     client_stats: dict
     summary: dict
+    users: np.ndarray | None = None
+    user_bias: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PartialRound:
+    """Output of :func:`train_round_partial`: un-normalised sums of one shard of a cohort.
+
+    Attributes
+    ----------
+    rows : ndarray, shape (r,), int32
+        Rows with a contribution, ascending (every row when a dense quantized update adds
+        noise to untouched rows).
+    values, bias : ndarray, shape (r, dim) and (r,), float64
+        ``Σ w_i Δ_i`` over the shard's clients along the reduction tree (bias None without
+        biases).
+    touched : ndarray, int32
+        Rows some client of the shard actually touched.
+    client_stats, users, user_bias
+        As in :class:`RoundResult`, for the shard's clients.
+    """
+
+    rows: np.ndarray
+    values: np.ndarray
+    bias: np.ndarray | None
+    touched: np.ndarray
+    client_stats: dict
     users: np.ndarray | None = None
     user_bias: np.ndarray | None = None
 
@@ -205,6 +234,28 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
     return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias, **codec))
+
+
+def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                        item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                        num_threads: int = 0, check_finite: bool = True, users=None,
+                        user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                        hadamard: bool = False, sparse: bool = True, threshold: int = 0,
+                        clip: float | None = None) -> PartialRound:
+    """The sums of :func:`train_round` before normalisation, for one shard of a cohort.
+
+    Same parameters as :func:`train_round`; ``clients`` is a contiguous slice of the cohort.
+    Shards that are nodes of the reduction tree (:func:`fedrecon_fast.distributed.shard_ranges`)
+    combine, wherever they ran, into exactly the result of one :func:`train_round`
+    (:func:`fedrecon_fast.distributed.combine_round`).
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite)
+    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
+    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
+    out = _core.train_round_partial(*args, users=users, user_bias=user_bias, **codec)
+    return PartialRound(out["rows"], out["values"], out["bias"], out["touched"], out["stats"],
+                        out["users"], out["user_bias"])
 
 
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,

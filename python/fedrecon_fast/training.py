@@ -31,6 +31,19 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: i
     return rng.choice(num_clients, size=m, replace=False).astype(np.int64)
 
 
+def _executor(backend):
+    """The object whose ``train_round`` runs a cohort (same signature as kernels.train_round)."""
+    if backend == "local":
+        return kernels
+    if backend == "ray":
+        from .distributed import RayExecutor
+
+        return RayExecutor()
+    if isinstance(backend, str) or not callable(getattr(backend, "train_round", None)):
+        raise ValueError(f"backend must be 'local', 'ray' or an executor with a train_round method; got {backend!r}")
+    return backend
+
+
 class FedRecon:
     """Federated Reconstruction of a matrix-factorization model.
 
@@ -40,6 +53,10 @@ class FedRecon:
         Everything about the run (defaults: TFF's ``build_fed_recon`` defaults, K = 50).
     model : GlobalModel, optional
         Start from this model instead of a fresh random one.
+    backend : {"local", "ray"} or executor, optional
+        Where each round's cohort runs: in this process (default), or as shards of clients on
+        Ray workers (:class:`fedrecon_fast.distributed.RayExecutor`; pass one to choose its
+        cluster and workers). Every backend gives bit-identical results.
 
     Examples
     --------
@@ -53,10 +70,13 @@ class FedRecon:
     True
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None):
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
+                 backend="local"):
         self.config = config if config is not None else FedReconConfig()
         if not isinstance(self.config, FedReconConfig):
             raise TypeError(f"config must be a FedReconConfig; got {type(self.config).__name__}")
+        self._executor = _executor(backend)
+        self._owns_executor = isinstance(backend, str) and backend != "local"
         self.model = model
         self.round = 0
         self.history: list[dict] = []
@@ -67,6 +87,13 @@ class FedRecon:
         self._optimizer = make_optimizer(self.config.server_optimizer, lr=self.config.server_lr,
                                          **dict(self.config.server_options))
         self._opt_state = None
+
+    def close(self) -> None:
+        """Release the backend this trainer started (``backend="ray"``); the model stays usable."""
+        if self._owns_executor:
+            self._executor.close()
+            self._owns_executor = False
+            self._executor = kernels
 
     def _params(self) -> dict:
         params = {"item_factors": self.model.item_factors}
@@ -139,7 +166,7 @@ class FedRecon:
         r = self.round
         start = time.perf_counter()
         clients = sample_clients(train.num_clients, cfg.clients_per_round, cfg.seed, r)
-        res = kernels.train_round(
+        res = self._executor.train_round(
             self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
             num_threads=cfg.num_threads, check_finite=False, bits=cfg.quantize_bits,

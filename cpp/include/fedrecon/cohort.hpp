@@ -35,16 +35,38 @@ struct UserState {
   float* user_bias_out = nullptr;
 };
 
+/// Clients are reduced along a fixed binary tree over cohort positions: a range of more than
+/// kReduceLeaf positions splits at its midpoint (rounded up), a smaller range is summed in
+/// cohort order. A range's tree depends only on its length, so partial sums of cohort shards
+/// (train_round_partial), combined pairwise along the same tree, reproduce train_round exactly.
+constexpr std::int64_t kReduceLeaf = 64;
+
 /// The fused FedRecon round: for each sampled client, reconstruct -> update -> encode (clip,
 /// quantize: `codec`) -> weighted sum of the decoded deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
 /// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
-/// biases) and stats_out[num_sampled]. Sums run in float64 in the order of `clients`.
+/// biases) and stats_out[num_sampled]. Sums run in float64 along the reduction tree.
 /// Throws std::invalid_argument / std::out_of_range on bad input.
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
                          float* delta_bias_out, ClientStats* stats_out,
                          const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec());
+
+/// Un-normalised float64 sums Σ w_i Δ_i of one cohort (a shard of a larger one), for rows
+/// the cohort touched (every row with a dense quantized update), ascending. The summary's totals
+/// are summed in cohort order; a driver recomputes the whole cohort's from the stats.
+struct PartialSums {
+  std::vector<std::int32_t> rows;
+  std::vector<double> values;  // rows x dim
+  std::vector<double> bias;    // rows, empty without biases
+  std::vector<std::int32_t> touched;  // rows some client touched (fewer than rows with noise)
+};
+RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
+                                 const std::int64_t* clients, std::int64_t num_sampled,
+                                 const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
+                                 int num_threads, PartialSums& out, ClientStats* stats_out,
+                                 const UserState& users = UserState(),
+                                 const UpdateCodec& codec = UpdateCodec());
 
 /// Unfused form for frameworks that run clients one at a time: each client's sparse update
 /// (clipped and quantized as `codec` says; a dense quantized codec needs train_round).

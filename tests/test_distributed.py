@@ -1,0 +1,212 @@
+"""Sharded rounds: shards of a cohort, reduced anywhere and combined along the native reduction
+tree, give bit for bit the local round — in process here, and on Ray workers when Ray is
+installed."""
+
+import numpy as np
+import pytest
+
+import fedrecon_fast as ff
+from fedrecon_fast import distributed as D
+from fedrecon_fast import kernels
+from fedrecon_fast.baselines import FedAvg, fedavg_config
+
+LEAF = D.REDUCE_LEAF
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ff.synthetic_ratings(num_users=500, num_items=160, seed=11).prepare(
+        max_examples=300, min_examples=1, shuffle_seed=11)
+
+
+def _bits(a):
+    return None if a is None else np.asarray(a).view(np.uint8)
+
+
+def assert_same_round(got, want):
+    assert np.array_equal(_bits(got.delta), _bits(want.delta))
+    if want.delta_bias is None:
+        assert got.delta_bias is None
+    else:
+        assert np.array_equal(_bits(got.delta_bias), _bits(want.delta_bias))
+    assert got.summary == want.summary
+    assert got.client_stats.keys() == want.client_stats.keys()
+    for key in want.client_stats:  # NaN losses of diverged clients compare equal here
+        np.testing.assert_array_equal(got.client_stats[key], want.client_stats[key], err_msg=key)
+    for name in ("users", "user_bias"):
+        w, g = getattr(want, name), getattr(got, name)
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert np.array_equal(_bits(g), _bits(w))
+
+
+def sharded(V, data, clients, cfg, num_shards, **kw):
+    ranges = D.shard_ranges(len(clients), num_shards)
+    users, user_bias = kw.pop("users", None), kw.pop("user_bias", None)
+    parts = []
+    for a, b in ranges:
+        state = {} if users is None else {"users": users[a:b]}
+        if user_bias is not None:
+            state["user_bias"] = user_bias[a:b]
+        parts.append(kernels.train_round_partial(V, data, clients[a:b], cfg, **state, **kw))
+    return D.combine_round(ranges, parts, *V.shape)
+
+
+@pytest.mark.parametrize("num_clients", [1, 7, LEAF, LEAF + 1, 150, 3 * LEAF + 5, 480])
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 8, 1000])
+def test_shard_ranges_are_contiguous_nodes_of_the_tree(num_clients, num_shards):
+    ranges = D.shard_ranges(num_clients, num_shards)
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_clients
+    assert all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+    assert len(ranges) <= num_shards
+    if len(ranges) < num_shards:  # stopped only because every range is a leaf
+        assert all(b - a <= LEAF for a, b in ranges)
+    # Each range is reached from the root by midpoint splits.
+    for a, b in ranges:
+        lo, hi = 0, num_clients
+        while (lo, hi) != (a, b):
+            assert hi - lo > LEAF
+            mid = lo + (hi - lo + 1) // 2
+            lo, hi = (lo, mid) if b <= mid else (mid, hi)
+            assert lo <= a and b <= hi
+
+
+CASES = {
+    "paper": dict(),
+    "biases": dict(biases=True),
+    "dense-quantized": dict(codec=dict(bits=8, sparse=False)),
+    "row-quantized-hadamard": dict(codec=dict(bits=4, scaling="row", hadamard=True)),
+    "clipped-biases": dict(biases=True, codec=dict(clip=0.05)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("num_clients", [5, 2 * LEAF + 1, 300])
+@pytest.mark.parametrize("num_shards", [2, 5, 64])
+def test_sharded_round_is_bit_identical_to_the_local_round(data, case, num_clients, num_shards):
+    spec = CASES[case]
+    cfg = ff.preset("paper", dim=24, biases=spec.get("biases", False))
+    model = ff.GlobalModel.initialize(data.item_ids, cfg, global_mean=3.5)
+    rng = np.random.default_rng(num_clients)
+    clients = rng.choice(data.num_clients, num_clients, replace=False)
+    bias = None if model.item_bias is None else rng.normal(0, 0.1, data.num_items).astype(np.float32)
+    kw = dict(item_bias=bias, global_mean=model.global_mean, seed=4, round=9, **spec.get("codec", {}))
+    want = kernels.train_round(model.item_factors, data, clients, cfg.client, num_threads=2, **kw)
+    got = sharded(model.item_factors, data, clients, cfg.client, num_shards, num_threads=1, **kw)
+    assert_same_round(got, want)
+
+
+def test_sharded_stateful_round_returns_every_users_embedding(data):
+    cfg = fedavg_config(dim=16)
+    V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
+    clients = np.arange(0, 400, 2)
+    users = np.random.default_rng(1).uniform(-0.05, 0.05, (len(clients), 16)).astype(np.float32)
+    want = kernels.train_round(V, data, clients, cfg.client, users=users, seed=2, round=1)
+    got = sharded(V, data, clients, cfg.client, 4, users=users, seed=2, round=1)
+    assert_same_round(got, want)
+
+
+def test_round_where_nobody_reports_gives_zero_delta(data):
+    cfg = ff.preset("paper", dim=8)
+    V = np.full((data.num_items, 8), np.nan, np.float32)  # every client diverges
+    clients = np.arange(200)
+    want = kernels.train_round(V, data, clients, cfg.client, check_finite=False)
+    got = sharded(V, data, clients, cfg.client, 3, check_finite=False)
+    assert want.summary["num_nonfinite"] == 200
+    assert_same_round(got, want)
+
+
+def test_combine_round_rejects_parts_that_do_not_fit(data):
+    cfg = ff.preset("paper", dim=8)
+    V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
+    clients = np.arange(300)
+    ranges = D.shard_ranges(300, 2)
+    parts = [kernels.train_round_partial(V, data, clients[a:b], cfg.client) for a, b in ranges]
+    with pytest.raises(ValueError, match="pair one shard"):
+        D.combine_round(ranges, parts[:1], *V.shape)
+    with pytest.raises(ValueError, match="does not match shard"):
+        D.combine_round(ranges[::-1], parts[::-1], *V.shape)
+    with pytest.raises(TypeError, match="PartialRound"):
+        D.combine_round(ranges, [parts[0], "x"], *V.shape)
+    # Contiguous but not nodes of the tree: the combination would not be the local round.
+    odd = [(0, 100), (100, 300)]
+    odd_parts = [kernels.train_round_partial(V, data, clients[a:b], cfg.client) for a, b in odd]
+    with pytest.raises(ValueError, match="nodes of the reduction tree"):
+        D.combine_round(odd, odd_parts, *V.shape)
+    with pytest.raises(ValueError, match="num_shards"):
+        D.shard_ranges(10, 0)
+
+
+class _InProcessShards:
+    """An executor that runs shards one after another here: the Ray path without Ray."""
+
+    def __init__(self, num_shards):
+        self.num_shards = num_shards
+
+    def train_round(self, item_factors, data, clients=None, config=None, **kw):
+        return sharded(np.asarray(item_factors), data, np.asarray(clients), config, self.num_shards, **kw)
+
+
+@pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
+def test_trainer_with_a_sharded_executor_matches_local_training(data, trainer):
+    cfg = (ff.preset("paper", dim=16) if trainer is ff.FedRecon else fedavg_config(dim=16, client_lr=0.1)).replace(
+        rounds=4, clients_per_round=150, eval_every=2)
+    train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
+    local = trainer(cfg).fit(train, val)
+    shards = trainer(cfg, backend=_InProcessShards(3)).fit(train, val)
+    assert np.array_equal(_bits(local.model.item_factors), _bits(shards.model.item_factors))
+    strip = lambda h: {k: v for k, v in h.items() if k != "round_seconds"}  # noqa: E731
+    assert [strip(h) for h in local.history] == [strip(h) for h in shards.history]
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        ff.FedRecon(backend="spark")
+    with pytest.raises(ValueError, match="backend"):
+        ff.FedRecon(backend=object())
+
+
+# Ray's own shutdown leaves subprocess handles for the garbage collector.
+ray_warnings = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    pytest.importorskip("ray")
+    executor = D.RayExecutor(num_workers=2)
+    yield executor
+    executor.close()
+
+
+@ray_warnings
+@pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
+def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trainer):
+    cfg = (ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon
+           else fedavg_config(dim=16, client_lr=0.1)).replace(
+        rounds=3, clients_per_round=200, eval_every=3)
+    train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
+    local = trainer(cfg).fit(train, val)
+    remote = trainer(cfg, backend=ray_executor).fit(train, val)
+    assert np.array_equal(_bits(local.model.item_factors), _bits(remote.model.item_factors))
+    assert [h["train_rmse"] for h in local.history] == [h["train_rmse"] for h in remote.history]
+    assert local.history[-1]["val_rmse"] == remote.history[-1]["val_rmse"]
+
+
+@ray_warnings
+def test_ray_executor_shards_a_round_like_the_local_kernel(ray_executor, data):
+    cfg = ff.preset("paper", dim=16)
+    V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
+    clients = np.arange(1, 500, 2)
+    want = kernels.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
+    got = ray_executor.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
+    assert_same_round(got, want)
+
+
+@ray_warnings
+def test_closed_ray_executor_refuses_work(data):
+    pytest.importorskip("ray")
+    executor = D.RayExecutor(num_workers=1)
+    executor.close()
+    executor.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        executor.train_round(np.zeros((data.num_items, 4), np.float32), data, [0], ff.ClientConfig())
