@@ -331,7 +331,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("update_steps_max", &ClientConfig::update_steps_max)
       .def_readwrite("client_lr", &ClientConfig::client_lr)
       .def_readwrite("update_l2", &ClientConfig::update_l2)
-      .def_readwrite("joint", &ClientConfig::joint);
+      .def_readwrite("joint", &ClientConfig::joint)
+      .def_readwrite("user_default", &ClientConfig::user_default)
+      .def_readwrite("user_bias_default", &ClientConfig::user_bias_default);
   enum_property(cfg, "split", &ClientConfig::split);
   enum_property(cfg, "recon", &ClientConfig::recon);
   enum_property(cfg, "init", &ClientConfig::init);

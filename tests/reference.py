@@ -147,11 +147,14 @@ def schedule_steps(num_batches: int, epochs: int, steps_max) -> int:
 
 @dataclass
 class Model:
-    """The global model seen by a client: V, optional item biases, global mean (float32)."""
+    """The global model seen by a client: V, optional item biases, global mean (float32), and
+    an optional learned default for ``u`` and ``b_u``."""
 
     item_factors: np.ndarray
     item_bias: np.ndarray | None = None
     global_mean: np.float32 = F32(0.0)
+    user_default: np.ndarray | None = None
+    user_bias_default: np.float32 = F32(0.0)
 
     @property
     def has_bias(self) -> bool:
@@ -182,13 +185,14 @@ def reconstruct(model: Model, items, ratings, support, config, seed, round, clie
                 init_u=None, init_bu=None):
     """Reconstruct ``(u, b_u)`` on the support batches with V frozen.
 
-    Exact: ridge solution ``(XᵀX + ridge I) w = Xᵀ y`` with rows ``x = v_i`` (``[v_i, 1]`` with
-    biases, the last weight being ``b_u``) and targets ``y = r - global_mean (- b_i)``; the Gram
-    matrix and ``Xᵀy`` in float32, the solve in float64. No support data gives ``w = 0``.
+    Exact: ridge solution ``(XᵀX + ridge I) w = Xᵀ y + ridge w0`` with rows ``x = v_i``
+    (``[v_i, 1]`` with biases, the last weight being ``b_u``), targets ``y = r - global_mean
+    (- b_i)`` and ``w0`` the model's learned default for ``(u, b_u)`` (0 without one); the Gram
+    matrix and ``Xᵀy`` in float32, the solve in float64. No support data gives ``w = w0``.
+    Stored embeddings are ignored.
 
-    SGD: u from :func:`init_user`, ``b_u = 0`` (or, for stateful baselines, from the stored
-    ``init_u`` and ``init_bu`` when ``init_u`` is given; exact reconstruction ignores them);
-    each step on batch ``s % nbatches`` of m
+    SGD: u starts from the stored ``init_u``/``init_bu`` of a stateful baseline when given,
+    else from the model's learned default, else from :func:`init_user` with ``b_u = 0``; each step on batch ``s % nbatches`` of m
     ratings: ``err = prediction - r``, ``u -= lr * (2/m Σ err v + 2 l2 u)`` and, with biases,
     ``b_u -= lr * 2/m Σ err``.
     """
@@ -207,11 +211,16 @@ def reconstruct(model: Model, items, ratings, support, config, seed, round, clie
                 y = y - model.item_bias[items[pos]]
             A += (X.T @ X).astype(np.float64)
             rhs = (X.T @ y.astype(F32)).astype(np.float64)
+        if model.user_default is not None:
+            w0 = np.append(model.user_default.astype(np.float64), float(model.user_bias_default))[:D]
+            rhs = rhs + float(F32(config.ridge)) * w0
         w = np.linalg.solve(A, rhs)
         u = w[:K].astype(F32)
         bu = F32(w[K]) if model.has_bias else F32(0.0)
         return u, bu
 
+    if init_u is None and model.user_default is not None:
+        init_u, init_bu = model.user_default, model.user_bias_default
     if init_u is not None:
         u = np.array(init_u, dtype=F32)  # a copy
         bu = F32(0.0 if init_bu is None else init_bu)
@@ -359,11 +368,14 @@ def evaluate_client(model: Model, items, ratings, query, u, bu) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(item_factors, data, clients, item_bias, global_mean):
-    """The float32 model, the clients as a list of ints, and the CSR arrays."""
+def _prepare(item_factors, data, clients, item_bias, global_mean, user_default=None,
+             user_bias_default=0.0):
+    """The float32 model and the clients as a list of ints."""
     model = Model(np.asarray(item_factors, dtype=F32),
                   None if item_bias is None else np.asarray(item_bias, dtype=F32),
-                  F32(global_mean))
+                  F32(global_mean),
+                  None if user_default is None else np.asarray(user_default, dtype=F32),
+                  F32(user_bias_default))
     if clients is None:
         clients = range(data.num_clients)
     clients = [int(c) for c in np.asarray(clients).reshape(-1)]
@@ -435,7 +447,8 @@ def final_users(results: list[ClientResult], dim: int, has_bias: bool):
 
 
 def client_updates(item_factors, data, clients=None, config=None, *, item_bias=None,
-                   global_mean=0.0, seed=0, round=0, users=None, user_bias=None):  # noqa: A002
+                   global_mean=0.0, seed=0, round=0, users=None, user_bias=None,  # noqa: A002
+                   user_default=None, user_bias_default=0.0):
     """Per-client sparse updates: list of :class:`ClientResult` in the order of ``clients``.
 
     A client that does not report (weight 0) contributes no rows, as in the native output.
@@ -443,7 +456,8 @@ def client_updates(item_factors, data, clients=None, config=None, *, item_bias=N
     starts from them; each result's ``user``/``user_bias`` is the client's final state (see
     :func:`final_users`).
     """
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
+                              user_bias_default)
     out = []
     for r in _run_cohort(model, data, clients, config, seed, round, users, user_bias):
         if r.stats["weight"] <= 0:
@@ -474,7 +488,8 @@ def aggregate(results: list[ClientResult], num_items: int, dim: int, has_bias: b
 
 
 def train_round(item_factors, data, clients=None, config=None, *, item_bias=None,
-                global_mean=0.0, seed=0, round=0, users=None, user_bias=None):  # noqa: A002
+                global_mean=0.0, seed=0, round=0, users=None, user_bias=None,  # noqa: A002
+                user_default=None, user_bias_default=0.0):
     """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel;
     with stored ``users`` given (stateful baselines), ``(delta, delta_bias, client_stats,
     summary, users, user_bias)`` with the clients' final embeddings (``user_bias`` None
@@ -484,7 +499,8 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
     (reporting or not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
     reporting clients) and ``rows_aggregated`` (distinct rows touched by reporting clients).
     """
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
+                              user_bias_default)
     results = _run_cohort(model, data, clients, config, seed, round, users, user_bias)
     num_items, dim = model.item_factors.shape
     delta, delta_bias = aggregate(results, num_items, dim, model.has_bias)
@@ -512,10 +528,12 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
 
 
 def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bias=None,
-                      global_mean=0.0, seed=0, round=0):  # noqa: A002
+                      global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
+                      user_bias_default=0.0):
     """``(users (m, dim) float32, user_bias (m,) float32 or None)`` reconstructed on each
     client's support set."""
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
+                              user_bias_default)
     dim = model.item_factors.shape[1]
     users = np.zeros((len(clients), dim), dtype=F32)
     user_bias = np.zeros(len(clients), dtype=F32)
@@ -527,9 +545,11 @@ def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bia
 
 
 def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=None,
-                   global_mean=0.0, seed=0, round=0):  # noqa: A002
+                   global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
+                   user_bias_default=0.0):
     """ReconEval per client: dict of arrays ``sq_err_sum``, ``num_examples``, ``num_correct``."""
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
+                              user_bias_default)
     per_client = []
     for c in clients:
         items, ratings = _client_data(data, c)

@@ -147,14 +147,23 @@ class _InProcessShards:
         return sharded(np.asarray(item_factors), data, np.asarray(clients), config, self.num_shards, **kw)
 
 
-@pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
-def test_trainer_with_a_sharded_executor_matches_local_training(data, trainer):
-    cfg = (ff.preset("paper", dim=16) if trainer is ff.FedRecon else fedavg_config(dim=16, client_lr=0.1)).replace(
-        rounds=4, clients_per_round=150, eval_every=2)
+TRAINERS = {
+    "fedrecon": (ff.FedRecon, lambda: ff.preset("paper", dim=16)),
+    "fedrecon-learned-default": (ff.FedRecon, lambda: ff.preset("fast", dim=16, learn_user_default=True)),
+    "fedavg": (FedAvg, lambda: fedavg_config(dim=16, client_lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainer_with_a_sharded_executor_matches_local_training(data, name):
+    trainer, make_config = TRAINERS[name]
+    cfg = make_config().replace(rounds=4, clients_per_round=150, eval_every=2)
     train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
     local = trainer(cfg).fit(train, val)
     shards = trainer(cfg, backend=_InProcessShards(3)).fit(train, val)
     assert np.array_equal(_bits(local.model.item_factors), _bits(shards.model.item_factors))
+    if local.model.user_default is not None:
+        assert np.array_equal(_bits(local.model.user_default), _bits(shards.model.user_default))
     strip = lambda h: {k: v for k, v in h.items() if k != "round_seconds"}  # noqa: E731
     assert [strip(h) for h in local.history] == [strip(h) for h in shards.history]
 

@@ -623,3 +623,62 @@ def test_diverging_client_returns_its_stored_user(biases):
         else:
             assert res.user_bias is None
     assert_users_match(out.users, out.user_bias, ref_users, ref_bias, 4)
+
+
+# ------------------------------------------------------------------------------- learned default u
+
+DEFAULT_CASES = ["default", "sgd-bias", "exact", "exact-bias", "random-0.0", "joint-l2-bias", "no-recon-steps"]
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES)
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_learned_user_default_matches_reference(case, num_threads):
+    V, data, clients, config, kwargs = make_problem(case, 40, 6, 3, seed=21)
+    rng = np.random.default_rng(21)
+    kwargs.update(user_default=rng.normal(0.0, 0.3, 6).astype(np.float32),
+                  user_bias_default=float(rng.normal(0.0, 0.2)) if kwargs["item_bias"] is not None else 0.0)
+
+    out = train_round(V, data, clients, config, num_threads=num_threads, **kwargs)
+    delta, delta_bias, stats, _ = ref.train_round(V, data, clients, config, **kwargs)
+    assert_allclose(out.delta, delta, rtol=RTOL, atol=ATOL)
+    if delta_bias is not None:
+        assert_allclose(out.delta_bias, delta_bias, rtol=RTOL, atol=ATOL)
+    assert_stats_match(out.client_stats, stats)
+
+    users, user_bias = reconstruct_users(V, data, clients, config, num_threads=num_threads, **kwargs)
+    expected_users, expected_bias = ref.reconstruct_users(V, data, clients, config, **kwargs)
+    assert_allclose(users, expected_users, rtol=RTOL, atol=ATOL)
+    if expected_bias is not None:
+        assert_allclose(user_bias, expected_bias, rtol=RTOL, atol=ATOL)
+
+    ev = evaluate_users(V, data, clients, config, num_threads=num_threads, **kwargs)
+    expected = ref.evaluate_users(V, data, clients, config, **kwargs)
+    assert_array_equal(ev["num_correct"], expected["num_correct"])
+    assert_allclose(ev["sq_err_sum"], expected["sq_err_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+    # The default changes the result (it is really used) ...
+    plain = reconstruct_users(V, data, clients, config, num_threads=num_threads,
+                              **{k: v for k, v in kwargs.items() if "default" not in k})
+    assert not np.allclose(users, plain[0])
+
+
+@pytest.mark.parametrize("recon", ["sgd", "exact"])
+def test_user_without_support_data_keeps_the_learned_default(recon):
+    V, data, _, _, kwargs = make_problem("exact-bias", 30, 5, 3, seed=4)
+    config = ClientConfig(recon=recon)
+    clients = np.flatnonzero(np.diff(data.indptr) == 0)  # clients without any rating
+    assert len(clients) > 0
+    u0 = np.linspace(-0.5, 0.5, 5).astype(np.float32)
+    users, user_bias = reconstruct_users(V, data, clients, config, user_default=u0, user_bias_default=0.25, **kwargs)
+    assert_array_equal(users, np.tile(u0, (len(clients), 1)))
+    assert_array_equal(user_bias, np.full(len(clients), 0.25, np.float32))
+
+
+def test_user_default_is_validated():
+    V, data, clients, config, kwargs = make_problem("default", 20, 4, 2)
+    with pytest.raises(ValueError, match="user_default"):
+        train_round(V, data, clients, config, user_default=np.zeros(3), **kwargs)
+    with pytest.raises(ValueError, match="user_default"):
+        evaluate_users(V, data, clients, config, user_default=[0.0, np.nan, 0.0, 0.0], **kwargs)
+    with pytest.raises((TypeError, ValueError), match="user_bias_default"):
+        reconstruct_users(V, data, clients, config, user_default=np.zeros(4), user_bias_default="x", **kwargs)

@@ -161,3 +161,64 @@ def test_bits_are_counted_every_round(splits):
     assert h[0]["broadcasted_bits"] == 32 * 40 * model_floats
     assert h[1]["aggregated_bits_total"] == h[0]["aggregated_bits"] + h[1]["aggregated_bits"] == t.aggregated_bits
     assert 0 < h[0]["aggregated_bits"] < 8 * 2 * h[0]["rows_sent"] * 8
+
+
+# ----------------------------------------------------------------- learned default u (cold start)
+
+
+@pytest.mark.parametrize("name", ["paper", "fast"])
+def test_learned_user_default_is_the_weighted_mean_of_the_clients_offsets(splits, name):
+    train, _, _ = splits
+    trainer = ff.FedRecon(small(name, rounds=3, learn_user_default=True))
+    trainer.fit(train, rounds=2)
+    model = trainer.model
+    u0, b0 = model.user_default.copy(), model.user_bias_default
+    # The next round by hand: every client starts from the default, the server (SGD, lr 1)
+    # moves it by the example-weighted mean of the final embeddings' offsets.
+    cfg, r = trainer.config, trainer.round
+    clients = ff.sample_clients(train.num_clients, cfg.clients_per_round, cfg.seed, r)
+    state = {"users": np.tile(u0, (len(clients), 1))}
+    if model.item_bias is not None:
+        state["user_bias"] = np.full(len(clients), b0, np.float32)
+    res = ff.train_round(model.item_factors, train, clients, cfg.client, item_bias=model.item_bias,
+                         global_mean=model.global_mean, seed=cfg.seed, round=r, **model.default_kwargs(), **state)
+    w = res.client_stats["weight"]
+    expected = u0 + ((w[:, None] * (res.users - u0)).sum(0) / w.sum()).astype(np.float32)
+    trainer.fit(train, rounds=1)
+    np.testing.assert_allclose(model.user_default, expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(model.user_default, u0)
+    if model.item_bias is not None:
+        expected_b = b0 + (w * (res.user_bias - b0)).sum() / w.sum()
+        assert model.user_bias_default == pytest.approx(expected_b, rel=1e-5, abs=1e-7)
+
+
+def test_learned_user_default_trains_saves_and_serves_cold_start(splits, tmp_path):
+    train, val, test = splits
+    trainer = ff.FedRecon(small("fast", learn_user_default=True)).fit(train, val)
+    model = trainer.model
+    assert trainer.evaluate(test)["rmse"] < 1.3
+    # Reconstruction really starts from the default: a user without support data keeps it.
+    nobody = ff.ClientData(np.zeros(3, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                           item_ids=train.item_ids)  # two users without ratings
+    users, user_bias = ff.reconstruct_users(model.item_factors, nobody, [0, 1], model.config.client,
+                                            item_bias=model.item_bias, global_mean=model.global_mean,
+                                            **model.default_kwargs())
+    assert np.array_equal(user_bias, np.full(2, np.float32(model.user_bias_default)))
+    assert np.array_equal(users, np.tile(model.user_default, (2, 1)))
+    loaded = ff.GlobalModel.load(model.save(tmp_path / "m"))
+    assert np.array_equal(loaded.user_default, model.user_default)
+    assert loaded.user_bias_default == model.user_bias_default
+    assert ff.recon_eval(loaded, test) == ff.recon_eval(model, test)
+    # Same seed, same default, whatever the thread count.
+    again = ff.FedRecon(small("fast", learn_user_default=True, num_threads=1)).fit(train, val).model
+    assert np.array_equal(again.user_default, model.user_default)
+
+
+def test_learned_user_default_rejects_dp_and_stateful_fedavg():
+    with pytest.raises(ValueError, match="learn_user_default"):
+        ff.preset("paper", learn_user_default=True, dp_clip=1.0, weighting="uniform")
+    from fedrecon_fast.baselines import FedAvg, fedavg_config
+    with pytest.raises(ValueError, match="learn_user_default"):
+        FedAvg(fedavg_config(learn_user_default=True))
+    with pytest.raises(TypeError, match="learn_user_default"):
+        ff.preset("paper", learn_user_default=1)

@@ -79,6 +79,8 @@ void validate_config(const ClientConfig& c) {
   require(init >= 0 && init <= 1, "init must be uniform or zeros");
   const int weighting = static_cast<int>(c.weighting);
   require(weighting >= 0 && weighting <= 1, "weighting must be examples or uniform");
+  for (const float x : c.user_default) require(std::isfinite(x), "user_default must be finite");
+  require(std::isfinite(c.user_bias_default), "user_bias_default must be finite");
 }
 
 ClientWorker::ClientWorker(const ModelView& model)
@@ -172,6 +174,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   const bool bias = model_.has_bias();
   const float* V = model_.item_factors;
   const std::int64_t K = dim_;
+  const bool has_default = !config.user_default.empty();
 
   if (config.recon == ReconMethod::Exact) {
     // Ridge solution of the support set: (X^T X + ridge I) w = X^T (r - offsets), with
@@ -199,6 +202,10 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
       A += G.selfadjointView<Eigen::Lower>().toDenseMatrix().cast<double>();
       rhs = (X.transpose() * y).cast<double>();
     }
+    if (has_default) {  // the learned default is the prior mean: ridge * |w - default|^2
+      for (std::int64_t k = 0; k < K; ++k) rhs[k] += static_cast<double>(config.ridge) * config.user_default[static_cast<std::size_t>(k)];
+      if (bias) rhs[K] += static_cast<double>(config.ridge) * config.user_bias_default;
+    }
     Eigen::LLT<Eigen::MatrixXd> llt(A);
     const Eigen::VectorXd w = llt.solve(rhs);
     u = w.head(K).cast<float>();
@@ -207,9 +214,12 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     return;
   }
 
-  if (init_u != nullptr) {
+  if (init_u != nullptr) {  // a stored embedding, then the learned default
     u = CVecMap(init_u, K);
     bu_ = init_bu;
+  } else if (has_default) {
+    u = CVecMap(config.user_default.data(), K);
+    bu_ = config.user_bias_default;
   } else if (config.init == InitMode::Uniform) {
     Rng rng(derive_seed(seed, round, static_cast<std::uint64_t>(client), kStreamInit));
     for (std::int64_t k = 0; k < K; ++k) u[k] = (2.0f * rng.uniform01() - 1.0f) * config.init_scale;

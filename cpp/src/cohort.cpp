@@ -17,9 +17,11 @@ namespace fedrecon {
 namespace {
 
 void check_inputs(const ModelView& model, const CsrView& data, const std::int64_t* clients,
-                  std::int64_t num_sampled) {
+                  std::int64_t num_sampled, const ClientConfig& config) {
   if (model.dim < 1) throw std::invalid_argument("dim must be >= 1");
   if (model.num_items < 0) throw std::invalid_argument("num_items must be >= 0");
+  if (!config.user_default.empty() && static_cast<std::int64_t>(config.user_default.size()) != model.dim)
+    throw std::invalid_argument("user_default must have dim entries");
   if (num_sampled < 0) throw std::invalid_argument("number of clients must be >= 0");
   if (data.num_clients < 0 || data.indptr == nullptr) throw std::invalid_argument("indptr is empty");
   if (data.indptr[0] != 0 || data.indptr[data.num_clients] != data.nnz)
@@ -378,7 +380,7 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          float* delta_bias_out, ClientStats* stats_out, const UserState& users,
                          const UpdateCodec& codec) {
   validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
+  check_inputs(model, data, clients, num_sampled, config);
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
@@ -411,7 +413,7 @@ RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
                                  int num_threads, PartialSums& out, ClientStats* stats_out,
                                  const UserState& users, const UpdateCodec& codec) {
   validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
+  check_inputs(model, data, clients, num_sampled, config);
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
@@ -459,7 +461,7 @@ SparseUpdates client_updates(const ModelView& model, const CsrView& data,
     throw std::invalid_argument("a dense update quantized with one scale decodes to noise on every row; "
                                 "client_updates returns touched rows only: use sparse or row scaling");
   validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
+  check_inputs(model, data, clients, num_sampled, config);
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
@@ -482,7 +484,7 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
                        std::uint64_t round, int num_threads, float* users_out,
                        float* user_bias_out) {
   validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
+  check_inputs(model, data, clients, num_sampled, config);
   const int threads = resolve_threads(num_threads, num_sampled);
   WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
@@ -498,7 +500,7 @@ void evaluate_users(const ModelView& model, const CsrView& data, const std::int6
                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                     std::uint64_t round, int num_threads, EvalStats* stats_out) {
   validate_config(config);
-  check_inputs(model, data, clients, num_sampled);
+  check_inputs(model, data, clients, num_sampled, config);
   const int threads = resolve_threads(num_threads, num_sampled);
   WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {

@@ -277,6 +277,8 @@ class FedAvg(FedRecon):
     def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
                  backend="local"):
         super().__init__(config if config is not None else fedavg_config(), model=model, backend=backend)
+        if self.config.learn_user_default:
+            raise ValueError("FedAvg stores every user's embedding; learn_user_default is for FedRecon")
         self.users = self.user_bias = None
 
     def _user_state(self, train, clients) -> dict:

@@ -163,6 +163,11 @@ class FedReconConfig:
         DP-FedAvg: clip each client update to L2 norm ``dp_clip``, add Gaussian noise of
         standard deviation ``dp_noise * dp_clip`` to the sum, divide by ``clients_per_round``.
         Requires ``weighting="uniform"``.
+    learn_user_default : bool
+        Learn a global default for ``u`` (and ``b_u``) federatedly: every client starts
+        reconstruction from it (SGD) or shrinks toward it (exact), reports its embedding's
+        offset from it as part of its update, and the server averages the offsets like any
+        other update. Users without ratings (cold start) get the default. Not with DP.
     """
 
     dim: int = 50
@@ -188,6 +193,7 @@ class FedReconConfig:
     sparse_updates: bool = False
     dp_clip: float | None = None
     dp_noise: float = 0.0
+    learn_user_default: bool = False
 
     def __post_init__(self) -> None:
         check_int(self.dim, "dim", minimum=1)
@@ -215,13 +221,15 @@ class FedReconConfig:
             raise ValueError(f"quantize_bits must be in 1..16; got {self.quantize_bits}")
         check_int(self.quantize_threshold, "quantize_threshold", minimum=0)
         check_choice(self.quantize_scaling, "quantize_scaling", {"tensor", "row"})
-        for name in ("hadamard", "sparse_updates"):
+        for name in ("hadamard", "sparse_updates", "learn_user_default"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if self.dp_clip is not None:
             check_float(self.dp_clip, "dp_clip", minimum=0.0, strict=True)
             if self.client.weighting != "uniform":
                 raise ValueError("dp_clip (DP-FedAvg) needs uniform client weighting: set weighting='uniform'")
+        if self.learn_user_default and self.dp_clip is not None:
+            raise ValueError("learn_user_default is not covered by DP clipping: use one or the other")
         check_float(self.dp_noise, "dp_noise", minimum=0.0)
         if self.dp_noise > 0 and self.dp_clip is None:
             raise ValueError("dp_noise needs dp_clip (the noise is dp_noise * dp_clip)")

@@ -69,5 +69,6 @@ def recon_eval(model, data, clients=None, config: ClientConfig | None = None, *,
         config = model.config.evaluation if model.config is not None else ClientConfig()
     stats = kernels.evaluate_users(
         model.item_factors, data, clients, config, item_bias=model.item_bias,
-        global_mean=model.global_mean, seed=seed, round=EVAL_ROUND, num_threads=num_threads)
+        global_mean=model.global_mean, seed=seed, round=EVAL_ROUND, num_threads=num_threads,
+        **model.default_kwargs())
     return summarize(stats["sq_err_sum"], stats["num_examples"], stats["num_correct"], per_user=per_user)

@@ -124,7 +124,7 @@ class ClientUpdates:
 
 
 def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
-                 num_threads, check_finite):
+                 num_threads, check_finite, user_default=None, user_bias_default=0.0):
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
     bias = None if item_bias is None else as_float32_vector(
         item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)
@@ -149,8 +149,13 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
     check_int(num_threads, "num_threads", minimum=0)
+    native = config.to_native()
+    if user_default is not None:
+        native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1], check_finite=True)
+        check_float(user_bias_default, "user_bias_default")
+        native.user_bias_default = float(user_bias_default)
     return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
-            config.to_native(), seed % _UINT64, round % _UINT64, num_threads)
+            native, seed % _UINT64, round % _UINT64, num_threads)
 
 
 def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
@@ -188,7 +193,8 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                 item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                 num_threads: int = 0, check_finite: bool = True, users=None,
-                user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                user_bias=None, user_default=None, user_bias_default: float = 0.0,
+                bits: int | None = None, scaling: str = "tensor",
                 hadamard: bool = False, sparse: bool = True, threshold: int = 0,
                 clip: float | None = None) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
@@ -212,6 +218,9 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
         Key the per-client random streams (seed, round, client id).
     num_threads : int
         0 uses all cores.
+    user_default, user_bias_default : array_like, shape (dim,), and float, optional
+        A learned global default for u (and b_u): reconstruction starts from it (SGD) or
+        shrinks toward it (exact ridge), and a client without support data keeps it.
     users, user_bias : array_like, shape (m, dim) and (m,), optional
         Stored embeddings of the sampled clients (stateful baselines such as FedAvg): each
         client starts from its row instead of a fresh initialisation, and the trained values
@@ -230,7 +239,8 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     RoundResult
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite)
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
     return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias, **codec))
@@ -239,7 +249,7 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
 def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                         item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                         num_threads: int = 0, check_finite: bool = True, users=None,
-                        user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                        user_bias=None, user_default=None, user_bias_default: float = 0.0, bits: int | None = None, scaling: str = "tensor",
                         hadamard: bool = False, sparse: bool = True, threshold: int = 0,
                         clip: float | None = None) -> PartialRound:
     """The sums of :func:`train_round` before normalisation, for one shard of a cohort.
@@ -250,7 +260,8 @@ def train_round_partial(item_factors, data, clients=None, config: ClientConfig |
     (:func:`fedrecon_fast.distributed.combine_round`).
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite)
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
     out = _core.train_round_partial(*args, users=users, user_bias=user_bias, **codec)
@@ -261,7 +272,7 @@ def train_round_partial(item_factors, data, clients=None, config: ClientConfig |
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                    num_threads: int = 0, check_finite: bool = True, users=None,
-                   user_bias=None, bits: int | None = None, scaling: str = "tensor",
+                   user_bias=None, user_default=None, user_bias_default: float = 0.0, bits: int | None = None, scaling: str = "tensor",
                    hadamard: bool = False, sparse: bool = True, threshold: int = 0,
                    clip: float | None = None) -> ClientUpdates:
     """Each client's sparse update (row ids + values) and weight, without aggregating.
@@ -271,7 +282,8 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
     (decoded); a dense update quantized with one scale needs :func:`train_round`.
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite)
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
     out = _core.client_updates(*args, users=users, user_bias=user_bias, **codec)
@@ -281,7 +293,8 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
 
 def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                       item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                      num_threads: int = 0, check_finite: bool = True):
+                      num_threads: int = 0, check_finite: bool = True, user_default=None,
+                      user_bias_default: float = 0.0):
     """Reconstruct the local embeddings of clients from their support sets, V frozen.
 
     Returns
@@ -291,13 +304,15 @@ def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | N
         Reconstructed user biases (only when ``item_bias`` is given).
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite)
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
     return _core.reconstruct_users(*args)
 
 
 def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                   num_threads: int = 0, check_finite: bool = True) -> dict:
+                   num_threads: int = 0, check_finite: bool = True, user_default=None,
+                   user_bias_default: float = 0.0) -> dict:
     """ReconEval per client: reconstruct on support, score each query rating once.
 
     Returns
@@ -307,5 +322,6 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
         correct when ``|r - r_hat| <= 0.5``).
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite)
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
     return _core.evaluate_users(*args)

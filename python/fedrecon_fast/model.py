@@ -35,6 +35,11 @@ class GlobalModel:
         Original item id of each row of V.
     config : FedReconConfig or None
         The configuration that trained it (also used to reconstruct users).
+    user_default : ndarray, shape (dim,), float32, or None
+        The learned global default for u (``config.learn_user_default``): reconstruction
+        starts from it, and a user without ratings (cold start) gets it.
+    user_bias_default : float
+        The same for the user bias.
     """
 
     item_factors: np.ndarray
@@ -42,6 +47,8 @@ class GlobalModel:
     global_mean: float
     item_ids: np.ndarray
     config: FedReconConfig | None = None
+    user_default: np.ndarray | None = None
+    user_bias_default: float = 0.0
 
     def __post_init__(self) -> None:
         self.item_factors = as_float32_matrix(self.item_factors, "item_factors")
@@ -56,6 +63,17 @@ class GlobalModel:
         if ids.shape != (n,) or (ids.size and ids.dtype.kind not in "iu"):
             raise ValueError(f"item_ids must be {n} integer ids, one per row of item_factors")
         self.item_ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.user_default is not None:
+            self.user_default = as_float32_vector(self.user_default, "user_default", size=self.dim,
+                                                  check_finite=True)
+        check_float(self.user_bias_default, "user_bias_default")
+        self.user_bias_default = float(self.user_bias_default)
+
+    def default_kwargs(self) -> dict:
+        """The kernels' ``user_default``/``user_bias_default`` arguments for this model."""
+        if self.user_default is None:
+            return {}
+        return {"user_default": self.user_default, "user_bias_default": self.user_bias_default}
 
     @property
     def num_items(self) -> int:
@@ -73,7 +91,11 @@ class GlobalModel:
         a = config.item_init_scale
         V = rng.uniform(-a, a, size=(len(item_ids), config.dim)).astype(np.float32)
         bias = np.zeros(len(item_ids), dtype=np.float32) if config.biases else None
-        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config)
+        u0 = None
+        if config.learn_user_default:  # like a fresh u: U(-a, a), a = the clients' init_scale
+            a = config.client.init_scale
+            u0 = generator(config.seed, 0, 1, STREAM_MODEL_INIT).uniform(-a, a, config.dim).astype(np.float32)
+        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to directory ``path`` (``model.npz`` + ``model.json``, no pickle).
@@ -88,6 +110,8 @@ class GlobalModel:
             arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
             if self.item_bias is not None:
                 arrays["item_bias"] = self.item_bias
+            if self.user_default is not None:
+                arrays["user_default"] = self.user_default
             np.savez(tmp / "model.npz", **arrays)
             meta = {
                 "format": FORMAT,
@@ -96,6 +120,7 @@ class GlobalModel:
                 "dim": self.dim,
                 "biases": self.item_bias is not None,
                 "global_mean": self.global_mean,
+                "user_bias_default": self.user_bias_default,
                 "config": None if self.config is None else self.config.to_dict(),
             }
             (tmp / "model.json").write_text(json.dumps(meta, indent=2))
@@ -129,7 +154,8 @@ class GlobalModel:
             raise ValueError(f"{path / 'model.npz'} lacks arrays {sorted(missing) or ['item_bias']}")
         config = None if meta.get("config") is None else FedReconConfig.from_dict(meta["config"])
         model = cls(arrays["item_factors"], arrays.get("item_bias"), meta["global_mean"],
-                    arrays["item_ids"], config)
+                    arrays["item_ids"], config, arrays.get("user_default"),
+                    meta.get("user_bias_default", 0.0))
         if model.num_items != meta["num_items"] or model.dim != meta["dim"]:
             raise ValueError(f"{path} is inconsistent: model.json and model.npz disagree on shape")
         return model

@@ -99,6 +99,10 @@ class FedRecon:
         params = {"item_factors": self.model.item_factors}
         if self.model.item_bias is not None:
             params["item_bias"] = self.model.item_bias
+        if self.model.user_default is not None:
+            params["user_default"] = self.model.user_default
+            if self.model.item_bias is not None:  # a one-element array the optimizer updates in place
+                params["user_bias_default"] = np.array([self.model.user_bias_default], np.float32)
         return params
 
     def fit(self, train, val=None, *, rounds: int | None = None, progress: bool = False,
@@ -171,16 +175,21 @@ class FedRecon:
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
             num_threads=cfg.num_threads, check_finite=False, bits=cfg.quantize_bits,
             scaling=cfg.quantize_scaling, hadamard=cfg.hadamard, sparse=cfg.sparse_updates,
-            threshold=cfg.quantize_threshold, clip=cfg.dp_clip, **self._user_state(train, clients))
+            threshold=cfg.quantize_threshold, clip=cfg.dp_clip, **self.model.default_kwargs(),
+            **self._user_state(train, clients))
         self._store_users(clients, res)
         update = {"item_factors": res.delta}
         if res.delta_bias is not None:
             update["item_bias"] = res.delta_bias
+        if "user_default" in params:
+            update.update(self._default_update(res))
         if cfg.dp_clip is not None:
             self._privatize(update, res.summary["total_weight"], r)
         # The native round aggregates only finite float32 updates of the right shapes, and V
         # itself is checked just below, so the optimizer's own validation pass is skipped.
         self._optimizer.apply(params, update, self._opt_state, validate=False)
+        if "user_bias_default" in params:
+            self.model.user_bias_default = float(params["user_bias_default"][0])
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         if not np.isfinite(self.model.item_factors).all():
@@ -191,6 +200,8 @@ class FedRecon:
         # encoded updates (sizes counted by the native codec).
         broadcast = 32 * len(clients) * sum(p.size for p in params.values())
         aggregated = 8 * s["bytes_sent"]
+        if "user_default" in params:  # each reporting client's float32 offset from the default
+            aggregated += 32 * s["num_reporting"] * (params["user_default"].size + ("user_bias_default" in params))
         self.broadcasted_bits += broadcast
         self.aggregated_bits += aggregated
         if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
@@ -235,8 +246,29 @@ class FedRecon:
             offset += mean.size
 
     def _user_state(self, train, clients) -> dict:
-        """Stored user embeddings to send with the clients (none: FedRecon is stateless)."""
-        return {}
+        """Starting embeddings to send with the clients: FedRecon is stateless, but with a
+        learned default every client starts from it (and its final u comes back)."""
+        u0 = self.model.user_default
+        if u0 is None:
+            return {}
+        state = {"users": np.tile(u0, (len(clients), 1))}
+        if self.model.item_bias is not None:
+            state["user_bias"] = np.full(len(clients), self.model.user_bias_default, np.float32)
+        return state
+
+    def _default_update(self, res) -> dict:
+        """Weighted mean of the reporting clients' offsets from the learned default u."""
+        w = res.client_stats["weight"]
+        reporting = w > 0
+        total = w[reporting].sum()
+        u0 = self.model.user_default
+        weights = (w[reporting] / total)[:, None] if total > 0 else np.zeros((0, 1))
+        offsets = res.users[reporting].astype(np.float64) - u0
+        update = {"user_default": (weights * offsets).sum(0).astype(np.float32)}
+        if res.user_bias is not None:
+            db = res.user_bias[reporting].astype(np.float64) - self.model.user_bias_default
+            update["user_bias_default"] = np.array([(weights[:, 0] * db).sum()], np.float32)
+        return update
 
     def _store_users(self, clients, result) -> None:
         """Keep what the clients return about their users (nothing for FedRecon)."""

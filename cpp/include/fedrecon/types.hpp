@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fedrecon {
 
@@ -62,6 +63,11 @@ struct ClientConfig {
   bool joint = false;      // also train u (and b_u) during the client update
 
   Weighting weighting = Weighting::Examples;
+
+  // A learned global default for u (empty: none). Reconstruction starts from it (SGD) or
+  // shrinks toward it (exact: ridge * |u - default|^2), and a user without support data keeps it.
+  std::vector<float> user_default;
+  float user_bias_default = 0.0f;
 };
 
 /// Per-client outcome of a training round.
