@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=["local", "ray"], default="local",
                        help="ray: shards of each round on Ray workers (RAY_ADDRESS or a local Ray); "
                        "same results as local")
+    train.add_argument("--learn-user-default", action="store_true",
+                       help="learn a global default u federatedly (cold start for users without ratings)")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
                        help="validate every N rounds (default: 10 evaluations per run)")
     comm = train.add_argument_group("communication and privacy of client updates")
@@ -102,7 +104,8 @@ def run_train(args) -> dict:
             overrides[field] = value
     overrides.update(quantize_bits=args.quantize_bits, quantize_threshold=args.quantize_threshold,
                      quantize_scaling=args.quantize_scaling, hadamard=args.hadamard,
-                     sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise)
+                     sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
+                     learn_user_default=args.learn_user_default)
     if args.dp_clip is not None:
         overrides["weighting"] = "uniform"  # DP-FedAvg bounds each client's influence
     config = preset(args.preset, **overrides)
