@@ -425,22 +425,22 @@ std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t
   heap_.clear();
   const bool bias = model_.has_bias();
   const float* V = model_.item_factors;
-  std::size_t next = 0;  // the next excluded item
   for (std::int64_t i = 0; i < model_.num_items; ++i) {
-    if (next < excluded_.size() && excluded_[next] == i) {
-      ++next;
-      continue;
-    }
-    const float s = predict_row(V + i * dim_, bias ? model_.item_bias[i] : 0.0f);
-    if (std::isnan(s)) continue;
-    if (static_cast<std::int64_t>(heap_.size()) < k) {
-      heap_.push_back({s, static_cast<std::int32_t>(i)});
-      std::push_heap(heap_.begin(), heap_.end(), better);
-    } else if (s > heap_.front().score) {
+    // The prediction of evaluate(), so ranking and rating metrics see the same numbers.
+    const float score = predict_row(V + i * dim_, bias ? model_.item_bias[i] : 0.0f);
+    const bool full = static_cast<std::int64_t>(heap_.size()) == k;
+    // Once k items are kept, most items fail this one comparison (NaN always does). An equal
+    // score loses: items arrive in increasing index order and the lower index wins ties.
+    if (full ? !(score > heap_.front().score) : std::isnan(score)) continue;
+    const auto item = static_cast<std::int32_t>(i);
+    if (std::binary_search(excluded_.begin(), excluded_.end(), item)) continue;
+    if (full) {
       std::pop_heap(heap_.begin(), heap_.end(), better);
-      heap_.back() = {s, static_cast<std::int32_t>(i)};
-      std::push_heap(heap_.begin(), heap_.end(), better);
+      heap_.back() = {score, item};
+    } else {
+      heap_.push_back({score, item});
     }
+    std::push_heap(heap_.begin(), heap_.end(), better);
   }
   std::sort(heap_.begin(), heap_.end(), better);
   const auto found = static_cast<std::int64_t>(heap_.size());
