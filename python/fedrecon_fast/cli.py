@@ -270,8 +270,9 @@ def run_recommend(args) -> dict:
 
 
 def _print_recommendations(result: dict, k: int) -> None:
-    print(f"top {len(result['items'])} of {k} requested items for a user with "
-          f"{result['num_ratings']} known ratings:")
+    n = len(result["items"])
+    short = f" ({k} requested, only {n} candidates)" if n < k else ""
+    print(f"top {n} items for a user with {result['num_ratings']} known ratings{short}:")
     for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
         print(f"{rank:4d}. item {item}  predicted rating {score:.3f}")
 
