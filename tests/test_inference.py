@@ -10,7 +10,9 @@ from conftest import csr, random_client_data
 from numpy.testing import assert_allclose, assert_array_equal
 from test_kernels import RTOL, ATOL, SHAPES, make_problem
 
+import fedrecon_fast as ff
 from fedrecon_fast.config import ClientConfig
+from fedrecon_fast.evaluation import summarize_ranking
 from fedrecon_fast.kernels import evaluate_users, infer_users, recommend_users
 
 # Same layout as test_kernels.CASES: (ClientConfig overrides, with biases?, global mean).
@@ -241,6 +243,39 @@ def test_ranking_metrics_by_hand():
     # Reuse: the query items are all support items, never candidates: nothing is relevant.
     reuse = evaluate_users(V, data, None, ClientConfig(batch_size=1, recon="exact", split="reuse"), k=3)
     assert reuse["num_relevant"][0] == 0 and np.isnan(reuse["ndcg"][0])
+
+
+def test_summarize_ranking_averages_users_with_a_relevant_item():
+    # Users: 2 of 3 relevant hit at k=2 (recall 2/2), 1 of 1 (1/1), 0 of 5 (0/2), none relevant.
+    out = summarize_ranking([2, 1, 0, 0], [3, 1, 5, 0], [0.9, 0.6, 0.0, np.nan], 2, per_user=True)
+    assert out["recall_at_2"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
+    assert out["ndcg_at_2"] == pytest.approx(0.5)
+    assert out["ranking_users"] == 3 and out["ranking_users_without_relevant"] == 1
+    assert out["user_recall_at_2"]["p50"] == 1.0
+    empty = summarize_ranking([0], [0], [np.nan], 10)
+    assert np.isnan(empty["recall_at_10"]) and np.isnan(empty["ndcg_at_10"])
+    assert empty["ranking_users"] == 0 and empty["ranking_users_without_relevant"] == 1
+
+
+def test_recon_eval_and_fedrecon_evaluate_report_ranking_metrics():
+    data = ff.synthetic_ratings(num_users=200, num_items=120, seed=1).prepare(shuffle_seed=1)
+    train, val, test = (data.subset(i) for i in ff.split_users(data.num_clients, seed=1))
+    trainer = ff.FedRecon(ff.preset("paper", dim=4, rounds=3, clients_per_round=20, eval_every=1)).fit(train, val)
+    # Validation during training stays RMSE-only (ranking scores every item for every user).
+    assert all("recall_at_10" not in k for h in trainer.history for k in h)
+    m = trainer.evaluate(test)
+    assert {"recall_at_10", "ndcg_at_10", "ranking_users", "ranking_users_without_relevant"} <= set(m)
+    assert m["ranking_users"] + m["ranking_users_without_relevant"] == test.num_clients
+    assert 0 <= m["recall_at_10"] <= 1 and 0 <= m["ndcg_at_10"] <= 1
+    five = trainer.evaluate(test, k=5, relevance_threshold=None)
+    assert "recall_at_5" in five and five["ranking_users"] >= m["ranking_users"]
+    assert five["rmse"] == m["rmse"]
+    plain = ff.recon_eval(trainer.model, test, k=None)
+    assert not any(k.startswith(("recall", "ndcg", "ranking")) for k in plain)
+    stats = evaluate_users(trainer.model.item_factors, test, None, trainer.config.evaluation, k=10,
+                           round=2**64 - 1)
+    assert m["recall_at_10"] == summarize_ranking(stats["hits"], stats["num_relevant"], stats["ndcg"],
+                                                  10)["recall_at_10"]
 
 
 # ------------------------------------------------------------------------------- bad input

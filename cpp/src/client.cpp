@@ -429,16 +429,14 @@ std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t
     // The prediction of evaluate(), so ranking and rating metrics see the same numbers.
     const float score = predict_row(V + i * dim_, bias ? model_.item_bias[i] : 0.0f);
     const bool full = static_cast<std::int64_t>(heap_.size()) == k;
-    // Once k items are kept, most items fail this one comparison (NaN always does). An equal
-    // score loses: items arrive in increasing index order and the lower index wins ties.
+    // Once k items are kept, most items fail this one comparison (NaN always does).
     if (full ? !(score > heap_.front().score) : std::isnan(score)) continue;
-    const auto item = static_cast<std::int32_t>(i);
-    if (std::binary_search(excluded_.begin(), excluded_.end(), item)) continue;
+    if (std::binary_search(excluded_.begin(), excluded_.end(), i)) continue;
     if (full) {
       std::pop_heap(heap_.begin(), heap_.end(), better);
-      heap_.back() = {score, item};
+      heap_.back() = {score, i};
     } else {
-      heap_.push_back({score, item});
+      heap_.push_back({score, i});
     }
     std::push_heap(heap_.begin(), heap_.end(), better);
   }
@@ -478,13 +476,13 @@ RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold) {
   // item at each of the first min(k, num_relevant) ranks.
   double dcg = 0.0, idcg = 0.0;
   for (std::int64_t r = 0; r < found; ++r) {
-    const auto item = static_cast<std::int32_t>(top_items_[static_cast<std::size_t>(r)]);
-    if (std::binary_search(relevant_.begin(), relevant_.end(), item)) {
+    if (std::binary_search(relevant_.begin(), relevant_.end(), top_items_[static_cast<std::size_t>(r)])) {
       stats.hits += 1;
       dcg += 1.0 / std::log2(static_cast<double>(r + 2));
     }
   }
-  for (std::int64_t r = 0; r < std::min(k, stats.num_relevant); ++r) idcg += 1.0 / std::log2(static_cast<double>(r + 2));
+  for (std::int64_t r = 0; r < std::min(k, stats.num_relevant); ++r)
+    idcg += 1.0 / std::log2(static_cast<double>(r + 2));
   stats.ndcg = dcg / idcg;
   return stats;
 }

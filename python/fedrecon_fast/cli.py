@@ -201,7 +201,7 @@ def _print_human(result: dict) -> None:
     print(f"test (ReconEval, {result['test_users']} unseen users, {result['test_ratings']} ratings): "
           f"RMSE {result['test_rmse']:.4f}  accuracy {100 * result['test_accuracy']:.2f}%")
     k = result["rank_k"]
-    print(f"top-{k} of unrated items vs liked test items (rating >= 4, {result['test_ranking_users']} users): "
+    print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one): "
           f"Recall@{k} {result[f'test_recall_at_{k}']:.4f}  NDCG@{k} {result[f'test_ndcg_at_{k}']:.4f}")
     print(f"train {result['train_seconds']:.2f} s (median round {result['round_ms_median']:.2f} ms), "
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
@@ -265,7 +265,8 @@ def run_recommend(args) -> dict:
     top, scores = model.recommend(items, ratings, k=args.k, exclude_seen=not args.include_seen,
                                   ignore_unknown=True, num_threads=1)
     found = ~np.isnan(scores)  # fewer candidates than k: the padded slots are left out
-    return {"items": top[found].tolist(), "scores": [float(str(x)) for x in scores[found]],  # shortest float32 repr
+    # str() of a float32 is its shortest round-trip form: 4.709937, not 4.709936618804932.
+    return {"items": top[found].tolist(), "scores": [float(str(x)) for x in scores[found]],
             "num_ratings": int(known.sum())}
 
 

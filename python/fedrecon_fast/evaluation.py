@@ -46,13 +46,12 @@ def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False) 
         user_acc = correct[scored] / n[scored]
         for name, values in (("user_rmse", user_rmse), ("user_accuracy", user_acc)):
             if values.size:
-                q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
-                out[name] = {"mean": float(values.mean()), "std": float(values.std()),
-                             "p10": float(q10), "p50": float(q50), "p90": float(q90)}
+                out[name] = _distribution(values)
     return out
 
 
 def _distribution(values: np.ndarray) -> dict:
+    """Mean, std and the 10/50/90% quantiles of per-user values."""
     q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
     return {"mean": float(values.mean()), "std": float(values.std()),
             "p10": float(q10), "p50": float(q50), "p90": float(q90)}

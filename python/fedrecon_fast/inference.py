@@ -87,11 +87,12 @@ def item_rows(model, ids, *, ignore_unknown: bool = False, name: str = "items") 
     if flat.dtype.kind == "u" and flat.size and int(flat.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{name} has item ids beyond the int64 range")
     flat = flat.astype(np.int64, copy=False)
-    pos = np.searchsorted(sorted_ids, flat)
-    pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-    found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == flat) if len(sorted_ids) else np.zeros(flat.shape, bool)
-    rows = pos_c if order is None else order[pos_c]
-    rows = np.where(found, rows, -1).astype(np.int64)
+    if sorted_ids.size == 0:
+        found, rows = np.zeros(flat.shape, dtype=bool), np.full(flat.shape, -1, dtype=np.int64)
+    else:
+        pos = np.minimum(np.searchsorted(sorted_ids, flat), sorted_ids.size - 1)
+        found = sorted_ids[pos] == flat
+        rows = np.where(found, pos if order is None else order[pos], -1).astype(np.int64)
     if not ignore_unknown and not found.all():
         raise _unknown_error(name, flat[~found])
     return rows.reshape(ids.shape)

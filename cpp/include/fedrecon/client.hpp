@@ -97,7 +97,7 @@ class ClientWorker {
   // Ranking scratch: excluded items (sorted), the running top k, relevant query items (sorted).
   struct Scored {
     float score;
-    std::int32_t item;
+    std::int64_t item;
   };
   std::vector<std::int32_t> excluded_, relevant_;
   std::vector<Scored> heap_;
