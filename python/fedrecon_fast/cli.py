@@ -262,7 +262,9 @@ def run_recommend(args) -> dict:
         shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
         name = "<stdin>" if args.ratings == "-" else args.ratings
         raise ValueError(f"{name}: item ids unknown to the model: {shown} (use --ignore-unknown to drop them)")
-    top, scores = model.recommend(items, ratings, k=args.k, exclude_seen=not args.include_seen,
+    # Padding is dropped below, so k beyond the catalogue only costs memory: cap it.
+    k = max(1, min(args.k, model.num_items))
+    top, scores = model.recommend(items, ratings, k=k, exclude_seen=not args.include_seen,
                                   ignore_unknown=True, num_threads=1)
     found = ~np.isnan(scores)  # fewer candidates than k: the padded slots are left out
     # str() of a float32 is its shortest round-trip form: 4.709937, not 4.709936618804932.
