@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -249,15 +250,20 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
                         float global_mean, const Array<std::int64_t>& indptr,
                         const Array<std::int32_t>& items, const Array<float>& ratings,
                         const Array<std::int64_t>& clients, const ClientConfig& config,
-                        std::uint64_t seed, std::uint64_t round, int num_threads) {
+                        std::uint64_t seed, std::uint64_t round, int num_threads, std::int64_t k,
+                        float relevance_threshold) {
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
   const auto n = clients.shape(0);
+  if (k < 0) fail("k must be >= 0 (0: no ranking metrics)");
+  if (std::isnan(relevance_threshold)) fail("relevance_threshold must not be NaN");
   std::vector<fedrecon::EvalStats> stats(static_cast<std::size_t>(n));
+  std::vector<fedrecon::RankStats> ranks(static_cast<std::size_t>(k > 0 ? n : 0));
   {
     py::gil_scoped_release release;
-    fedrecon::evaluate_users(model, data, ids, n, config, seed, round, num_threads, stats.data());
+    fedrecon::evaluate_users(model, data, ids, n, config, seed, round, num_threads, stats.data(), k,
+                             relevance_threshold, k > 0 ? ranks.data() : nullptr);
   }
   Array<double> sq(n);
   Array<std::int64_t> count(n), correct(n);
@@ -266,7 +272,65 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
     count.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_examples;
     correct.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_correct;
   }
-  return py::dict("sq_err_sum"_a = sq, "num_examples"_a = count, "num_correct"_a = correct);
+  py::dict out("sq_err_sum"_a = sq, "num_examples"_a = count, "num_correct"_a = correct);
+  if (k > 0) {
+    Array<std::int64_t> relevant(n), hits(n);
+    Array<double> ndcg(n);
+    for (py::ssize_t i = 0; i < n; ++i) {
+      const auto& r = ranks[static_cast<std::size_t>(i)];
+      relevant.mutable_data()[i] = r.num_relevant;
+      hits.mutable_data()[i] = r.hits;
+      ndcg.mutable_data()[i] = r.ndcg;
+    }
+    out["num_relevant"] = relevant;
+    out["hits"] = hits;
+    out["ndcg"] = ndcg;
+  }
+  return out;
+}
+
+py::tuple infer_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                      float global_mean, const Array<std::int64_t>& indptr,
+                      const Array<std::int32_t>& items, const Array<float>& ratings,
+                      const Array<std::int64_t>& clients, const ClientConfig& config,
+                      std::uint64_t seed, std::uint64_t round, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  Array<float> users({n, static_cast<py::ssize_t>(model.dim)});
+  std::optional<Array<float>> user_bias;
+  if (model.has_bias()) user_bias.emplace(n);
+  float* users_ptr = users.mutable_data();
+  float* bias_ptr = user_bias ? user_bias->mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    fedrecon::infer_users(model, data, ids, n, config, seed, round, num_threads, users_ptr, bias_ptr);
+  }
+  return py::make_tuple(users, or_none(user_bias));
+}
+
+py::tuple recommend_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                          float global_mean, const Array<std::int64_t>& indptr,
+                          const Array<std::int32_t>& items, const Array<float>& ratings,
+                          const Array<std::int64_t>& clients, const ClientConfig& config,
+                          std::uint64_t seed, std::uint64_t round, int num_threads, std::int64_t k,
+                          bool exclude_seen) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  const auto* ids = client_ids(clients);
+  const auto n = clients.shape(0);
+  if (k < 1) fail("k must be >= 1");
+  Array<std::int64_t> top({n, static_cast<py::ssize_t>(k)});
+  Array<float> scores({n, static_cast<py::ssize_t>(k)});
+  std::int64_t* top_ptr = top.mutable_data();
+  float* scores_ptr = scores.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fedrecon::recommend_users(model, data, ids, n, config, seed, round, num_threads, k, exclude_seen,
+                              top_ptr, scores_ptr);
+  }
+  return py::make_tuple(top, scores);
 }
 
 double mf_sgd_epoch(Array<float>& users, std::optional<Array<float>>& user_bias, Array<float>& items,
@@ -355,7 +419,9 @@ PYBIND11_MODULE(_core, m) {
   m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
 #undef FEDRECON_UPDATE_ARGS
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
-  m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS);
+  m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS, "k"_a = 0, "relevance_threshold"_a = 4.0f);
+  m.def("infer_users", &infer_users, FEDRECON_COHORT_ARGS);
+  m.def("recommend_users", &recommend_users, FEDRECON_COHORT_ARGS, "k"_a, "exclude_seen"_a = true);
 #undef FEDRECON_COHORT_ARGS
 
   bind_compression(m);

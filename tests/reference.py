@@ -16,7 +16,7 @@ order) and in float64 where the C++ code uses ``double`` (metrics, aggregation, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -546,8 +546,9 @@ def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bia
 
 def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=None,
                    global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
-                   user_bias_default=0.0):
-    """ReconEval per client: dict of arrays ``sq_err_sum``, ``num_examples``, ``num_correct``."""
+                   user_bias_default=0.0, k=None, relevance_threshold=4.0):
+    """ReconEval per client: dict of arrays ``sq_err_sum``, ``num_examples``, ``num_correct``;
+    with ``k`` also ``num_relevant``, ``hits`` and ``ndcg`` (:func:`rank_client`)."""
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
                               user_bias_default)
     per_client = []
@@ -555,12 +556,113 @@ def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=N
         items, ratings = _client_data(data, c)
         support, query = split_client(len(items), c, config, seed, round)
         u, bu = reconstruct(model, items, ratings, support, config, seed, round, c)
-        per_client.append(evaluate_client(model, items, ratings, query, u, bu))
-    return dict(
+        stats = evaluate_client(model, items, ratings, query, u, bu)
+        if k is not None:
+            stats.update(rank_client(model, items, ratings, support, query, u, bu, k, relevance_threshold))
+        per_client.append(stats)
+    out = dict(
         sq_err_sum=np.array([s["sq_err_sum"] for s in per_client], dtype=np.float64),
         num_examples=np.array([s["num_examples"] for s in per_client], dtype=np.int64),
         num_correct=np.array([s["num_correct"] for s in per_client], dtype=np.int64),
     )
+    if k is not None:
+        out.update(
+            num_relevant=np.array([s["num_relevant"] for s in per_client], dtype=np.int64),
+            hits=np.array([s["hits"] for s in per_client], dtype=np.int64),
+            ndcg=np.array([s["ndcg"] for s in per_client], dtype=np.float64),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking and inference for new users
+# --------------------------------------------------------------------------------------------
+
+
+def score_items(model: Model, u, bu) -> np.ndarray:
+    """Predicted rating of every item, float32, in the order of :func:`predict`:
+    ``(u . v_i + global_mean) + b_u + b_i``."""
+    p = (model.item_factors @ np.asarray(u, dtype=F32)).astype(F32) + model.global_mean
+    if model.has_bias:
+        p = p + bu + model.item_bias
+    return p.astype(F32)
+
+
+def top_k(scores: np.ndarray, k: int, excluded=()):
+    """The k best items of ``scores`` (highest first, ties to the lower index), skipping the
+    ``excluded`` items and NaN scores; ``(items int64 (k,), scores float32 (k,))`` padded with
+    -1 / NaN when fewer items qualify."""
+    scores = np.asarray(scores, dtype=F32)
+    ok = ~np.isnan(scores)
+    ok[np.asarray(list(excluded), dtype=np.int64)] = False
+    idx = np.flatnonzero(ok)
+    order = idx[np.lexsort((idx, -scores[idx].astype(np.float64)))][:k]
+    items = np.full(k, -1, dtype=np.int64)
+    out = np.full(k, np.nan, dtype=F32)
+    items[:len(order)] = order
+    out[:len(order)] = scores[order]
+    return items, out
+
+
+def rank_client(model: Model, items, ratings, support, query, u, bu, k: int, relevance_threshold):
+    """Recall/NDCG ingredients of one ReconEval client at cut-off k.
+
+    Candidates: every item not in the support set. Relevant: the distinct query items rated
+    >= ``relevance_threshold`` (None: all query items) that are candidates. ``hits`` = relevant
+    items in the top k; ``ndcg`` = Σ_hits 1/log2(rank + 1) over Σ_{r=1..min(k, |relevant|)}
+    1/log2(r + 1) (ranks from 1), NaN without relevant items.
+    """
+    sup = {int(items[p]) for b in support for p in b}
+    top, _ = top_k(score_items(model, u, bu), k, sup)
+    threshold = -np.inf if relevance_threshold is None else float(F32(relevance_threshold))
+    relevant = {int(items[p]) for b in query for p in b if float(ratings[p]) >= threshold} - sup
+    if not relevant:
+        return dict(num_relevant=0, hits=0, ndcg=float("nan"))
+    gains = np.array([1.0 if int(i) in relevant else 0.0 for i in top if i >= 0])
+    discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+    dcg = float((gains * discounts[:len(gains)]).sum())
+    idcg = float(discounts[:min(k, len(relevant))].sum())
+    return dict(num_relevant=len(relevant), hits=int(gains.sum()), ndcg=dcg / idcg)
+
+
+def _inference_config(config):
+    """Inference uses every rating: the split of ``config`` becomes "reuse"."""
+    return replace(config, split="reuse")
+
+
+def infer_users(item_factors, data, clients=None, config=None, *, item_bias=None,
+                global_mean=0.0, seed=0, round=0, user_default=None, user_bias_default=0.0):  # noqa: A002
+    """``(users, user_bias or None)`` reconstructed from all of each user's ratings, with the
+    random streams of client 0 for every user (position-independent)."""
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
+                              user_bias_default)
+    config = _inference_config(config)
+    dim = model.item_factors.shape[1]
+    users = np.zeros((len(clients), dim), dtype=F32)
+    user_bias = np.zeros(len(clients), dtype=F32)
+    for i, c in enumerate(clients):
+        items, ratings = _client_data(data, c)
+        support, _ = split_client(len(items), 0, config, seed, round)
+        users[i], user_bias[i] = reconstruct(model, items, ratings, support, config, seed, round, 0)
+    return users, (user_bias if model.has_bias else None)
+
+
+def recommend_users(item_factors, data, clients=None, config=None, *, k=10, exclude_seen=True,
+                    item_bias=None, global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
+                    user_bias_default=0.0):
+    """``(items (m, k) int64, scores (m, k) float32)``: each user's top k by predicted rating
+    after :func:`infer_users`, its rated items skipped when ``exclude_seen``."""
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
+    users, user_bias = infer_users(item_factors, data, clients, config, item_bias=item_bias,
+                                   global_mean=global_mean, seed=seed, round=round,
+                                   user_default=user_default, user_bias_default=user_bias_default)
+    items = np.zeros((len(clients), k), dtype=np.int64)
+    scores = np.zeros((len(clients), k), dtype=F32)
+    for i, c in enumerate(clients):
+        seen = set(_client_data(data, c)[0].tolist()) if exclude_seen else set()
+        bu = user_bias[i] if user_bias is not None else F32(0.0)
+        items[i], scores[i] = top_k(score_items(model, users[i], bu), k, seen)
+    return items, scores
 
 
 # --------------------------------------------------------------------------------------------

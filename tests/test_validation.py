@@ -3,6 +3,7 @@ and in the private native functions (which must never crash, whatever they are g
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,16 @@ from conftest import csr, random_client_data
 
 from fedrecon_fast import _core
 from fedrecon_fast.config import ClientConfig
-from fedrecon_fast.kernels import client_updates, evaluate_users, reconstruct_users, train_round
+from fedrecon_fast.kernels import (
+    client_updates,
+    evaluate_users,
+    infer_users,
+    reconstruct_users,
+    recommend_users,
+    train_round,
+)
 
-KERNELS = [train_round, client_updates, reconstruct_users, evaluate_users]
+KERNELS = [train_round, client_updates, reconstruct_users, evaluate_users, infer_users, recommend_users]
 kernel_ids = [k.__name__ for k in KERNELS]
 parametrize_kernels = pytest.mark.parametrize("kernel", KERNELS, ids=kernel_ids)
 
@@ -223,7 +231,8 @@ def core_args(**changes):
     return args
 
 
-CORE_FUNCTIONS = [_core.train_round, _core.client_updates, _core.reconstruct_users, _core.evaluate_users]
+CORE_FUNCTIONS = [_core.train_round, _core.client_updates, _core.reconstruct_users, _core.evaluate_users,
+                  _core.infer_users, functools.partial(_core.recommend_users, k=3)]
 parametrize_core = pytest.mark.parametrize("fn", CORE_FUNCTIONS, ids=kernel_ids)
 
 

@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -105,6 +106,11 @@ void ClientWorker::rebind(const ModelView& model) {
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
                          std::uint64_t seed, std::uint64_t round) {
+  split(data, client, config, seed, round, static_cast<std::uint64_t>(client));
+}
+
+void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
+                         std::uint64_t seed, std::uint64_t round, std::uint64_t stream_client) {
   const std::int64_t begin = data.indptr[client];
   const std::int64_t n = data.indptr[client + 1] - begin;
   items_ = data.items + begin;
@@ -120,7 +126,7 @@ void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientC
   for (std::int64_t k = 0; k < n; ++k) perm_[static_cast<std::size_t>(k)] = k;
   if (config.reshuffle || config.split == SplitMode::Random) {
     // Fisher-Yates with the client's own stream: a pure function of (seed, round, client).
-    Rng rng(derive_seed(seed, round, static_cast<std::uint64_t>(client), kStreamSplit));
+    Rng rng(derive_seed(seed, round, stream_client, kStreamSplit));
     for (std::int64_t k = n - 1; k > 0; --k) {
       const auto j = static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(k + 1)));
       std::swap(perm_[static_cast<std::size_t>(k)], perm_[static_cast<std::size_t>(j)]);
@@ -409,6 +415,85 @@ EvalStats ClientWorker::evaluate() const {
     stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
   }
   stats.num_examples = num_query();
+  return stats;
+}
+
+std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t* items_out,
+                                 float* scores_out) {
+  if (k < 1) throw std::invalid_argument("k must be >= 1");
+  excluded_.clear();
+  if (skip_support) {
+    for (const std::int64_t p : sup_pos_) excluded_.push_back(items_[p]);
+    std::sort(excluded_.begin(), excluded_.end());
+    excluded_.erase(std::unique(excluded_.begin(), excluded_.end()), excluded_.end());
+  }
+  // A min-heap of the best k so far: its front is the worst kept item. Items arrive in
+  // increasing index order, so an equal score never displaces a kept item (lower index wins).
+  auto better = [](const Scored& a, const Scored& b) {
+    return a.score > b.score || (a.score == b.score && a.item < b.item);
+  };
+  heap_.clear();
+  const bool bias = model_.has_bias();
+  const float* V = model_.item_factors;
+  for (std::int64_t i = 0; i < model_.num_items; ++i) {
+    // The prediction of evaluate(), so ranking and rating metrics see the same numbers.
+    const float score = predict_row(V + i * dim_, bias ? model_.item_bias[i] : 0.0f);
+    const bool full = static_cast<std::int64_t>(heap_.size()) == k;
+    // Once k items are kept, most items fail this one comparison (NaN always does).
+    if (full ? !(score > heap_.front().score) : std::isnan(score)) continue;
+    if (std::binary_search(excluded_.begin(), excluded_.end(), i)) continue;
+    if (full) {
+      std::pop_heap(heap_.begin(), heap_.end(), better);
+      heap_.back() = {score, i};
+    } else {
+      heap_.push_back({score, i});
+    }
+    std::push_heap(heap_.begin(), heap_.end(), better);
+  }
+  std::sort(heap_.begin(), heap_.end(), better);
+  const auto found = static_cast<std::int64_t>(heap_.size());
+  for (std::int64_t r = 0; r < found; ++r) {
+    items_out[r] = heap_[static_cast<std::size_t>(r)].item;
+    scores_out[r] = heap_[static_cast<std::size_t>(r)].score;
+  }
+  std::fill(items_out + found, items_out + k, std::int64_t{-1});
+  std::fill(scores_out + found, scores_out + k, std::numeric_limits<float>::quiet_NaN());
+  return found;
+}
+
+RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold) {
+  top_items_.resize(static_cast<std::size_t>(k));
+  top_scores_.resize(static_cast<std::size_t>(k));
+  const std::int64_t found = top_k(k, true, top_items_.data(), top_scores_.data());
+  // Relevant: distinct liked query items that are candidates (excluded_ holds the support).
+  relevant_.clear();
+  for (const std::int64_t p : qry_pos_)
+    if (ratings_[p] >= relevance_threshold) relevant_.push_back(items_[p]);
+  std::sort(relevant_.begin(), relevant_.end());
+  relevant_.erase(std::unique(relevant_.begin(), relevant_.end()), relevant_.end());
+  relevant_.erase(std::remove_if(relevant_.begin(), relevant_.end(),
+                                 [&](std::int32_t item) {
+                                   return std::binary_search(excluded_.begin(), excluded_.end(), item);
+                                 }),
+                  relevant_.end());
+  RankStats stats;
+  stats.num_relevant = static_cast<std::int64_t>(relevant_.size());
+  if (stats.num_relevant == 0) {
+    stats.ndcg = std::numeric_limits<double>::quiet_NaN();
+    return stats;
+  }
+  // Binary gains: rank r (0-based) is worth 1 / log2(r + 2); the ideal list puts a relevant
+  // item at each of the first min(k, num_relevant) ranks.
+  double dcg = 0.0, idcg = 0.0;
+  for (std::int64_t r = 0; r < found; ++r) {
+    if (std::binary_search(relevant_.begin(), relevant_.end(), top_items_[static_cast<std::size_t>(r)])) {
+      stats.hits += 1;
+      dcg += 1.0 / std::log2(static_cast<double>(r + 2));
+    }
+  }
+  for (std::int64_t r = 0; r < std::min(k, stats.num_relevant); ++r)
+    idcg += 1.0 / std::log2(static_cast<double>(r + 2));
+  stats.ndcg = dcg / idcg;
   return stats;
 }
 

@@ -2,6 +2,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -498,9 +499,13 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
 
 void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
-                    std::uint64_t round, int num_threads, EvalStats* stats_out) {
+                    std::uint64_t round, int num_threads, EvalStats* stats_out, std::int64_t k,
+                    float relevance_threshold, RankStats* rank_out) {
   validate_config(config);
   check_inputs(model, data, clients, num_sampled, config);
+  if (k < 0) throw std::invalid_argument("k must be >= 0");
+  if (k > 0 && rank_out == nullptr) throw std::invalid_argument("ranking needs rank_out");
+  if (std::isnan(relevance_threshold)) throw std::invalid_argument("relevance_threshold must not be NaN");
   const int threads = resolve_threads(num_threads, num_sampled);
   WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
@@ -508,7 +513,57 @@ void evaluate_users(const ModelView& model, const CsrView& data, const std::int6
     w.split(data, clients[i], config, seed, round);
     w.reconstruct(config, seed, round, clients[i]);
     stats_out[i] = w.evaluate();
+    if (k > 0) rank_out[i] = w.rank_query(k, relevance_threshold);
   });
+}
+
+namespace {
+
+// Inference reconstructs on every rating, with the streams of client 0 for every user.
+ClientConfig inference_config(const ClientConfig& config) {
+  ClientConfig c = config;
+  c.split = SplitMode::Reuse;
+  return c;
+}
+
+template <class PerUser>
+void run_inference(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                   std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                   std::uint64_t round, int num_threads, PerUser&& per_user) {
+  validate_config(config);
+  check_inputs(model, data, clients, num_sampled, config);
+  const ClientConfig all = inference_config(config);
+  const int threads = resolve_threads(num_threads, num_sampled);
+  WorkerLease workers(model, threads);
+  parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
+    ClientWorker& w = workers[static_cast<std::size_t>(tid)];
+    w.split(data, clients[i], all, seed, round, 0);
+    w.reconstruct(all, seed, round, 0);
+    per_user(w, i);
+  });
+}
+
+}  // namespace
+
+void infer_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                 std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                 std::uint64_t round, int num_threads, float* users_out, float* user_bias_out) {
+  run_inference(model, data, clients, num_sampled, config, seed, round, num_threads,
+                [&](ClientWorker& w, std::int64_t i) {
+                  std::copy_n(w.user(), model.dim, users_out + i * model.dim);
+                  if (user_bias_out != nullptr) user_bias_out[i] = w.user_bias();
+                });
+}
+
+void recommend_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                     std::uint64_t round, int num_threads, std::int64_t k, bool exclude_seen,
+                     std::int64_t* items_out, float* scores_out) {
+  if (k < 1) throw std::invalid_argument("k must be >= 1");
+  run_inference(model, data, clients, num_sampled, config, seed, round, num_threads,
+                [&](ClientWorker& w, std::int64_t i) {
+                  w.top_k(k, exclude_seen, items_out + i * k, scores_out + i * k);
+                });
 }
 
 }  // namespace fedrecon

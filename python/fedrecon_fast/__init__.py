@@ -6,7 +6,7 @@ embedding stays local and is reconstructed from the user's own ratings whenever 
 The hot paths run in C++ (``fedrecon_fast._core``, private); this package is the API.
 """
 
-from . import aggregation, baselines, compression, privacy
+from . import aggregation, baselines, compression, inference, privacy
 from ._core import __version__
 from .config import PRESETS, ClientConfig, FedReconConfig, preset
 from .data import ClientData, split_by_time, split_users
@@ -17,7 +17,9 @@ from .kernels import (
     client_updates,
     derive_seed,
     evaluate_users,
+    infer_users,
     reconstruct_users,
+    recommend_users,
     train_round,
 )
 from .model import GlobalModel
@@ -31,6 +33,7 @@ __all__ = [
     "aggregation",
     "baselines",
     "compression",
+    "inference",
     "privacy",
     "PRESETS",
     "ClientConfig",
@@ -44,11 +47,13 @@ __all__ = [
     "derive_seed",
     "download_movielens",
     "evaluate_users",
+    "infer_users",
     "load_movielens",
     "make_optimizer",
     "preset",
     "recon_eval",
     "reconstruct_users",
+    "recommend_users",
     "sample_clients",
     "split_by_time",
     "split_users",

@@ -1,4 +1,4 @@
-"""Command line: ``fedrecon-fast train``.
+"""Command line: ``fedrecon-fast train``, ``recommend``, ``paper`` and ``ablation``.
 
 Without ``--data`` the job runs on a seeded synthetic data set with MovieLens-like statistics.
 With ``--json`` the last line on stdout is one JSON object with the run's results.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learn a global default u federatedly (cold start for users without ratings)")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
                        help="validate every N rounds (default: 10 evaluations per run)")
+    train.add_argument("--rank-k", type=_positive_int, default=10,
+                       help="cut-off of the test Recall@k and NDCG@k (liked: rating >= 4)")
     comm = train.add_argument_group("communication and privacy of client updates")
     comm.add_argument("--quantize-bits", type=_positive_int, help="quantize updates to B bits (1..16)")
     comm.add_argument("--quantize-threshold", type=_non_negative_int, default=20000,
@@ -70,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save", type=Path, help="save the trained global model to this folder")
     train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    rec = sub.add_parser("recommend", help="top-k unseen items for a new user, from a saved model",
+                         description="Reconstruct a new user from its ratings and print the top-k "
+                                     "items it has not rated. FILE holds one 'item,rating' per line "
+                                     "(item ids as in the training data); blank lines and lines "
+                                     "starting with '#' are skipped, and the first line may be a "
+                                     "header (its first field not a number, e.g. 'item,rating').")
+    rec.add_argument("--model", type=Path, required=True, help="model folder written by train --save")
+    rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings ('-': stdin)")
+    rec.add_argument("--k", type=_positive_int, default=10, help="number of items (default 10)")
+    rec.add_argument("--include-seen", action="store_true", help="also recommend items the user rated")
+    rec.add_argument("--ignore-unknown", action="store_true",
+                     help="drop ratings of items the model does not know (default: error)")
+    rec.add_argument("--json", action="store_true",
+                     help='print {"items": [...], "scores": [...]} as the last line')
 
     for name, helptext in (("paper", "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)"),
                            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku")):
@@ -124,7 +142,8 @@ def run_train(args) -> dict:
     finally:
         trainer.close()
     start = time.perf_counter()
-    test_metrics = trainer.evaluate(test, per_user=True)
+    k = args.rank_k
+    test_metrics = trainer.evaluate(test, per_user=True, k=k)
     test_seconds = time.perf_counter() - start
 
     round_times = sorted(h["round_seconds"] for h in trainer.history)
@@ -146,6 +165,10 @@ def run_train(args) -> dict:
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
         "test_user_rmse": test_metrics.get("user_rmse"),
+        "rank_k": k,
+        f"test_recall_at_{k}": test_metrics[f"recall_at_{k}"],
+        f"test_ndcg_at_{k}": test_metrics[f"ndcg_at_{k}"],
+        "test_ranking_users": test_metrics["ranking_users"],
         "val_rmse": last_val.get("val_rmse"),
         "val_accuracy": last_val.get("val_accuracy"),
         "train_seconds": trainer.train_seconds,
@@ -187,8 +210,84 @@ def _print_human(result: dict) -> None:
           f"rounds: {result['rounds']} x {result['clients_per_round']} clients  threads: {result['threads']}")
     print(f"test (ReconEval, {result['test_users']} unseen users, {result['test_ratings']} ratings): "
           f"RMSE {result['test_rmse']:.4f}  accuracy {100 * result['test_accuracy']:.2f}%")
+    k = result["rank_k"]
+    print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one): "
+          f"Recall@{k} {result[f'test_recall_at_{k}']:.4f}  NDCG@{k} {result[f'test_ndcg_at_{k}']:.4f}")
     print(f"train {result['train_seconds']:.2f} s (median round {result['round_ms_median']:.2f} ms), "
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
+
+
+def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
+    """One user's ratings from ``item,rating`` lines (``-``: stdin).
+
+    Blank lines and lines starting with ``#`` are skipped; the first remaining line is a header
+    when its first field is not a number. Anything else that is not an integer item id and a
+    finite rating raises ValueError naming the file and line.
+    """
+    name = "<stdin>" if source == "-" else source
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    items, ratings = [], []
+    first = True
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = [f.strip() for f in stripped.split(",")]
+        if first:
+            first = False
+            try:
+                float(fields[0])
+            except ValueError:
+                continue  # a header such as "item,rating"
+        if len(fields) != 2:
+            raise ValueError(f"{name}:{number}: expected 'item,rating', got {stripped!r}")
+        try:
+            item = int(fields[0])
+        except ValueError:
+            raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
+        try:
+            rating = float(fields[1])
+        except ValueError:
+            rating = math.nan
+        if not math.isfinite(rating):
+            raise ValueError(f"{name}:{number}: rating must be a finite number, got {fields[1]!r}")
+        items.append(item)
+        ratings.append(rating)
+    if not items:
+        raise ValueError(f"{name}: no ratings (expected 'item,rating' lines)")
+    return items, ratings
+
+
+def run_recommend(args) -> dict:
+    import numpy as np
+
+    from .inference import item_rows
+    from .model import GlobalModel
+
+    model = GlobalModel.load(args.model)
+    items, ratings = read_user_ratings(args.ratings)
+    known = item_rows(model, items, ignore_unknown=True) >= 0
+    if not known.all() and not args.ignore_unknown:
+        unknown = sorted(set(np.asarray(items)[~known].tolist()))
+        shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
+        name = "<stdin>" if args.ratings == "-" else args.ratings
+        raise ValueError(f"{name}: item ids unknown to the model: {shown} (use --ignore-unknown to drop them)")
+    # Padding is dropped below, so k beyond the catalogue only costs memory: cap it.
+    k = max(1, min(args.k, model.num_items))
+    top, scores = model.recommend(items, ratings, k=k, exclude_seen=not args.include_seen,
+                                  ignore_unknown=True, num_threads=1)
+    found = ~np.isnan(scores)  # fewer candidates than k: the padded slots are left out
+    # str() of a float32 is its shortest round-trip form: 4.709937, not 4.709936618804932.
+    return {"items": top[found].tolist(), "scores": [float(str(x)) for x in scores[found]],
+            "num_ratings": int(known.sum())}
+
+
+def _print_recommendations(result: dict, k: int) -> None:
+    n = len(result["items"])
+    short = f" ({k} requested, only {n} candidates)" if n < k else ""
+    print(f"top {n} items for a user with {result['num_ratings']} known ratings{short}:")
+    for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
+        print(f"{rank:4d}. item {item}  predicted rating {score:.3f}")
 
 
 def run_paper(args) -> dict:
@@ -238,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             result = run_train(args)
             _print_human(result)
+        elif args.command == "recommend":
+            result = run_recommend(args)
+            _print_recommendations(result, args.k)
+            result = {"items": result["items"], "scores": result["scores"]}
         elif args.command == "paper":
             result = run_paper(args)
         else:

@@ -7,6 +7,7 @@ here (clear ``ValueError``/``TypeError`` naming the argument) and converted once
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ __all__ = [
     "client_updates",
     "reconstruct_users",
     "evaluate_users",
+    "infer_users",
+    "recommend_users",
     "derive_seed",
 ]
 
@@ -309,19 +312,95 @@ def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | N
     return _core.reconstruct_users(*args)
 
 
+def _relevance(relevance_threshold) -> float:
+    """The native threshold: None (every query item is relevant) becomes -inf."""
+    if relevance_threshold is None:
+        return -math.inf
+    check_float(relevance_threshold, "relevance_threshold")
+    return float(relevance_threshold)
+
+
 def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                    num_threads: int = 0, check_finite: bool = True, user_default=None,
-                   user_bias_default: float = 0.0) -> dict:
+                   user_bias_default: float = 0.0, k: int | None = None,
+                   relevance_threshold: float | None = 4.0) -> dict:
     """ReconEval per client: reconstruct on support, score each query rating once.
+
+    With ``k``, each client is also ranked: every item except its support items is a candidate,
+    scored by its predicted rating, and the top ``k`` (ties to the lower item index) are checked
+    against the client's relevant items, the distinct query items rated at least
+    ``relevance_threshold`` (4.0: "liked" on a 1-5 scale; None: every query item) that are
+    candidates. Without ``k`` nothing is ranked and the call costs what it always did.
 
     Returns
     -------
     dict of ndarray, shape (m,)
         ``sq_err_sum`` (float64), ``num_examples`` and ``num_correct`` (int64; a rating is
-        correct when ``|r - r_hat| <= 0.5``).
+        correct when ``|r - r_hat| <= 0.5``). With ``k`` also ``num_relevant`` and ``hits``
+        (relevant items in the top k; int64) and ``ndcg`` (float64, binary gains
+        ``1 / log2(rank + 1)``, ideal DCG over ``min(k, num_relevant)`` ranks; NaN for a client
+        without relevant items). Recall@k is ``hits / min(k, num_relevant)``.
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    return _core.evaluate_users(*args)
+    check_int(k, "k", minimum=1, allow_none=True)
+    threshold = _relevance(relevance_threshold)
+    if k is None:
+        return _core.evaluate_users(*args)
+    return _core.evaluate_users(*args, k=k, relevance_threshold=threshold)
+
+
+def infer_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                num_threads: int = 0, check_finite: bool = True, user_default=None,
+                user_bias_default: float = 0.0):
+    """Reconstruct users for inference from ALL of their ratings, V frozen.
+
+    Unlike :func:`reconstruct_users` there is no support/query split (``config.split`` and
+    ``support_fraction`` are ignored; the rest of the schedule applies: batches in stored
+    order or reshuffled, epochs, step caps, SGD or exact). Every user draws from the random
+    streams of client 0 of ``(seed, round)``, so a user's result depends only on its own
+    ratings, not on which other users share the call or where it sits among them.
+
+    Returns
+    -------
+    users : ndarray, shape (m, dim), float32
+    user_bias : ndarray, shape (m,), float32, or None
+        Only when ``item_bias`` is given.
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
+    return _core.infer_users(*args)
+
+
+def recommend_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
+                    k: int = 10, exclude_seen: bool = True, item_bias=None,
+                    global_mean: float = 0.0, seed: int = 0, round: int = 0,
+                    num_threads: int = 0, check_finite: bool = True, user_default=None,
+                    user_bias_default: float = 0.0):
+    """Top-k items for each user, in one native call (parallel over users, GIL released).
+
+    Each user's ``u`` (and ``b_u``) is reconstructed as by :func:`infer_users`, every item is
+    scored by its predicted rating ``u . v_i + global_mean (+ b_u + b_i)``, and the ``k`` best
+    are returned, best first, ties broken by the lower item index. With ``exclude_seen`` the
+    items the user rated are not candidates.
+
+    Returns
+    -------
+    items : ndarray, shape (m, k), int64
+        Item indices (rows of ``item_factors``). When a user has fewer than ``k`` candidates
+        the remaining slots hold ``-1``.
+    scores : ndarray, shape (m, k), float32
+        Their predicted ratings; ``NaN`` in padded slots. A user whose reconstruction is not
+        finite gets no recommendations (all slots padded).
+    """
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
+    check_int(k, "k", minimum=1)
+    if not isinstance(exclude_seen, (bool, np.bool_)):
+        raise TypeError(f"exclude_seen must be a bool; got {exclude_seen!r}")
+    return _core.recommend_users(*args, k=k, exclude_seen=bool(exclude_seen))

@@ -1,4 +1,5 @@
-"""The global FedRecon model (item factors, optional biases) and its pickle-free storage."""
+"""The global FedRecon model (item factors, optional biases), its pickle-free storage, and
+inference for new users (reconstruct, predict, recommend; see :mod:`fedrecon_fast.inference`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import inference
 from ._rng import STREAM_MODEL_INIT, generator
 from ._validation import as_float32_matrix, as_float32_vector, check_float
-from .config import FedReconConfig
+from .config import ClientConfig, FedReconConfig
 
 FORMAT = "fedrecon_fast.model"
 FORMAT_VERSION = 1
@@ -82,6 +84,66 @@ class GlobalModel:
     @property
     def dim(self) -> int:
         return self.item_factors.shape[1]
+
+    # ---------------------------------------------------------------- inference for new users
+
+    def reconstruct(self, data, ratings=None, *, ignore_unknown: bool = False,
+                    config: ClientConfig | None = None, seed: int | None = None,
+                    num_threads: int = 0):
+        """Embeddings of new users, reconstructed from all of their ratings (V frozen).
+
+        Parameters
+        ----------
+        data : ClientData, pandas.DataFrame, scipy.sparse matrix, dict, or array_like of int
+            The users' ratings with original item ids: many users (a ClientData; a DataFrame
+            with ``user_id``/``item_id``/``rating`` columns, users in increasing id order; a
+            users x items sparse matrix whose column j is item id j), or one user (a dict
+            ``{item: rating}``, or the item ids with ``ratings`` as the second argument).
+        ratings : array_like of float, optional
+            The ratings of the single-user form ``reconstruct(items, ratings)``.
+        ignore_unknown : bool
+            Drop ratings of item ids the model does not know instead of raising ``ValueError``.
+        config : ClientConfig, optional
+            Reconstruction schedule (default: the model's evaluation config; the split is
+            ignored, every rating is used).
+        seed : int, optional
+            Seed of the reconstruction's random streams (default: the model's training seed).
+            A user's result depends only on its ratings, never on the other users in the call.
+        num_threads : int
+            0: all cores.
+
+        Returns
+        -------
+        users : ndarray, float32, shape (m, dim) (one user: (dim,))
+        user_bias : ndarray, float32, shape (m,) (one user: a scalar), or None without biases
+        """
+        return inference.reconstruct(self, data, ratings, ignore_unknown=ignore_unknown,
+                                     config=config, seed=seed, num_threads=num_threads)
+
+    def predict(self, users, items, user_bias=None, *, ignore_unknown: bool = False) -> np.ndarray:
+        """Predicted ratings of reconstructed users for original item ids (vectorised).
+
+        ``users`` (dim,) or (m, dim) and ``user_bias`` (required exactly when the model has
+        biases) come from :meth:`reconstruct`; ``items`` is (n,) for the same items for every
+        user or (m, n) per user. Returns float32 of shape (n,) for one user, else (m, n);
+        unknown ids raise ``ValueError`` or, with ``ignore_unknown``, predict NaN.
+        """
+        return inference.predict(self, users, items, user_bias, ignore_unknown=ignore_unknown)
+
+    def recommend(self, data, ratings=None, *, k: int = 10, exclude_seen: bool = True,
+                  ignore_unknown: bool = False, config: ClientConfig | None = None,
+                  seed: int | None = None, num_threads: int = 0):
+        """Top-k items for new users: ``(items, scores)`` with original item ids.
+
+        ``data``/``ratings`` as for :meth:`reconstruct`. Items are ranked by predicted rating,
+        best first, ties to the lower model row; with ``exclude_seen`` a user's rated items are
+        skipped. Returns int64 ``items`` and float32 ``scores`` of shape (m, k) ((k,) for one
+        user); slots beyond a user's candidates hold item -1 and score NaN. One native call,
+        parallel over users.
+        """
+        return inference.recommend(self, data, ratings, k=k, exclude_seen=exclude_seen,
+                                   ignore_unknown=ignore_unknown, config=config, seed=seed,
+                                   num_threads=num_threads)
 
     @classmethod
     def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0) -> GlobalModel:

@@ -74,7 +74,7 @@ def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
               for row, lr in FEDAVG_CLIENT_LR.items()}
 
     def recon(model):
-        return recon_eval(model, test_u, None, recon_cfg, seed=seed, num_threads=num_threads)
+        return recon_eval(model, test_u, None, recon_cfg, seed=seed, num_threads=num_threads, k=None)
 
     jobs = {
         "centralized_standard": lambda: (lambda c: c.standard_eval(by_time[2]))(
@@ -128,7 +128,7 @@ def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku
     def run(config):
         start = time.perf_counter()
         try:
-            m = FedRecon(config).fit(train_u, progress=progress).evaluate(test_u)
+            m = FedRecon(config).fit(train_u, progress=progress).evaluate(test_u, k=None)
         except FloatingPointError as e:  # a setting that diverges is a result, not a crash
             return {"rmse": float("nan"), "accuracy": float("nan"), "diverged": str(e),
                     "seconds": time.perf_counter() - start}

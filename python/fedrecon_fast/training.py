@@ -275,13 +275,19 @@ class FedRecon:
 
     def _validate(self, val) -> dict:
         start = time.perf_counter()
-        m = self.evaluate(val)
+        m = self.evaluate(val, k=None)  # validation tracks RMSE only: ranking scores every item
         self.eval_seconds += time.perf_counter() - start
         return {"val_loss": m["loss"], "val_rmse": m["rmse"], "val_accuracy": m["accuracy"]}
 
-    def evaluate(self, data, clients=None, *, per_user: bool = False) -> dict:
-        """ReconEval of the current model on clients of ``data`` (default: all of them)."""
+    def evaluate(self, data, clients=None, *, per_user: bool = False, k: int | None = 10,
+                 relevance_threshold: float | None = 4.0) -> dict:
+        """ReconEval of the current model on clients of ``data`` (default: all of them).
+
+        Reports RMSE and accuracy and, unless ``k`` is None, ``recall_at_{k}`` and
+        ``ndcg_at_{k}`` (see :func:`fedrecon_fast.evaluation.recon_eval`).
+        """
         if self.model is None:
             raise ValueError("the model is not trained yet: call fit() first")
         return recon_eval(self.model, data, clients, self.config.evaluation, seed=self.config.seed,
-                          num_threads=self.config.num_threads, per_user=per_user)
+                          num_threads=self.config.num_threads, per_user=per_user, k=k,
+                          relevance_threshold=relevance_threshold)

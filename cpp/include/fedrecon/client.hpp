@@ -25,6 +25,10 @@ class ClientWorker {
   /// (seed, round, client)). Throws std::out_of_range for an item id outside the model.
   void split(const CsrView& data, std::int64_t client, const ClientConfig& config,
              std::uint64_t seed, std::uint64_t round);
+  /// The same with the random streams of client `stream_client` (inference keys every user
+  /// alike, so a user's result does not depend on its position in the batch).
+  void split(const CsrView& data, std::int64_t client, const ClientConfig& config,
+             std::uint64_t seed, std::uint64_t round, std::uint64_t stream_client);
 
   /// Reconstructs u (and b_u when the model has biases) on the support set, V frozen. SGD starts
   /// from `init_u` (dim floats) and `init_bu` when init_u is given (stateful baselines), else
@@ -38,6 +42,16 @@ class ClientWorker {
 
   /// Squared error and rating accuracy of the reconstructed u on the whole query set.
   EvalStats evaluate() const;
+
+  /// The k items with the highest predicted rating (as evaluate() predicts) for the
+  /// reconstructed u, best first, ties to the lower item index. Support items are skipped when
+  /// `skip_support`, NaN scores are never ranked. Writes k entries, padding with item -1 and
+  /// score NaN when fewer items qualify; returns the number of items that qualified (<= k).
+  std::int64_t top_k(std::int64_t k, bool skip_support, std::int64_t* items_out, float* scores_out);
+
+  /// Recall/NDCG ingredients of the top k over the candidates (all items but the support set)
+  /// against the query items rated >= relevance_threshold (RankStats).
+  RankStats rank_query(std::int64_t k, float relevance_threshold);
 
   const std::vector<std::int32_t>& rows() const { return rows_; }
   const float* delta() const { return delta_.data(); }  // rows().size() x dim, W - V
@@ -80,6 +94,15 @@ class ClientWorker {
   std::vector<std::int64_t> decayed_at_;      // L2 decay once per row per step
   std::vector<float> err_;
   std::vector<float> gram_, rhs_;
+  // Ranking scratch: excluded items (sorted), the running top k, relevant query items (sorted).
+  struct Scored {
+    float score;
+    std::int64_t item;
+  };
+  std::vector<std::int32_t> excluded_, relevant_;
+  std::vector<Scored> heap_;
+  std::vector<std::int64_t> top_items_;
+  std::vector<float> top_scores_;
 };
 
 }  // namespace fedrecon

@@ -91,9 +91,33 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
                        std::uint64_t round, int num_threads, float* users_out,
                        float* user_bias_out);
 
-/// ReconEval: reconstruct on support, score every query rating once.
+/// ReconEval: reconstruct on support, score every query rating once. With k > 0 each client
+/// is also ranked (rank_out[num_sampled], RankStats): every item but its support items is
+/// scored, and its top k are checked against its query items rated >= relevance_threshold
+/// (-inf: every query item). k = 0 skips the ranking and its cost entirely.
 void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
-                    std::uint64_t round, int num_threads, EvalStats* stats_out);
+                    std::uint64_t round, int num_threads, EvalStats* stats_out,
+                    std::int64_t k = 0, float relevance_threshold = 4.0f,
+                    RankStats* rank_out = nullptr);
+
+/// Inference for users the model never saw: u (num_sampled x dim) and, with biases, b_u
+/// (num_sampled) reconstructed from ALL of each user's ratings (config.split is ignored: the
+/// support set is every rating, cut into batches in stored order, or reshuffled), V frozen.
+/// Every user draws from the random streams of client 0 of (seed, round), so a user's result
+/// depends only on its own ratings, never on its position in the batch.
+void infer_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                 std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                 std::uint64_t round, int num_threads, float* users_out, float* user_bias_out);
+
+/// Top-k recommendations: u reconstructed as infer_users does, every item scored by its
+/// predicted rating, the user's rated items skipped when exclude_seen. Row i of items_out /
+/// scores_out (num_sampled x k) holds the best k, best first, ties to the lower item index;
+/// fewer candidates leave item -1 and score NaN in the remaining slots (NaN scores, from a
+/// diverged reconstruction, are never recommended).
+void recommend_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
+                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
+                     std::uint64_t round, int num_threads, std::int64_t k, bool exclude_seen,
+                     std::int64_t* items_out, float* scores_out);
 
 }  // namespace fedrecon

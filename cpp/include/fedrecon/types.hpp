@@ -92,4 +92,13 @@ struct EvalStats {
   std::int64_t num_correct = 0;
 };
 
+/// Per-client ranking outcome of ReconEval at cut-off k. Candidates are all items except the
+/// client's support items; the relevant items are the distinct query items rated at least the
+/// relevance threshold that are candidates (an item also in the support set can never be hit).
+struct RankStats {
+  std::int64_t num_relevant = 0;
+  std::int64_t hits = 0;  // relevant items among the top k
+  double ndcg = 0.0;      // binary gains, IDCG over min(k, num_relevant) ranks; NaN if none relevant
+};
+
 }  // namespace fedrecon
