@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save", type=Path, help="save the trained global model to this folder")
     train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--backend", choices=["local", "flower"], default="local",
+                       help="run rounds in-process, or in a Flower simulation (Ray; one node per user; "
+                       "needs the [flower] extra)")
 
     for name, helptext in (("paper", "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)"),
                            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku")):
@@ -112,7 +115,12 @@ def run_train(args) -> dict:
     train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
 
-    trainer = FedRecon(config)
+    if args.backend == "flower":
+        from .flower import FlowerFedRecon
+
+        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
+    else:
+        trainer = FedRecon(config)
     trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty())
     start = time.perf_counter()
     test_metrics = trainer.evaluate(test, per_user=True)
@@ -122,6 +130,7 @@ def run_train(args) -> dict:
     last_val = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
     result = {
         "data": source,
+        "backend": args.backend,
         "preset": args.preset,
         "dim": config.dim,
         "rounds": config.rounds,
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_paper(args)
         else:
             result = run_ablation(args)
-    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
         print(f"fedrecon-fast: error: {e}", file=sys.stderr)
         return 2
     if args.json:
