@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     # flwr imports typer, which uses click APIs deprecated in Click 8.2.
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr")
-    from flwr.app import Context, Error, Message, RecordDict
+    from flwr.app import Array, Context, Error, Message, RecordDict
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -109,11 +109,11 @@ def test_cli_flower_backend_without_flower_is_a_clean_error(monkeypatch, capsys)
 class FakeGrid(Grid):
     """Nodes with random ids and partition ids 0..n-1; replies come back in reverse order."""
 
-    def __init__(self, app, num_nodes, *, partitions=None, fail=()):
+    def __init__(self, app, num_nodes, *, partitions=None, fail=(), corrupt=()):
         rng = np.random.default_rng(num_nodes)
         ids = [int(n) for n in rng.choice(2**40, num_nodes, replace=False) + 1]
         partitions = range(num_nodes) if partitions is None else partitions
-        self.app, self.fail = app, set(fail)
+        self.app, self.fail, self.corrupt = app, set(fail), set(corrupt)
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": p, "num-partitions": num_nodes},
                                     state=RecordDict(), run_config={}) for n, p in zip(ids, partitions)}
         self.sent = []
@@ -131,6 +131,9 @@ class FakeGrid(Grid):
                 replies.append(Message(Error(2, "node crashed"), reply_to=m))
             else:
                 replies.append(self.app(m, context))
+                if context.node_config["partition-id"] in self.corrupt and m.metadata.message_type == "train":
+                    rows = replies[-1].content["update"]["rows"].numpy()
+                    replies[-1].content["update"]["rows"] = Array(np.full_like(rows, 10**6))
         return replies[::-1]
 
     def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated API
@@ -159,9 +162,9 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def run_strategy(config, train, val=None, *, app=None, rounds=3, fail=(), **strategy_args):
+def run_strategy(config, train, val=None, *, app=None, rounds=3, fail=(), corrupt=(), **strategy_args):
     strategy = FL.FedReconStrategy(ff.server_init(config, data=train), train.num_clients, **strategy_args)
-    grid = FakeGrid(app or FL.client_app(train), train.num_clients, fail=fail)
+    grid = FakeGrid(app or FL.client_app(train), train.num_clients, fail=fail, corrupt=corrupt)
     strategy.start(grid, strategy.arrays(), num_rounds=rounds, evaluate_fn=strategy.evaluate_fn(val, rounds))
     return strategy, grid
 
@@ -230,6 +233,15 @@ def test_failed_clients_are_dropped_or_raised(splits):
     assert strategy.history[0]["failures"] == 1 and strategy.history[0]["clients"] == 9
     with pytest.raises(RuntimeError, match="1 client.s. failed in training; the first said: node crashed"):
         run_strategy(config, train, rounds=1, fail=[victim], on_failure="raise")
+    # A reply that cannot be aggregated (rows outside V) is dropped alone, not the round.
+    sparse = config.replace(sparse_updates=True)
+    strategy, _ = run_strategy(sparse, train, rounds=1, corrupt=[victim])
+    assert strategy.history[0]["failures"] == 1 and strategy.history[0]["reporting"] == 9
+    with pytest.raises(RuntimeError, match="unusable reply: a reply's rows lie outside"):
+        run_strategy(sparse, train, rounds=1, corrupt=[victim], on_failure="raise")
+    everyone = ff.sample_clients(train.num_clients, 10, config.seed, 0)
+    with pytest.raises(RuntimeError, match="no client replied usefully in round 1"):
+        run_strategy(config, train, rounds=1, fail=everyone)
 
 
 def test_discovery_checks_the_partition_ids(splits):
@@ -294,3 +306,28 @@ def test_runner_surface_without_a_simulation(splits):
     assert trainer.broadcasted_bits == trainer.aggregated_bits == 0 and trainer.train_seconds == 0
     local = ff.FedRecon(ff.preset("paper", dim=8, rounds=0)).fit(train)
     assert trainer.evaluate(test, per_user=True) == local.evaluate(test, per_user=True)
+
+
+def test_runner_fit_in_two_calls_through_an_in_process_grid(splits, monkeypatch):
+    # The runner's own logic (history, callbacks, evaluation schedule, continuing) without Ray:
+    # its ServerApp runs on the fake Grid.
+    def simulate(self, server, client, num_nodes):
+        server(FakeGrid(client, num_nodes), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                     run_config={}))
+
+    monkeypatch.setattr(FL.FlowerFedRecon, "_simulate", simulate)
+    train, val, test = splits
+    config = ff.preset("fast", dim=8, clients_per_round=6, eval_every=2)
+    seen = []
+    flower = FL.FlowerFedRecon(config).fit(train, val, rounds=3, callback=seen.append)
+    flower.fit(train, val, rounds=2, progress=True)
+    local = ff.FedRecon(config).fit(train, val, rounds=3).fit(train, val, rounds=2)
+    assert flower.round == 5 and np.array_equal(flower.model.item_factors, local.model.item_factors)
+    assert [h["round"] for h in flower.history] == [1, 2, 3, 4, 5] and seen == flower.history[:3]
+    assert [h["round"] for h in flower.history if "val_rmse" in h] == [h["round"] for h in local.history
+                                                                       if "val_rmse" in h] == [2, 3, 4, 5]
+    assert [h["val_rmse"] for h in flower.history if "val_rmse" in h] == [h["val_rmse"] for h in local.history
+                                                                           if "val_rmse" in h]
+    assert flower.broadcasted_bits == local.broadcasted_bits and flower.aggregated_bits == local.aggregated_bits
+    assert flower.train_seconds > 0 and flower.eval_seconds > 0
+    assert flower.evaluate(test) == local.evaluate(test)

@@ -251,6 +251,13 @@ def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> C
     if values.ndim != 2 or values.shape[1] != K or rows.shape[0] != values.shape[0]:
         raise ValueError(f"a reply's update has {rows.shape[0]} rows and values of shape {values.shape}; "
                          f"V is {N} x {K}")
+    # One bad reply must not sink the round's aggregation: check it here, per client.
+    if rows.size and (rows.min() < 0 or rows.max() >= N):
+        raise ValueError(f"a reply's rows lie outside [0, {N})")
+    if (bias is not None and bias.shape != rows.shape) or (bias is None) != (model.item_bias is None):
+        raise ValueError("a reply's item-bias values do not match its rows or the model")
+    if not (np.isfinite(values).all() and (bias is None or np.isfinite(bias).all())):
+        raise ValueError("a reply's update is not finite")
     weight = float(metrics.pop("weight"))
     metrics = {k.replace("-", "_"): v for k, v in metrics.items()}
     update = ClientUpdate(rows, values, bias, N, dense="rows" not in arrays, encoded=encoded)
@@ -356,7 +363,8 @@ class FedReconStrategy(FedAvg):
         Fraction of users that run federated ReconEval on their own ratings every
         ``config.eval_every`` rounds (every round when 0); 0 disables it.
     on_failure : {"drop", "raise"}
-        A failed reply is a dropped client (logged), or stops training with its reason.
+        A failed or unusable reply is a dropped client (logged), or stops training with its
+        reason. A round without any usable reply always stops it.
     node_timeout : float
         Seconds to wait for all nodes to connect.
     timeout : float, optional
@@ -373,6 +381,8 @@ class FedReconStrategy(FedAvg):
         The discovered node id of every user.
     discovery_seconds : float
         Time spent waiting for nodes and mapping partition ids to nodes.
+    eval_seconds : float
+        Time spent in centralized evaluation (:meth:`evaluate_fn`).
     """
 
     def __init__(self, state: ServerState, num_users: int, *, fraction_evaluate: float = 0.0,
@@ -475,57 +485,59 @@ class FedReconStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate in cohort order with the native kernel; apply the server optimizer."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=True)
-        self._failures(failed, "training")
-        results = []
+        reasons = [m.error.reason for m in failed]
+        results, bytes_up = [], 0
         for m in valid:
             user = self._user_of_node.get(m.metadata.src_node_id)
-            if user not in self._cohort:
-                raise RuntimeError(f"a training reply came from node {m.metadata.src_node_id}, not from "
-                                   "a user sampled this round")
-            results.append((self._cohort[user], _result_from(m.content, self.state.model, self.config.num_threads)))
+            try:
+                if user not in self._cohort:
+                    raise ValueError(f"node {m.metadata.src_node_id} was not sampled this round")
+                result = _result_from(m.content, self.state.model, self.config.num_threads)
+            except (ValueError, TypeError, KeyError) as e:
+                reasons.append(f"unusable reply: {e}")
+                continue
+            results.append((self._cohort[user], result))
+            bytes_up += m.content["update"].count_bytes()
+        self._failures(reasons, "training")
         if not results:
-            raise RuntimeError(f"no client replied in round {server_round}")
+            raise RuntimeError(f"no client replied usefully in round {server_round}")
         results.sort(key=lambda pair: pair[0])
         self.state = server_step(self.state, [r for _, r in results], inplace=True)
         row = dict(self.state.metrics)
-        row.update(round_seconds=time.perf_counter() - self._round_start, failures=len(failed),
-                   flower_bytes_down=self._bytes_down,
-                   flower_bytes_up=sum(m.content["update"].count_bytes() for m in valid))
+        row.update(round_seconds=time.perf_counter() - self._round_start, failures=len(reasons),
+                   flower_bytes_down=self._bytes_down, flower_bytes_up=bytes_up)
         self.history.append(row)
         numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return self.arrays(), MetricRecord(numeric)
 
-    def _failures(self, failed: list[Message], what: str) -> None:
-        if not failed:
+    def _failures(self, reasons: list[str], what: str) -> None:
+        if not reasons:
             return
-        reason = failed[0].error.reason
         if self.on_failure == "raise":
-            raise RuntimeError(f"{len(failed)} client(s) failed in {what}; the first said: {reason}")
-        logger.warning("%d client(s) failed in %s and were dropped; the first said: %s", len(failed), what, reason)
+            raise RuntimeError(f"{len(reasons)} client(s) failed in {what}; the first said: {reasons[0]}")
+        logger.warning("%d client(s) failed in %s and were dropped; the first said: %s", len(reasons), what,
+                       reasons[0])
 
     # -- evaluation
-
-    def _due(self, server_round: int) -> bool:
-        every = self.config.eval_every
-        return every == 0 or server_round % every == 0
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
         """Federated ReconEval on a seeded sample of users' own ratings (if enabled and due)."""
-        if self.fraction_evaluate == 0.0 or not self._due(server_round):
+        done, every = self.state.round, self.config.eval_every
+        if self.fraction_evaluate == 0.0 or (every and done % every):
             return []
         if not self.node_of_user:
             self.discover(grid)
         n = max(1, int(round(self.fraction_evaluate * self.num_users)))
         # Client coordinate 1 of the sampling stream: never the training sample's.
-        rng = generator(self.config.seed, server_round, 1, STREAM_SAMPLE)
+        rng = generator(self.config.seed, done, 1, STREAM_SAMPLE)
         users = np.sort(rng.choice(self.num_users, size=n, replace=False))
         return self._messages(users, MessageType.EVALUATE, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         """Pool the users' ReconEval sums (example-weighted, as recon_eval)."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=False)
-        self._failures(failed, "evaluation")
+        self._failures([m.error.reason for m in failed], "evaluation")
         if not valid:
             return None
         sums = [(m.content["metrics"]["sq-err-sum"], m.content["metrics"]["num-examples"],
