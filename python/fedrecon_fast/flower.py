@@ -75,7 +75,6 @@ from .config import FedReconConfig
 from .data import ClientData
 from .evaluation import recon_eval, summarize
 from .functional import (
-    STATUS_NONFINITE,
     ClientResult,
     ClientUpdate,
     ServerState,

@@ -512,9 +512,9 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
             f"training diverged in round {state.round}: all {nonfinite} sampled clients produced "
             "non-finite updates; lower client_lr or recon_lr")
 
-    n = sum(r.metrics["num_examples"] for r in counted)
-    loss_sum = sum(r.metrics["loss_sum"] for r in counted)
-    correct = sum(r.metrics["num_correct"] for r in counted)
+    n = sum(r.metrics.get("num_examples", 0) for r in counted)
+    loss_sum = sum(r.metrics.get("loss_sum", 0.0) for r in counted)
+    correct = sum(r.metrics.get("num_correct", 0) for r in counted)
     broadcast = 32 * len(results) * sum(p.size for p in params.values())
     aggregated = 8 * sum(int(r.metrics.get("bytes", 0)) for r in reporting)
     clipped = sum(int(r.metrics.get("clipped", 0)) for r in reporting)
