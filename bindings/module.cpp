@@ -194,6 +194,34 @@ py::dict train_round_partial(const Array<float>& item_factors, const std::option
                   "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
 }
 
+py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& values,
+                         const std::optional<Array<float>>& bias_values, const Array<std::int64_t>& offsets,
+                         const Array<double>& weights, std::int64_t num_items, int num_threads) {
+  if (values.ndim() != 2 || values.shape(1) < 1) fail("values must be 2-D (entries, dim)");
+  if (rows.ndim() != 1 || rows.shape(0) != values.shape(0)) fail("rows must have one entry per row of values");
+  if (bias_values && (bias_values->ndim() != 1 || bias_values->shape(0) != rows.shape(0)))
+    fail("bias_values must have one entry per row of values");
+  if (offsets.ndim() != 1 || offsets.shape(0) < 1) fail("offsets must be 1-D with num_clients + 1 entries");
+  const auto n = offsets.shape(0) - 1;
+  if (weights.ndim() != 1 || weights.shape(0) != n) fail("weights must have one entry per client");
+  if (offsets.at(n) != rows.shape(0)) fail("offsets must end at the number of rows");
+  if (num_items < 0) fail("num_items must be >= 0");
+  const int dim = static_cast<int>(values.shape(1));
+  Array<float> delta({static_cast<py::ssize_t>(num_items), static_cast<py::ssize_t>(dim)});
+  std::optional<Array<float>> delta_bias;
+  if (bias_values) delta_bias.emplace(static_cast<py::ssize_t>(num_items));
+  float* d = delta.mutable_data();
+  float* db = delta_bias ? delta_bias->mutable_data() : nullptr;
+  const float* bv = bias_values ? bias_values->data() : nullptr;
+  double total;
+  {
+    py::gil_scoped_release release;
+    total = fedrecon::reduce_updates(num_items, dim, offsets.data(), n, rows.data(), values.data(), bv,
+                                     weights.data(), num_threads, d, db);
+  }
+  return py::make_tuple(delta, or_none(delta_bias), total);
+}
+
 py::dict client_updates(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
                         float global_mean, const Array<std::int64_t>& indptr,
                         const Array<std::int32_t>& items, const Array<float>& ratings,
@@ -416,6 +444,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
   m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+  m.def("reduce_updates", &reduce_updates, "rows"_a.noconvert(), "values"_a.noconvert(),
+        "bias_values"_a.noconvert().none(true), "offsets"_a.noconvert(), "weights"_a.noconvert(),
+        "num_items"_a, "num_threads"_a);
   m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
 #undef FEDRECON_UPDATE_ARGS
   m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);

@@ -12,6 +12,10 @@ from fedrecon_fast.baselines import FedAvg, fedavg_config
 
 LEAF = D.REDUCE_LEAF
 
+# Ray's shutdown (at the end of this module) leaves subprocess handles for the garbage collector.
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning",
+                                        "ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -175,10 +179,6 @@ def test_unknown_backend_is_rejected():
         ff.FedRecon(backend=object())
 
 
-# Ray's own shutdown leaves subprocess handles for the garbage collector.
-ray_warnings = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
-
-
 @pytest.fixture(scope="module")
 def ray_executor():
     pytest.importorskip("ray")
@@ -187,7 +187,6 @@ def ray_executor():
     executor.close()
 
 
-@ray_warnings
 @pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
 def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trainer):
     cfg = (ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon
@@ -201,7 +200,6 @@ def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trai
     assert local.history[-1]["val_rmse"] == remote.history[-1]["val_rmse"]
 
 
-@ray_warnings
 def test_ray_executor_shards_a_round_like_the_local_kernel(ray_executor, data):
     cfg = ff.preset("paper", dim=16)
     V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
@@ -211,7 +209,6 @@ def test_ray_executor_shards_a_round_like_the_local_kernel(ray_executor, data):
     assert_same_round(got, want)
 
 
-@ray_warnings
 def test_closed_ray_executor_refuses_work(data):
     pytest.importorskip("ray")
     executor = D.RayExecutor(num_workers=1)
@@ -219,3 +216,39 @@ def test_closed_ray_executor_refuses_work(data):
     executor.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         executor.train_round(np.zeros((data.num_items, 4), np.float32), data, [0], ff.ClientConfig())
+
+
+# A dense update quantized with one scale has no per-client sparse form (client_updates refuses it).
+@pytest.mark.parametrize("case", [c for c in CASES if c != "dense-quantized"])
+@pytest.mark.parametrize("num_clients", [3, 200])
+def test_reduce_updates_of_client_updates_is_the_fused_round(data, case, num_clients):
+    spec = CASES[case]
+    codec = spec.get("codec", {})
+    cfg = ff.preset("paper", dim=12, biases=spec.get("biases", False))
+    model = ff.GlobalModel.initialize(data.item_ids, cfg, global_mean=3.5)
+    clients = np.random.default_rng(num_clients).choice(data.num_clients, num_clients, replace=False)
+    kw = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=6, round=2, **codec)
+    want = kernels.train_round(model.item_factors, data, clients, cfg.client, **kw)
+    ups = kernels.client_updates(model.item_factors, data, clients, cfg.client, **kw)
+    delta, delta_bias, total = kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights,
+                                                      num_items=data.num_items, bias_values=ups.bias_values)
+    assert np.array_equal(_bits(delta), _bits(want.delta))
+    assert (delta_bias is None) == (want.delta_bias is None)
+    if delta_bias is not None:
+        assert np.array_equal(_bits(delta_bias), _bits(want.delta_bias))
+    assert total == want.summary["total_weight"]
+
+
+def test_reduce_updates_rejects_bad_input():
+    rows, values, offsets = np.array([0, 2]), np.ones((2, 3), np.float32), np.array([0, 1, 2])
+    kernels.reduce_updates(rows, values, offsets, [1.0, 2.0], num_items=3)
+    with pytest.raises(ValueError, match="rows"):
+        kernels.reduce_updates(np.array([0, 3]), values, offsets, [1.0, 2.0], num_items=3)
+    with pytest.raises(ValueError, match="offsets"):
+        kernels.reduce_updates(rows, values, np.array([0, 2, 1]), [1.0, 2.0], num_items=3)
+    with pytest.raises(ValueError, match="weights"):
+        kernels.reduce_updates(rows, values, offsets, [1.0, -2.0], num_items=3)
+    with pytest.raises(ValueError, match="values"):
+        kernels.reduce_updates(rows, np.full((2, 3), np.nan, np.float32), offsets, [1.0, 1.0], num_items=3)
+    with pytest.raises(ValueError, match="bias_values"):
+        kernels.reduce_updates(rows, values, offsets, [1.0, 1.0], num_items=3, bias_values=np.ones(3))

@@ -183,7 +183,10 @@ struct RowIndex {
 };
 
 // Copies the per-client stats out, totals them in cohort order and indexes the touched rows.
-RoundSummary index_rows(const WorkerLease& lease, const std::vector<ClientResult>& results,
+// views(result) gives a result's update (UpdateView): in a worker arena, or in the caller's
+// arrays (reduce_updates).
+template <class Views>
+RoundSummary index_rows(const Views& views, const std::vector<ClientResult>& results,
                         const ModelView& model, ClientStats* stats_out, RowIndex& index) {
   RoundSummary summary;
   const std::int64_t K = model.dim;
@@ -206,7 +209,7 @@ RoundSummary index_rows(const WorkerLease& lease, const std::vector<ClientResult
     summary.num_clipped += r.stats.clipped;
     index.reporting.push_back(static_cast<std::int64_t>(i));
     index.any_noisy = index.any_noisy || r.enc.noisy_zeros;
-    const std::int32_t* rows = view(lease, r, K, model.has_bias()).rows;
+    const std::int32_t* rows = views(r).rows;
     for (std::size_t l = 0; l < r.nrows; ++l)
       index.entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
                                static_cast<std::int32_t>(l)});
@@ -287,8 +290,8 @@ class TreeSum {
 // Reduces every touched row (with noise: every row) of the cohort: emit(row, slot, sum,
 // bias_sum) gets the un-normalised float64 weighted sums, slot = the row's segment (with noise:
 // the row). Parallel over blocks of consecutive rows; block(lo, hi) runs first in each block.
-template <class Block, class Emit>
-void reduce_rows(const WorkerLease& lease, const std::vector<ClientResult>& results,
+template <class Views, class Block, class Emit>
+void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
                  const RowIndex& index, const ModelView& model, int num_threads, const Block& block,
                  const Emit& emit) {
   const std::int64_t K = model.dim;
@@ -321,7 +324,7 @@ void reduce_rows(const WorkerLease& lease, const std::vector<ClientResult>& resu
       const float* x = noise.data();
       double b = 0.0;
       if (c.local >= 0) {
-        const UpdateView u = view(lease, r, K, bias);
+        const UpdateView u = views(r);
         x = u.values + static_cast<std::int64_t>(c.local) * K;
         if (bias) b = r.stats.weight * u.bias[c.local];
       } else {
@@ -373,6 +376,33 @@ void reduce_rows(const WorkerLease& lease, const std::vector<ClientResult>& resu
   });
 }
 
+// delta_out = the weighted sums / total_weight (float32; 0 for untouched rows, all 0 when
+// nobody reports).
+template <class Views>
+void write_mean(const Views& views, const std::vector<ClientResult>& results, const RowIndex& index,
+                const ModelView& model, double total_weight, int num_threads, float* delta_out,
+                float* delta_bias_out) {
+  const std::int64_t K = model.dim;
+  const bool bias = model.has_bias();
+  if (total_weight <= 0.0) {
+    std::fill_n(delta_out, model.num_items * K, 0.0f);
+    if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
+    return;
+  }
+  const double inv_total = 1.0 / total_weight;
+  reduce_rows(
+      views, results, index, model, num_threads,
+      [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0
+        std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
+        if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
+      },
+      [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
+        Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) =
+            (Eigen::Map<const Eigen::VectorXd>(sum, K) * inv_total).cast<float>();
+        if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
+      });
+}
+
 }  // namespace
 
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
@@ -384,27 +414,10 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   check_inputs(model, data, clients, num_sampled, config);
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
-  const std::int64_t K = model.dim;
-  const bool bias = model.has_bias();
+  const auto views = [&](const ClientResult& r) { return view(lease, r, model.dim, model.has_bias()); };
   RowIndex index;
-  RoundSummary summary = index_rows(lease, results, model, stats_out, index);
-  if (summary.total_weight <= 0.0) {
-    std::fill_n(delta_out, model.num_items * K, 0.0f);
-    if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
-    return summary;
-  }
-  const double inv_total = 1.0 / summary.total_weight;
-  reduce_rows(
-      lease, results, index, model, num_threads,
-      [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0
-        std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
-        if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
-      },
-      [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
-        Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) =
-            (Eigen::Map<const Eigen::VectorXd>(sum, K) * inv_total).cast<float>();
-        if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
-      });
+  RoundSummary summary = index_rows(views, results, model, stats_out, index);
+  write_mean(views, results, index, model, summary.total_weight, num_threads, delta_out, delta_bias_out);
   return summary;
 }
 
@@ -419,8 +432,9 @@ RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
   const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
+  const auto views = [&](const ClientResult& r) { return view(lease, r, K, bias); };
   RowIndex index;
-  RoundSummary summary = index_rows(lease, results, model, stats_out, index);
+  RoundSummary summary = index_rows(views, results, model, stats_out, index);
   // Every row (noise) or every touched row has a slot, filled in parallel; rows a subtree left
   // empty (all its contributions absent) are dropped afterwards.
   const std::int64_t slots = index.any_noisy ? model.num_items : index.num_segments();
@@ -432,7 +446,7 @@ RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
     out.touched[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(index.row_of(s));
   if (index.reporting.empty()) return summary;
   reduce_rows(
-      lease, results, index, model, num_threads, [](std::int64_t, std::int64_t) {},
+      views, results, index, model, num_threads, [](std::int64_t, std::int64_t) {},
       [&](std::int64_t row, std::int64_t slot, const double* sum, double bias_sum) {
         out.rows[static_cast<std::size_t>(slot)] = static_cast<std::int32_t>(row);
         std::copy_n(sum, K, out.values.data() + slot * K);
@@ -452,6 +466,41 @@ RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
   out.values.resize(kept * static_cast<std::size_t>(K));
   if (bias) out.bias.resize(kept);
   return summary;
+}
+
+double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offsets,
+                      std::int64_t num_clients, const std::int32_t* rows, const float* values,
+                      const float* bias_values, const double* weights, int num_threads,
+                      float* delta_out, float* delta_bias_out) {
+  if (dim < 1 || num_items < 0 || num_clients < 0 || num_clients >= (std::int64_t{1} << 32))
+    throw std::invalid_argument("reduce_updates: bad shape");
+  if (offsets[0] != 0) throw std::invalid_argument("offsets must start at 0");
+  std::vector<ClientResult> results(static_cast<std::size_t>(num_clients));
+  for (std::int64_t i = 0; i < num_clients; ++i) {
+    if (offsets[i + 1] < offsets[i]) throw std::invalid_argument("offsets must be non-decreasing");
+    if (!(weights[i] >= 0.0) || !std::isfinite(weights[i]))
+      throw std::invalid_argument("weights must be finite and >= 0");
+    ClientResult& r = results[static_cast<std::size_t>(i)];
+    r.offset = static_cast<std::size_t>(offsets[i]);
+    r.nrows = static_cast<std::size_t>(offsets[i + 1] - offsets[i]);
+    r.stats.weight = weights[i];
+  }
+  for (std::int64_t e = 0; e < offsets[num_clients]; ++e)
+    if (rows[e] < 0 || rows[e] >= num_items)
+      throw std::out_of_range("row " + std::to_string(rows[e]) + " is outside [0, " + std::to_string(num_items) + ")");
+  ModelView shape;  // only the shape and has_bias() are read
+  shape.num_items = num_items;
+  shape.dim = dim;
+  shape.item_bias = bias_values;
+  const auto views = [&](const ClientResult& r) {
+    return UpdateView{rows + r.offset, values + r.offset * static_cast<std::size_t>(dim),
+                      bias_values ? bias_values + r.offset : nullptr};
+  };
+  std::vector<ClientStats> stats(static_cast<std::size_t>(num_clients));
+  RowIndex index;
+  const RoundSummary summary = index_rows(views, results, shape, stats.data(), index);
+  write_mean(views, results, index, shape, summary.total_weight, num_threads, delta_out, delta_bias_out);
+  return summary.total_weight;
 }
 
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,

@@ -6,11 +6,12 @@ embedding stays local and is reconstructed from the user's own ratings whenever 
 The hot paths run in C++ (``fedrecon_fast._core``, private); this package is the API.
 """
 
-from . import aggregation, baselines, compression, inference, privacy
+from . import aggregation, baselines, compression, functional, inference, privacy
 from ._core import __version__
 from .config import PRESETS, ClientConfig, FedReconConfig, preset
 from .data import ClientData, split_by_time, split_users
 from .evaluation import recon_eval
+from .functional import ClientResult, ClientUpdate, ServerState, client_step, server_init, server_step
 from .kernels import (
     ClientUpdates,
     RoundResult,
@@ -33,16 +34,21 @@ __all__ = [
     "aggregation",
     "baselines",
     "compression",
+    "functional",
     "inference",
     "privacy",
     "PRESETS",
     "ClientConfig",
     "ClientData",
+    "ClientResult",
+    "ClientUpdate",
     "ClientUpdates",
     "FedRecon",
     "FedReconConfig",
     "GlobalModel",
     "RoundResult",
+    "ServerState",
+    "client_step",
     "client_updates",
     "derive_seed",
     "download_movielens",
@@ -55,6 +61,8 @@ __all__ = [
     "reconstruct_users",
     "recommend_users",
     "sample_clients",
+    "server_init",
+    "server_step",
     "split_by_time",
     "split_users",
     "synthetic_ratings",

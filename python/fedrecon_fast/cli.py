@@ -50,9 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dim", type=_positive_int)
     train.add_argument("--seed", type=_non_negative_int, default=0)
     train.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
-    train.add_argument("--backend", choices=["local", "ray"], default="local",
-                       help="ray: shards of each round on Ray workers (RAY_ADDRESS or a local Ray); "
-                       "same results as local")
     train.add_argument("--learn-user-default", action="store_true",
                        help="learn a global default u federatedly (cold start for users without ratings)")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
@@ -73,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save", type=Path, help="save the trained global model to this folder")
     train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--backend", choices=["local", "ray", "flower"], default="local",
+                       help="local: in-process; ray: shards of each round on Ray workers (RAY_ADDRESS "
+                       "or a local Ray; [ray] extra; same results as local); flower: a Flower "
+                       "simulation on Ray, one node per user ([flower] extra)")
 
     rec = sub.add_parser("recommend", help="top-k unseen items for a new user, from a saved model",
                          description="Reconstruct a new user from its ratings and print the top-k "
@@ -136,11 +137,17 @@ def run_train(args) -> dict:
     train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
 
-    trainer = FedRecon(config, backend=args.backend)
+    if args.backend == "flower":
+        from .flower import FlowerFedRecon
+
+        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
+    else:
+        trainer = FedRecon(config, backend=args.backend)
     try:
         trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty())
     finally:
-        trainer.close()
+        if hasattr(trainer, "close"):
+            trainer.close()
     start = time.perf_counter()
     k = args.rank_k
     test_metrics = trainer.evaluate(test, per_user=True, k=k)
@@ -150,12 +157,12 @@ def run_train(args) -> dict:
     last_val = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
     result = {
         "data": source,
+        "backend": args.backend,
         "preset": args.preset,
         "dim": config.dim,
         "rounds": config.rounds,
         "clients_per_round": config.clients_per_round,
         "threads": config.num_threads or os.cpu_count(),
-        "backend": args.backend,
         "seed": config.seed,
         "train_users": train.num_clients,
         "val_users": val.num_clients,
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_paper(args)
         else:
             result = run_ablation(args)
-    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
         print(f"fedrecon-fast: error: {e}", file=sys.stderr)
         return 2
     if args.json:

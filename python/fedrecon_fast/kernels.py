@@ -23,6 +23,7 @@ __all__ = [
     "PartialRound",
     "train_round_partial",
     "client_updates",
+    "reduce_updates",
     "reconstruct_users",
     "evaluate_users",
     "infer_users",
@@ -292,6 +293,40 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
     out = _core.client_updates(*args, users=users, user_bias=user_bias, **codec)
     return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
                          out["users"], out["user_bias"])
+
+
+def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_values=None,
+                   num_threads: int = 0):
+    """The fused round's weighted mean of updates that clients computed one at a time.
+
+    Client ``i`` (position ``i`` of the cohort, in the order :func:`train_round` would take
+    them) sent ``rows[offsets[i]:offsets[i+1]]`` with ``values`` (and ``bias_values``) for
+    them, and has weight ``weights[i]`` (0 for a client that did not report). The sums follow
+    :func:`train_round`'s reduction tree, so the result equals its ``delta`` (and
+    ``delta_bias``) bit for bit, e.g. for the output of :func:`client_updates`.
+
+    Returns
+    -------
+    delta : ndarray, shape (num_items, dim), float32
+    delta_bias : ndarray, shape (num_items,), float32, or None
+    total_weight : float
+    """
+    check_int(num_items, "num_items", minimum=0)
+    check_int(num_threads, "num_threads", minimum=0)
+    values = as_float32_matrix(values, "values", check_finite=True)
+    rows = np.ascontiguousarray(as_index_array(rows, "rows", upper=num_items), dtype=np.int32)
+    if len(rows) != len(values):
+        raise ValueError(f"rows must have one entry per row of values ({len(values)}); got {len(rows)}")
+    if bias_values is not None:
+        bias_values = as_float32_vector(bias_values, "bias_values", size=len(values), check_finite=True)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(rows) \
+            or (np.diff(offsets) < 0).any():
+        raise ValueError("offsets must be non-decreasing from 0 to len(rows), one more than the clients")
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if weights.shape != (len(offsets) - 1,) or not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"weights must be {len(offsets) - 1} finite values >= 0, one per client")
+    return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads)
 
 
 def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,

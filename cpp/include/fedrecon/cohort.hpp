@@ -68,6 +68,16 @@ RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
                                  const UserState& users = UserState(),
                                  const UpdateCodec& codec = UpdateCodec());
 
+/// The fused round's reduction of updates computed one client at a time (client_updates, other
+/// frameworks): client i (cohort position i) sent rows[offsets[i]:offsets[i+1]] with values
+/// (rows x dim) and, when bias_values is not null, item-bias values; weights[i] (0: did not
+/// report). Writes the weighted mean as train_round does, bit for bit, and returns the total
+/// weight (summed in cohort order).
+double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offsets,
+                      std::int64_t num_clients, const std::int32_t* rows, const float* values,
+                      const float* bias_values, const double* weights, int num_threads,
+                      float* delta_out, float* delta_bias_out);
+
 /// Unfused form for frameworks that run clients one at a time: each client's sparse update
 /// (clipped and quantized as `codec` says; a dense quantized codec needs train_round).
 /// Client k's rows are rows[offsets[k]:offsets[k+1]], values the matching (rows x dim) block.

@@ -1,0 +1,761 @@
+"""Flower integration: FedRecon on Flower's Message API, computed by our native kernels.
+
+Install with ``pip install "fedrecon_fast[flower]"``. Three pieces, usable apart:
+
+* :func:`client_app` builds a ``flwr.clientapp.ClientApp``. On a *train* message (V, item
+  biases, round, seed and the FedReconConfig as JSON) it runs one
+  :func:`~fedrecon_fast.functional.client_step`: reconstructs the user's embedding locally
+  (it never leaves the node), updates the rows of V its ratings touch, and replies with the
+  update (sparse rows + values, a dense delta, or the real b-bit wire buffer of
+  :mod:`fedrecon_fast.compression`, as the config says) and its weight. On an *evaluate* message
+  it replies with ReconEval sums on its ratings; on a *query* message with its partition id.
+* :class:`FedReconStrategy` (a ``flwr.serverapp.strategy.FedAvg``) samples the users of a
+  round exactly as :func:`fedrecon_fast.sample_clients` does, aggregates the replies with our
+  weighted sparse kernel and applies our server optimizer
+  (:func:`~fedrecon_fast.functional.server_step`), and offers federated ReconEval
+  (``fraction_evaluate``) and centralized ReconEval (:meth:`FedReconStrategy.evaluate_fn`).
+* :class:`FlowerFedRecon` runs a whole training in Flower's simulation runtime with the Ray
+  backend and has the public surface of :class:`fedrecon_fast.FedRecon`
+  (``fit``/``evaluate``/``history``/bits/timings), so ``fedrecon-fast train --backend flower``
+  uses it.
+
+Users and nodes
+---------------
+One SuperNode per training user: the node with ``partition-id = k`` is user ``k`` of the
+training :class:`~fedrecon_fast.ClientData`. Flower's node ids are random, so before the first
+round the strategy asks every node for its partition id (one small *query* message each) and
+keeps the map. A round then samples users with :func:`fedrecon_fast.sample_clients` (seed,
+round) and sends to their nodes; a node keys its random streams by ``(seed, round, partition
+id)`` — the streams of user ``k`` in :class:`~fedrecon_fast.FedRecon`'s fused round — and the
+strategy aggregates the replies in cohort order, in float64, as the fused round does. The model
+a Flower simulation trains is therefore bit-identical to the local trainer's for the same seed.
+
+Example
+-------
+>>> import fedrecon_fast as ff
+>>> from fedrecon_fast.flower import FlowerFedRecon
+>>> data = ff.synthetic_ratings(num_users=60, num_items=50, seed=0)
+>>> train, val, test = (data.subset(ix) for ix in ff.split_users(data.num_clients, seed=0))
+>>> trainer = FlowerFedRecon(ff.preset("paper", dim=8, rounds=3, clients_per_round=5))
+>>> trainer.fit(train, val).evaluate(test)["rmse"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+try:
+    with warnings.catch_warnings():
+        # flwr imports typer, which still uses click APIs deprecated in Click 8.2.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")
+        from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                              RecordDict)
+        from flwr.clientapp import ClientApp
+        from flwr.serverapp import Grid, ServerApp
+        from flwr.serverapp.strategy import FedAvg
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
+
+from . import compression
+from ._rng import STREAM_SAMPLE, generator
+from ._validation import check_float, check_int
+from .config import FedReconConfig
+from .data import ClientData
+from .evaluation import recon_eval, summarize
+from .functional import (
+    ClientResult,
+    ClientUpdate,
+    ServerState,
+    client_evaluate,
+    client_step,
+    server_init,
+    server_step,
+)
+from .model import GlobalModel
+from .training import sample_clients
+
+__all__ = [
+    "FedReconStrategy",
+    "FlowerFedRecon",
+    "client_app",
+    "load_client_data",
+    "save_client_data",
+]
+
+logger = logging.getLogger(__name__)
+
+PARTITION_ID = "partition-id"
+_CONFIG_KEY = "fedrecon-config"
+
+# --------------------------------------------------------------------------------------------
+# Client data on nodes
+
+
+def save_client_data(data: ClientData, path: str | os.PathLike) -> Path:
+    """Write ``data`` to one ``.npz`` file (no pickle) that :func:`client_app` can load by path.
+
+    A simulation passes the path rather than the data: Flower ships the ClientApp to its
+    workers with every message, so the data must not travel inside it.
+    """
+    if not isinstance(data, ClientData):
+        raise TypeError(f"data must be a ClientData; got {type(data).__name__}")
+    path = Path(path)
+    arrays = {"indptr": data.indptr, "items": data.items, "ratings": data.ratings,
+              "user_ids": data.user_ids, "item_ids": data.item_ids}
+    if data.timestamps is not None:
+        arrays["timestamps"] = data.timestamps
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def load_client_data(path: str | os.PathLike) -> ClientData:
+    """Read a file written by :func:`save_client_data`."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"indptr", "items", "ratings", "user_ids", "item_ids"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path} is not saved client data: it lacks {sorted(missing)}")
+        return ClientData(**{k: z[k] for k in z.files})
+
+
+_cache: dict[str, ClientData] = {}
+_cache_lock = threading.Lock()
+
+
+def _node_data(source, context: Context) -> ClientData:
+    """The node's ClientData: given, loaded once per process from a path, or from a callable."""
+    if isinstance(source, ClientData):
+        return source
+    if callable(source):
+        data = source(context)
+        if not isinstance(data, ClientData):
+            raise TypeError(f"the data loader must return a ClientData; got {type(data).__name__}")
+        return data
+    key = os.fspath(source)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = load_client_data(key)
+        return _cache[key]
+
+
+def _partition(context: Context) -> int:
+    if PARTITION_ID not in context.node_config:
+        raise ValueError(f"the node has no {PARTITION_ID!r} in its node config: it names the user")
+    return int(context.node_config[PARTITION_ID])
+
+
+def _row(data: ClientData, user: int) -> int:
+    """The node's row in its data: the user's own row of the training data, or its only row."""
+    if data.num_clients == 1:
+        return 0
+    if not 0 <= user < data.num_clients:
+        raise ValueError(f"partition id {user} is not a user of the node's data ({data.num_clients} users)")
+    return user
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+def _model_record(model: GlobalModel) -> ArrayRecord:
+    arrays = {"item_factors": Array(model.item_factors)}
+    if model.item_bias is not None:
+        arrays["item_bias"] = Array(model.item_bias)
+    return ArrayRecord(arrays)
+
+
+def _model_from(message: Message) -> dict:
+    """The broadcast model as the dict client_step takes."""
+    arrays = message.content["arrays"]
+    cfg = message.content["config"]
+    model = {"item_factors": arrays["item_factors"].numpy(), "global_mean": float(cfg["global-mean"])}
+    if "item_bias" in arrays:
+        model["item_bias"] = arrays["item_bias"].numpy()
+    return model
+
+
+_config_cache: dict[str, FedReconConfig] = {}
+
+
+def _config_from(message: Message) -> FedReconConfig:
+    text = message.content["config"][_CONFIG_KEY]
+    if text not in _config_cache:
+        _config_cache[text] = FedReconConfig.from_dict(json.loads(text))
+    return _config_cache[text]
+
+
+def _update_record(result: ClientResult, config: FedReconConfig) -> ArrayRecord:
+    """What a client sends: the wire buffer when quantized, else float32 rows or a dense delta.
+
+    The keys depend only on the config, so every reply of a round has the same keys (Flower
+    checks this); a client that does not report sends empty arrays.
+    """
+    u = result.update
+    quantized = config.quantize_bits is not None and u.num_rows * u.values.shape[1] >= config.quantize_threshold
+    arrays = {}
+    if quantized:
+        arrays["encoded"] = Array(np.frombuffer(u.encoded or b"", dtype=np.uint8))
+        bias = u.bias_values
+    elif config.sparse_updates:
+        arrays["rows"] = Array(np.ascontiguousarray(u.rows, dtype=np.int32))
+        arrays["values"] = Array(u.values)
+        bias = u.bias_values
+    elif result.weight > 0:
+        delta, bias = u.to_dense()
+        arrays["values"] = Array(delta)
+    else:  # a dense non-report: no rows at all
+        arrays["values"] = Array(u.values[:0])
+        bias = None if u.bias_values is None else u.bias_values[:0]
+    if bias is not None:
+        arrays["item-bias"] = Array(np.ascontiguousarray(bias, dtype=np.float32))
+    return ArrayRecord(arrays)
+
+
+def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> ClientResult:
+    """Rebuild a client's ClientResult from its reply (decoding a wire buffer)."""
+    arrays = content["update"]
+    metrics = dict(content["metrics"])
+    N, K = model.item_factors.shape
+    bias = arrays["item-bias"].numpy() if "item-bias" in arrays else None
+    encoded = None
+    if "encoded" in arrays:
+        buf = arrays["encoded"].numpy()
+        if buf.size == 0:
+            rows, values = np.zeros(0, np.int32), np.zeros((0, K), np.float32)
+        elif compression.buffer_info(buf).get("sparse"):
+            rows, values = compression.decode_sparse(buf, num_threads=num_threads)
+        else:
+            values = compression.decode(buf, num_threads=num_threads)
+            rows = np.arange(N, dtype=np.int32)
+        encoded = buf.tobytes()
+    elif "rows" in arrays:
+        rows, values = arrays["rows"].numpy(), arrays["values"].numpy()
+    else:  # a dense delta (or none)
+        values = arrays["values"].numpy()
+        rows = np.arange(values.shape[0], dtype=np.int32)
+        if values.shape[0] not in (0, N):
+            raise ValueError(f"a reply's dense update has {values.shape[0]} rows; V has {N}")
+    if values.ndim != 2 or values.shape[1] != K or rows.shape[0] != values.shape[0]:
+        raise ValueError(f"a reply's update has {rows.shape[0]} rows and values of shape {values.shape}; "
+                         f"V is {N} x {K}")
+    # One bad reply must not sink the round's aggregation: check it here, per client.
+    if rows.size and (rows.min() < 0 or rows.max() >= N):
+        raise ValueError(f"a reply's rows lie outside [0, {N})")
+    if (bias is not None and bias.shape != rows.shape) or (bias is None) != (model.item_bias is None):
+        raise ValueError("a reply's item-bias values do not match its rows or the model")
+    if not (np.isfinite(values).all() and (bias is None or np.isfinite(bias).all())):
+        raise ValueError("a reply's update is not finite")
+    weight = float(metrics.pop("weight"))
+    metrics = {k.replace("-", "_"): v for k, v in metrics.items()}
+    update = ClientUpdate(rows, values, bias, N, dense="rows" not in arrays, encoded=encoded)
+    return ClientResult(update, weight, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# ClientApp
+
+
+def client_app(data, *, num_threads: int = 1) -> ClientApp:
+    """A Flower ClientApp whose node is one FedRecon user.
+
+    Parameters
+    ----------
+    data : ClientData, path, or callable
+        The node's ratings: a :class:`~fedrecon_fast.ClientData` holding only this user, or
+        the whole training data (the node takes row ``partition-id``); a path written by
+        :func:`save_client_data` (loaded once per process; what simulations should pass); or
+        ``data(context) -> ClientData``.
+    num_threads : int
+        Threads of the node's native calls.
+
+    Message protocol
+    ----------------
+    train
+        In: ``arrays`` (``item_factors`` [, ``item_bias``]), ``config`` (``round``, ``user``,
+        ``global-mean``, ``fedrecon-config`` = ``FedReconConfig.to_dict()`` as JSON). Out:
+        ``update`` (``rows`` + ``values``, or dense ``values``, or ``encoded`` wire buffer; plus
+        ``item-bias``) and ``metrics`` (``weight``, ``num-examples``, ``loss-sum``,
+        ``num-correct``, ``bytes``, ``status``, ...). The user's streams are keyed by its
+        partition id.
+    evaluate
+        In: as train. Out: ``metrics`` with ReconEval sums ``sq-err-sum``, ``num-examples``,
+        ``num-correct``.
+    query
+        Out: ``metrics`` with ``partition-id`` and ``num-ratings``.
+    """
+    if not (isinstance(data, (ClientData, str, os.PathLike)) or callable(data)):
+        raise TypeError(f"data must be a ClientData, a path or a callable; got {type(data).__name__}")
+    check_int(num_threads, "num_threads", minimum=0)
+    app = ClientApp()
+
+    def user_data(message: Message, context: Context) -> tuple[ClientData, int, int]:
+        user = _partition(context)
+        expected = message.content["config"].get("user") if "config" in message.content else None
+        if expected is not None and int(expected) != user:
+            raise ValueError(f"a message for user {expected} reached the node of user {user}")
+        node_data = _node_data(data, context)
+        return node_data, _row(node_data, user), user
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        node_data, row, user = user_data(message, context)
+        metrics = MetricRecord({PARTITION_ID: user, "num-ratings": int(node_data.sizes[row])})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        node_data, row, user = user_data(message, context)
+        config = _config_from(message)
+        result = client_step(_model_from(message), node_data, config, client=row, client_id=user,
+                             seed=config.seed, round=int(message.content["config"]["round"]),
+                             num_threads=num_threads)
+        m = result.metrics
+        metrics = MetricRecord({
+            "weight": float(result.weight), "num-examples": int(m["num_examples"]),
+            "loss-sum": float(m["loss_sum"]), "num-correct": int(m["num_correct"]),
+            "recon-examples": int(m["recon_examples"]), "rows": int(m["rows"]), "bytes": int(m["bytes"]),
+            "clipped": int(m["clipped"]), "status": int(m["status"]), "user": user,
+        })
+        return Message(RecordDict({"update": _update_record(result, config), "metrics": metrics}),
+                       reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        node_data, row, user = user_data(message, context)
+        config = _config_from(message)
+        m = client_evaluate(_model_from(message), node_data, config, client=row, client_id=user,
+                            num_threads=num_threads)
+        metrics = MetricRecord({"num-examples": m["num_examples"], "sq-err-sum": m["sq_err_sum"],
+                                "num-correct": m["num_correct"], "user": user})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy
+
+
+class FedReconStrategy(FedAvg):
+    """FedRecon's server in Flower: seeded user sampling, native aggregation, server optimizer.
+
+    Parameters
+    ----------
+    state : ServerState
+        The server's state (:func:`fedrecon_fast.functional.server_init`); the strategy
+        advances it in place each round (``strategy.state``).
+    num_users : int
+        Training users; nodes must carry partition ids ``0 .. num_users - 1``.
+    fraction_evaluate : float
+        Fraction of users that run federated ReconEval on their own ratings every
+        ``config.eval_every`` rounds (every round when 0); 0 disables it.
+    on_failure : {"drop", "raise"}
+        A failed or unusable reply is a dropped client (logged), or stops training with its
+        reason. A round without any usable reply always stops it.
+    node_timeout : float
+        Seconds to wait for all nodes to connect.
+    timeout : float, optional
+        Seconds to wait for the replies of discovery messages (None: no limit).
+
+    Attributes
+    ----------
+    history : list of dict
+        One row per round: the :attr:`ServerState.metrics` keys plus ``round_seconds`` (wall
+        time from sampling to the aggregated model, messaging included), ``failures``,
+        ``flower_bytes_down``/``flower_bytes_up`` (array payloads of the messages) and, with
+        federated evaluation, ``fed_loss``, ``fed_rmse``, ``fed_accuracy``.
+    node_of_user : dict
+        The discovered node id of every user.
+    discovery_seconds : float
+        Time spent waiting for nodes and mapping partition ids to nodes.
+    eval_seconds : float
+        Time spent in centralized evaluation (:meth:`evaluate_fn`).
+    """
+
+    def __init__(self, state: ServerState, num_users: int, *, fraction_evaluate: float = 0.0,
+                 on_failure: str = "drop", node_timeout: float = 600.0, timeout: float | None = None):
+        if not isinstance(state, ServerState):
+            raise TypeError(f"state must be a ServerState; got {type(state).__name__}")
+        check_int(num_users, "num_users", minimum=1)
+        check_float(fraction_evaluate, "fraction_evaluate", minimum=0.0, maximum=1.0)
+        if on_failure not in ("drop", "raise"):
+            raise ValueError(f"on_failure must be 'drop' or 'raise'; got {on_failure!r}")
+        check_float(node_timeout, "node_timeout", minimum=0.0)
+        cfg = state.config
+        super().__init__(fraction_train=min(1.0, cfg.clients_per_round / num_users),
+                         fraction_evaluate=fraction_evaluate, min_train_nodes=0, min_evaluate_nodes=0,
+                         min_available_nodes=num_users, weighted_by_key="num-examples")
+        self.state = state
+        self.num_users = int(num_users)
+        self.on_failure = on_failure
+        self.node_timeout = float(node_timeout)
+        self.timeout = timeout
+        self.node_of_user: dict[int, int] = {}
+        self.history: list[dict] = []
+        self.discovery_seconds = 0.0
+        self._user_of_node: dict[int, int] = {}
+        self._cohort: dict[int, int] = {}
+        self.eval_seconds = 0.0
+        self._round_start = 0.0
+        self._bytes_down = 0
+
+    @property
+    def config(self) -> FedReconConfig:
+        return self.state.config
+
+    def arrays(self) -> ArrayRecord:
+        """The current global model as an ArrayRecord (``initial_arrays`` of ``start``)."""
+        return _model_record(self.state.model)
+
+    def summary(self) -> None:
+        cfg = self.config
+        logger.info("FedReconStrategy: %d users, %d per round, server %s lr %g, seed %d",
+                    self.num_users, cfg.clients_per_round, cfg.server_optimizer, cfg.server_lr, cfg.seed)
+
+    # -- users and nodes
+
+    def discover(self, grid: Grid) -> dict[int, int]:
+        """Map every user to its node: wait for the nodes, ask each its partition id."""
+        start = time.perf_counter()
+        while len(nodes := list(grid.get_node_ids())) < self.num_users:
+            if time.perf_counter() - start > self.node_timeout:
+                raise RuntimeError(f"only {len(nodes)} of {self.num_users} nodes connected within "
+                                   f"{self.node_timeout:g} s")
+            time.sleep(0.05)
+        messages = [Message(RecordDict({"config": ConfigRecord({"fedrecon": "partition-id"})}),
+                            message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        failed = [m for m in replies if m.has_error()]
+        if failed or len(replies) != len(nodes):
+            reason = failed[0].error.reason if failed else "no reply"
+            raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did "
+                               f"not say their partition id ({reason})")
+        users = {m.metadata.src_node_id: int(m.content["metrics"][PARTITION_ID]) for m in replies}
+        self.node_of_user = {u: n for n, u in users.items() if u < self.num_users}
+        missing = sorted(set(range(self.num_users)) - set(self.node_of_user))
+        if missing or len(self.node_of_user) != sum(u < self.num_users for u in users.values()):
+            raise RuntimeError(f"nodes must hold partition ids 0..{self.num_users - 1} once each; "
+                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} or duplicated")
+        self._user_of_node = {n: u for u, n in self.node_of_user.items()}
+        self.discovery_seconds += time.perf_counter() - start
+        return self.node_of_user
+
+    def _messages(self, users, message_type: str, server_round: int) -> list[Message]:
+        cfg = self.config
+        model = self.state.model
+        arrays = _model_record(model)
+        self._bytes_down = len(users) * arrays.count_bytes()
+        text = json.dumps(cfg.to_dict())
+        return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
+                    "server-round": server_round, "round": self.state.round, "user": int(u),
+                    "global-mean": float(model.global_mean), _CONFIG_KEY: text})}),
+                        message_type=message_type, dst_node_id=self.node_of_user[int(u)])
+                for u in users]
+
+    # -- training
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        """Sample this round's users as FedRecon does and send them the model.
+
+        The model sent is ``self.state``'s (equal to ``arrays``, which the previous
+        ``aggregate_train`` returned).
+        """
+        if not self.node_of_user:
+            self.discover(grid)
+        self._round_start = time.perf_counter()
+        cfg = self.config
+        users = sample_clients(self.num_users, cfg.clients_per_round, cfg.seed, self.state.round)
+        self._cohort = {int(u): k for k, u in enumerate(users)}
+        return self._messages(users, MessageType.TRAIN, server_round)
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate in cohort order with the native kernel; apply the server optimizer."""
+        valid, failed = self._check_and_log_replies(list(replies), is_train=True)
+        reasons = [m.error.reason for m in failed]
+        results, bytes_up = [], 0
+        for m in valid:
+            user = self._user_of_node.get(m.metadata.src_node_id)
+            try:
+                if user not in self._cohort:
+                    raise ValueError(f"node {m.metadata.src_node_id} was not sampled this round")
+                result = _result_from(m.content, self.state.model, self.config.num_threads)
+            except (ValueError, TypeError, KeyError) as e:
+                reasons.append(f"unusable reply: {e}")
+                continue
+            results.append((self._cohort[user], result))
+            bytes_up += m.content["update"].count_bytes()
+        self._failures(reasons, "training")
+        if not results:
+            raise RuntimeError(f"no client replied usefully in round {server_round}")
+        results.sort(key=lambda pair: pair[0])
+        self.state = server_step(self.state, [r for _, r in results], inplace=True)
+        row = dict(self.state.metrics)
+        row.update(round_seconds=time.perf_counter() - self._round_start, failures=len(reasons),
+                   flower_bytes_down=self._bytes_down, flower_bytes_up=bytes_up)
+        self.history.append(row)
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return self.arrays(), MetricRecord(numeric)
+
+    def _failures(self, reasons: list[str], what: str) -> None:
+        if not reasons:
+            return
+        if self.on_failure == "raise":
+            raise RuntimeError(f"{len(reasons)} client(s) failed in {what}; the first said: {reasons[0]}")
+        logger.warning("%d client(s) failed in %s and were dropped; the first said: %s", len(reasons), what,
+                       reasons[0])
+
+    # -- evaluation
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        """Federated ReconEval on a seeded sample of users' own ratings (if enabled and due)."""
+        done, every = self.state.round, self.config.eval_every
+        if self.fraction_evaluate == 0.0 or (every and done % every):
+            return []
+        if not self.node_of_user:
+            self.discover(grid)
+        n = max(1, int(round(self.fraction_evaluate * self.num_users)))
+        # Client coordinate 1 of the sampling stream: never the training sample's.
+        rng = generator(self.config.seed, done, 1, STREAM_SAMPLE)
+        users = np.sort(rng.choice(self.num_users, size=n, replace=False))
+        return self._messages(users, MessageType.EVALUATE, server_round)
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        """Pool the users' ReconEval sums (example-weighted, as recon_eval)."""
+        valid, failed = self._check_and_log_replies(list(replies), is_train=False)
+        self._failures([m.error.reason for m in failed], "evaluation")
+        if not valid:
+            return None
+        sums = [(m.content["metrics"]["sq-err-sum"], m.content["metrics"]["num-examples"],
+                 m.content["metrics"]["num-correct"]) for m in valid]
+        pooled = summarize(*zip(*sums))
+        if self.history:
+            self.history[-1].update(fed_loss=pooled["loss"], fed_rmse=pooled["rmse"], fed_accuracy=pooled["accuracy"])
+        return MetricRecord({k: pooled[k] for k in ("loss", "rmse", "accuracy", "users", "ratings")})
+
+    def evaluate_fn(self, data: ClientData | None, last_round: int | None = None, *,
+                    on_round: Callable[[dict], None] | None = None) -> Callable:
+        """Centralized ReconEval on ``data`` (e.g. validation users) for ``start(evaluate_fn=...)``.
+
+        After each round, runs :func:`fedrecon_fast.recon_eval` when ``config.eval_every``
+        divides the number of rounds done (``state.round``) or it reaches ``last_round`` (as
+        :meth:`FedRecon.fit <fedrecon_fast.FedRecon.fit>` does), adds ``val_loss``,
+        ``val_rmse``, ``val_accuracy`` to the round's history row, then calls
+        ``on_round(row)``. The time spent is added to ``self.eval_seconds``.
+        """
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 or not self.history:
+                return None  # Flower also calls it before the first round
+            row = self.history[-1]
+            done, every = self.state.round, self.config.eval_every
+            out = None
+            if data is not None and data.num_clients and ((every and done % every == 0) or done == last_round):
+                start = time.perf_counter()
+                m = recon_eval(self.state.model, data, None, self.config.evaluation, seed=self.config.seed,
+                               num_threads=self.config.num_threads)
+                self.eval_seconds += time.perf_counter() - start
+                row.update(val_loss=m["loss"], val_rmse=m["rmse"], val_accuracy=m["accuracy"])
+                out = MetricRecord({"val_loss": m["loss"], "val_rmse": m["rmse"], "val_accuracy": m["accuracy"]})
+            if on_round is not None:
+                on_round(row)
+            return out
+
+        return evaluate
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation runner
+
+
+class FlowerFedRecon:
+    """FedRecon trained in Flower's simulation runtime (Ray backend), one node per user.
+
+    The same public surface as :class:`fedrecon_fast.FedRecon`: ``fit``, ``evaluate``,
+    ``history``, ``train_seconds``, ``eval_seconds``, ``broadcasted_bits``,
+    ``aggregated_bits``, ``model``, ``config``, ``round``. The trained model equals
+    ``FedRecon``'s for the same config and data (see the module docstring).
+
+    Parameters
+    ----------
+    config : FedReconConfig, optional
+    model : GlobalModel, optional
+        Start from this model.
+    num_cpus : int, optional
+        CPUs Ray may use (default: all cores); one ClientApp runs per ``client_cpus``.
+    client_cpus : float
+        CPUs per ClientApp (each client's native step runs on one thread).
+    verbose : bool
+        Keep Flower's INFO logs (by default only its errors are shown).
+
+    Attributes
+    ----------
+    startup_seconds : float
+        Per ``fit``: simulation wall time not spent in rounds or validation (Ray start-up,
+        node discovery, shut-down).
+    """
+
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
+                 num_cpus: int | None = None, client_cpus: float = 1.0, verbose: bool = False):
+        self.config = config if config is not None else FedReconConfig()
+        if not isinstance(self.config, FedReconConfig):
+            raise TypeError(f"config must be a FedReconConfig; got {type(self.config).__name__}")
+        if model is not None and not isinstance(model, GlobalModel):
+            raise TypeError(f"model must be a GlobalModel; got {type(model).__name__}")
+        check_int(num_cpus, "num_cpus", minimum=1, allow_none=True)
+        check_float(client_cpus, "client_cpus", minimum=0.0, strict=True)
+        self.num_cpus = num_cpus
+        self.client_cpus = float(client_cpus)
+        self.verbose = verbose
+        self._initial_model = model
+        self._state: ServerState | None = None
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.startup_seconds = 0.0
+
+    @property
+    def model(self) -> GlobalModel | None:
+        return self._state.model if self._state is not None else self._initial_model
+
+    @property
+    def round(self) -> int:
+        return self._state.round if self._state is not None else 0
+
+    @property
+    def broadcasted_bits(self) -> int:
+        return self._state.broadcasted_bits if self._state is not None else 0
+
+    @property
+    def aggregated_bits(self) -> int:
+        return self._state.aggregated_bits if self._state is not None else 0
+
+    def fit(self, train: ClientData, val: ClientData | None = None, *, rounds: int | None = None,
+            progress: bool = False, callback: Callable[[dict], None] | None = None) -> FlowerFedRecon:
+        """Run rounds in a Flower simulation: one SuperNode per user of ``train``.
+
+        Arguments as in :meth:`FedRecon.fit <fedrecon_fast.FedRecon.fit>`; calling ``fit``
+        again continues (in a new simulation).
+        """
+        cfg = self.config
+        rounds = cfg.rounds if rounds is None else rounds
+        check_int(rounds, "rounds", minimum=0)
+        if not isinstance(train, ClientData):
+            raise TypeError(f"train must be a ClientData; got {type(train).__name__}")
+        if train.num_clients == 0:
+            raise ValueError("train has no clients")
+        empty = int((train.sizes == 0).sum())
+        if empty:
+            raise ValueError(f"train has {empty} clients without ratings; drop them first with "
+                             "data.prepare(min_examples=1)")
+        if self._state is None:
+            self._state = server_init(cfg, model=self._initial_model, data=train)
+        model = self._state.model
+        if train.num_items != model.num_items or (val is not None and val.num_items != model.num_items):
+            raise ValueError("train/val must share the model's item indexing (subsets of one ClientData)")
+        if rounds == 0:
+            return self
+
+        with self._quiet():
+            strategy = FedReconStrategy(self._state, train.num_clients, on_failure="raise")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=rounds, desc="FedRecon (Flower)", unit="round", leave=False)
+
+        def on_round(row: dict) -> None:
+            self.history.append(row)
+            if callback is not None:
+                callback(row)
+            if bar is not None:
+                shown = {"rmse": row["train_rmse"], **({"val_rmse": row["val_rmse"]} if "val_rmse" in row else {})}
+                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+                bar.update(1)
+
+        evaluate_fn = strategy.evaluate_fn(val, self._state.round + rounds, on_round=on_round)
+        server = ServerApp()
+
+        @server.main()
+        def main(grid: Grid, context: Context) -> None:
+            strategy.start(grid, strategy.arrays(), num_rounds=rounds, evaluate_fn=evaluate_fn)
+
+        start = time.perf_counter()
+        first = len(self.history)
+        try:
+            with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as tmp:
+                path = save_client_data(train, Path(tmp) / "train.npz")
+                self._simulate(server, client_app(str(path)), train.num_clients)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._state = strategy.state
+            new = self.history[first:]
+            rounds_time = sum(h["round_seconds"] for h in new)
+            self.train_seconds += rounds_time
+            self.eval_seconds += strategy.eval_seconds
+            self.startup_seconds = time.perf_counter() - start - rounds_time - strategy.eval_seconds
+        return self
+
+    def _simulate(self, server: ServerApp, client: ClientApp, num_nodes: int) -> None:
+        from flwr.simulation import run_simulation
+
+        cpus = self.num_cpus or os.cpu_count() or 1
+        init_args = {"num_cpus": cpus, "include_dashboard": False}
+        if not self.verbose:
+            # Client errors come back in their replies; the workers' logs are noise.
+            init_args["log_to_driver"] = False
+        backend_config = {"client_resources": {"num_cpus": self.client_cpus, "num_gpus": 0.0},
+                          "init_args": init_args}
+        pythonpath = os.environ.get("PYTHONPATH")
+        try:
+            with self._quiet(), warnings.catch_warnings():
+                # Ray announces a future default about GPU environment variables (no GPU is
+                # used here), and leaves its shut-down helper processes and log files to the
+                # garbage collector; collect them now, while those warnings are off.
+                warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+                warnings.filterwarnings("ignore", category=ResourceWarning)
+                try:
+                    run_simulation(server_app=server, client_app=client, num_supernodes=num_nodes,
+                                   backend_name="ray", backend_config=backend_config)
+                finally:
+                    gc.collect()
+        finally:
+            # Flower's Ray backend rewrites PYTHONPATH for its workers; give the caller theirs back.
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        """Flower's logger shows only errors (unless verbose) while we drive it."""
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        if not self.verbose:
+            flwr_logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            flwr_logger.setLevel(level)
+
+    def evaluate(self, data: ClientData, clients=None, *, per_user: bool = False, k: int | None = 10,
+                 relevance_threshold: float | None = 4.0) -> dict:
+        """ReconEval of the current model on clients of ``data`` (as :meth:`FedRecon.evaluate`)."""
+        if self.model is None:
+            raise ValueError("the model is not trained yet: call fit() first")
+        return recon_eval(self.model, data, clients, self.config.evaluation, seed=self.config.seed,
+                          num_threads=self.config.num_threads, per_user=per_user, k=k,
+                          relevance_threshold=relevance_threshold)
