@@ -252,11 +252,16 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
                   "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
 }
 
-py::tuple reconstruct_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
-                            float global_mean, const Array<std::int64_t>& indptr,
-                            const Array<std::int32_t>& items, const Array<float>& ratings,
-                            const Array<std::int64_t>& clients, const ClientConfig& config,
-                            std::uint64_t seed, std::uint64_t round, int num_threads) {
+// reconstruct_users (support set) and infer_users (all ratings): (users, user_bias or None).
+using UsersKernel = void (*)(const fedrecon::ModelView&, const fedrecon::CsrView&, const std::int64_t*,
+                             std::int64_t, const ClientConfig&, std::uint64_t, std::uint64_t, int,
+                             float*, float*);
+template <UsersKernel Kernel>
+py::tuple users_of(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                   float global_mean, const Array<std::int64_t>& indptr,
+                   const Array<std::int32_t>& items, const Array<float>& ratings,
+                   const Array<std::int64_t>& clients, const ClientConfig& config,
+                   std::uint64_t seed, std::uint64_t round, int num_threads) {
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
   const auto* ids = client_ids(clients);
@@ -268,10 +273,9 @@ py::tuple reconstruct_users(const Array<float>& item_factors, const std::optiona
   float* bias_ptr = user_bias ? user_bias->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-    fedrecon::reconstruct_users(model, data, ids, n, config, seed, round, num_threads, users_ptr, bias_ptr);
+    Kernel(model, data, ids, n, config, seed, round, num_threads, users_ptr, bias_ptr);
   }
-  py::object bias_out = user_bias ? py::object(*user_bias) : py::object(py::none());
-  return py::make_tuple(users, bias_out);
+  return py::make_tuple(users, or_none(user_bias));
 }
 
 py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -315,27 +319,6 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
     out["ndcg"] = ndcg;
   }
   return out;
-}
-
-py::tuple infer_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
-                      float global_mean, const Array<std::int64_t>& indptr,
-                      const Array<std::int32_t>& items, const Array<float>& ratings,
-                      const Array<std::int64_t>& clients, const ClientConfig& config,
-                      std::uint64_t seed, std::uint64_t round, int num_threads) {
-  const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
-  const auto* ids = client_ids(clients);
-  const auto n = clients.shape(0);
-  Array<float> users({n, static_cast<py::ssize_t>(model.dim)});
-  std::optional<Array<float>> user_bias;
-  if (model.has_bias()) user_bias.emplace(n);
-  float* users_ptr = users.mutable_data();
-  float* bias_ptr = user_bias ? user_bias->mutable_data() : nullptr;
-  {
-    py::gil_scoped_release release;
-    fedrecon::infer_users(model, data, ids, n, config, seed, round, num_threads, users_ptr, bias_ptr);
-  }
-  return py::make_tuple(users, or_none(user_bias));
 }
 
 py::tuple recommend_users(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -449,9 +432,9 @@ PYBIND11_MODULE(_core, m) {
         "num_items"_a, "num_threads"_a);
   m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
 #undef FEDRECON_UPDATE_ARGS
-  m.def("reconstruct_users", &reconstruct_users, FEDRECON_COHORT_ARGS);
+  m.def("reconstruct_users", &users_of<fedrecon::reconstruct_users>, FEDRECON_COHORT_ARGS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS, "k"_a = 0, "relevance_threshold"_a = 4.0f);
-  m.def("infer_users", &infer_users, FEDRECON_COHORT_ARGS);
+  m.def("infer_users", &users_of<fedrecon::infer_users>, FEDRECON_COHORT_ARGS);
   m.def("recommend_users", &recommend_users, FEDRECON_COHORT_ARGS, "k"_a, "exclude_seen"_a = true);
 #undef FEDRECON_COHORT_ARGS
 

@@ -84,7 +84,7 @@ from .functional import (
     server_step,
 )
 from .model import GlobalModel
-from .training import sample_clients
+from .training import check_training_clients, sample_clients
 
 __all__ = [
     "FedReconStrategy",
@@ -655,12 +655,7 @@ class FlowerFedRecon:
         check_int(rounds, "rounds", minimum=0)
         if not isinstance(train, ClientData):
             raise TypeError(f"train must be a ClientData; got {type(train).__name__}")
-        if train.num_clients == 0:
-            raise ValueError("train has no clients")
-        empty = int((train.sizes == 0).sum())
-        if empty:
-            raise ValueError(f"train has {empty} clients without ratings; drop them first with "
-                             "data.prepare(min_examples=1)")
+        check_training_clients(train)
         if self._state is None:
             self._state = server_init(cfg, model=self._initial_model, data=train)
         model = self._state.model

@@ -48,6 +48,7 @@ from .config import ClientConfig, FedReconConfig
 from .evaluation import EVAL_ROUND, summarize
 from .model import GlobalModel
 from .optimizers import make_optimizer
+from .privacy import privatize_mean
 
 __all__ = [
     "ClientResult",
@@ -398,6 +399,8 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
         config = model.config if model is not None and model.config is not None else FedReconConfig()
     if not isinstance(config, FedReconConfig):
         raise TypeError(f"config must be a FedReconConfig; got {type(config).__name__}")
+    if config.learn_user_default:
+        raise ValueError("learn_user_default is not supported one client at a time yet: use FedRecon")
     if model is None:
         if data is None:
             raise ValueError("give model or data (the training ClientData) to initialise the model")
@@ -500,7 +503,9 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
     else:
         update = {name: np.zeros_like(p) for name, p in params.items()}
     if cfg.dp_clip is not None:
-        _privatize(update, total_weight, cfg, state.round)
+        privatize_mean(update, total_weight, clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
+                       expected_clients=cfg.clients_per_round, seed=cfg.seed, round=state.round,
+                       num_threads=cfg.num_threads)
     # The aggregate is finite float32 of the right shapes (the kernel checks), and V is
     # checked below, so the optimizer's own validation pass is skipped as in FedRecon.
     _optimizer(cfg).apply(params, update, opt_state, validate=False)
@@ -540,18 +545,3 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
     }
     return ServerState(model, cfg, opt_state, state.round + 1, state.broadcasted_bits + broadcast,
                        state.aggregated_bits + aggregated, metrics)
-
-
-def _privatize(update: dict, total_weight: float, cfg: FedReconConfig, round: int) -> None:
-    """DP-FedAvg noise exactly as FedRecon adds it: N(0, (z C)²) on the sum, divided by the
-    expected number of clients."""
-    from .privacy import gaussian_noise
-
-    sizes = [a.size for a in update.values()]
-    noise = gaussian_noise(sum(sizes), cfg.dp_noise * cfg.dp_clip, seed=cfg.seed, round=round,
-                           num_threads=cfg.num_threads)
-    offset = 0
-    for name, mean in update.items():
-        noised = mean.astype(np.float64) * total_weight + noise[offset:offset + mean.size].reshape(mean.shape)
-        update[name] = (noised / cfg.clients_per_round).astype(np.float32)
-        offset += mean.size

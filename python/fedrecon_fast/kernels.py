@@ -155,7 +155,8 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     check_int(num_threads, "num_threads", minimum=0)
     native = config.to_native()
     if user_default is not None:
-        native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1], check_finite=True)
+        native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1],
+                                                check_finite=True)
         check_float(user_bias_default, "user_bias_default")
         native.user_bias_default = float(user_bias_default)
     return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
@@ -192,6 +193,18 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
         check_float(clip, "clip", minimum=0.0, strict=True)
     return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": hadamard,
             "sparse": sparse, "threshold": threshold, "clip": float(clip or 0.0)}
+
+
+def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
+                 num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits,
+                 scaling, hadamard, sparse, threshold, clip):
+    """Validate the arguments shared by the update kernels and call ``native`` with them."""
+    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
+                        global_mean, seed, round, num_threads, check_finite,
+                        user_default, user_bias_default)
+    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
+    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
+    return native(*args, users=users, user_bias=user_bias, **codec)
 
 
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -242,18 +255,17 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     -------
     RoundResult
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
-    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
-    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    return RoundResult(*_core.train_round(*args, users=users, user_bias=user_bias, **codec))
+    return RoundResult(*_update_call(
+        _core.train_round, item_factors, data, clients, config, item_bias, global_mean, seed, round,
+        num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
+        hadamard, sparse, threshold, clip))
 
 
 def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                         item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                         num_threads: int = 0, check_finite: bool = True, users=None,
-                        user_bias=None, user_default=None, user_bias_default: float = 0.0, bits: int | None = None, scaling: str = "tensor",
+                        user_bias=None, user_default=None, user_bias_default: float = 0.0,
+                        bits: int | None = None, scaling: str = "tensor",
                         hadamard: bool = False, sparse: bool = True, threshold: int = 0,
                         clip: float | None = None) -> PartialRound:
     """The sums of :func:`train_round` before normalisation, for one shard of a cohort.
@@ -263,12 +275,10 @@ def train_round_partial(item_factors, data, clients=None, config: ClientConfig |
     combine, wherever they ran, into exactly the result of one :func:`train_round`
     (:func:`fedrecon_fast.distributed.combine_round`).
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
-    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
-    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    out = _core.train_round_partial(*args, users=users, user_bias=user_bias, **codec)
+    out = _update_call(
+        _core.train_round_partial, item_factors, data, clients, config, item_bias, global_mean, seed, round,
+        num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
+        hadamard, sparse, threshold, clip)
     return PartialRound(out["rows"], out["values"], out["bias"], out["touched"], out["stats"],
                         out["users"], out["user_bias"])
 
@@ -276,7 +286,8 @@ def train_round_partial(item_factors, data, clients=None, config: ClientConfig |
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                    num_threads: int = 0, check_finite: bool = True, users=None,
-                   user_bias=None, user_default=None, user_bias_default: float = 0.0, bits: int | None = None, scaling: str = "tensor",
+                   user_bias=None, user_default=None, user_bias_default: float = 0.0,
+                   bits: int | None = None, scaling: str = "tensor",
                    hadamard: bool = False, sparse: bool = True, threshold: int = 0,
                    clip: float | None = None) -> ClientUpdates:
     """Each client's sparse update (row ids + values) and weight, without aggregating.
@@ -285,12 +296,10 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
     ``clients=[k]``. The values are what the client sends after clipping and quantization
     (decoded); a dense update quantized with one scale needs :func:`train_round`.
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
-    users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
-    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    out = _core.client_updates(*args, users=users, user_bias=user_bias, **codec)
+    out = _update_call(
+        _core.client_updates, item_factors, data, clients, config, item_bias, global_mean, seed, round,
+        num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
+        hadamard, sparse, threshold, clip)
     return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
                          out["users"], out["user_bias"])
 

@@ -65,6 +65,7 @@ __all__ = [
     "dp_sum",
     "dp_sum_sparse",
     "gaussian_noise",
+    "privatize_mean",
 ]
 
 #: Random stream of the DP noise (see :mod:`fedrecon_fast._rng` for streams 0-4).
@@ -227,6 +228,24 @@ def gaussian_noise(shape, std: float, *, seed: int, round: int = 0, num_threads:
     check_int(num_threads, "num_threads", minimum=0)
     out = _core.gaussian_noise(num_rows * dim, float(std), seed % _UINT64, round % _UINT64, num_threads)
     return out.reshape(shape)
+
+
+def privatize_mean(update: dict, total_weight: float, *, clip: float, noise_multiplier: float,
+                   expected_clients: int, seed: int, round: int = 0, num_threads: int = 0) -> None:
+    """DP-FedAvg's server step on a round's weighted mean of clipped updates, in place.
+
+    Each array of ``update`` (a dict of float32 means) becomes ``(mean · total_weight + noise) /
+    expected_clients`` with Gaussian noise of std ``noise_multiplier · clip``
+    (:func:`gaussian_noise` over all arrays in order): the noisy sum over a fixed denominator
+    (McMahan et al. 2018).
+    """
+    sizes = [a.size for a in update.values()]
+    noise = gaussian_noise(sum(sizes), noise_multiplier * clip, seed=seed, round=round, num_threads=num_threads)
+    offset = 0
+    for name, mean in update.items():
+        noised = mean.astype(np.float64) * total_weight + noise[offset:offset + mean.size].reshape(mean.shape)
+        update[name] = (noised / expected_clients).astype(np.float32)
+        offset += mean.size
 
 
 def dp_sum(updates, weights=None, *, clip: float, noise_multiplier: float, seed: int, round: int = 0,

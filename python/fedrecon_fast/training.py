@@ -20,6 +20,7 @@ from .config import FedReconConfig
 from .evaluation import recon_eval
 from .model import GlobalModel
 from .optimizers import make_optimizer
+from .privacy import privatize_mean
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: i
     rng = generator(seed, round, 0, STREAM_SAMPLE)
     m = min(clients_per_round, num_clients)
     return rng.choice(num_clients, size=m, replace=False).astype(np.int64)
+
+
+def check_training_clients(train) -> None:
+    """Training needs clients, each with at least one rating."""
+    if train.num_clients == 0:
+        raise ValueError("train has no clients")
+    empty = int((train.sizes == 0).sum())
+    if empty:
+        raise ValueError(f"train has {empty} clients without ratings; drop them first with "
+                         "data.prepare(min_examples=1)")
 
 
 def _executor(backend):
@@ -124,12 +135,7 @@ class FedRecon:
         """
         cfg = self.config
         rounds = cfg.rounds if rounds is None else rounds
-        if train.num_clients == 0:
-            raise ValueError("train has no clients")
-        empty = int((train.sizes == 0).sum())
-        if empty:
-            raise ValueError(f"train has {empty} clients without ratings; drop them first with "
-                             "data.prepare(min_examples=1)")
+        check_training_clients(train)
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
             self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean)
@@ -184,7 +190,9 @@ class FedRecon:
         if "user_default" in params:
             update.update(self._default_update(res))
         if cfg.dp_clip is not None:
-            self._privatize(update, res.summary["total_weight"], r)
+            privatize_mean(update, res.summary["total_weight"], clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
+                           expected_clients=cfg.clients_per_round, seed=cfg.seed, round=r,
+                           num_threads=cfg.num_threads)
         # The native round aggregates only finite float32 updates of the right shapes, and V
         # itself is checked just below, so the optimizer's own validation pass is skipped.
         self._optimizer.apply(params, update, self._opt_state, validate=False)
@@ -229,21 +237,6 @@ class FedRecon:
                 "dp_noise_std": cfg.dp_noise * cfg.dp_clip} if cfg.dp_clip is not None else {}),
             "round_seconds": seconds,
         }
-
-    def _privatize(self, update: dict, total_weight: float, r: int) -> None:
-        """DP-FedAvg (McMahan et al. 2018): Gaussian noise of std dp_noise * dp_clip on the sum
-        of the clipped updates, divided by the expected number of clients (fixed denominator)."""
-        from .privacy import gaussian_noise
-
-        cfg = self.config
-        sizes = [a.size for a in update.values()]
-        noise = gaussian_noise(sum(sizes), cfg.dp_noise * cfg.dp_clip, seed=cfg.seed, round=r,
-                               num_threads=cfg.num_threads)
-        offset = 0
-        for name, mean in update.items():
-            noised = mean.astype(np.float64) * total_weight + noise[offset:offset + mean.size].reshape(mean.shape)
-            update[name] = (noised / cfg.clients_per_round).astype(np.float32)
-            offset += mean.size
 
     def _user_state(self, train, clients) -> dict:
         """Starting embeddings to send with the clients: FedRecon is stateless, but with a
