@@ -122,6 +122,29 @@ py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
                   "status"_a = column(s, &fedrecon::ClientStats::status));
 }
 
+// What the update kernels (train_round, train_round_partial, client_updates) share.
+struct UpdateCall {
+  fedrecon::UpdateCodec codec;
+  fedrecon::ModelView model;
+  fedrecon::CsrView data;
+  const std::int64_t* ids;
+  py::ssize_t n;
+  UserArrays users;
+};
+
+UpdateCall update_call(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                       float global_mean, const Array<std::int64_t>& indptr,
+                       const Array<std::int32_t>& items, const Array<float>& ratings,
+                       const Array<std::int64_t>& clients, const std::optional<Array<float>>& users,
+                       const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
+                       bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+  UpdateCall c{make_codec(bits, row_scaling, hadamard, sparse, threshold, clip),
+               model_view(item_factors, item_bias, global_mean), csr_view(indptr, items, ratings),
+               client_ids(clients), clients.shape(0), {}};
+  c.users = user_arrays(users, user_bias, c.model, c.n);
+  return c;
+}
+
 py::dict summary_dict(const fedrecon::RoundSummary& s) {
   return py::dict("total_weight"_a = s.total_weight, "loss_sum"_a = s.loss_sum,
                   "num_examples"_a = s.num_examples, "num_correct"_a = s.num_correct,
@@ -138,12 +161,10 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       const std::optional<Array<float>>& users,
                       const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
                       bool hadamard, bool sparse, std::int64_t threshold, double clip) {
-  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
-  const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
-  const auto* ids = client_ids(clients);
-  const auto n = clients.shape(0);
-  auto user_state = user_arrays(users, user_bias, model, n);
+  auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+  const auto& model = c.model;
+  const auto n = c.n;
   Array<float> delta({model.num_items, static_cast<py::ssize_t>(model.dim)});
   std::optional<Array<float>> delta_bias;
   if (model.has_bias()) delta_bias.emplace(model.num_items);
@@ -153,12 +174,12 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
   fedrecon::RoundSummary s;
   {
     py::gil_scoped_release release;
-    s = fedrecon::train_round(model, data, ids, n, config, seed, round, num_threads, delta_ptr,
-                              delta_bias_ptr, stats.data(), user_state.state, codec);
+    s = fedrecon::train_round(model, c.data, c.ids, n, config, seed, round, num_threads, delta_ptr,
+                              delta_bias_ptr, stats.data(), c.users.state, c.codec);
   }
   py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
-  return py::make_tuple(delta, bias_out, stats_dict(stats), summary_dict(s), or_none(user_state.users_out),
-                        or_none(user_state.user_bias_out));
+  return py::make_tuple(delta, bias_out, stats_dict(stats), summary_dict(s), or_none(c.users.users_out),
+                        or_none(c.users.user_bias_out));
 }
 
 py::dict train_round_partial(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -169,19 +190,17 @@ py::dict train_round_partial(const Array<float>& item_factors, const std::option
                              const std::optional<Array<float>>& users,
                              const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
                              bool hadamard, bool sparse, std::int64_t threshold, double clip) {
-  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
-  const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
-  const auto* ids = client_ids(clients);
-  const auto n = clients.shape(0);
-  auto user_state = user_arrays(users, user_bias, model, n);
+  auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+  const auto& model = c.model;
+  const auto n = c.n;
   std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
   fedrecon::PartialSums p;
   fedrecon::RoundSummary s;
   {
     py::gil_scoped_release release;
-    s = fedrecon::train_round_partial(model, data, ids, n, config, seed, round, num_threads, p,
-                                      stats.data(), user_state.state, codec);
+    s = fedrecon::train_round_partial(model, c.data, c.ids, n, config, seed, round, num_threads, p,
+                                      stats.data(), c.users.state, c.codec);
   }
   const auto nrows = static_cast<py::ssize_t>(p.rows.size());
   Array<double> values({nrows, static_cast<py::ssize_t>(model.dim)});
@@ -191,7 +210,7 @@ py::dict train_round_partial(const Array<float>& item_factors, const std::option
   return py::dict("rows"_a = Array<std::int32_t>(nrows, p.rows.data()), "values"_a = values,
                   "bias"_a = bias, "touched"_a = Array<std::int32_t>(static_cast<py::ssize_t>(p.touched.size()), p.touched.data()),
                   "stats"_a = stats_dict(stats), "summary"_a = summary_dict(s),
-                  "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
+                  "users"_a = or_none(c.users.users_out), "user_bias"_a = or_none(c.users.user_bias_out));
 }
 
 py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& values,
@@ -230,16 +249,14 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
                         const std::optional<Array<float>>& users,
                         const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
                         bool hadamard, bool sparse, std::int64_t threshold, double clip) {
-  const auto codec = make_codec(bits, row_scaling, hadamard, sparse, threshold, clip);
-  const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
-  const auto* ids = client_ids(clients);
-  const auto n = clients.shape(0);
-  auto user_state = user_arrays(users, user_bias, model, n);
+  auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+  const auto& model = c.model;
+  const auto n = c.n;
   fedrecon::SparseUpdates u;
   {
     py::gil_scoped_release release;
-    u = fedrecon::client_updates(model, data, ids, n, config, seed, round, num_threads, user_state.state, codec);
+    u = fedrecon::client_updates(model, c.data, c.ids, n, config, seed, round, num_threads, c.users.state, c.codec);
   }
   const auto nrows = static_cast<py::ssize_t>(u.rows.size());
   Array<float> values({nrows, static_cast<py::ssize_t>(model.dim)});
@@ -249,7 +266,7 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
   return py::dict("offsets"_a = Array<std::int64_t>(static_cast<py::ssize_t>(u.offsets.size()), u.offsets.data()),
                   "rows"_a = Array<std::int32_t>(nrows, u.rows.data()), "values"_a = values,
                   "bias_values"_a = bias, "stats"_a = stats_dict(u.stats),
-                  "users"_a = or_none(user_state.users_out), "user_bias"_a = or_none(user_state.user_bias_out));
+                  "users"_a = or_none(c.users.users_out), "user_bias"_a = or_none(c.users.user_bias_out));
 }
 
 // reconstruct_users (support set) and infer_users (all ratings): (users, user_bias or None).
