@@ -293,6 +293,16 @@ class FedAvg(FedRecon):
             state["user_bias"] = self.user_bias[clients]
         return state
 
+    def _extra_arrays(self) -> dict:
+        out = {} if self.users is None else {"users": self.users}
+        if self.user_bias is not None:
+            out["user_bias"] = self.user_bias
+        return out
+
+    def _restore_extra(self, arrays: dict) -> None:
+        self.users = arrays.get("users")
+        self.user_bias = arrays.get("user_bias")
+
     def _store_users(self, clients, result) -> None:
         self.users[clients] = result.users
         if result.user_bias is not None:

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dp-clip", type=float, help="DP-FedAvg: clip each update to this L2 norm "
                       "(switches to uniform client weighting)")
     comm.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z")
+    ckpt = train.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-dir", type=Path, help="write checkpoints of the whole training state here")
+    ckpt.add_argument("--checkpoint-every", type=_positive_int,
+                      help="rounds between checkpoints (default: a tenth of the rounds)")
+    ckpt.add_argument("--resume", action="store_true",
+                      help="continue from the newest valid checkpoint in --checkpoint-dir (if any); "
+                      "the result is the uninterrupted run's")
     train.add_argument("--out", type=Path, help="write metrics (CSV, JSON) and a learning curve (PNG) here")
     train.add_argument("--save", type=Path, help="save the trained global model to this folder")
     train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
@@ -115,6 +122,27 @@ def _load(args) -> tuple:
     return data, source, time.perf_counter() - start
 
 
+def _trainer_from_checkpoints(args, config) -> FedRecon:
+    """A fresh trainer, or with --resume the one in the newest valid checkpoint."""
+    from . import checkpoint
+
+    directory = args.checkpoint_dir
+    if directory is None:
+        if args.resume:
+            raise ValueError("--resume needs --checkpoint-dir")
+        return FedRecon(config, backend=args.backend)
+    existing = checkpoint.list_checkpoints(directory)
+    if existing and not args.resume:
+        raise ValueError(f"{directory} already holds checkpoints ({existing[0].name}); pass --resume to "
+                         "continue that run or choose an empty folder")
+    if not existing:
+        return FedRecon(config, backend=args.backend)
+    trainer = FedRecon.from_checkpoint(directory, config, backend=args.backend)
+    if trainer.round > config.rounds:
+        raise ValueError(f"the checkpoint is at round {trainer.round}, past --rounds {config.rounds}")
+    return trainer
+
+
 def run_train(args) -> dict:
     overrides = {"seed": args.seed, "num_threads": args.threads}
     for field, value in (("rounds", args.rounds), ("clients_per_round", args.clients_per_round),
@@ -137,14 +165,21 @@ def run_train(args) -> dict:
     train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
 
+    fit_args = {}
+    if args.backend == "flower" and (args.checkpoint_dir is not None or args.resume):
+        raise ValueError("checkpoints are not supported with --backend flower")
     if args.backend == "flower":
         from .flower import FlowerFedRecon
 
         trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
     else:
-        trainer = FedRecon(config, backend=args.backend)
+        trainer = _trainer_from_checkpoints(args, config)
+        if args.checkpoint_dir is not None:
+            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
+            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=every)
     try:
-        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty())
+        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty(), **fit_args)
     finally:
         if hasattr(trainer, "close"):
             trainer.close()

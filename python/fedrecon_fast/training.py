@@ -16,6 +16,7 @@ import numpy as np
 
 from . import kernels
 from ._rng import STREAM_SAMPLE, generator
+from ._validation import check_int
 from .config import FedReconConfig
 from .evaluation import recon_eval
 from .model import GlobalModel
@@ -106,6 +107,55 @@ class FedRecon:
             self._owns_executor = False
             self._executor = kernels
 
+    def save_checkpoint(self, directory, *, keep: int = 2):
+        """Write the whole training state to a new checkpoint in ``directory`` (atomically)."""
+        from . import checkpoint
+
+        return checkpoint.save(directory, self, keep=keep)
+
+    @classmethod
+    def from_checkpoint(cls, directory, config: FedReconConfig | None = None, *, backend="local"):
+        """A trainer continuing from the newest valid checkpoint in ``directory``.
+
+        ``config`` (default: the checkpoint's) may differ from the checkpoint's only in
+        ``rounds`` and ``num_threads``, which do not change results; anything else raises
+        :class:`fedrecon_fast.checkpoint.CheckpointError`.
+        """
+        from .checkpoint import CheckpointError, latest
+
+        meta = latest(directory)
+        if meta is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        if meta["trainer"] != cls.__name__:
+            raise CheckpointError(f"the checkpoint was written by {meta['trainer']}, not {cls.__name__}")
+        saved = FedReconConfig.from_dict(meta["config"])
+        if config is None:
+            config = saved
+        free = {"rounds", "num_threads"}
+        differ = sorted(k for k, v in config.to_dict().items() if k not in free and saved.to_dict()[k] != v)
+        if differ:
+            raise CheckpointError(f"the checkpoint was trained with a different configuration: {differ}")
+        trainer = cls(config, model=meta["model"], backend=backend)
+        trainer.model.config = config
+        trainer.round = meta["round"]
+        trainer.history = meta["history"]
+        for key in ("broadcasted_bits", "aggregated_bits", "train_seconds", "eval_seconds"):
+            setattr(trainer, key, meta[key])
+        expected = trainer._optimizer.init(trainer._params())
+        state = meta["optimizer_state"]
+        if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
+            raise CheckpointError("the checkpoint's optimizer state does not match the model")
+        trainer._opt_state = {k: np.array(v, dtype=expected[k].dtype) for k, v in state.items()}
+        trainer._restore_extra(meta["extra"])
+        return trainer
+
+    def _extra_arrays(self) -> dict:
+        """Arrays a subclass keeps between rounds (none: FedRecon is stateless)."""
+        return {}
+
+    def _restore_extra(self, arrays: dict) -> None:
+        """Take back what :meth:`_extra_arrays` saved."""
+
     def _params(self) -> dict:
         params = {"item_factors": self.model.item_factors}
         if self.model.item_bias is not None:
@@ -117,7 +167,8 @@ class FedRecon:
         return params
 
     def fit(self, train, val=None, *, rounds: int | None = None, progress: bool = False,
-            callback: Callable[[dict], None] | None = None) -> FedRecon:
+            callback: Callable[[dict], None] | None = None, checkpoint_dir=None,
+            checkpoint_every: int = 0, keep: int = 2) -> FedRecon:
         """Run training rounds on the clients of ``train``.
 
         Parameters
@@ -132,9 +183,15 @@ class FedRecon:
             Show a progress bar with the latest metrics (stderr).
         callback : callable, optional
             Called with each round's metrics dict.
+        checkpoint_dir : path, optional
+            Write a checkpoint (:mod:`fedrecon_fast.checkpoint`) here every ``checkpoint_every``
+            rounds (0: only at the end) and when ``fit`` returns, keeping the newest ``keep``.
+            :meth:`from_checkpoint` continues from it with bit-identical results.
         """
         cfg = self.config
         rounds = cfg.rounds if rounds is None else rounds
+        check_int(rounds, "rounds", minimum=0)
+        check_int(checkpoint_every, "checkpoint_every", minimum=0)
         check_training_clients(train)
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
@@ -150,7 +207,7 @@ class FedRecon:
             from tqdm.auto import tqdm
             bar = tqdm(total=rounds, desc="FedRecon", unit="round", leave=False)
         try:
-            for _ in range(rounds):
+            for k in range(rounds):
                 row = self._run_round(train, params)
                 due = cfg.eval_every and (self.round % cfg.eval_every == 0)
                 if val is not None and val.num_clients and due:
@@ -164,8 +221,14 @@ class FedRecon:
                         shown["val_rmse"] = row["val_rmse"]
                     bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
                     bar.update(1)
+                # The last round's checkpoint waits for the final validation below.
+                if checkpoint_dir is not None and checkpoint_every and self.round % checkpoint_every == 0 \
+                        and k + 1 < rounds:
+                    self.save_checkpoint(checkpoint_dir, keep=keep)
             if val is not None and val.num_clients and self.history and "val_rmse" not in self.history[-1]:
                 self.history[-1].update(self._validate(val))
+            if checkpoint_dir is not None:
+                self.save_checkpoint(checkpoint_dir, keep=keep)
         finally:
             if bar is not None:
                 bar.close()

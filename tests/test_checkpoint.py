@@ -1,0 +1,182 @@
+"""Checkpoints: a run killed at any moment and resumed ends bit-identical to an uninterrupted
+run; corrupted checkpoints are rejected with a clear error and the previous one is used."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fedrecon_fast as ff
+from fedrecon_fast import checkpoint
+from fedrecon_fast.baselines import FedAvg, fedavg_config
+from fedrecon_fast.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def splits():
+    data = ff.synthetic_ratings(num_users=300, num_items=200, seed=1).prepare(max_examples=300, shuffle_seed=1)
+    return tuple(data.subset(i) for i in ff.split_users(data.num_clients, seed=1))
+
+
+RUNS = {
+    "fedrecon-adam-biases-default": (ff.FedRecon, lambda: ff.preset(
+        "fast", server_optimizer="adam", server_lr=0.01, learn_user_default=True)),
+    "fedrecon-dp": (ff.FedRecon, lambda: ff.preset("paper", dp_clip=0.5, dp_noise=0.5, weighting="uniform")),
+    "fedavg": (FedAvg, lambda: fedavg_config(client_lr=0.1)),
+}
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "round_seconds"} for h in history]
+
+
+def _small(make):
+    return make().replace(rounds=30, clients_per_round=20, dim=8, eval_every=7)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_resumed_run_equals_the_uninterrupted_run(splits, tmp_path, run):
+    train, val, _ = splits
+    cls, make = RUNS[run]
+    cfg = _small(make)
+    whole = cls(cfg).fit(train, val)
+    cls(cfg).fit(train, val, rounds=13, checkpoint_dir=tmp_path, checkpoint_every=5)
+    shutil.rmtree(tmp_path / "ckpt-00000013")  # as if killed before fit returned
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-00000010"]  # keep=2: 5 is gone
+    resumed = cls.from_checkpoint(tmp_path, cfg.replace(num_threads=1))
+    assert resumed.round == 10
+    resumed.fit(train, val, rounds=cfg.rounds - resumed.round)
+    assert np.array_equal(resumed.model.item_factors, whole.model.item_factors)
+    assert _strip(resumed.history) == _strip(whole.history)
+    assert resumed.aggregated_bits == whole.aggregated_bits
+    if isinstance(whole, FedAvg):
+        assert np.array_equal(resumed.users, whole.users)
+    if whole.model.user_default is not None:
+        assert np.array_equal(resumed.model.user_default, whole.model.user_default)
+        assert resumed.model.user_bias_default == whole.model.user_bias_default
+
+
+def _two_checkpoints(splits, directory):
+    train, val, _ = splits
+    cfg = _small(RUNS["fedrecon-adam-biases-default"][1])
+    ff.FedRecon(cfg).fit(train, val, rounds=10, checkpoint_dir=directory, checkpoint_every=5)
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate-npz", "drop-model", "garbage-json", "other-format"])
+def test_corrupted_newest_checkpoint_is_rejected_and_the_previous_one_used(splits, tmp_path, damage, caplog):
+    cfg = _two_checkpoints(splits, tmp_path)
+    newest = tmp_path / "ckpt-00000010"
+    if damage == "flip-byte":
+        blob = bytearray((newest / "model" / "model.npz").read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        (newest / "model" / "model.npz").write_bytes(bytes(blob))
+    elif damage == "truncate-npz":
+        path = newest / "trainer.npz"
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "drop-model":
+        shutil.rmtree(newest / "model")
+    elif damage == "garbage-json":
+        (newest / "trainer.json").write_bytes(b"\x00\xff{not json")
+    else:
+        (newest / "trainer.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CheckpointError, match="ckpt-00000010"):
+        checkpoint.load(newest)
+    trainer = ff.FedRecon.from_checkpoint(tmp_path, cfg)
+    assert trainer.round == 5
+    assert "skipping checkpoint" in caplog.text
+    assert newest.exists()  # kept for inspection, never silently deleted
+
+
+def test_no_valid_checkpoint_is_a_clear_error(splits, tmp_path):
+    cfg = _two_checkpoints(splits, tmp_path)
+    for path in checkpoint.list_checkpoints(tmp_path):
+        (path / "trainer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        ff.FedRecon.from_checkpoint(tmp_path, cfg)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        ff.FedRecon.from_checkpoint(tmp_path / "empty", cfg)
+    # A half-written temporary directory (a crash mid-write) is never taken for a checkpoint.
+    (tmp_path / ".ckpt-tmp-x").mkdir()
+    assert checkpoint.list_checkpoints(tmp_path)[0].name == "ckpt-00000010"
+
+
+def test_checkpoint_belongs_to_its_configuration_and_trainer(splits, tmp_path):
+    cfg = _two_checkpoints(splits, tmp_path)
+    with pytest.raises(CheckpointError, match="client"):
+        ff.FedRecon.from_checkpoint(tmp_path, cfg.replace(client_lr=0.3))
+    with pytest.raises(CheckpointError, match="FedRecon, not FedAvg"):
+        FedAvg.from_checkpoint(tmp_path, None)
+    assert ff.FedRecon.from_checkpoint(tmp_path, cfg.replace(rounds=99, num_threads=1)).round == 10
+
+
+def test_divergence_keeps_the_last_good_checkpoint(splits, tmp_path):
+    train, val, _ = splits
+    cfg = ff.preset("paper", rounds=200, clients_per_round=20, dim=8, eval_every=0)
+    trainer = ff.FedRecon(cfg).fit(train, rounds=4, checkpoint_dir=tmp_path, checkpoint_every=2)
+    trainer.model.item_factors[0, 0] = np.inf  # the model breaks
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.fit(train, rounds=5, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.save_checkpoint(tmp_path)
+    good = ff.FedRecon.from_checkpoint(tmp_path, cfg)
+    assert good.round == 4 and np.isfinite(good.model.item_factors).all()
+
+
+# ---------------------------------------------------------------------------------- command line
+
+TIMING = {"train_seconds", "round_ms_median", "eval_seconds", "load_seconds"}
+ARGS = ["train", "--rounds", "1500", "--checkpoint-every", "20", "--json", "--no-progress", "--threads", "2"]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "fedrecon_fast", *args], capture_output=True, text=True, **kw)
+
+
+def _result(stdout: str) -> dict:
+    out = json.loads(stdout.strip().splitlines()[-1])
+    return {k: v for k, v in out.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    done = _cli(*ARGS, "--checkpoint-dir", str(tmp_path_factory.mktemp("whole")))
+    assert done.returncode == 0, done.stderr
+    return _result(done.stdout)
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 8])
+def test_sigkilled_cli_run_resumes_to_the_same_json(uninterrupted, tmp_path, kill_after):
+    """Kill the run with SIGKILL once ``kill_after`` checkpoints exist (0: at start-up), then
+    resume with the same command plus --resume."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while kill_after and len(checkpoint.list_checkpoints(tmp_path)) < min(kill_after, 2) \
+            and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if kill_after > 2:  # let it run on a little past the second checkpoint
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _cli(*ARGS, "--checkpoint-dir", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _result(resumed.stdout) == uninterrupted
+
+
+def test_cli_checkpoint_misuse_is_a_one_line_error(tmp_path):
+    bad = _cli("train", "--rounds", "3", "--resume")
+    assert bad.returncode == 2 and "--resume needs --checkpoint-dir" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    ok = _cli("train", "--rounds", "3", "--no-progress", "--checkpoint-dir", str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    again = _cli("train", "--rounds", "3", "--no-progress", "--checkpoint-dir", str(tmp_path))
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    other = _cli("train", "--rounds", "3", "--no-progress", "--dim", "7", "--checkpoint-dir", str(tmp_path), "--resume")
+    assert other.returncode == 2 and "different configuration" in other.stderr
