@@ -20,15 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fedrecon_fast as ff  # noqa: E402
+from _machine import memory_mib  # noqa: E402
 from _problems import paper_problem  # noqa: E402
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    rss = memory_mib()["rss_mib"]
+    if rss is None:
+        raise RuntimeError("this benchmark needs /proc/self/status (Linux)")
+    return rss
 
 
 def _report(phase: str, samples: list, rounds: int, source: str) -> dict:
