@@ -23,6 +23,40 @@ def test_concurrent_calls_from_python_threads_match_serial_results():
     assert not np.array_equal(serial[0], serial[1])  # rounds differ, so the check is not vacuous
 
 
+def test_every_cohort_kernel_is_reentrant_across_python_threads():
+    """All cohort kernels at once from several Python threads (they share the process-wide
+    worker free list and thread pool) give exactly their serial results."""
+    data = ff.synthetic_ratings(num_users=300, num_items=200, seed=3).prepare(max_examples=300, shuffle_seed=3)
+    config = ff.preset("fast", dim=16, learn_user_default=True)
+    model = ff.GlobalModel.initialize(data.item_ids, config, global_mean=3.5)
+    common = dict(item_bias=model.item_bias, global_mean=model.global_mean, num_threads=2, **model.default_kwargs())
+    clients = np.arange(0, 300, 2)
+    ups = ff.client_updates(model.item_factors, data, clients, config.client, **common)
+    calls = {
+        "train_round": lambda r: ff.train_round(model.item_factors, data, clients, config.client, round=r,
+                                                bits=8, **common).delta,
+        "partial": lambda r: ff.kernels.train_round_partial(model.item_factors, data, clients, config.client,
+                                                            round=r, **common).values,
+        "updates": lambda r: ff.client_updates(model.item_factors, data, clients, config.client, round=r,
+                                               **common).values,
+        "reduce": lambda r: ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights * (r + 1),
+                                                      num_items=data.num_items, bias_values=ups.bias_values,
+                                                      num_threads=2)[0],
+        "reconstruct": lambda r: ff.reconstruct_users(model.item_factors, data, clients, config.client, round=r,
+                                                      **common)[0],
+        "evaluate": lambda r: ff.evaluate_users(model.item_factors, data, clients, config.client, round=r, k=10,
+                                                **common)["ndcg"],
+        "recommend": lambda r: ff.kernels.recommend_users(model.item_factors, data, clients, config.client,
+                                                          round=r, k=5, **common)[0],
+    }
+    jobs = [(name, r) for name in calls for r in range(3)]
+    serial = [calls[name](r) for name, r in jobs]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        concurrent = list(pool.map(lambda job: calls[job[0]](job[1]), jobs))
+    for (name, _), a, b in zip(jobs, serial, concurrent):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_kernels_work_in_a_forked_child_after_the_parent_used_threads():
     # The native thread pool must be rebuilt in a fork()ed child (its threads do not exist
     # there); a stale pool would hang. Run in a subprocess with a timeout.
