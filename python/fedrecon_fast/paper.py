@@ -40,12 +40,17 @@ LABELS = {
     "fedrecon": "FedRecon (ReconEval)",
 }
 
-# Validation-tuned settings, each row for its own evaluation (seed 0; grids in the README):
-# centralized SGD lr {0.02, 0.05, 0.1} x L2 {0, 5e-4, 2e-3}, epochs by validation ratings;
-# FedAvg client lr {0.05, 0.1, 0.2} (the paper's 0.5 diverges with joint training):
-# 0.1 is best on validation ratings (StandardEval), 0.2 on validation users (ReconEval).
+# Validation-tuned settings, each row for its own evaluation (grids and numbers in the README):
+# centralized SGD lr {0.02, 0.05, 0.1} x L2 {0, 5e-4, 2e-3}, epochs by validation ratings
+# (seed 0). Its ReconEval on validation users is .919/.912 (seeds 0/1) at 45 epochs, near the
+# best epoch of that curve; no recipe whose StandardEval is near the paper's reconstructs badly.
+# FedAvg keeps the recipe's fixed settings (no L2, server SGD lr 1.0, batch 5, 1 epoch <= 50
+# steps, 500 rounds) and tunes the client lr: 0.1 is best on validation ratings (StandardEval,
+# grid {0.05, 0.1, 0.2}). On validation users (ReconEval, grid {0.05, 0.1, 0.2, 0.25, 0.3,
+# 0.35, 0.4, 0.5}, seeds 0-4) the RMSE falls with the lr until training diverges: 0.2 .955,
+# 0.25 .950, 0.3 .943 (stable on seeds 0-9), 0.35 diverges on seed 0, >= 0.4 on every seed.
 CENTRALIZED = CentralizedConfig(dim=50, method="sgd", epochs=45, batch_size=32, lr=0.05, l2=0.0005)
-FEDAVG_CLIENT_LR = {"fedavg_standard": 0.1, "fedavg_recon": 0.2}
+FEDAVG_CLIENT_LR = {"fedavg_standard": 0.1, "fedavg_recon": 0.3}
 
 
 def _prepare(data: ClientData, seed: int) -> ClientData:
