@@ -7,6 +7,21 @@ import numbers
 import numpy as np
 
 
+def to_float32(arr: np.ndarray, name: str) -> np.ndarray:
+    """A real numeric ndarray as C-contiguous float32 (no copy when it already is one; 0-d stays
+    0-d). Finite values beyond the float32 range raise ValueError naming ``name`` instead of
+    silently becoming infinities (with a RuntimeWarning)."""
+    if arr.dtype == np.float32:
+        return np.asarray(arr, order="C")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(arr, dtype=np.float32, order="C")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and out.size:
+        overflow = np.isinf(out)
+        if overflow.any() and np.isfinite(np.asarray(arr)[overflow]).any():
+            raise ValueError(f"{name} has values beyond the float32 range (|x| > 3.4e38)")
+    return out
+
+
 def _as_float32(x, name: str, ndim: int, check_finite: bool) -> np.ndarray:
     """Convert a real array-like of `ndim` dimensions to C-contiguous float32 (one copy at most)."""
     arr = np.asarray(x)
@@ -14,7 +29,7 @@ def _as_float32(x, name: str, ndim: int, check_finite: bool) -> np.ndarray:
         raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = to_float32(arr, name)
     if check_finite and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr

@@ -35,8 +35,13 @@ _UINT64 = 2**64
 
 
 def derive_seed(seed: int, round: int, client: int, stream: int) -> int:
-    """The seed of one counter-based random stream (the native SplitMix64 hash)."""
-    return _core.derive_seed(seed % _UINT64, round % _UINT64, client % _UINT64, stream % _UINT64)
+    """The seed of one counter-based random stream (the native SplitMix64 hash).
+
+    Each argument is an integer, taken modulo 2**64 (so -1 is 2**64 - 1).
+    """
+    for value, name in ((seed, "seed"), (round, "round"), (client, "client"), (stream, "stream")):
+        check_int(value, name)
+    return _core.derive_seed(int(seed) % _UINT64, int(round) % _UINT64, int(client) % _UINT64, int(stream) % _UINT64)
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
         check_float(user_bias_default, "user_bias_default")
         native.user_bias_default = float(user_bias_default)
     return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
-            native, seed % _UINT64, round % _UINT64, num_threads)
+            native, int(seed) % _UINT64, int(round) % _UINT64, num_threads)
 
 
 def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
