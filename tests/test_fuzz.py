@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
@@ -102,14 +102,19 @@ def fuzz(weight: float = 1.0, /, **strategies):
         logged.__name__ = name
         inner = given(**strategies)(logged)
 
-        def test():
-            _settings(name)(inner)()
+        fixtures = [p for p in inspect.signature(fn).parameters.values() if p.name not in strategies]
+
+        def test(**kwargs):  # the parameters without a strategy are pytest fixtures
+            _settings(name)(inner)(**kwargs)
+
+        test.__signature__ = inspect.Signature(fixtures)
 
         test.__name__ = name
         test.__qualname__ = name
         test.__doc__ = fn.__doc__
         test.__module__ = fn.__module__
         test.__wrapped_fuzz__ = fn
+        test.is_hypothesis_test = True  # for the pytest plugin (--hypothesis-show-statistics)
         return test
 
     return decorate
@@ -167,6 +172,7 @@ def contract(*names, allowed=ALLOWED, memory_ok: bool = False):
     try:
         yield outcome
         outcome.ok = True
+        event("accepted")
     except MemoryError as e:
         if not memory_ok:
             raise AssertionError(f"MemoryError on a request that is not huge: {e}") from e
@@ -178,11 +184,22 @@ def contract(*names, allowed=ALLOWED, memory_ok: bool = False):
         assert any(n.lower() in lowered for n in names), \
             f"{type(e).__name__} message names none of {names}: {msg!r}"
         outcome.error = e
+        event(f"rejected: {type(e).__name__}: {re.sub(r'[0-9]+', 'N', msg)[:60]}")
 
 
 # --------------------------------------------------------------------------------------------
 # Strategies
 # --------------------------------------------------------------------------------------------
+
+def _chance(draw, p: float) -> bool:
+    """True with probability p; hypothesis' simplest choice (0) gives False, the valid branch."""
+    return p > 0 and draw(st.integers(0, 999)) >= 1000 - round(1000 * p)
+
+
+def mostly(good, bad, p_bad: float = 0.08):
+    """``good`` values, and with probability ``p_bad`` a ``bad`` one."""
+    return st.integers(0, 999).flatmap(lambda k: bad if k >= 1000 - round(1000 * p_bad) else good)
+
 
 FLOAT_DTYPES = [np.float32, np.float64, np.float16]
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64]
@@ -234,7 +251,7 @@ def arrays(draw, shape=None, *, dtypes=None, odd: float = 0.1, max_dims: int = 3
         shape = draw(hnp.array_shapes(min_dims=0, max_dims=max_dims, min_side=0, max_side=max_side))
     if dtypes is None:
         dtypes = FLOAT_DTYPES + INT_DTYPES
-    if odd and draw(st.floats(0, 1)) < odd:
+    if odd and _chance(draw, odd):
         dtype = draw(st.sampled_from(ODD_DTYPES))
     else:
         dtype = draw(st.sampled_from(dtypes))
@@ -242,7 +259,7 @@ def arrays(draw, shape=None, *, dtypes=None, odd: float = 0.1, max_dims: int = 3
     if dt.kind == "f":
         width = 8 * dt.itemsize
         arr = draw(hnp.arrays(dt, shape, elements=st.floats(-100, 100, width=width)))
-        if arr.size and draw(st.floats(0, 1)) < special:
+        if arr.size and _chance(draw, special):
             flat = arr.reshape(-1)
             i = draw(st.integers(0, arr.size - 1))
             special_value = draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38, -3e38] +
@@ -256,18 +273,21 @@ def arrays(draw, shape=None, *, dtypes=None, odd: float = 0.1, max_dims: int = 3
 
 def ints(lo=-3, hi=2**64 + 3):
     """An integer argument: mostly small, sometimes huge or negative, sometimes not an int."""
-    return st.one_of(st.integers(max(lo, 0), 5), st.integers(lo, hi),
-                     st.sampled_from([np.int64(3), np.uint64(2**64 - 1), np.int32(-1), np.uint8(7)]),
-                     st.sampled_from([None, 1.5, "3", True, float("nan")]))
+    return mostly(st.integers(max(lo, 0), 5),
+                  st.one_of(st.integers(lo, hi),
+                            st.sampled_from([np.int64(3), np.uint64(2**64 - 1), np.int32(-1), np.uint8(7)]),
+                            st.sampled_from([None, 1.5, "3", True, float("nan")])), 0.15)
 
 
 seeds = ints(-2, 2**70)
-threads = st.one_of(st.integers(0, 3), st.sampled_from([-1, 2**31, 1.0, None, np.int64(2)]))
-bits_args = st.one_of(st.integers(-2, 18), st.sampled_from([None, True, 8.0, "8", np.int16(4)]))
-scalings = st.sampled_from(["tensor", "row", "Row", "", None, 1])
-bools = st.sampled_from([False, True, False, True, np.bool_(True), 0, 1, "yes", None])
-reals = st.one_of(st.floats(-2, 5), st.floats(allow_nan=True, allow_infinity=True),
-                  st.sampled_from([0, 1, -1, 0.0, 1e-300, 1e300, None, "1", True, np.float32(0.5)]))
+threads = mostly(st.integers(0, 3), st.sampled_from([-1, 2**31, 1.0, None, np.int64(2)]))
+bits_args = mostly(st.integers(1, 16), st.one_of(st.integers(-2, 18),
+                                                 st.sampled_from([None, True, 8.0, "8", np.int16(4)])))
+scalings = mostly(st.sampled_from(["tensor", "row"]), st.sampled_from(["Row", "", None, 1]))
+bools = mostly(st.booleans(), st.sampled_from([np.bool_(True), 0, 1, "yes", None]))
+reals = mostly(st.floats(0, 5), st.one_of(st.floats(-2, 5), st.floats(allow_nan=True, allow_infinity=True),
+                                          st.sampled_from([0, 1, -1, 1e-300, 1e300, None, "1", True,
+                                                           np.float32(0.5)])), 0.15)
 
 
 def _same(a, b) -> bool:
@@ -546,7 +566,7 @@ def accumulate_cases(draw):
             arrays_.append((rows, x))
         else:
             bufs.append(compression.encode(x, b, client=k))
-    if bufs and draw(st.floats(0, 1)) < 0.2:  # a foreign buffer in the batch
+    if bufs and _chance(draw, 0.2):  # a foreign buffer in the batch
         other = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
         bufs[draw(st.integers(0, len(bufs) - 1))] = compression.encode(np.zeros(other, np.float32), 8)
     weights = draw(st.one_of(
@@ -554,7 +574,7 @@ def accumulate_cases(draw):
         hnp.arrays(np.float64, (len(bufs),), elements=st.floats(allow_nan=True, allow_infinity=True)),
         st.sampled_from([None, 1.0, [1.0] * (len(bufs) + 1), "w", np.ones((len(bufs), 1))])))
     out_shape = (7, shape[1]) if sparse else shape
-    if draw(st.floats(0, 1)) < 0.25:
+    if _chance(draw, 0.25):
         out_shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7))
     out = draw(st.sampled_from(["f64", "f64", "f64", "f32", "list", "fortran", "readonly"]))
     arr = np.zeros(out_shape, dtype=np.float32 if out == "f32" else np.float64)
@@ -666,9 +686,9 @@ def dense_batches(draw):
     stack = draw(arrays(shape=(n,) + shape, odd=0.05))
     if draw(st.booleans()):
         updates = list(stack)
-        if updates and draw(st.floats(0, 1)) < 0.15:
+        if updates and _chance(draw, 0.15):
             updates[draw(st.integers(0, len(updates) - 1))] = draw(arrays(max_dims=3, max_side=5))
-        if draw(st.floats(0, 1)) < 0.1:
+        if _chance(draw, 0.1):
             updates = tuple(updates) if draw(st.booleans()) else iter(updates)
     else:
         updates = stack
@@ -771,7 +791,7 @@ def test_fuzz_weighted_mean_sparse(batch, data, dtype, num_threads):
     expected, _ = _sparse_reference(rows, values, offsets, w, num_rows)
     assert result.shape == (num_rows,) + row_shape
     scale = 1 + np.abs(np.asarray(values, dtype=np.float64)).max(initial=0)
-    assert np.allclose(result.reshape(num_rows, -1), expected / w.sum(), rtol=1e-5, atol=1e-6 * scale)
+    assert np.allclose(result.reshape(expected.shape), expected / w.sum(), rtol=1e-5, atol=1e-6 * scale)
 
 
 @st.composite
@@ -901,3 +921,706 @@ def test_fuzz_privacy_helpers(x, clip, shape, std, seed, counts, cap):
         w = privacy.capped_weights(counts, cap)
     if c.ok:
         assert ((w >= 0) & (w <= 1)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# cohort kernels
+# --------------------------------------------------------------------------------------------
+
+_KERNEL_NAMES = ("item_factors", "item_bias", "global_mean", "data", "indptr", "items", "ratings", "clients",
+                 "client", "config", "seed", "round", "num_threads", "check_finite", "users", "user_bias",
+                 "user_default", "user_bias_default", "bits", "scaling", "hadamard", "sparse", "threshold",
+                 "clip", "k", "relevance_threshold", "exclude_seen", "item id", "num_items", "rows",
+                 "values", "offsets", "weights", "dense update")
+
+
+@st.composite
+def client_datas(draw, max_clients: int = 7, max_items: int = 9):
+    """A valid ClientData: empty clients, one-rating clients, sometimes one large client."""
+    n = draw(st.integers(0, max_clients))
+    sizes = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 8, 13]), min_size=n, max_size=n))
+    if n and _chance(draw, 0.15):
+        sizes[draw(st.integers(0, n - 1))] = draw(st.integers(100, 1500))  # a huge client
+    num_items = draw(st.integers(1, max_items))
+    nnz = sum(sizes)
+    items = np.asarray(draw(st.lists(st.integers(0, num_items - 1), min_size=nnz, max_size=nnz))
+                       if nnz < 60 else np.random.default_rng(nnz).integers(0, num_items, nnz), dtype=np.int64)
+    ratings = np.asarray(draw(st.lists(st.sampled_from([1.0, 2.0, 3.0, 4.0, 5.0, 0.5, -3.0, 100.0]),
+                                       min_size=min(nnz, 60), max_size=min(nnz, 60))), dtype=np.float64)
+    if nnz > 60:
+        ratings = np.random.default_rng(nnz + 1).uniform(1, 5, nnz)
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return ff.ClientData(indptr, items, ratings, item_ids=np.arange(num_items) * 10 + 3)
+
+
+def client_configs():
+    return st.builds(
+        ff.ClientConfig,
+        batch_size=st.sampled_from([1, 2, 5, 64]), split=st.sampled_from(["batches", "random", "reuse"]),
+        support_fraction=st.sampled_from([0.0, 0.5, 1.0]), reshuffle=st.booleans(),
+        recon=st.sampled_from(["sgd", "exact"]), init=st.sampled_from(["uniform", "zeros"]),
+        init_scale=st.sampled_from([0.0, 0.05, 1.0]), recon_epochs=st.integers(0, 3),
+        recon_steps_max=st.sampled_from([None, 1, 3]), recon_lr=st.sampled_from([0.0, 0.1, 1e3]),
+        recon_l2=st.sampled_from([0.0, 0.5]), ridge=st.sampled_from([1e-30, 1.0, 1e30]),
+        update_epochs=st.integers(0, 2), update_steps_max=st.sampled_from([None, 1, 2]),
+        client_lr=st.sampled_from([0.0, 0.5, 1e6]), update_l2=st.sampled_from([0.0, 0.1]),
+        joint=st.booleans(), weighting=st.sampled_from(["examples", "uniform"]))
+
+
+@st.composite
+def item_factor_matrices(draw, num_items: int):
+    kind = "good" if not _chance(draw, 0.3) else draw(
+        st.sampled_from(["more-rows", "more-rows", "fewer-rows", "1d", "no-cols", "nan", "nan", "odd"]))
+    dim = draw(st.integers(1, 4))
+    rows = {"more-rows": num_items + 2, "fewer-rows": max(num_items - 1, 0)}.get(kind, num_items)
+    if kind == "1d":
+        return draw(arrays(shape=(rows,), dtypes=[np.float32], odd=0, special=0))
+    if kind == "no-cols":
+        return np.zeros((rows, 0), np.float32)
+    if kind == "odd":
+        return draw(arrays(max_dims=3, max_side=5))
+    V = draw(arrays(shape=(rows, dim), dtypes=[np.float32, np.float32, np.float64, np.int8], odd=0,
+                    special=1.0 if kind == "nan" else 0))
+    return V
+
+
+@st.composite
+def cohort_args(draw):
+    data = draw(client_datas())
+    V = draw(item_factor_matrices(data.num_items))
+    dim = V.shape[1] if np.ndim(V) == 2 else 1
+    rows = V.shape[0] if np.ndim(V) >= 1 else 0
+    valid = st.lists(st.integers(0, data.num_clients - 1), max_size=6) if data.num_clients else st.just([])
+    clients = draw(mostly(st.one_of(st.none(), valid), st.one_of(
+        st.lists(st.integers(-3, data.num_clients + 3), max_size=4),
+        st.sampled_from([[2**63 - 1], [0.0], np.array([[0]]), "0", [True], np.array([], np.float64)]),
+        hnp.arrays(st.sampled_from([np.int32, np.uint64, np.int8]), st.integers(0, 3),
+                   elements=st.integers(0, max(data.num_clients - 1, 0)))), 0.15))
+    m = data.num_clients if clients is None else (len(clients) if isinstance(clients, (list, np.ndarray)) else 1)
+    biased = draw(st.booleans())
+    item_bias = draw(arrays(shape=(rows,), dtypes=FLOAT_DTYPES + [np.int16], odd=0.05, special=0.1)) \
+        if biased else None
+    if biased and _chance(draw, 0.1):
+        item_bias = draw(arrays(max_dims=2, max_side=5))
+    kw = dict(
+        config=draw(mostly(st.one_of(client_configs(), st.none()), st.sampled_from([{}, "paper", ff.preset("paper")]),
+                           0.05)),
+        item_bias=item_bias, global_mean=draw(reals), seed=draw(seeds), round=draw(seeds),
+        num_threads=draw(threads), check_finite=draw(st.booleans()))
+    if _chance(draw, 0.2):
+        kw["user_default"] = draw(arrays(shape=(dim,), odd=0.05)) if not _chance(draw, 0.2) else draw(arrays())
+        kw["user_bias_default"] = draw(reals)
+    return data, V, clients, m, dim, kw
+
+
+@st.composite
+def codec_args(draw, m: int, dim: int, biased: bool):
+    kw = dict(bits=draw(st.one_of(st.none(), bits_args)), scaling=draw(scalings),
+              hadamard=draw(bools), sparse=draw(bools), threshold=draw(mostly(st.integers(0, 40), ints())),
+              clip=draw(st.one_of(st.none(), reals)))
+    if _chance(draw, 0.2):
+        kw["users"] = draw(arrays(shape=(m, dim), odd=0.05)) if not _chance(draw, 0.2) else draw(arrays())
+        if biased or _chance(draw, 0.2):
+            kw["user_bias"] = draw(arrays(shape=(m,), odd=0.05))
+    return kw
+
+
+def _expect_stats(stats: dict, m: int):
+    assert set(stats) >= {"weight", "loss_sum", "num_examples", "num_correct", "rows", "status"}
+    for v in stats.values():
+        assert v.shape == (m,)
+    assert (stats["weight"] >= 0).all() and np.isfinite(stats["weight"]).all()
+
+
+@isolated
+@fuzz(4, args=cohort_args(), data=st.data(), kind=st.sampled_from(["train_round", "train_round_partial",
+                                                                    "client_updates"]))
+def test_fuzz_update_kernels(args, data, kind):
+    """train_round / train_round_partial / client_updates: well-formed results, finite aggregates,
+    independent of the thread count, or a named error."""
+    cd, V, clients, m, dim, kw = args
+    kw.update(data.draw(codec_args(m, dim, kw["item_bias"] is not None)))
+    fn = getattr(kernels, kind)
+    with contract(*_KERNEL_NAMES) as c:
+        res = fn(V, cd, clients, **kw)
+    if not c.ok:
+        return
+    num_items = np.shape(V)[0]
+    m = len(res.client_stats["weight"])
+    _expect_stats(res.client_stats, m)
+    v_finite = np.isfinite(np.asarray(V, dtype=np.float64)).all()
+    if kind == "train_round":
+        assert res.delta.shape == (num_items, dim) and res.delta.dtype == np.float32
+        if v_finite and (kw["item_bias"] is None or np.isfinite(kw["item_bias"]).all()):
+            assert np.isfinite(res.delta).all(), "a non-finite client leaked into the aggregate"
+        assert (res.delta_bias is None) == (kw["item_bias"] is None)
+        again = fn(V, cd, clients, **dict(kw, num_threads=1 if kw["num_threads"] != 1 else 2))
+        assert np.array_equal(res.delta, again.delta, equal_nan=True), "result depends on num_threads"
+    elif kind == "client_updates":
+        assert res.offsets.shape == (m + 1,) and res.offsets[0] == 0 and res.offsets[-1] == len(res.rows)
+        assert res.values.shape == (len(res.rows), dim)
+        assert len(res.rows) == 0 or (res.rows.min() >= 0 and res.rows.max() < num_items)
+        if len(res.rows) and kw.get("clip") is None and kw.get("bits") is None and kw["sparse"] is True:
+            # The unfused path reduces to the fused round exactly.
+            delta, _, total = kernels.reduce_updates(res.rows, res.values, res.offsets, res.weights,
+                                                     num_items=num_items)
+            fused = kernels.train_round(V, cd, clients, **kw)
+            assert np.array_equal(delta, fused.delta)
+    else:
+        assert res.values.shape == (len(res.rows), dim) and res.values.dtype == np.float64
+
+
+@isolated
+@fuzz(4, args=cohort_args(), kind=st.sampled_from(["reconstruct_users", "evaluate_users", "infer_users",
+                                                   "recommend_users"]),
+      k=st.one_of(st.none(), st.integers(-1, 12), st.sampled_from([2**40, 1.5, "3", True])),
+      relevance=st.one_of(st.none(), reals), exclude_seen=bools)
+def test_fuzz_user_kernels(args, kind, k, relevance, exclude_seen):
+    """reconstruct / evaluate / infer / recommend: shapes, counts and ranges, or a named error."""
+    cd, V, clients, m, dim, kw = args
+    fn = getattr(kernels, kind)
+    extra = {}
+    if kind == "evaluate_users":
+        extra = dict(k=k, relevance_threshold=relevance)
+    elif kind == "recommend_users":
+        extra = dict(k=10 if k is None else k, exclude_seen=exclude_seen)
+        if isinstance(k, int) and k > 10**6:
+            return  # an (m, k) result of that size needs the memory it asks for: not a fuzz case
+    with contract(*_KERNEL_NAMES) as c:
+        res = fn(V, cd, clients, **kw, **extra)
+    if not c.ok:
+        return
+    ids = np.arange(cd.num_clients) if clients is None else np.asarray(clients).reshape(-1).astype(np.int64)
+    m = len(ids)
+    num_items = np.shape(V)[0]
+    if kind in ("reconstruct_users", "infer_users"):
+        users, ub = res
+        assert users.shape == (m, dim) and users.dtype == np.float32
+        assert (ub is None) == (kw["item_bias"] is None)
+    elif kind == "evaluate_users":
+        sizes = np.diff(cd.indptr)[ids]
+        assert res["num_examples"].shape == (m,) and (res["num_examples"] <= sizes).all()
+        assert (res["num_correct"] <= res["num_examples"]).all() and (res["sq_err_sum"] >= 0).all()
+        if k is not None:
+            assert (res["hits"] <= np.minimum(k, res["num_relevant"])).all()
+    else:
+        top, scores = res
+        assert top.shape == scores.shape == (m, extra["k"])
+        assert ((top == -1) | ((top >= 0) & (top < num_items))).all()
+        assert np.array_equal(top == -1, np.isnan(scores))
+        for row in top:
+            real = row[row >= 0]
+            assert len(set(real.tolist())) == len(real), "an item recommended twice"
+
+
+@st.composite
+def hostile_csr(draw):
+    """Duck-typed client data (the kernels accept any object with indptr/items/ratings) that
+    lies: wrong dtypes, decreasing indptr, items outside V, num_items that disagrees."""
+    n = draw(st.integers(0, 5))
+    nnz = draw(st.integers(0, 12))
+    indptr = np.sort(draw(hnp.arrays(np.int64, (n + 1,), elements=st.integers(0, nnz))))
+    if len(indptr):
+        indptr[0], indptr[-1] = 0, nnz
+    items = draw(hnp.arrays(np.int32, (nnz,), elements=st.integers(0, 5)))
+    ratings = draw(hnp.arrays(np.float32, (nnz,), elements=st.floats(0, 5, width=32)))
+    num_items = draw(st.sampled_from([6, 6, 6, 0, 3, 10**9, -1]))
+    for _ in range(draw(st.integers(0, 3))):
+        lie = draw(st.sampled_from(["indptr-down", "indptr-neg", "indptr-big", "item-big", "item-neg",
+                                    "dtype", "noncontig", "short", "nan-rating", "2d"]))
+        if lie == "indptr-down" and n >= 2:
+            indptr[1] = nnz + 5
+        elif lie == "indptr-neg" and n >= 2:
+            indptr[1] = -(10**12)
+        elif lie == "indptr-big" and n >= 1:
+            indptr[-1] = 2**62
+        elif lie == "item-big" and nnz:
+            items[draw(st.integers(0, nnz - 1))] = 2**31 - 1
+        elif lie == "item-neg" and nnz:
+            items[draw(st.integers(0, nnz - 1))] = -7
+        elif lie == "dtype":
+            items = items.astype(np.int64)
+        elif lie == "noncontig":
+            ratings = np.repeat(ratings, 2)[::2]
+        elif lie == "short" and nnz:
+            ratings = ratings[:-1]
+        elif lie == "nan-rating" and nnz:
+            ratings = ratings.copy()
+            ratings[0] = np.nan
+        elif lie == "2d":
+            indptr = indptr[None, :]
+    return SimpleNamespace(indptr=indptr, items=items, ratings=ratings, num_items=num_items,
+                           num_clients=max(np.shape(indptr)[-1] - 1, 0))
+
+
+@isolated
+@fuzz(3, data=hostile_csr(), dim=st.integers(1, 3),
+      kind=st.sampled_from(["train_round", "client_updates", "evaluate_users", "recommend_users",
+                            "infer_users", "reconstruct_users", "train_round_partial"]),
+      clients=st.one_of(st.none(), st.lists(st.integers(-1, 6), max_size=4)))
+def test_fuzz_kernels_reject_inconsistent_csr(data, dim, kind, clients):
+    """The kernels validate the CSR they are given: never a crash or an out-of-bounds read."""
+    V = np.full((6, dim), 0.1, np.float32)
+    extra = {"k": 3} if kind == "recommend_users" else {}
+    with contract(*_KERNEL_NAMES):
+        getattr(kernels, kind)(V, data, clients, ff.ClientConfig(batch_size=2), **extra)
+
+
+@fuzz(2, rows=arrays(dtypes=INT_DTYPES + [np.float64], max_dims=2, max_side=6, odd=0.05),
+      values=arrays(max_dims=3, max_side=5, odd=0.05), offsets=st.one_of(
+          hnp.arrays(np.int64, st.integers(0, 5), elements=st.integers(-1, 7)),
+          arrays(max_dims=2, max_side=4)),
+      weights=st.one_of(arrays(max_dims=1, max_side=5), st.none()),
+      num_items=st.one_of(st.integers(-1, 8), st.sampled_from([2**31, 2**40, 1.5, None])),
+      bias=st.one_of(st.none(), arrays(max_dims=1, max_side=6)))
+def test_fuzz_reduce_updates(rows, values, offsets, weights, num_items, bias):
+    """reduce_updates: the weighted mean of sparse updates (scatter-add reference), or a named error."""
+    with contract(*_KERNEL_NAMES, memory_ok=isinstance(num_items, int) and num_items >= 2**31) as c:
+        delta, delta_bias, total = kernels.reduce_updates(rows, values, offsets, weights, num_items=num_items,
+                                                          bias_values=bias)
+    if not c.ok:
+        return
+    w = np.asarray(weights, dtype=np.float64)
+    off = np.asarray(offsets, dtype=np.int64)
+    ref = np.zeros((num_items, np.shape(values)[1]))
+    for i in range(len(off) - 1):
+        np.add.at(ref, np.asarray(rows, dtype=np.int64)[off[i]:off[i + 1]],
+                  w[i] * _float32_or_none(values)[off[i]:off[i + 1]].astype(np.float64))
+    assert math.isclose(total, w.sum(), rel_tol=1e-12)
+    if total > 0:
+        assert np.allclose(delta, ref / total, rtol=1e-5, atol=1e-6)
+    assert (delta_bias is None) == (bias is None)
+
+
+# --------------------------------------------------------------------------------------------
+# data: ClientData and its constructors, splits
+# --------------------------------------------------------------------------------------------
+
+_DATA_NAMES = ("indptr", "items", "ratings", "timestamps", "user_ids", "item_ids", "users", "clients",
+               "max_examples", "min_examples", "shuffle_seed", "fractions", "num_clients", "seed", "data",
+               "column", "df", "matrix", "user_col", "item_col", "rating_col", "timestamp_col")
+
+
+@st.composite
+def id_arrays(draw, n: int, *, lo=0, hi=20):
+    dtypes = [np.int64] + ([np.int32] if -2**31 <= lo and hi < 2**31 else []) + \
+        ([np.uint16] if 0 <= lo and hi < 2**16 else [])
+    good = hnp.arrays(st.sampled_from(dtypes), (n,), elements=st.integers(lo, hi))
+    return draw(mostly(good, st.one_of(arrays(shape=(n,), odd=0.3), arrays(max_dims=2, max_side=5),
+                                       st.sampled_from([[1.5] * n, ["a"] * n, None, 3]),
+                                       hnp.arrays(np.int64, (n,), elements=st.integers(-2**63, 2**63 - 1))),
+                       0.15))
+
+
+@fuzz(2, data=st.data(), n=st.integers(0, 8))
+def test_fuzz_client_data_constructor(data, n):
+    """ClientData(...) validates every field: an invariant-respecting object or a named error."""
+    sizes = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    nnz = int(indptr[-1])
+    indptr = data.draw(mostly(st.just(indptr), st.one_of(id_arrays(n + 1, lo=-2, hi=nnz + 2),
+                                                         st.just(indptr[::-1].copy()), st.just(indptr[:0]))))
+    kw = dict(items=data.draw(id_arrays(nnz, hi=6)),
+              ratings=data.draw(mostly(hnp.arrays(np.float64, (nnz,), elements=st.floats(0, 5)),
+                                       arrays(shape=(nnz,), odd=0.3, special=0.5))),
+              timestamps=data.draw(st.one_of(st.none(), id_arrays(nnz, hi=2**40),
+                                             hnp.arrays("M8[s]", (nnz,), elements=st.integers(0, 2**40).map(
+                                                 lambda s: np.datetime64(s, "s"))))),
+              user_ids=data.draw(st.one_of(st.none(), id_arrays(n, hi=10))),
+              item_ids=data.draw(st.one_of(st.none(), id_arrays(7, hi=30), id_arrays(3, hi=30))))
+    with contract(*_DATA_NAMES) as c:
+        cd = ff.ClientData(indptr, **kw)
+    if not c.ok:
+        return
+    assert cd.indptr.dtype == np.int64 and cd.items.dtype == np.int32 and cd.ratings.dtype == np.float32
+    assert cd.num_clients == len(cd.indptr) - 1 and cd.nnz == len(cd.items) == len(cd.ratings)
+    assert (np.diff(cd.indptr) >= 0).all() and np.isfinite(cd.ratings).all()
+    assert cd.nnz == 0 or (cd.items.min() >= 0 and cd.items.max() < cd.num_items)
+    assert len(np.unique(cd.user_ids)) == cd.num_clients and len(np.unique(cd.item_ids)) == cd.num_items
+    with pytest.raises(ValueError):
+        cd.ratings[:1] = 0  # read-only, even when empty ("assignment destination is read-only")
+        if cd.nnz == 0:
+            raise ValueError("empty")
+
+
+@fuzz(2, data=st.data(), n=st.integers(0, 30), with_ts=st.booleans())
+def test_fuzz_from_coo_and_prepare(data, n, with_ts):
+    """from_coo groups every rating under its user; prepare/subset/splits keep the invariants."""
+    users = data.draw(id_arrays(n, lo=-5, hi=6))
+    items = data.draw(id_arrays(n, lo=-5, hi=9))
+    ratings = data.draw(mostly(hnp.arrays(np.float32, (n,), elements=st.floats(-5, 5, width=32)),
+                               arrays(shape=(n,), odd=0.3, special=0.5)))
+    ts = data.draw(id_arrays(n, lo=0, hi=50)) if with_ts else None
+    with contract(*_DATA_NAMES) as c:
+        cd = ff.ClientData.from_coo(users, items, ratings, ts)
+    if not c.ok:
+        return
+    # Every (user, item, rating) triple is kept, under the right user.
+    u, i, r = cd.to_coo()
+    got = sorted(zip(cd.user_ids[u].tolist(), cd.item_ids[i].tolist(), r.tolist()))
+    want = sorted(zip(np.asarray(users).astype(np.int64).tolist(), np.asarray(items).astype(np.int64).tolist(),
+                      np.asarray(ratings, dtype=np.float32).tolist()))
+    assert got == want
+    kw = dict(max_examples=data.draw(st.one_of(st.none(), ints(-1, 10))),
+              min_examples=data.draw(mostly(st.integers(0, 4), ints(-1, 10))),
+              shuffle_seed=data.draw(st.one_of(st.none(), seeds)))
+    with contract(*_DATA_NAMES) as c:
+        prepared = cd.prepare(**kw)
+    if c.ok:
+        sizes = prepared.sizes
+        if kw["max_examples"] is not None:
+            assert (sizes <= kw["max_examples"]).all()
+        assert (sizes >= kw["min_examples"]).all()
+    fractions = data.draw(mostly(st.just((0.8, 0.1, 0.1)), st.one_of(
+        st.tuples(reals, reals, reals), st.sampled_from([(1.0,), (0.5, 0.5, 0.0, 0.0), "abc", None, (1, 0, 0)]))))
+    with contract(*_DATA_NAMES) as c:
+        parts = ff.split_users(cd.num_clients, fractions, seed=data.draw(seeds))
+    if c.ok:
+        assert sorted(np.concatenate(parts).tolist()) == list(range(cd.num_clients))
+    with contract(*_DATA_NAMES) as c:
+        parts = ff.split_by_time(cd, fractions)
+    if c.ok:
+        assert sum(p.nnz for p in parts) == cd.nnz
+    chosen = data.draw(mostly(st.lists(st.integers(0, max(cd.num_clients - 1, 0)), max_size=4, unique=True)
+                              if cd.num_clients else st.just([]),
+                              st.one_of(st.lists(st.integers(-2, cd.num_clients + 2), max_size=4),
+                                        arrays(max_dims=1, max_side=5, odd=0.3))))
+    with contract(*_DATA_NAMES) as c:
+        sub = cd.subset(chosen)
+    if c.ok and not (isinstance(chosen, np.ndarray) and chosen.dtype == bool):
+        assert sub.num_clients == len(chosen)
+
+
+_DF_COLUMNS = {
+    "int": lambda n, d: d.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, 5))),
+    "float-int": lambda n, d: d.draw(hnp.arrays(np.float64, (n,), elements=st.integers(0, 5).map(float))),
+    "float": lambda n, d: d.draw(hnp.arrays(np.float64, (n,), elements=st.floats(0, 5) | st.just(np.nan))),
+    "str": lambda n, d: [str(x) for x in range(n)],
+    "nullable": lambda n, d: "nullable",
+    "datetime": lambda n, d: d.draw(hnp.arrays("M8[ns]", (n,), elements=st.integers(0, 2**50).map(
+        lambda s: np.datetime64(s, "ns")))),
+    "tz": lambda n, d: "tz",
+    "bool": lambda n, d: d.draw(hnp.arrays(np.bool_, (n,))),
+    "object-mixed": lambda n, d: [1, "a", None, 2.5, b"x"][:n] + [1] * max(0, n - 5),
+}
+
+
+@fuzz(1, data=st.data(), n=st.integers(0, 8))
+def test_fuzz_from_dataframe(data, n):
+    """from_dataframe on columns of any dtype (nullable, datetime, tz-aware, strings, NaN)."""
+    pd = pytest.importorskip("pandas")
+    cols = {}
+    for name, default in (("user_id", "int"), ("item_id", "int"), ("rating", "float"), ("timestamp", "int")):
+        kind = data.draw(mostly(st.just(default), st.sampled_from(sorted(_DF_COLUMNS)), 0.3))
+        value = _DF_COLUMNS[kind](n, data)
+        if isinstance(value, str) and value == "nullable":
+            value = pd.array(data.draw(st.lists(st.one_of(st.integers(0, 5), st.none()), min_size=n, max_size=n)),
+                             dtype="Int64")
+        elif isinstance(value, str) and value == "tz":
+            value = pd.date_range("2000-01-01", periods=n, freq="h", tz="Europe/Paris")
+        cols[name] = value
+    if data.draw(st.booleans()) and n:
+        del cols[data.draw(st.sampled_from(sorted(cols)))]
+    df = pd.DataFrame(cols)
+    with contract(*_DATA_NAMES, "user_id", "item_id", "rating", "timestamp", "not found") as c:
+        cd = ff.ClientData.from_dataframe(df)
+    if c.ok:
+        assert cd.nnz == len(df)
+
+
+@fuzz(1, data=st.data(), shape=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+      fmt=st.sampled_from(["csr", "csc", "coo", "lil", "dok", "bsr"]),
+      dtype=st.sampled_from([np.float64, np.float32, np.int8, np.bool_, np.complex64, np.uint64]))
+def test_fuzz_from_scipy(data, shape, fmt, dtype):
+    """from_scipy on every sparse format and dtype, with NaN/inf and explicit zeros."""
+    sp = pytest.importorskip("scipy.sparse")
+    dense = data.draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([0.0, 0.0, 1.0, 4.5, -2.0]) |
+                                 st.sampled_from([np.nan, np.inf]) if _chance(data.draw, 0.2) else
+                                 st.sampled_from([0.0, 0.0, 1.0, 4.5, -2.0])))
+    with np.errstate(invalid="ignore"):
+        m = sp.coo_matrix(dense.astype(dtype) if dtype != np.bool_ else dense != 0).asformat(fmt)
+    with contract(*_DATA_NAMES) as c:
+        cd = ff.ClientData.from_scipy(m)
+    if c.ok:
+        assert cd.num_clients == shape[0] and cd.num_items == shape[1]
+        assert cd.nnz == int(np.count_nonzero(m.toarray()))
+
+
+# --------------------------------------------------------------------------------------------
+# MovieLens loaders and the CLI
+# --------------------------------------------------------------------------------------------
+
+_RATING_RE = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_UINT_RE = re.compile(rb"\d{1,18}")
+_FORMATS = {"u.data": b"\t", "ratings.dat": b"::", "ratings.csv": b","}
+
+
+def reference_parse(name: str, raw: bytes):
+    """The documented loader rules, line by line: ``(users, items, ratings, timestamps)`` or
+    ``(None, line number or None)`` for a file that must be rejected."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if name in _FORMATS:
+        delim = _FORMATS[name]
+    else:
+        first = raw.split(b"\n", 1)[0]
+        delim = next((d for d in (b"::", b"\t", b",") if d in first), None)
+        if delim is None:
+            return None, None
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    start = 0
+    if delim == b"," and lines:
+        head = lines[0].lstrip()
+        if head and not head[:1].isdigit():
+            names = [f.strip().lower() for f in lines[0].strip().decode("utf-8", "replace").split(",")]
+            if names != ["userid", "movieid", "rating", "timestamp"]:
+                return None, 1
+            start = 1
+    cols = ([], [], [], [])
+    for number, line in enumerate(lines[start:], start=start + 1):
+        line = line[:-1] if line.endswith(b"\r") else line
+        if not line:
+            continue
+        fields = line.split(delim)
+        if len(fields) != 4:
+            return None, number
+        u, i, r, t = fields
+        if not all(_UINT_RE.fullmatch(f) for f in (u, i, t)):
+            return None, number
+        if len(r) > 32 or not _RATING_RE.fullmatch(r) or not math.isfinite(float(r)):
+            return None, number
+        for col, value in zip(cols, (int(u), int(i), float(r), int(t))):
+            col.append(value)
+    return cols, None
+
+
+_JUNK = [b"", b" ", b"x", b"nan", b"NaN", b"inf", b"-inf", b"-1", b"1e400", b"3.5.1", b"\x00", b"\xff\xfe",
+         b"99999999999999999999", b"0x10", b"+1", b".5", b"5.", b"1e3", b"\xe2\x82\xac", b"\t", b"::", b","]
+
+
+@st.composite
+def ratings_files(draw, p: float = 1.0, max_lines: int = 12, users: int = 6):
+    """A MovieLens-like ratings file: mostly well-formed lines, with corruptions (their rates
+    scaled by ``p``)."""
+    name = draw(st.sampled_from(["u.data", "ratings.dat", "ratings.csv", "ratings.csv", "other.txt", "r.tsv"]))
+    delim = _FORMATS.get(name) or draw(st.sampled_from([b"::", b"\t", b","]))
+    lines = []
+    if delim == b"," and draw(st.booleans()):
+        lines.append(draw(mostly(st.just(b"userId,movieId,rating,timestamp"),
+                                 st.sampled_from([b"user,item,rating,ts", b"userId,movieId,rating", b"  UserId , MOVIEID,rating,timestamp "]),
+                                 0.3)))
+    for _ in range(draw(st.integers(0, max_lines))):
+        fields = [str(draw(st.integers(1, users))).encode(), str(draw(st.integers(1, 9))).encode(),
+                  draw(st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"3.5", b"0.5"])),
+                  str(draw(st.integers(0, 2**31))).encode()]
+        if _chance(draw, 0.12 * p):
+            fields[draw(st.integers(0, 3))] = draw(st.sampled_from(_JUNK))
+        if _chance(draw, 0.05 * p):
+            fields = fields[:draw(st.integers(0, 3))]
+        if _chance(draw, 0.05 * p):
+            fields.append(b"7")
+        line = delim.join(fields)
+        if _chance(draw, 0.05 * p):
+            line = draw(st.binary(max_size=12))
+        if _chance(draw, 0.05):
+            line = b""
+        lines.append(line)
+    eol = draw(mostly(st.just(b"\n"), st.just(b"\r\n"), 0.2))
+    raw = eol.join(lines) + (eol if lines and draw(st.booleans()) else b"")
+    if _chance(draw, 0.1):
+        raw = b"\xef\xbb\xbf" + raw
+    if raw and _chance(draw, 0.1 * p):
+        raw = raw[:draw(st.integers(0, len(raw)))]
+    if _chance(draw, 0.03 * p):
+        raw = draw(st.binary(max_size=80))
+    return name, raw
+
+
+def _load(path):
+    try:
+        return load_movielens(path), None
+    except (ValueError, OSError) as e:
+        return None, e
+
+
+@fuzz(3, case=ratings_files())
+def test_fuzz_load_movielens(case):
+    """The loader agrees with the documented rules: the same ratings, or ValueError at the same line."""
+    name, raw = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(raw)
+        data, error = _load(path)
+        expected, line = reference_parse(name, raw)
+        if expected is None:
+            assert error is not None, f"the loader accepted a file the rules reject (line {line})"
+            assert isinstance(error, ValueError) and str(path) in str(error), error
+            if line is not None:
+                assert f"line {line}" in str(error), (line, str(error))
+            assert "\n" not in str(error)
+            return
+        assert error is None, f"the loader rejected a valid file: {error}"
+        ref = ff.ClientData.from_coo(*[np.asarray(c, dtype=np.float64 if k == 2 else np.int64)
+                                       for k, c in enumerate(expected)])
+        for field in ("indptr", "items", "ratings", "timestamps", "user_ids", "item_ids"):
+            assert np.array_equal(getattr(data, field), getattr(ref, field)), field
+        # The folder form finds the same file.
+        if name in _FORMATS:
+            again, _ = _load(Path(tmp))
+            assert again is not None and np.array_equal(again.ratings, data.ratings)
+
+
+def _run_cli(argv):
+    """main(argv) in-process: (exit status, stdout, stderr). argparse errors exit via SystemExit."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    detail = re.sub(r"[0-9]+", "N", re.sub(r"'[^']*'|/\S+", "X", err.getvalue().strip()))[:70]
+    event(f"exit {code}: {detail}" if code else "exit 0")
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_line_error(code, err, *, where=None):
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err and "error" in lines[0]
+    if where is not None:
+        assert where in lines[0], (where, lines[0])
+
+
+_BAD_TRAIN_OPTIONS = {("--dim", "0"), ("--rounds", "-1"), ("--clients-per-round", "x"), ("--quantize-bits", "17"),
+                      ("--dp-clip", "-1"), ("--dp-clip", "nan"), ("--dp-noise", "1"), ("--preset", "nope"),
+                      ("--rank-k", "0"), ("--seed", "-3"), ("--bogus",)}
+
+
+_GOOD_TRAIN_OPTIONS = [("--dim", "2"), ("--rounds", "0"), ("--rounds", "3"), ("--clients-per-round", "1"),
+                       ("--quantize-bits", "4", "--quantize-threshold", "0"), ("--sparse-updates",),
+                       ("--dp-clip", "0.5"), ("--dp-noise", "1", "--dp-clip", "1"), ("--preset", "fast"),
+                       ("--eval-every", "1"), ("--learn-user-default",), ("--threads", "2"), ("--hadamard",),
+                       ("--quantize-scaling", "row"), ("--rank-k", "1")]
+
+
+@fuzz(2, case=mostly(ratings_files(p=0, max_lines=40, users=15), ratings_files(max_lines=40, users=15), 0.3),
+      out=st.booleans(), save=st.booleans(),
+      options=st.lists(mostly(st.sampled_from(_GOOD_TRAIN_OPTIONS), st.sampled_from(sorted(_BAD_TRAIN_OPTIONS)),
+                              0.15), max_size=3))
+def test_fuzz_cli_train(case, out, save, options):
+    """fedrecon-fast train --data FILE: exit 0 with its outputs, or exit 2 with one line naming
+    the problem (file and line for bad ratings) and no --out/--save folder left behind."""
+    name, raw = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(raw)
+        out_dir, save_dir = Path(tmp) / "out", Path(tmp) / "model"
+        argv = ["train", "--data", path, "--rounds", "1", "--clients-per-round", "3", "--dim", "3",
+                "--no-progress", "--threads", "1", "--json"] + [a for o in options for a in o]
+        argv += (["--out", out_dir] if out else []) + (["--save", save_dir] if save else [])
+        code, stdout, stderr = _run_cli(argv)
+        if code == 0:
+            result = json.loads(stdout.strip().splitlines()[-1])
+            assert result["train_users"] >= 1
+            assert not out or (out_dir / "metrics.json").is_file()
+            assert not save or (save_dir / "model.json").is_file()
+            return
+        expected, line = reference_parse(name, raw)
+        bad_option = any(tuple(o) in _BAD_TRAIN_OPTIONS for o in options)
+        if expected is None and line is not None and not bad_option:
+            _one_line_error(code, stderr, where=f"{path}', line {line}")
+        elif bad_option:
+            _one_line_error(code, stderr, where="-")  # names the option (or its config field)
+        else:
+            _one_line_error(code, stderr)
+        assert not out_dir.exists(), "a failed run left its --out folder behind"
+        assert not save_dir.exists(), "a failed run left its --save folder behind"
+        assert sorted(p.name for p in Path(tmp).iterdir()) == [name], "stray files after a failed run"
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz_model") / "model"
+    data = ff.synthetic_ratings(num_users=40, num_items=30, seed=1)
+    trainer = ff.FedRecon(ff.preset("paper", dim=3, rounds=2, clients_per_round=5))
+    trainer.fit(data)
+    trainer.model.save(path)
+    return path
+
+
+@st.composite
+def user_rating_files(draw):
+    lines = []
+    if draw(st.booleans()):
+        lines.append(draw(st.sampled_from([b"item,rating", b"# comment", b"", b"movie, stars"])))
+    for _ in range(draw(st.integers(0, 6))):
+        item = draw(mostly(st.integers(0, 30).map(lambda i: str(i).encode()), st.sampled_from(_JUNK)))
+        rating = draw(mostly(st.sampled_from([b"1", b"4.5", b" 3 "]), st.sampled_from(_JUNK)))
+        line = item + b"," + rating
+        if _chance(draw, 0.05):
+            line += b",9"
+        if _chance(draw, 0.05):
+            line = draw(st.binary(max_size=10))
+        lines.append(line)
+    raw = b"\n".join(lines)
+    if _chance(draw, 0.05):
+        raw = draw(st.binary(max_size=40))
+    return raw
+
+
+def reference_user_ratings(raw: bytes):
+    """cli.read_user_ratings' documented rules: (ok, line of the first problem or None)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False, None
+    first, count = True, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = [f.strip() for f in stripped.split(",")]
+        if first:
+            first = False
+            try:
+                float(fields[0])
+            except ValueError:
+                continue
+        if len(fields) != 2:
+            return False, number
+        try:
+            int(fields[0])
+            r = float(fields[1])
+        except ValueError:
+            return False, number
+        if not math.isfinite(r):
+            return False, number
+        count += 1
+    return count > 0, None
+
+
+@fuzz(2, raw=user_rating_files(), k=st.sampled_from(["3", "1", "0", "x", "100000000000"]),
+      flags=st.lists(st.sampled_from(["--include-seen", "--ignore-unknown", "--json"]), max_size=3, unique=True))
+def test_fuzz_cli_recommend(saved_model_dir, raw, k, flags):
+    """fedrecon-fast recommend --ratings FILE: exit 0 with k items, or exit 2 with one line
+    naming the file (and the line of a malformed rating)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "user.csv"
+        path.write_bytes(raw)
+        code, stdout, stderr = _run_cli(["recommend", "--model", saved_model_dir, "--ratings", path, "--k", k]
+                                        + flags)
+        ok, line = reference_user_ratings(raw)
+        if code == 0:
+            assert ok, "the CLI accepted ratings the documented rules reject"
+            return
+        if k in ("0", "x"):
+            _one_line_error(code, stderr, where="--k")
+            return
+        if not ok:
+            _one_line_error(code, stderr, where=f"{path}:{line}" if line else str(path))
+        else:  # valid lines, so the only other failure is item ids the model does not know
+            assert "--ignore-unknown" not in flags
+            _one_line_error(code, stderr, where=str(path))

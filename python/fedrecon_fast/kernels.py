@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _UINT64 = 2**64
+_MAX_RESULT = 2**59  # entries of a result array whose byte size still fits int64
 
 
 def derive_seed(seed: int, round: int, client: int, stream: int) -> int:
@@ -191,13 +192,13 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
     if scaling not in ("tensor", "row"):
         raise ValueError(f"scaling must be 'tensor' or 'row'; got {scaling!r}")
     for name, value in (("hadamard", hadamard), ("sparse", sparse)):
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {value!r}")
     check_int(threshold, "threshold", minimum=0)
     if clip is not None:
         check_float(clip, "clip", minimum=0.0, strict=True)
-    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": hadamard,
-            "sparse": sparse, "threshold": threshold, "clip": float(clip or 0.0)}
+    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": bool(hadamard),
+            "sparse": bool(sparse), "threshold": threshold, "clip": float(clip or 0.0)}
 
 
 def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
@@ -450,6 +451,8 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
     check_int(k, "k", minimum=1)
+    if len(args[6]) * k > _MAX_RESULT:
+        raise ValueError(f"k is too large: a ({len(args[6])}, {k}) result cannot be allocated")
     if not isinstance(exclude_seen, (bool, np.bool_)):
         raise TypeError(f"exclude_seen must be a bool; got {exclude_seen!r}")
     return _core.recommend_users(*args, k=k, exclude_seen=bool(exclude_seen))
