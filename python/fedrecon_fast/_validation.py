@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -66,20 +67,27 @@ def as_index_array(x, name: str, *, upper: int) -> np.ndarray:
     return arr
 
 
-def check_int(value, name: str, *, minimum: int | None = None, allow_none: bool = False) -> None:
+def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
+              allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {value}")
 
 
 def check_float(value, name: str, *, minimum: float | None = None, maximum: float | None = None,
                 strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    if not np.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be finite; got {value}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value}")
@@ -88,5 +96,9 @@ def check_float(value, name: str, *, minimum: float | None = None, maximum: floa
 
 
 def check_choice(value, name: str, choices) -> None:
-    if value not in choices:
+    try:
+        known = value in choices
+    except TypeError:  # unhashable, e.g. a list
+        raise TypeError(f"{name} must be one of {sorted(choices)}; got {value!r}") from None
+    if not known:
         raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}")

@@ -141,6 +141,11 @@ def _dp_params(clip, noise_multiplier, seed, round, expected_weight):
 
 
 def _result(value, norms, summary: dict, denominator: float) -> DPResult:
+    # Finite updates, weights and noise can still overflow float32 (or float64) once divided by
+    # a tiny expected_weight: an error, not a silent infinity.
+    if not np.isfinite(value).all():
+        raise ValueError(f"the aggregate overflows {value.dtype} when divided by expected_weight="
+                         f"{denominator!r}: pass a larger expected_weight (or dtype=numpy.float64)")
     return DPResult(value=value, norms=norms, num_updates=int(summary["num_updates"]),
                     num_clipped=int(summary["num_clipped"]), clip=summary["clip"],
                     noise_multiplier=summary["noise_multiplier"], noise_std=summary["noise_std"],
@@ -164,7 +169,8 @@ def capped_weights(num_examples, cap: float) -> np.ndarray:
     if not np.isfinite(n).all() or (n < 0).any():
         raise ValueError("num_examples must be finite and >= 0")
     check_float(cap, "cap", minimum=0.0, strict=True)
-    return np.minimum(n / float(cap), 1.0)
+    with np.errstate(over="ignore"):  # n / a tiny cap is inf: weight 1 all the same
+        return np.minimum(n / float(cap), 1.0)
 
 
 def clip_by_norm(update, clip: float, *, num_threads: int = 0) -> tuple[np.ndarray, bool, float]:
