@@ -310,3 +310,51 @@ def test_cli_process_errors_are_one_line_without_outputs(case, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert expected in lines[0]
     assert not out.exists() and not (tmp_path / "model").exists()
+
+
+# ------------------------------------------------------------------ found by the larger campaigns
+
+
+def test_hadamard_values_that_overflow_the_inverse_rotation_are_rejected():
+    # Was: quantize/encode of [3e38, 0] with the rotation decoded to [inf, 0]: the encoder checked
+    # the forward rotation only, and the inverse transform's float32 partial sums overflowed.
+    x = np.array([3e38, 0.0], np.float32)
+    for fn in (compression.quantize, compression.encode):
+        with pytest.raises(ValueError, match="x is too large: its Hadamard rotation overflows float32"):
+            fn(x, 1, hadamard=True)
+    # A hand-made buffer with such a scale is refused by the decoder instead of decoding to inf.
+    good = bytearray(compression.encode(np.zeros((1, 2), np.float32), 1, hadamard=True))
+    body = bytes(good[:-4])
+    scales = len(body) - 8 - 1  # one (lo, step) pair, then 1 payload byte (2 values x 1 bit)
+    import struct
+    import zlib
+    body = body[:scales] + struct.pack("<ff", 2e38, 0.0) + body[scales + 8:]
+    crafted = body + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(ValueError, match="^buf: invalid scale of group 0 .*inverse Hadamard rotation"):
+        compression.decode(crafted)
+
+
+def test_dp_aggregate_that_overflows_raises():
+    # Was: a tiny expected_weight turned a finite clipped sum into inf, returned silently.
+    with pytest.raises(ValueError, match="expected_weight"):
+        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
+                       expected_weight=1e-99)
+    acc = privacy.DPGaussianSum(2, clip=1.0, noise_multiplier=0.0, seed=0, expected_weight=1e-99)
+    acc.add(np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="expected_weight"):
+        acc.result()
+    assert np.isfinite(acc.result(np.float64)).all()  # float64 holds it
+
+
+def test_capped_weights_with_a_tiny_cap_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(privacy.capped_weights([0, 4], 1e-308), [0.0, 1.0])
+
+
+def test_client_config_int_fields_beyond_the_native_range_are_named():
+    # Was: accepted, then pybind's "incompatible function arguments" when the round started.
+    with pytest.raises(ValueError, match="update_steps_max must be <= "):
+        ff.ClientConfig(update_steps_max=2**70)
+    with pytest.raises(ValueError, match="batch_size must be <= 2147483647"):
+        ff.ClientConfig(batch_size=2**31)
