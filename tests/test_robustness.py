@@ -358,3 +358,32 @@ def test_client_config_int_fields_beyond_the_native_range_are_named():
         ff.ClientConfig(update_steps_max=2**70)
     with pytest.raises(ValueError, match="batch_size must be <= 2147483647"):
         ff.ClientConfig(batch_size=2**31)
+
+
+def test_client_step_with_any_client_id_costs_only_its_ratings(small):
+    # Was: the client's ratings were put at row client_id of a CSR of client_id + 2 row pointers,
+    # so a large id allocated O(client_id) memory (MemoryError for 2**40). The kernels now take
+    # the id that keys the streams (data.stream_ids) and the CSR has one row.
+    from types import SimpleNamespace
+
+    from fedrecon_fast.functional import client_evaluate
+
+    data, V = small
+    model = {"item_factors": V}
+    items, ratings = data.items[:3], data.ratings[:3]
+    cfg = ff.ClientConfig(batch_size=1, reshuffle=True)
+    big = ff.client_step(model, (items, ratings), cfg, client_id=2**62, seed=3)
+    assert big.metrics["client_id"] == 2**62
+    # Same bits as the client at row `key` of a CSR with that many rows (the old construction).
+    key = 5000
+    indptr = np.zeros(key + 2, np.int64)
+    indptr[-1] = 3
+    rows = SimpleNamespace(indptr=indptr, items=np.asarray(items), ratings=np.asarray(ratings),
+                           num_clients=key + 1, num_items=V.shape[0])
+    expected = kernels.client_updates(V, rows, [key], cfg, seed=3)
+    got = ff.client_step(model, (items, ratings), cfg, client_id=key, seed=3)
+    assert np.array_equal(got.update.values, expected.values) and np.array_equal(got.update.rows, expected.rows)
+    ev = kernels.evaluate_users(V, rows, [key], cfg, seed=3, round=2**64 - 1)
+    assert client_evaluate(model, (items, ratings), cfg, client_id=key, seed=3)["sq_err_sum"] == ev["sq_err_sum"][0]
+    with pytest.raises(ValueError, match="client_id must be <= "):
+        ff.client_step(model, (items, ratings), cfg, client_id=2**63)

@@ -106,7 +106,7 @@ void ClientWorker::rebind(const ModelView& model) {
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
                          std::uint64_t seed, std::uint64_t round) {
-  split(data, client, config, seed, round, static_cast<std::uint64_t>(client));
+  split(data, client, config, seed, round, data.stream_id(client));
 }
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,

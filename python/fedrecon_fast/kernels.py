@@ -169,6 +169,21 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
             native, int(seed) % _UINT64, int(round) % _UINT64, num_threads)
 
 
+def _stream_ids(data) -> dict:
+    """``{"stream_ids": ...}`` when ``data`` carries the ids that key its clients' random streams
+    (an int64 array, one non-negative id per client; without it a client is keyed by its row)."""
+    ids = getattr(data, "stream_ids", None)
+    if ids is None:
+        return {}
+    ids = np.asarray(ids)
+    if ids.shape != (len(data.indptr) - 1,) or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"data.stream_ids must hold one integer per client ({len(data.indptr) - 1}); "
+                         f"got dtype {ids.dtype}, shape {ids.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(np.int64).max):
+        raise ValueError("data.stream_ids must lie in [0, 2**63)")
+    return {"stream_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+
+
 def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
     if users is None:
         if user_bias is not None:
@@ -210,7 +225,7 @@ def _update_call(native, item_factors, data, clients, config, item_bias, global_
                         user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    return native(*args, users=users, user_bias=user_bias, **codec)
+    return native(*args, users=users, user_bias=user_bias, **codec, **_stream_ids(data))
 
 
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -227,7 +242,10 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     item_factors : array_like, shape (num_items, dim)
         Global item matrix V (converted once to C-contiguous float32).
     data : ClientData
-        Ratings of all clients (CSR).
+        Ratings of all clients (CSR): any object with ``indptr`` (int64), ``items`` (int32),
+        ``ratings`` (float32), ``num_clients`` and ``num_items``. An optional ``stream_ids``
+        (int64, one per client) keys each client's random streams by that id instead of its
+        row (the functional API runs one client with the streams of its id this way).
     clients : array_like of int, shape (m,), optional
         Indices into ``data`` of the sampled clients (default: all). Their order fixes the
         order of the float64 reduction, not the result's dependence on threads.
@@ -359,7 +377,7 @@ def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | N
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    return _core.reconstruct_users(*args)
+    return _core.reconstruct_users(*args, **_stream_ids(data))
 
 
 def _relevance(relevance_threshold) -> float:
@@ -398,8 +416,8 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     check_int(k, "k", minimum=1, allow_none=True)
     threshold = _relevance(relevance_threshold)
     if k is None:
-        return _core.evaluate_users(*args)
-    return _core.evaluate_users(*args, k=k, relevance_threshold=threshold)
+        return _core.evaluate_users(*args, **_stream_ids(data))
+    return _core.evaluate_users(*args, k=k, relevance_threshold=threshold, **_stream_ids(data))
 
 
 def infer_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
