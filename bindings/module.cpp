@@ -39,8 +39,10 @@ fedrecon::ModelView model_view(const Array<float>& item_factors,
   return m;
 }
 
+using OptionalIds = std::optional<Array<std::int64_t>>;
+
 fedrecon::CsrView csr_view(const Array<std::int64_t>& indptr, const Array<std::int32_t>& items,
-                           const Array<float>& ratings) {
+                           const Array<float>& ratings, const OptionalIds& stream_ids = std::nullopt) {
   if (indptr.ndim() != 1 || indptr.shape(0) < 1) fail("indptr must be 1-D with num_clients + 1 entries");
   if (items.ndim() != 1 || ratings.ndim() != 1 || items.shape(0) != ratings.shape(0))
     fail("items and ratings must be 1-D arrays of the same length");
@@ -50,6 +52,11 @@ fedrecon::CsrView csr_view(const Array<std::int64_t>& indptr, const Array<std::i
   d.ratings = ratings.data();
   d.num_clients = indptr.shape(0) - 1;
   d.nnz = items.shape(0);
+  if (stream_ids) {
+    if (stream_ids->ndim() != 1 || stream_ids->shape(0) != d.num_clients)
+      fail("stream_ids must have one entry per client (len(indptr) - 1)");
+    d.stream_ids = stream_ids->data();
+  }
   return d;
 }
 
@@ -137,9 +144,10 @@ UpdateCall update_call(const Array<float>& item_factors, const std::optional<Arr
                        const Array<std::int32_t>& items, const Array<float>& ratings,
                        const Array<std::int64_t>& clients, const std::optional<Array<float>>& users,
                        const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                       bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+                       bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                       const OptionalIds& stream_ids) {
   UpdateCall c{make_codec(bits, row_scaling, hadamard, sparse, threshold, clip),
-               model_view(item_factors, item_bias, global_mean), csr_view(indptr, items, ratings),
+               model_view(item_factors, item_bias, global_mean), csr_view(indptr, items, ratings, stream_ids),
                client_ids(clients), clients.shape(0), {}};
   c.users = user_arrays(users, user_bias, c.model, c.n);
   return c;
@@ -160,9 +168,10 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       std::uint64_t seed, std::uint64_t round, int num_threads,
                       const std::optional<Array<float>>& users,
                       const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                      bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+                      bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                      const OptionalIds& stream_ids) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   Array<float> delta({model.num_items, static_cast<py::ssize_t>(model.dim)});
@@ -189,9 +198,10 @@ py::dict train_round_partial(const Array<float>& item_factors, const std::option
                              std::uint64_t seed, std::uint64_t round, int num_threads,
                              const std::optional<Array<float>>& users,
                              const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                             bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+                             bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                             const OptionalIds& stream_ids) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
@@ -248,9 +258,10 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
                         std::uint64_t seed, std::uint64_t round, int num_threads,
                         const std::optional<Array<float>>& users,
                         const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                        bool hadamard, bool sparse, std::int64_t threshold, double clip) {
+                        bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                        const OptionalIds& stream_ids) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip);
+                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   fedrecon::SparseUpdates u;
@@ -278,9 +289,9 @@ py::tuple users_of(const Array<float>& item_factors, const std::optional<Array<f
                    float global_mean, const Array<std::int64_t>& indptr,
                    const Array<std::int32_t>& items, const Array<float>& ratings,
                    const Array<std::int64_t>& clients, const ClientConfig& config,
-                   std::uint64_t seed, std::uint64_t round, int num_threads) {
+                   std::uint64_t seed, std::uint64_t round, int num_threads, const OptionalIds& stream_ids) {
   const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
+  const auto data = csr_view(indptr, items, ratings, stream_ids);
   const auto* ids = client_ids(clients);
   const auto n = clients.shape(0);
   Array<float> users({n, static_cast<py::ssize_t>(model.dim)});
@@ -300,9 +311,9 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
                         const Array<std::int32_t>& items, const Array<float>& ratings,
                         const Array<std::int64_t>& clients, const ClientConfig& config,
                         std::uint64_t seed, std::uint64_t round, int num_threads, std::int64_t k,
-                        float relevance_threshold) {
+                        float relevance_threshold, const OptionalIds& stream_ids) {
   const auto model = model_view(item_factors, item_bias, global_mean);
-  const auto data = csr_view(indptr, items, ratings);
+  const auto data = csr_view(indptr, items, ratings, stream_ids);
   const auto* ids = client_ids(clients);
   const auto n = clients.shape(0);
   if (k < 0) fail("k must be >= 0 (0: no ranking metrics)");
@@ -441,19 +452,23 @@ PYBIND11_MODULE(_core, m) {
   "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none(), \
       "bits"_a = 0, "row_scaling"_a = false, "hadamard"_a = false, "sparse"_a = true,             \
       "threshold"_a = 0, "clip"_a = 0.0
-  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
-  m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
-  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS);
+#define FEDRECON_STREAM_IDS "stream_ids"_a.noconvert().none(true) = py::none()
+  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
+  m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS,
+        FEDRECON_STREAM_IDS);
+  m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
   m.def("reduce_updates", &reduce_updates, "rows"_a.noconvert(), "values"_a.noconvert(),
         "bias_values"_a.noconvert().none(true), "offsets"_a.noconvert(), "weights"_a.noconvert(),
         "num_items"_a, "num_threads"_a);
   m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
 #undef FEDRECON_UPDATE_ARGS
-  m.def("reconstruct_users", &users_of<fedrecon::reconstruct_users>, FEDRECON_COHORT_ARGS);
-  m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS, "k"_a = 0, "relevance_threshold"_a = 4.0f);
-  m.def("infer_users", &users_of<fedrecon::infer_users>, FEDRECON_COHORT_ARGS);
+  m.def("reconstruct_users", &users_of<fedrecon::reconstruct_users>, FEDRECON_COHORT_ARGS, FEDRECON_STREAM_IDS);
+  m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS, "k"_a = 0, "relevance_threshold"_a = 4.0f,
+        FEDRECON_STREAM_IDS);
+  m.def("infer_users", &users_of<fedrecon::infer_users>, FEDRECON_COHORT_ARGS, FEDRECON_STREAM_IDS);
   m.def("recommend_users", &recommend_users, FEDRECON_COHORT_ARGS, "k"_a, "exclude_seen"_a = true);
 #undef FEDRECON_COHORT_ARGS
+#undef FEDRECON_STREAM_IDS
 
   bind_compression(m);
   bind_aggregation(m);

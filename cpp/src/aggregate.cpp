@@ -275,6 +275,9 @@ WeightedSum::WeightedSum(std::int64_t num_rows, std::int64_t dim) : num_rows_(nu
   if (num_rows < 0 || num_rows > std::numeric_limits<std::int32_t>::max())
     fail("num_rows must lie in [0, 2^31)");
   if (dim < 0) fail("dim must be >= 0");
+  // num_rows * dim float64 values, and their byte count, must be representable.
+  if (dim > 0 && num_rows > (std::numeric_limits<std::int64_t>::max() / 16) / dim)
+    fail("num_rows * dim is too large (" + std::to_string(num_rows) + " x " + std::to_string(dim) + ")");
   chunk_rows_ = rows_per_block(dim);
 }
 

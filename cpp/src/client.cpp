@@ -106,7 +106,7 @@ void ClientWorker::rebind(const ModelView& model) {
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
                          std::uint64_t seed, std::uint64_t round) {
-  split(data, client, config, seed, round, static_cast<std::uint64_t>(client));
+  split(data, client, config, seed, round, data.stream_id(client));
 }
 
 void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientConfig& config,
@@ -462,9 +462,12 @@ std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t
 }
 
 RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold) {
-  top_items_.resize(static_cast<std::size_t>(k));
-  top_scores_.resize(static_cast<std::size_t>(k));
-  const std::int64_t found = top_k(k, true, top_items_.data(), top_scores_.data());
+  // At most num_items items can be ranked, so a larger k only changes the scratch size (and
+  // num_relevant <= num_items keeps the ideal DCG below the same): rank with the smaller one.
+  const std::int64_t ranked = std::min(k, std::max<std::int64_t>(model_.num_items, 1));
+  top_items_.resize(static_cast<std::size_t>(ranked));
+  top_scores_.resize(static_cast<std::size_t>(ranked));
+  const std::int64_t found = top_k(ranked, true, top_items_.data(), top_scores_.data());
   // Relevant: distinct liked query items that are candidates (excluded_ holds the support).
   relevant_.clear();
   for (const std::int64_t p : qry_pos_)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
 #include "fedrecon/wire.hpp"
 
@@ -36,6 +37,15 @@ void row_range(const float* src, std::int64_t r, int dim, const QuantScheme& sch
   const auto mm = std::minmax_element(s.row.begin(), s.row.end());
   lo = std::min(lo, *mm.first);
   hi = std::max(hi, *mm.second);
+}
+
+// The dense codec's scale of a group; with the rotation, one whose grid could overflow the
+// inverse transform is refused, as the wire format's encoder refuses it.
+QuantGroup dense_group(float lo, float hi, const QuantScheme& scheme, int dim) {
+  const QuantGroup g = make_group(lo, hi, scheme.bits);
+  if (scheme.hadamard && !rotation_fits(g, scheme.bits, next_pow2(dim)))
+    throw std::invalid_argument("update is too large: its Hadamard rotation overflows float32");
+  return g;
 }
 
 }  // namespace
@@ -87,7 +97,7 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
     for (std::int64_t k = 0; k < n; ++k) {
       float lo = std::numeric_limits<float>::infinity(), hi = -lo;
       row_range(values + k * K, rows[k], dim, enc.scheme, lo, hi, s);
-      roundtrip_row(values + k * K, rows[k], dim, enc.scheme, make_group(lo, hi, enc.scheme.bits),
+      roundtrip_row(values + k * K, rows[k], dim, enc.scheme, dense_group(lo, hi, enc.scheme, dim),
                     values + k * K, s);
     }
     // An untouched row is all zeros: its own scale is 0 and it decodes to exact zeros.
@@ -96,7 +106,7 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
     float hi = n < num_items ? 0.0f : -std::numeric_limits<float>::infinity();
     for (std::int64_t k = 0; k < n; ++k) row_range(values + k * K, rows[k], dim, enc.scheme, lo, hi, s);
     if (n == 0 && num_items > 0) lo = hi = 0.0f;
-    enc.group = make_group(lo, hi, enc.scheme.bits);
+    enc.group = dense_group(lo, hi, enc.scheme, dim);
     for (std::int64_t k = 0; k < n; ++k)
       roundtrip_row(values + k * K, rows[k], dim, enc.scheme, enc.group, values + k * K, s);
     enc.noisy_zeros = n < num_items && enc.group.step != 0.0f;

@@ -136,7 +136,7 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
     w.split(data, c, config, seed, round);
     const float* init_u = users.users_in ? users.users_in + i * K : nullptr;
     const float init_bu = users.user_bias_in ? users.user_bias_in[i] : 0.0f;
-    w.reconstruct(config, seed, round, c, init_u, init_bu);
+    w.reconstruct(config, seed, round, static_cast<std::int64_t>(data.stream_id(c)), init_u, init_bu);
     ClientResult& out = results[static_cast<std::size_t>(i)];
     out.stats = w.update(config);
     if (users.users_out != nullptr) {
@@ -158,7 +158,7 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
       out.stats.bytes = encode_update(codec, model.num_items, model.dim, a.rows.data() + out.offset,
                                       static_cast<std::int64_t>(nrows), a.values.data() + out.offset * static_cast<std::size_t>(K),
                                       model.has_bias() ? a.bias.data() + out.offset : nullptr,
-                                      derive_seed(seed, round, static_cast<std::uint64_t>(c), kStreamQuant),
+                                      derive_seed(seed, round, data.stream_id(c), kStreamQuant),
                                       out.enc, clipped, scratch[static_cast<std::size_t>(tid)]);
       out.stats.clipped = clipped ? 1 : 0;
     }
@@ -540,7 +540,7 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     w.split(data, clients[i], config, seed, round);
-    w.reconstruct(config, seed, round, clients[i]);
+    w.reconstruct(config, seed, round, static_cast<std::int64_t>(data.stream_id(clients[i])));
     std::copy_n(w.user(), model.dim, users_out + i * model.dim);
     if (user_bias_out != nullptr) user_bias_out[i] = w.user_bias();
   });
@@ -560,7 +560,7 @@ void evaluate_users(const ModelView& model, const CsrView& data, const std::int6
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     w.split(data, clients[i], config, seed, round);
-    w.reconstruct(config, seed, round, clients[i]);
+    w.reconstruct(config, seed, round, static_cast<std::int64_t>(data.stream_id(clients[i])));
     stats_out[i] = w.evaluate();
     if (k > 0) rank_out[i] = w.rank_query(k, relevance_threshold);
   });

@@ -179,6 +179,13 @@ QuantGroup make_group(float lo, float hi, int bits) {
   return QuantGroup{lo, step};
 }
 
+bool rotation_fits(const QuantGroup& g, int bits, std::int64_t n) {
+  const double levels = static_cast<double>((std::uint32_t{1} << bits) - 1U);
+  const double lo = static_cast<double>(g.lo);
+  const double m = std::max(std::fabs(lo), std::fabs(lo + levels * static_cast<double>(g.step)));
+  return m * static_cast<double>(std::max<std::int64_t>(n, 1)) <= static_cast<double>(FLT_MAX);
+}
+
 void hadamard_forward(float* row, std::int64_t n, std::uint64_t signs_seed) {
   if (n <= 0) return;
   apply_signs(row, n, signs_seed);
@@ -292,12 +299,24 @@ QuantBlocks quant_blocks(const QuantLayout& l, bool by_rows) {
   return b;
 }
 
+[[noreturn]] void throw_rotation_overflow(const char* name) {
+  throw std::invalid_argument(std::string(name) + " is too large: its Hadamard rotation overflows float32");
+}
+
 // Rotated rows [r0, r1) hold a non-finite value: blame the input if it has one, else the
 // rotation (values so large that it overflows float32).
 [[noreturn]] void throw_rotated_nonfinite(const float* x, const QuantLayout& l, std::int64_t r0, std::int64_t r1,
                                           const char* name) {
   if (!min_max(x + r0 * l.cols, (r1 - r0) * l.cols).finite) throw_nonfinite(name);
-  throw std::invalid_argument(std::string(name) + " is too large: its Hadamard rotation overflows float32");
+  throw_rotation_overflow(name);
+}
+
+// A group whose decoded values could overflow in the inverse rotation (|x| near FLT_MAX / n):
+// the decoder would return infinities for finite input, so such arrays are rejected.
+QuantGroup rotated_group(float lo, float hi, const QuantScheme& scheme, std::int64_t n, const char* name) {
+  const QuantGroup g = make_group(lo, hi, scheme.bits);
+  if (!rotation_fits(g, scheme.bits, n)) throw_rotation_overflow(name);
+  return g;
 }
 
 }  // namespace
@@ -340,7 +359,8 @@ std::vector<QuantGroup> quantize_blocks(const float* x, const QuantLayout& l, co
       all.lo = std::min(all.lo, p.lo);
       all.hi = std::max(all.hi, p.hi);
     }
-    groups[0] = make_group(all.lo, all.hi, scheme.bits);
+    groups[0] = rotate ? rotated_group(all.lo, all.hi, scheme, l.padded_cols, name)
+                       : make_group(all.lo, all.hi, scheme.bits);
   } else if (!rotate) {
     // Row scales (a row may span several flat blocks): a pass over row ranges.
     const QuantBlocks rb = quant_blocks(l, true);
@@ -365,7 +385,7 @@ std::vector<QuantGroup> quantize_blocks(const float* x, const QuantLayout& l, co
         for (std::int64_t r = e0 / l.padded_cols; r < e1 / l.padded_cols; ++r) {
           const MinMax m = min_max(v + (r * l.padded_cols - e0), l.padded_cols);
           if (!m.finite) throw_rotated_nonfinite(x, l, r, r + 1, name);
-          groups[static_cast<std::size_t>(r)] = make_group(m.lo, m.hi, scheme.bits);
+          groups[static_cast<std::size_t>(r)] = rotated_group(m.lo, m.hi, scheme, l.padded_cols, name);
         }
       }
     }

@@ -499,6 +499,9 @@ WireHeader parse_wire(const std::uint8_t* data, std::size_t size, int num_thread
       bad("invalid scale of group " + std::to_string(g) + " (lo " + std::to_string(lo) + ", step " +
           std::to_string(step) + ")");
     h.groups[g] = QuantGroup{lo, step};
+    if (h.scheme.hadamard && !rotation_fits(h.groups[g], bits, h.layout.padded_cols))
+      bad("invalid scale of group " + std::to_string(g) + " (lo " + std::to_string(lo) + ", step " +
+          std::to_string(step) + "): its values overflow float32 in the inverse Hadamard rotation");
   }
   const std::uint64_t used_bits = static_cast<std::uint64_t>(h.layout.num_values) * static_cast<std::uint64_t>(bits);
   if (used_bits % 8 != 0 && (data[h.payload_offset + h.payload_bytes - 1] >> (used_bits % 8)) != 0)

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
+
+
+def to_float32(arr: np.ndarray, name: str) -> np.ndarray:
+    """A real numeric ndarray as C-contiguous float32 (no copy when it already is one; 0-d stays
+    0-d). Finite values beyond the float32 range raise ValueError naming ``name`` instead of
+    silently becoming infinities (with a RuntimeWarning)."""
+    if arr.dtype == np.float32:
+        return np.asarray(arr, order="C")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(arr, dtype=np.float32, order="C")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and out.size:
+        overflow = np.isinf(out)
+        if overflow.any() and np.isfinite(np.asarray(arr)[overflow]).any():
+            raise ValueError(f"{name} has values beyond the float32 range (|x| > 3.4e38)")
+    return out
 
 
 def _as_float32(x, name: str, ndim: int, check_finite: bool) -> np.ndarray:
@@ -14,7 +30,7 @@ def _as_float32(x, name: str, ndim: int, check_finite: bool) -> np.ndarray:
         raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = to_float32(arr, name)
     if check_finite and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr
@@ -51,20 +67,27 @@ def as_index_array(x, name: str, *, upper: int) -> np.ndarray:
     return arr
 
 
-def check_int(value, name: str, *, minimum: int | None = None, allow_none: bool = False) -> None:
+def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
+              allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {value}")
 
 
 def check_float(value, name: str, *, minimum: float | None = None, maximum: float | None = None,
                 strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    if not np.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be finite; got {value}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value}")
@@ -73,5 +96,9 @@ def check_float(value, name: str, *, minimum: float | None = None, maximum: floa
 
 
 def check_choice(value, name: str, choices) -> None:
-    if value not in choices:
+    try:
+        known = value in choices
+    except TypeError:  # unhashable, e.g. a list
+        raise TypeError(f"{name} must be one of {sorted(choices)}; got {value!r}") from None
+    if not known:
         raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}")

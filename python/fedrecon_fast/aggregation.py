@@ -40,11 +40,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _core
-from ._validation import check_int
+from ._validation import check_int, to_float32
 
 __all__ = ["WeightedMean", "weighted_mean", "weighted_mean_sparse"]
 
 _MAX_ROWS = 2**31 - 1
+_MAX_ELEMENTS = 2**59  # float64 sums of that many elements still have a byte size in int64
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,8 +59,8 @@ def _real_array(x, name: str) -> np.ndarray:
     return arr
 
 
-def _as_f32(arr: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(arr, dtype=np.float32)
+def _as_f32(arr: np.ndarray, name: str) -> np.ndarray:
+    return to_float32(arr, name)
 
 
 def _dense_updates(updates, name: str = "updates") -> tuple[list[np.ndarray], tuple[int, ...]]:
@@ -72,7 +73,7 @@ def _dense_updates(updates, name: str = "updates") -> tuple[list[np.ndarray], tu
         arr = _real_array(updates, name)
         if arr.ndim < 1:
             raise ValueError(f"{name} must have a leading client axis; got a 0-d array")
-        arr = _as_f32(arr)
+        arr = _as_f32(arr, name)
         shape = arr.shape[1:]
         return list(arr.reshape(arr.shape[0], int(np.prod(shape, dtype=np.int64)))), shape
     if isinstance(updates, (str, bytes)) or not isinstance(updates, Sequence):
@@ -86,7 +87,7 @@ def _dense_updates(updates, name: str = "updates") -> tuple[list[np.ndarray], tu
         if a.shape != shape:
             raise ValueError(f"{name} must all have the same shape; {name}[0] has shape {shape} "
                              f"but {name}[{i}] has shape {a.shape}")
-    return [_as_f32(a).reshape(-1) for a in arrays], shape
+    return [_as_f32(a, f"{name}[{i}]").reshape(-1) for i, a in enumerate(arrays)], shape
 
 
 def _weights(weights, n: int, *, dp: bool = False) -> np.ndarray:
@@ -147,7 +148,7 @@ def _row_values(values, num_entries: int, row_shape: tuple[int, ...] | None, nam
     if row_shape is not None and arr.shape[1:] != row_shape:
         raise ValueError(f"{name} must have shape (len(rows),) + {row_shape}; got {arr.shape}")
     shape = arr.shape[1:]
-    return _as_f32(arr).reshape(num_entries, int(np.prod(shape, dtype=np.int64))), shape
+    return _as_f32(arr, name).reshape(num_entries, int(np.prod(shape, dtype=np.int64))), shape
 
 
 def _offsets(offsets, num_entries: int) -> np.ndarray:
@@ -215,8 +216,14 @@ def _table_shape(shape) -> tuple[tuple[int, ...], int, int]:
     shape = tuple(int(s) for s in shape)
     if not shape:
         return shape, 1, 1
-    num_rows = _num_rows(shape[0])
-    return shape, num_rows, int(np.prod(shape[1:], dtype=np.int64))
+    if shape[0] > _MAX_ROWS:
+        raise ValueError(f"shape[0] (the rows) must be < 2**31; got shape {shape}")
+    dim = 1
+    for s in shape[1:]:
+        dim *= s
+    if shape[0] * dim > _MAX_ELEMENTS:
+        raise ValueError(f"shape {shape} is too large: at most 2**59 elements")
+    return shape, shape[0], dim
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +386,7 @@ class WeightedMean:
         if x.shape != self._shape:
             raise ValueError(f"update must have shape {self._shape}; got {x.shape}")
         w = _weight(weight)
-        self._acc.add_dense(_as_f32(x), w, w, self._num_threads)
+        self._acc.add_dense(_as_f32(x, "update"), w, w, self._num_threads)
 
     def add_sparse(self, rows, values, weight: float = 1.0) -> None:
         """Add a sparse-row update: ``sum[rows[e]] += weight * values[e]`` for every entry.

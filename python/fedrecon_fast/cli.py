@@ -11,7 +11,9 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,8 +41,19 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit status 2), like every other error of the CLI."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedrecon-fast", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fedrecon-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users")
     train.add_argument("--data", type=Path, help="MovieLens folder or ratings file (default: synthetic)")
@@ -143,7 +156,52 @@ def _trainer_from_checkpoints(args, config) -> FedRecon:
     return trainer
 
 
+def _check_output_folder(path: Path | None, option: str) -> None:
+    """Fail before any work when an output folder cannot be written (a file is in the way)."""
+    if path is None:
+        return
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{option} {path}: {p} exists and is not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {path}: {p} is not writable")
+            return
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Let ``write(folder)`` fill a temporary folder next to ``out``, then move its files into
+    ``out`` (created if needed). A failure leaves neither ``out`` (when it did not exist) nor a
+    temporary folder behind; an existing ``out`` keeps its other files."""
+    created = []
+    for p in reversed((out, *out.parents)):
+        if not p.exists():
+            created.append(p)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):  # the parents this call created, deepest first
+            if p != out:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def run_train(args) -> dict:
+    _check_output_folder(args.out, "--out")
+    _check_output_folder(args.save, "--save")
+    _check_output_folder(args.checkpoint_dir, "--checkpoint-dir")
     overrides = {"seed": args.seed, "num_threads": args.threads}
     for field, value in (("rounds", args.rounds), ("clients_per_round", args.clients_per_round),
                          ("dim", args.dim)):
@@ -164,6 +222,9 @@ def run_train(args) -> dict:
                         shuffle_seed=config.seed)
     train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
+    if train.num_clients == 0:
+        raise ValueError(f"{source}: {data.num_clients} users with at least {config.min_examples} rating(s) "
+                         f"leave no training users after the {config.user_split} user split")
 
     fit_args = {}
     if args.backend == "flower" and (args.checkpoint_dir is not None or args.resume):
@@ -225,17 +286,23 @@ def run_train(args) -> dict:
         "dp_clip": config.dp_clip,
         "dp_noise": config.dp_noise,
     }
-    if args.out is not None:
-        _write_outputs(args.out, trainer, result)
-    if args.save is not None:
-        trainer.model.save(args.save)
+    # Both outputs are complete or absent: --out is committed only after --save succeeded.
+    if args.out is None:
+        if args.save is not None:
+            trainer.model.save(args.save)
+    else:
+        def write(folder: Path) -> None:
+            _write_outputs(folder, trainer, result)
+            if args.save is not None:
+                trainer.model.save(args.save)
+
+        _write_atomically(args.out, write)
     return result
 
 
 def _write_outputs(out: Path, trainer: FedRecon, result: dict) -> None:
     from .plots import plot_learning_curve
 
-    out.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for h in trainer.history for k in h))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -255,7 +322,9 @@ def _print_human(result: dict) -> None:
     k = result["rank_k"]
     print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one): "
           f"Recall@{k} {result[f'test_recall_at_{k}']:.4f}  NDCG@{k} {result[f'test_ndcg_at_{k}']:.4f}")
-    print(f"train {result['train_seconds']:.2f} s (median round {result['round_ms_median']:.2f} ms), "
+    median = result["round_ms_median"]
+    median = "no rounds" if median is None else f"median round {median:.2f} ms"
+    print(f"train {result['train_seconds']:.2f} s ({median}), "
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
 
 
@@ -267,7 +336,16 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
     finite rating raises ValueError naming the file and line.
     """
     name = "<stdin>" if source == "-" else source
-    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" and hasattr(sys.stdin, "buffer") else None
+        if source == "-":
+            text = sys.stdin.read() if raw is None else raw.decode("utf-8")
+        else:
+            text = Path(source).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name}: is a folder, not a ratings file") from None
     items, ratings = [], []
     first = True
     for number, line in enumerate(text.splitlines(), start=1):
@@ -346,9 +424,11 @@ def run_paper(args) -> dict:
     print(markdown)
     print(f"total {result['total_seconds']:.1f} s")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table1.md").write_text(markdown + "\n")
-        (args.out / "table1.json").write_text(json.dumps(result, indent=1))
+        def write(folder: Path) -> None:
+            (folder / "table1.md").write_text(markdown + "\n")
+            (folder / "table1.json").write_text(json.dumps(result, indent=1))
+
+        _write_atomically(args.out, write)
     return result
 
 
@@ -365,16 +445,29 @@ def run_ablation(args) -> dict:
     markdown = paper.ablation_markdown(result)
     print(markdown)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ablation.md").write_text(markdown + "\n")
-        (args.out / "ablation.json").write_text(json.dumps(result, indent=1))
-        paper.plot_ablation(result, args.out / "ablation.png")
+        def write(folder: Path) -> None:
+            (folder / "ablation.md").write_text(markdown + "\n")
+            (folder / "ablation.json").write_text(json.dumps(result, indent=1))
+            paper.plot_ablation(result, folder / "ablation.png")
+
+        _write_atomically(args.out, write)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input or options, 1 internal error).
+
+    Every failure is one line on stderr, without a traceback (``FEDRECON_TRACEBACK=1`` shows
+    the traceback of an internal error).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("paper", "ablation"):
+        try:
+            _check_output_folder(args.out, "--out")
+        except ValueError as e:
+            print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
+            return 2
     try:
         if args.command == "train":
             result = run_train(args)
@@ -387,9 +480,20 @@ def main(argv: list[str] | None = None) -> int:
             result = run_paper(args)
         else:
             result = run_ablation(args)
-    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
-        print(f"fedrecon-fast: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError, MemoryError) as e:
+        if isinstance(e, MemoryError):
+            e = f"out of memory ({e or 'MemoryError'})"
+        print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedrecon-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("FEDRECON_TRACEBACK"):
+            raise
+        print(f"fedrecon-fast: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set FEDRECON_TRACEBACK=1 for the traceback; please report it)", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result))
     return 0

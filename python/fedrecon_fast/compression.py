@@ -53,13 +53,14 @@ saying what is wrong for truncated or corrupted buffers.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from . import _core
 from ._rng import STREAM_QUANT
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, to_float32
 
 __all__ = [
     "FORMAT_VERSION",
@@ -98,9 +99,7 @@ def _as_float32(x, name: str, *, ndim: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
     if arr.ndim > _MAX_NDIM:
         raise ValueError(f"{name} must have at most {_MAX_NDIM} dimensions; got shape {arr.shape}")
-    # Values beyond the float32 range become inf here; the kernel then rejects them by name.
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.asarray(arr, dtype=np.float32, order="C")
+    return to_float32(arr, name)
 
 
 def _check_bits(bits) -> None:
@@ -130,7 +129,7 @@ def _check_threads(num_threads) -> int:
 def _key(seed, round, client) -> int:  # noqa: A002
     for value, name in ((seed, "seed"), (round, "round"), (client, "client")):
         check_int(value, name, minimum=0)
-    return _core.derive_seed(seed % _UINT64, round % _UINT64, client % _UINT64, STREAM_QUANT)
+    return _core.derive_seed(int(seed) % _UINT64, int(round) % _UINT64, int(client) % _UINT64, STREAM_QUANT)
 
 
 def _scheme(bits, scaling, hadamard, seed, round, client, num_threads):  # noqa: A002
@@ -155,6 +154,17 @@ def _as_buffer(buf, name: str = "buf") -> np.ndarray:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return np.frombuffer(view, dtype=np.uint8)
+
+
+def _named(name: str, fn, *args):
+    """Call a native decoder; its ValueError (a bad buffer) names the argument ``name``."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith(name):
+            raise
+        raise ValueError(f"{name}: {msg}") from None
 
 
 def _check_out(out, name: str = "out") -> np.ndarray:
@@ -294,7 +304,7 @@ def decode(buf, *, num_threads: int = 0) -> np.ndarray:
         The buffer is truncated or corrupted (bad magic, unsupported version, invalid header
         field, wrong length, CRC mismatch), or holds a sparse update (use :func:`decode_sparse`).
     """
-    return _core.decode(_as_buffer(buf), _check_threads(num_threads))
+    return _named("buf", _core.decode, _as_buffer(buf), _check_threads(num_threads))
 
 
 def encode_sparse(rows, values, bits: int, *, num_rows: int | None = None, scaling: str = "tensor",
@@ -365,7 +375,7 @@ def decode_sparse(buf, *, num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]
     ValueError
         The buffer is truncated or corrupted, or holds a dense array (use :func:`decode`).
     """
-    rows, values, _ = _core.decode_sparse(_as_buffer(buf), _check_threads(num_threads))
+    rows, values, _ = _named("buf", _core.decode_sparse, _as_buffer(buf), _check_threads(num_threads))
     return rows, values
 
 
@@ -437,7 +447,7 @@ def buffer_info(buf) -> dict:
     ValueError
         The buffer is truncated or corrupted.
     """
-    return dict(_core.buffer_info(_as_buffer(buf), 1))
+    return dict(_named("buf", _core.buffer_info, _as_buffer(buf), 1))
 
 
 def decode_accumulate(buf, weight: float, out: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
@@ -468,7 +478,7 @@ def decode_accumulate(buf, weight: float, out: np.ndarray, *, num_threads: int =
         A row id of a sparse buffer is outside ``out``.
     """
     check_float(weight, "weight")
-    return decode_accumulate_batch([buf], [weight], out, num_threads=num_threads)
+    return _accumulate([_as_buffer(buf)], [weight], out, num_threads, "buf")
 
 
 def decode_accumulate_batch(bufs: Sequence, weights, out: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
@@ -496,6 +506,11 @@ def decode_accumulate_batch(bufs: Sequence, weights, out: np.ndarray, *, num_thr
     if isinstance(bufs, (bytes, bytearray, memoryview, np.ndarray)):
         raise TypeError("bufs must be a sequence of buffers; use decode_accumulate for one buffer")
     arrays = [_as_buffer(b, f"bufs[{k}]") for k, b in enumerate(bufs)]
+    return _accumulate(arrays, weights, out, num_threads, "bufs[0]")
+
+
+def _accumulate(arrays: list, weights, out, num_threads, single_name: str) -> np.ndarray:
+    """decode_accumulate(_batch) after the buffers were viewed as uint8 arrays."""
     w = np.asarray(weights)
     if w.dtype == object or w.dtype.kind not in "fiu":
         raise TypeError(f"weights must be real numbers; got dtype {w.dtype}")
@@ -507,5 +522,15 @@ def decode_accumulate_batch(bufs: Sequence, weights, out: np.ndarray, *, num_thr
     if not np.isfinite(w).all():
         raise ValueError("weights must be finite")
     _check_out(out)
-    _core.decode_accumulate(arrays, w, out, _check_threads(num_threads))
+    threads = _check_threads(num_threads)
+    try:
+        _core.decode_accumulate(arrays, w, out, threads)
+    except ValueError as e:  # a bad buffer, or buffers that do not fit out: name the buffer
+        msg = str(e)
+        if len(arrays) == 1:
+            msg = f"{single_name}: {msg}"
+        else:
+            msg = re.sub(r"^buffer (\d+)", r"bufs[\1]", msg)
+            msg = msg if msg.startswith("bufs") else f"bufs: {msg}"
+        raise ValueError(msg) from None
     return out

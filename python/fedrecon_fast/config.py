@@ -8,16 +8,26 @@ Learning" (NeurIPS 2021), and ``fast`` is our best accuracy-per-second setup.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from . import _core
 from ._validation import check_choice, check_float, check_int
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}
+_INT32_MAX = 2**31 - 1  # the native config's int fields
+_INT64_MAX = 2**63 - 1
 RECON_METHODS = {"sgd": 0, "exact": 1}
 INITS = {"uniform": 0, "zeros": 1}
 WEIGHTINGS = {"examples": 0, "uniform": 1}
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad", "yogi")
+
+
+def _store_builtin(obj, names, kind) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            object.__setattr__(obj, name, kind(value))
 
 
 @dataclass(frozen=True)
@@ -72,25 +82,31 @@ class ClientConfig:
     weighting: str = "examples"
 
     def __post_init__(self) -> None:
-        check_int(self.batch_size, "batch_size", minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=1, maximum=_INT32_MAX)
         check_choice(self.split, "split", SPLITS)
         check_float(self.support_fraction, "support_fraction", minimum=0.0, maximum=1.0)
         check_choice(self.recon, "recon", RECON_METHODS)
         check_choice(self.init, "init", INITS)
         check_float(self.init_scale, "init_scale", minimum=0.0)
-        check_int(self.recon_epochs, "recon_epochs", minimum=0)
-        check_int(self.recon_steps_max, "recon_steps_max", minimum=1, allow_none=True)
+        check_int(self.recon_epochs, "recon_epochs", minimum=0, maximum=_INT32_MAX)
+        check_int(self.recon_steps_max, "recon_steps_max", minimum=1, maximum=_INT64_MAX, allow_none=True)
         check_float(self.recon_lr, "recon_lr", minimum=0.0)
         check_float(self.recon_l2, "recon_l2", minimum=0.0)
         check_float(self.ridge, "ridge", minimum=0.0, strict=True)
-        check_int(self.update_epochs, "update_epochs", minimum=0)
-        check_int(self.update_steps_max, "update_steps_max", minimum=1, allow_none=True)
+        check_int(self.update_epochs, "update_epochs", minimum=0, maximum=_INT32_MAX)
+        check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX,
+                  allow_none=True)
         check_float(self.client_lr, "client_lr", minimum=0.0)
         check_float(self.update_l2, "update_l2", minimum=0.0)
         check_choice(self.weighting, "weighting", WEIGHTINGS)
         for name in ("reshuffle", "joint"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        # NumPy scalars pass the checks: store Python numbers, so to_dict() is JSON (model files).
+        _store_builtin(self, ("batch_size", "recon_epochs", "recon_steps_max", "update_epochs",
+                              "update_steps_max"), int)
+        _store_builtin(self, ("support_fraction", "init_scale", "recon_lr", "recon_l2", "ridge",
+                              "client_lr", "update_l2"), float)
 
     def to_native(self) -> _core.ClientConfig:
         """The equivalent native configuration object."""
@@ -205,14 +221,25 @@ class FedReconConfig:
         check_int(self.clients_per_round, "clients_per_round", minimum=1)
         check_choice(self.server_optimizer, "server_optimizer", SERVER_OPTIMIZERS)
         check_float(self.server_lr, "server_lr", minimum=0.0, strict=True)
-        object.__setattr__(self, "server_options", tuple(dict(self.server_options).items()))
+        try:
+            options = dict(self.server_options)
+        except (TypeError, ValueError):
+            raise TypeError(f"server_options must be a dict (or pairs) of optimizer hyperparameters; "
+                            f"got {self.server_options!r}") from None
+        object.__setattr__(self, "server_options", tuple(options.items()))
         if not isinstance(self.biases, bool):
             raise TypeError(f"biases must be a bool; got {self.biases!r}")
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
         check_int(self.max_examples, "max_examples", minimum=1, allow_none=True)
         check_int(self.min_examples, "min_examples", minimum=0)
-        fractions = tuple(float(f) for f in self.user_split)
-        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        try:
+            if isinstance(self.user_split, (str, bytes)):
+                raise TypeError
+            fractions = tuple(float(f) for f in self.user_split)
+        except (TypeError, ValueError):
+            raise TypeError(f"user_split must be 3 fractions (train, val, test); got {self.user_split!r}") from None
+        if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) \
+                or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"user_split must be 3 non-negative fractions summing to 1; got {self.user_split!r}")
         object.__setattr__(self, "user_split", fractions)
         check_int(self.eval_every, "eval_every", minimum=0)
@@ -235,6 +262,9 @@ class FedReconConfig:
             raise ValueError("dp_noise needs dp_clip (the noise is dp_noise * dp_clip)")
         check_int(self.seed, "seed", minimum=0)
         check_int(self.num_threads, "num_threads", minimum=0)
+        _store_builtin(self, ("dim", "rounds", "clients_per_round", "max_examples", "min_examples",
+                              "eval_every", "quantize_bits", "quantize_threshold", "seed", "num_threads"), int)
+        _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise"), float)
 
     @property
     def evaluation(self) -> ClientConfig:

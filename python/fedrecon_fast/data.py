@@ -149,10 +149,12 @@ def _indptr_from_sizes(sizes: np.ndarray) -> np.ndarray:
 
 
 def _check_fractions(fractions) -> Tuple[float, float, float]:
+    if isinstance(fractions, (str, bytes)):
+        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}")
     try:
         fr = tuple(float(f) for f in fractions)
-    except TypeError:
-        raise TypeError("fractions must be a sequence of three numbers") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}") from None
     if len(fr) != 3:
         raise ValueError(f"fractions must have three entries (train, val, test), got {len(fr)}")
     if not all(math.isfinite(f) and f >= 0.0 for f in fr):

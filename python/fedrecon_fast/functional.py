@@ -202,11 +202,12 @@ def _configs(config, model_config) -> tuple[ClientConfig, FedReconConfig | None]
 
 
 def _one_client(data, client, client_id, num_items: int):
-    """CSR data holding the client at row ``client_id`` (the kernels key its random streams by
-    its row), and that row.
+    """``(csr, row, key)``: CSR data holding the client at ``row``, keyed for the random streams
+    by ``key`` (``client_id``, default the client's row of ``data``).
 
-    A client that is already row ``client_id`` of ``data`` is used in place; otherwise its
-    ratings go into a CSR whose rows before it are empty, so the cost is O(ratings + client_id).
+    A client of a ClientData keyed by its own row is used in place; otherwise its ratings go
+    into a one-row CSR whose ``stream_ids`` give the kernels the key, so any ``client_id`` costs
+    O(ratings) and nothing more.
     """
     if isinstance(data, tuple):
         if len(data) != 2:
@@ -233,18 +234,17 @@ def _one_client(data, client, client_id, num_items: int):
             raise ValueError(f"client must lie in [0, {data.num_clients}); got {client}")
         client = int(client)
         if client_id is None or client_id == client:
-            return data, client
+            return data, client, client
         lo, hi = int(data.indptr[client]), int(data.indptr[client + 1])
         items, ratings = data.items[lo:hi], data.ratings[lo:hi]
     if client_id is None:
         raise ValueError("client_id is required with (items, ratings): it keys the client's random streams")
-    check_int(client_id, "client_id", minimum=0)
-    indptr = np.zeros(int(client_id) + 2, dtype=np.int64)
-    indptr[-1] = items.shape[0]
-    csr = SimpleNamespace(indptr=indptr, items=np.ascontiguousarray(items, dtype=np.int32),
+    check_int(client_id, "client_id", minimum=0, maximum=2**63 - 1)
+    csr = SimpleNamespace(indptr=np.array([0, items.shape[0]], dtype=np.int64),
+                          items=np.ascontiguousarray(items, dtype=np.int32),
                           ratings=np.ascontiguousarray(ratings, dtype=np.float32),
-                          num_clients=int(client_id) + 1, num_items=num_items)
-    return csr, int(client_id)
+                          stream_ids=np.array([client_id], dtype=np.int64), num_clients=1, num_items=num_items)
+    return csr, 0, int(client_id)
 
 
 def _client_metrics(stats: dict, k: int) -> dict:
@@ -304,7 +304,7 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
     check_int(round, "round", minimum=0)
     check_int(num_threads, "num_threads", minimum=0)
     num_items, K = V.shape
-    csr, row = _one_client(data, client, client_id, num_items)
+    csr, row, key = _one_client(data, client, client_id, num_items)
     bits = full.quantize_bits if full is not None else None
     sparse = full.sparse_updates if full is not None else True
     clip = full.dp_clip if full is not None else None
@@ -316,12 +316,12 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
                                  round=round, num_threads=num_threads, sparse=sparse, clip=clip)
     rows, values, bias_values = out.client(0)
     metrics = _client_metrics(out.client_stats, 0)
-    metrics["client_id"] = row
+    metrics["client_id"] = key
     weight = metrics.pop("weight")
     encoded = None
     if quantize and weight > 0:
         common = dict(scaling=full.quantize_scaling, hadamard=full.hadamard, seed=seed, round=round,
-                      client=row, num_threads=num_threads)
+                      client=key, num_threads=num_threads)
         if sparse:
             encoded = compression.encode_sparse(rows, values, bits, num_rows=num_items, **common)
             rows, values = compression.decode_sparse(encoded, num_threads=num_threads)
@@ -358,7 +358,7 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
         config = config.evaluation
     client_cfg, _ = _configs(config, None)
     seed = 0 if seed is None else seed
-    csr, row = _one_client(data, client, client_id, V.shape[0])
+    csr, row, _ = _one_client(data, client, client_id, V.shape[0])
     stats = kernels.evaluate_users(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
                                    round=EVAL_ROUND, num_threads=num_threads)
     sums = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),

@@ -32,11 +32,17 @@ __all__ = [
 ]
 
 _UINT64 = 2**64
+_MAX_RESULT = 2**59  # entries of a result array whose byte size still fits int64
 
 
 def derive_seed(seed: int, round: int, client: int, stream: int) -> int:
-    """The seed of one counter-based random stream (the native SplitMix64 hash)."""
-    return _core.derive_seed(seed % _UINT64, round % _UINT64, client % _UINT64, stream % _UINT64)
+    """The seed of one counter-based random stream (the native SplitMix64 hash).
+
+    Each argument is an integer, taken modulo 2**64 (so -1 is 2**64 - 1).
+    """
+    for value, name in ((seed, "seed"), (round, "round"), (client, "client"), (stream, "stream")):
+        check_int(value, name)
+    return _core.derive_seed(int(seed) % _UINT64, int(round) % _UINT64, int(client) % _UINT64, int(stream) % _UINT64)
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,22 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
         check_float(user_bias_default, "user_bias_default")
         native.user_bias_default = float(user_bias_default)
     return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
-            native, seed % _UINT64, round % _UINT64, num_threads)
+            native, int(seed) % _UINT64, int(round) % _UINT64, num_threads)
+
+
+def _stream_ids(data) -> dict:
+    """``{"stream_ids": ...}`` when ``data`` carries the ids that key its clients' random streams
+    (an int64 array, one non-negative id per client; without it a client is keyed by its row)."""
+    ids = getattr(data, "stream_ids", None)
+    if ids is None:
+        return {}
+    ids = np.asarray(ids)
+    if ids.shape != (len(data.indptr) - 1,) or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"data.stream_ids must hold one integer per client ({len(data.indptr) - 1}); "
+                         f"got dtype {ids.dtype}, shape {ids.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(np.int64).max):
+        raise ValueError("data.stream_ids must lie in [0, 2**63)")
+    return {"stream_ids": np.ascontiguousarray(ids, dtype=np.int64)}
 
 
 def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
@@ -186,13 +207,13 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
     if scaling not in ("tensor", "row"):
         raise ValueError(f"scaling must be 'tensor' or 'row'; got {scaling!r}")
     for name, value in (("hadamard", hadamard), ("sparse", sparse)):
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {value!r}")
     check_int(threshold, "threshold", minimum=0)
     if clip is not None:
         check_float(clip, "clip", minimum=0.0, strict=True)
-    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": hadamard,
-            "sparse": sparse, "threshold": threshold, "clip": float(clip or 0.0)}
+    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": bool(hadamard),
+            "sparse": bool(sparse), "threshold": threshold, "clip": float(clip or 0.0)}
 
 
 def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
@@ -204,7 +225,7 @@ def _update_call(native, item_factors, data, clients, config, item_bias, global_
                         user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    return native(*args, users=users, user_bias=user_bias, **codec)
+    return native(*args, users=users, user_bias=user_bias, **codec, **_stream_ids(data))
 
 
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -221,7 +242,10 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     item_factors : array_like, shape (num_items, dim)
         Global item matrix V (converted once to C-contiguous float32).
     data : ClientData
-        Ratings of all clients (CSR).
+        Ratings of all clients (CSR): any object with ``indptr`` (int64), ``items`` (int32),
+        ``ratings`` (float32), ``num_clients`` and ``num_items``. An optional ``stream_ids``
+        (int64, one per client) keys each client's random streams by that id instead of its
+        row (the functional API runs one client with the streams of its id this way).
     clients : array_like of int, shape (m,), optional
         Indices into ``data`` of the sampled clients (default: all). Their order fixes the
         order of the float64 reduction, not the result's dependence on threads.
@@ -353,7 +377,7 @@ def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | N
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    return _core.reconstruct_users(*args)
+    return _core.reconstruct_users(*args, **_stream_ids(data))
 
 
 def _relevance(relevance_threshold) -> float:
@@ -392,8 +416,8 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     check_int(k, "k", minimum=1, allow_none=True)
     threshold = _relevance(relevance_threshold)
     if k is None:
-        return _core.evaluate_users(*args)
-    return _core.evaluate_users(*args, k=k, relevance_threshold=threshold)
+        return _core.evaluate_users(*args, **_stream_ids(data))
+    return _core.evaluate_users(*args, k=k, relevance_threshold=threshold, **_stream_ids(data))
 
 
 def infer_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -445,6 +469,8 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
     check_int(k, "k", minimum=1)
+    if len(args[6]) * k > _MAX_RESULT:
+        raise ValueError(f"k is too large: a ({len(args[6])}, {k}) result cannot be allocated")
     if not isinstance(exclude_seen, (bool, np.bool_)):
         raise TypeError(f"exclude_seen must be a bool; got {exclude_seen!r}")
     return _core.recommend_users(*args, k=k, exclude_seen=bool(exclude_seen))

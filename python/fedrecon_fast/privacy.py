@@ -137,10 +137,15 @@ def _dp_params(clip, noise_multiplier, seed, round, expected_weight):
     else:
         check_float(expected_weight, "expected_weight", minimum=0.0, strict=True)
         denominator = float(expected_weight)
-    return float(clip), float(noise_multiplier), seed % _UINT64, round % _UINT64, denominator
+    return float(clip), float(noise_multiplier), int(seed) % _UINT64, int(round) % _UINT64, denominator
 
 
 def _result(value, norms, summary: dict, denominator: float) -> DPResult:
+    # Finite updates, weights and noise can still overflow float32 (or float64) once divided by
+    # a tiny expected_weight: an error, not a silent infinity.
+    if not np.isfinite(value).all():
+        raise ValueError(f"the aggregate overflows {value.dtype} when divided by expected_weight="
+                         f"{denominator!r}: pass a larger expected_weight (or dtype=numpy.float64)")
     return DPResult(value=value, norms=norms, num_updates=int(summary["num_updates"]),
                     num_clipped=int(summary["num_clipped"]), clip=summary["clip"],
                     noise_multiplier=summary["noise_multiplier"], noise_std=summary["noise_std"],
@@ -164,7 +169,8 @@ def capped_weights(num_examples, cap: float) -> np.ndarray:
     if not np.isfinite(n).all() or (n < 0).any():
         raise ValueError("num_examples must be finite and >= 0")
     check_float(cap, "cap", minimum=0.0, strict=True)
-    return np.minimum(n / float(cap), 1.0)
+    with np.errstate(over="ignore"):  # n / a tiny cap is inf: weight 1 all the same
+        return np.minimum(n / float(cap), 1.0)
 
 
 def clip_by_norm(update, clip: float, *, num_threads: int = 0) -> tuple[np.ndarray, bool, float]:
@@ -195,7 +201,7 @@ def clip_by_norm(update, clip: float, *, num_threads: int = 0) -> tuple[np.ndarr
     ValueError
         ``clip <= 0`` or a NaN/infinite value in ``update``.
     """
-    x = _as_f32(_real_array(update, "update"))
+    x = _as_f32(_real_array(update, "update"), "update")
     check_float(clip, "clip", minimum=0.0, strict=True)
     check_int(num_threads, "num_threads", minimum=0)
     clipped, norm = _core.clip_by_norm(x, float(clip), num_threads)
@@ -226,7 +232,7 @@ def gaussian_noise(shape, std: float, *, seed: int, round: int = 0, num_threads:
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
     check_int(num_threads, "num_threads", minimum=0)
-    out = _core.gaussian_noise(num_rows * dim, float(std), seed % _UINT64, round % _UINT64, num_threads)
+    out = _core.gaussian_noise(num_rows * dim, float(std), int(seed) % _UINT64, int(round) % _UINT64, num_threads)
     return out.reshape(shape)
 
 
@@ -397,7 +403,7 @@ class DPGaussianSum:
         if x.shape != self._shape:
             raise ValueError(f"update must have shape {self._shape}; got {x.shape}")
         w = _weight(weight, dp=True)
-        norm = float(self._acc.add_dense(_as_f32(x), w, self._num_threads))
+        norm = float(self._acc.add_dense(_as_f32(x, "update"), w, self._num_threads))
         self._norms.append(norm)
         return norm
 

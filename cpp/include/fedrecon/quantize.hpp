@@ -74,6 +74,10 @@ std::uint64_t sign_seed(std::uint64_t key, std::int64_t row);
 /// decoded range would not be finite in float32.
 QuantGroup make_group(float lo, float hi, int bits);
 
+/// Whether every value of the group's grid stays finite through an (inverse) Hadamard transform
+/// of n values: the unnormalized transform's partial sums reach n * max|grid value|.
+bool rotation_fits(const QuantGroup& g, int bits, std::int64_t n);
+
 inline float dequantize(const QuantGroup& g, std::uint32_t index) {
   // index * step is exact in double (16 x 24 bits), so this is one rounding to double and one
   // to float32 on every platform, with or without fused multiply-add.

@@ -15,6 +15,13 @@ struct CsrView {
   const float* ratings = nullptr;        // nnz ratings
   std::int64_t num_clients = 0;
   std::int64_t nnz = 0;
+  // Optional (num_clients): the id that keys client c's random streams (seed, round, id);
+  // nullptr keys each client by its row c. Lets a caller holding one client's ratings run it
+  // with the streams of any client id without a CSR of that many rows.
+  const std::int64_t* stream_ids = nullptr;
+  std::uint64_t stream_id(std::int64_t c) const {
+    return static_cast<std::uint64_t>(stream_ids != nullptr ? stream_ids[c] : c);
+  }
 };
 
 /// The global model: item factors V (num_items x dim, row-major), optional item biases and a
