@@ -411,3 +411,10 @@ def test_cli_recommend_reads_a_utf8_bom(saved_model, tmp_path, capsys):
     code, out, err = _cli(["recommend", "--model", saved_model, "--ratings", path, "--json"], capsys)
     assert code == 0, err
     assert "with 1 known ratings" in out
+
+
+def test_dp_expected_weight_whose_reciprocal_overflows_is_named():
+    # Was: "the scale of the sum must be finite" (from the native kernel), naming nothing.
+    with pytest.raises(ValueError, match="expected_weight is too small"):
+        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
+                       expected_weight=2.2e-309)
