@@ -418,3 +418,19 @@ def test_dp_expected_weight_whose_reciprocal_overflows_is_named():
     with pytest.raises(ValueError, match="expected_weight is too small"):
         privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
                        expected_weight=2.2e-309)
+
+
+def test_loader_accepts_a_file_cut_after_its_last_carriage_return(tmp_path):
+    # Was: "malformed ratings in the block starting at line 1" (no line named) for a CRLF file
+    # whose final "\n" is missing: the fast parser saw a line "\r", the diagnosis a blank one.
+    path = tmp_path / "u.data"
+    path.write_bytes(b"1\t2\t5\t7\r\n3\t4\t1\t8\r")
+    data = ff.load_movielens(path)
+    assert data.nnz == 2 and data.user_ids.tolist() == [1, 3]
+    path.write_bytes(b"\r")
+    assert ff.load_movielens(path).nnz == 0
+
+
+def test_config_that_drops_every_client_is_rejected():
+    with pytest.raises(ValueError, match="max_examples \\(1\\) < min_examples \\(2\\)"):
+        ff.FedReconConfig(max_examples=1, min_examples=2)

@@ -232,6 +232,9 @@ class FedReconConfig:
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
         check_int(self.max_examples, "max_examples", minimum=1, allow_none=True)
         check_int(self.min_examples, "min_examples", minimum=0)
+        if self.max_examples is not None and self.max_examples < self.min_examples:
+            raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
+                             "would drop every client")
         try:
             if isinstance(self.user_split, (str, bytes)):
                 raise TypeError
