@@ -387,3 +387,50 @@ def test_client_step_with_any_client_id_costs_only_its_ratings(small):
     assert client_evaluate(model, (items, ratings), cfg, client_id=key, seed=3)["sq_err_sum"] == ev["sq_err_sum"][0]
     with pytest.raises(ValueError, match="client_id must be <= "):
         ff.client_step(model, (items, ratings), cfg, client_id=2**63)
+
+
+def test_float_parameters_beyond_float32_are_named(small):
+    # Was: a finite double such as 1e300 became inf in the native float32 parameter
+    # (global_mean: every prediction inf/NaN, silently).
+    data, V = small
+    with pytest.raises(ValueError, match="global_mean must be <= "):
+        kernels.evaluate_users(V, data, global_mean=1e300)
+    with pytest.raises(ValueError, match="relevance_threshold must be >= "):
+        kernels.evaluate_users(V, data, k=2, relevance_threshold=-1e39)
+    with pytest.raises(ValueError, match="recon_lr must be <= "):
+        ff.ClientConfig(recon_lr=1e300)
+    with pytest.raises(ValueError, match="global_mean must be <= "):
+        ff.GlobalModel(V, None, 1e39, np.arange(V.shape[0]))
+
+
+def test_cli_recommend_reads_a_utf8_bom(saved_model, tmp_path, capsys):
+    # Was: "\ufeff12,5" failed float(), so the first rating was taken for a header and dropped.
+    model = ff.GlobalModel.load(saved_model)
+    path = tmp_path / "r.csv"
+    path.write_bytes(f"\ufeff{model.item_ids[0]},5\n".encode("utf-8"))
+    code, out, err = _cli(["recommend", "--model", saved_model, "--ratings", path, "--json"], capsys)
+    assert code == 0, err
+    assert "with 1 known ratings" in out
+
+
+def test_dp_expected_weight_whose_reciprocal_overflows_is_named():
+    # Was: "the scale of the sum must be finite" (from the native kernel), naming nothing.
+    with pytest.raises(ValueError, match="expected_weight is too small"):
+        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
+                       expected_weight=2.2e-309)
+
+
+def test_loader_accepts_a_file_cut_after_its_last_carriage_return(tmp_path):
+    # Was: "malformed ratings in the block starting at line 1" (no line named) for a CRLF file
+    # whose final "\n" is missing: the fast parser saw a line "\r", the diagnosis a blank one.
+    path = tmp_path / "u.data"
+    path.write_bytes(b"1\t2\t5\t7\r\n3\t4\t1\t8\r")
+    data = ff.load_movielens(path)
+    assert data.nnz == 2 and data.user_ids.tolist() == [1, 3]
+    path.write_bytes(b"\r")
+    assert ff.load_movielens(path).nnz == 0
+
+
+def test_config_that_drops_every_client_is_rejected():
+    with pytest.raises(ValueError, match="max_examples \\(1\\) < min_examples \\(2\\)"):
+        ff.FedReconConfig(max_examples=1, min_examples=2)

@@ -7,6 +7,9 @@ import numbers
 
 import numpy as np
 
+#: Largest finite float32: a Python float passed to a native float32 parameter must not exceed it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def to_float32(arr: np.ndarray, name: str) -> np.ndarray:
     """A real numeric ndarray as C-contiguous float32 (no copy when it already is one; 0-d stays

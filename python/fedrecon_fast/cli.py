@@ -339,9 +339,9 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
     try:
         raw = sys.stdin.buffer.read() if source == "-" and hasattr(sys.stdin, "buffer") else None
         if source == "-":
-            text = sys.stdin.read() if raw is None else raw.decode("utf-8")
+            text = sys.stdin.read() if raw is None else raw.decode("utf-8-sig")
         else:
-            text = Path(source).read_bytes().decode("utf-8")
+            text = Path(source).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except IsADirectoryError:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import _core
-from ._validation import check_choice, check_float, check_int
+from ._validation import FLOAT32_MAX, check_choice, check_float, check_int
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}
 _INT32_MAX = 2**31 - 1  # the native config's int fields
@@ -87,17 +87,17 @@ class ClientConfig:
         check_float(self.support_fraction, "support_fraction", minimum=0.0, maximum=1.0)
         check_choice(self.recon, "recon", RECON_METHODS)
         check_choice(self.init, "init", INITS)
-        check_float(self.init_scale, "init_scale", minimum=0.0)
+        check_float(self.init_scale, "init_scale", minimum=0.0, maximum=FLOAT32_MAX)
         check_int(self.recon_epochs, "recon_epochs", minimum=0, maximum=_INT32_MAX)
         check_int(self.recon_steps_max, "recon_steps_max", minimum=1, maximum=_INT64_MAX, allow_none=True)
-        check_float(self.recon_lr, "recon_lr", minimum=0.0)
-        check_float(self.recon_l2, "recon_l2", minimum=0.0)
-        check_float(self.ridge, "ridge", minimum=0.0, strict=True)
+        check_float(self.recon_lr, "recon_lr", minimum=0.0, maximum=FLOAT32_MAX)
+        check_float(self.recon_l2, "recon_l2", minimum=0.0, maximum=FLOAT32_MAX)
+        check_float(self.ridge, "ridge", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
         check_int(self.update_epochs, "update_epochs", minimum=0, maximum=_INT32_MAX)
         check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX,
                   allow_none=True)
-        check_float(self.client_lr, "client_lr", minimum=0.0)
-        check_float(self.update_l2, "update_l2", minimum=0.0)
+        check_float(self.client_lr, "client_lr", minimum=0.0, maximum=FLOAT32_MAX)
+        check_float(self.update_l2, "update_l2", minimum=0.0, maximum=FLOAT32_MAX)
         check_choice(self.weighting, "weighting", WEIGHTINGS)
         for name in ("reshuffle", "joint"):
             if not isinstance(getattr(self, name), bool):
@@ -232,6 +232,9 @@ class FedReconConfig:
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
         check_int(self.max_examples, "max_examples", minimum=1, allow_none=True)
         check_int(self.min_examples, "min_examples", minimum=0)
+        if self.max_examples is not None and self.max_examples < self.min_examples:
+            raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
+                             "would drop every client")
         try:
             if isinstance(self.user_split, (str, bytes)):
                 raise TypeError

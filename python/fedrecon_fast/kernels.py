@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from ._validation import as_float32_matrix, as_float32_vector, as_index_array, check_float, check_int
+from ._validation import (
+    FLOAT32_MAX,
+    as_float32_matrix,
+    as_float32_vector,
+    as_index_array,
+    check_float,
+    check_int,
+)
 from .config import ClientConfig
 
 __all__ = [
@@ -155,7 +162,7 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     clients = as_index_array(clients, "clients", upper=data.num_clients)
     if not isinstance(config, ClientConfig):
         raise TypeError(f"config must be a ClientConfig; got {type(config).__name__}")
-    check_float(global_mean, "global_mean")
+    check_float(global_mean, "global_mean", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
     check_int(num_threads, "num_threads", minimum=0)
@@ -163,7 +170,7 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     if user_default is not None:
         native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1],
                                                 check_finite=True)
-        check_float(user_bias_default, "user_bias_default")
+        check_float(user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         native.user_bias_default = float(user_bias_default)
     return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
             native, int(seed) % _UINT64, int(round) % _UINT64, num_threads)
@@ -384,7 +391,7 @@ def _relevance(relevance_threshold) -> float:
     """The native threshold: None (every query item is relevant) becomes -inf."""
     if relevance_threshold is None:
         return -math.inf
-    check_float(relevance_threshold, "relevance_threshold")
+    check_float(relevance_threshold, "relevance_threshold", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
     return float(relevance_threshold)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import inference
 from ._rng import STREAM_MODEL_INIT, generator
-from ._validation import as_float32_matrix, as_float32_vector, check_float
+from ._validation import FLOAT32_MAX, as_float32_matrix, as_float32_vector, check_float
 from .config import ClientConfig, FedReconConfig
 
 FORMAT = "fedrecon_fast.model"
@@ -59,7 +59,7 @@ class GlobalModel:
         n = self.item_factors.shape[0]
         if self.item_bias is not None:
             self.item_bias = as_float32_vector(self.item_bias, "item_bias", size=n)
-        check_float(self.global_mean, "global_mean")
+        check_float(self.global_mean, "global_mean", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         self.global_mean = float(self.global_mean)
         ids = np.asarray(self.item_ids)
         if ids.shape != (n,) or (ids.size and ids.dtype.kind not in "iu"):
@@ -68,7 +68,7 @@ class GlobalModel:
         if self.user_default is not None:
             self.user_default = as_float32_vector(self.user_default, "user_default", size=self.dim,
                                                   check_finite=True)
-        check_float(self.user_bias_default, "user_bias_default")
+        check_float(self.user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         self.user_bias_default = float(self.user_bias_default)
 
     def default_kwargs(self) -> dict:

@@ -224,6 +224,8 @@ def _parse_block(raw: bytes, delim: bytes, first_line_no: int, file: Path):
     first offending line (a slow pass, only on the error path).
     """
     buf = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw  # keeps the line count
+    if buf.endswith(b"\r"):  # a CRLF file cut after its last CR: the line ends there
+        buf = buf[:-1]
     a = np.frombuffer(buf, dtype=np.uint8)
     n = a.size
     ends = np.flatnonzero(a == 10)

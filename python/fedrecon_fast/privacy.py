@@ -37,6 +37,8 @@ seed) for every release: two releases with the same noise reveal their differenc
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +139,8 @@ def _dp_params(clip, noise_multiplier, seed, round, expected_weight):
     else:
         check_float(expected_weight, "expected_weight", minimum=0.0, strict=True)
         denominator = float(expected_weight)
+        if not math.isfinite(1.0 / denominator):  # a subnormal: its reciprocal overflows
+            raise ValueError(f"expected_weight is too small: 1 / {denominator!r} overflows float64")
     return float(clip), float(noise_multiplier), int(seed) % _UINT64, int(round) % _UINT64, denominator
 
 
