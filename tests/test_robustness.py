@@ -434,3 +434,11 @@ def test_loader_accepts_a_file_cut_after_its_last_carriage_return(tmp_path):
 def test_config_that_drops_every_client_is_rejected():
     with pytest.raises(ValueError, match="max_examples \\(1\\) < min_examples \\(2\\)"):
         ff.FedReconConfig(max_examples=1, min_examples=2)
+
+
+def test_recommend_with_a_k_too_large_for_memory_is_a_named_error():
+    # A padded (1, 2**31) top-k result would need 24 GiB: refused before allocating, not OOM-killed.
+    data = ff.synthetic_ratings(num_users=5, num_items=30, min_ratings=5, seed=0)
+    model = ff.GlobalModel.initialize(data.item_ids, ff.preset("paper", dim=4))
+    with pytest.raises(ValueError, match="k is too large"):
+        model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=2**31)

@@ -8,6 +8,7 @@ here (clear ``ValueError``/``TypeError`` naming the argument) and converted once
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,15 @@ __all__ = [
 ]
 
 _UINT64 = 2**64
-_MAX_RESULT = 2**59  # entries of a result array whose byte size still fits int64
+
+
+def _result_budget() -> int:
+    """Bytes a result array may take: a quarter of the machine's memory (a padded top-k result for a
+    huge k would otherwise take the process down with it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return 2**62
 
 
 def derive_seed(seed: int, round: int, client: int, stream: int) -> int:
@@ -476,8 +485,10 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
     check_int(k, "k", minimum=1)
-    if len(args[6]) * k > _MAX_RESULT:
-        raise ValueError(f"k is too large: a ({len(args[6])}, {k}) result cannot be allocated")
+    needed = len(args[6]) * k * 12  # int64 items + float32 scores
+    if needed > _result_budget():
+        raise ValueError(f"k is too large: the ({len(args[6])}, {k}) result needs {needed / 2**30:.1f} GiB, "
+                         "more than a quarter of this machine's memory")
     if not isinstance(exclude_seen, (bool, np.bool_)):
         raise TypeError(f"exclude_seen must be a bool; got {exclude_seen!r}")
     return _core.recommend_users(*args, k=k, exclude_seen=bool(exclude_seen))
