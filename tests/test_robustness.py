@@ -434,3 +434,18 @@ def test_loader_accepts_a_file_cut_after_its_last_carriage_return(tmp_path):
 def test_config_that_drops_every_client_is_rejected():
     with pytest.raises(ValueError, match="max_examples \\(1\\) < min_examples \\(2\\)"):
         ff.FedReconConfig(max_examples=1, min_examples=2)
+
+
+@pytest.mark.parametrize("name", ["adam", "yogi", "adagrad"])
+def test_second_moment_overflow_is_a_floating_point_error(name):
+    # Was: RuntimeWarning "overflow encountered in square" and an infinite second moment that
+    # silently froze the affected parameters (every later step divides by inf).
+    from fedrecon_fast.optimizers import make_optimizer
+
+    opt = make_optimizer(name)
+    params = {"item_factors": np.zeros(3, np.float32)}
+    state = opt.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match=f"{name}: the squared update overflows float32"):
+            opt.apply(params, {"item_factors": np.array([1e20, 0, 0], np.float32)}, state)
