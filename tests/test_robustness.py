@@ -449,3 +449,17 @@ def test_second_moment_overflow_is_a_floating_point_error(name):
         warnings.simplefilter("error")
         with pytest.raises(FloatingPointError, match=f"{name}: the squared update overflows float32"):
             opt.apply(params, {"item_factors": np.array([1e20, 0, 0], np.float32)}, state)
+
+
+def test_client_data_with_one_stray_huge_item_index_does_not_allocate_a_catalogue():
+    # Was: ClientData([0, 1], [2**31 - 1], [5.0]) built item_ids = arange(2**31) (16 GB): the
+    # fuzzer's process was killed by the OOM killer.
+    with pytest.raises(ValueError, match="items: the largest index 2147483646 implies"):
+        ff.ClientData([0, 1], [2**31 - 2], [5.0])
+    data = ff.ClientData.from_coo([0], [2**31 - 2], [5.0])  # ids of any size are remapped
+    assert data.num_items == 1 and data.item_ids.tolist() == [2**31 - 2]
+
+
+def test_reduce_updates_num_items_is_bounded_by_int32_rows():
+    with pytest.raises(ValueError, match="num_items must be <= 2147483647"):
+        kernels.reduce_updates([], np.zeros((0, 2)), [0, 0], [1.0], num_items=2**31)

@@ -351,7 +351,7 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     delta_bias : ndarray, shape (num_items,), float32, or None
     total_weight : float
     """
-    check_int(num_items, "num_items", minimum=0)
+    check_int(num_items, "num_items", minimum=0, maximum=2**31 - 1)  # rows are int32
     check_int(num_threads, "num_threads", minimum=0)
     values = as_float32_matrix(values, "values", check_finite=True)
     rows = np.ascontiguousarray(as_index_array(rows, "rows", upper=num_items), dtype=np.int32)
