@@ -463,3 +463,24 @@ def test_client_data_with_one_stray_huge_item_index_does_not_allocate_a_catalogu
 def test_reduce_updates_num_items_is_bounded_by_int32_rows():
     with pytest.raises(ValueError, match="num_items must be <= 2147483647"):
         kernels.reduce_updates([], np.zeros((0, 2)), [0, 0], [1.0], num_items=2**31)
+
+
+def test_weights_whose_sum_overflows_are_an_error_not_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="weights must have a finite sum"):
+            aggregation.weighted_mean(np.ones((2, 2), np.float32), [1e308, 1e308])
+
+
+def test_cli_recommend_item_id_beyond_64_bits_names_file_and_line(saved_model, tmp_path, capsys):
+    # Was: "items must hold integer item ids; got dtype object", naming neither file nor line.
+    path = tmp_path / "r.csv"
+    path.write_text("item,rating\n99999999999999999999,1\n")
+    code, _, err = _cli(["recommend", "--model", saved_model, "--ratings", path], capsys)
+    assert code == 2 and f"{path}:2: item id 99999999999999999999 is out of range" in _one_line(err)
+
+
+def test_reduce_updates_weights_whose_sum_overflows():
+    # Was: total inf and a delta of zeros, returned silently.
+    with pytest.raises(ValueError, match="weights must have a finite sum"):
+        kernels.reduce_updates([0, 1], np.ones((2, 2), np.float32), [0, 1, 2], [1e308, 1e308], num_items=2)

@@ -366,6 +366,9 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     if weights.shape != (len(offsets) - 1,) or not np.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"weights must be {len(offsets) - 1} finite values >= 0, one per client")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(weights.sum()):  # the mean would silently be 0 everywhere
+            raise ValueError("weights must have a finite sum")
     return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads)
 
 
