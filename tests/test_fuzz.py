@@ -1206,7 +1206,7 @@ def hostile_csr(draw):
             ratings = np.repeat(ratings, 2)[::2]
         elif lie == "short" and nnz:
             ratings = ratings[:-1]
-        elif lie == "nan-rating" and nnz:
+        elif lie == "nan-rating" and len(ratings):
             ratings = ratings.copy()
             ratings[0] = np.nan
     if _chance(draw, 0.1):

@@ -484,3 +484,8 @@ def test_reduce_updates_weights_whose_sum_overflows():
     # Was: total inf and a delta of zeros, returned silently.
     with pytest.raises(ValueError, match="weights must have a finite sum"):
         kernels.reduce_updates([0, 1], np.ones((2, 2), np.float32), [0, 1, 2], [1e308, 1e308], num_items=2)
+
+
+def test_encoded_size_of_a_sparse_table_encode_sparse_would_refuse():
+    with pytest.raises(ValueError, match="num_rows"):
+        compression.encoded_size((2**56, 3), 8, sparse_rows=0)
