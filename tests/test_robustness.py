@@ -489,3 +489,16 @@ def test_reduce_updates_weights_whose_sum_overflows():
 def test_encoded_size_of_a_sparse_table_encode_sparse_would_refuse():
     with pytest.raises(ValueError, match="num_rows"):
         compression.encoded_size((2**56, 3), 8, sparse_rows=0)
+
+
+def test_reduce_updates_weights_with_a_subnormal_sum():
+    # Was: 1 / sum overflowed and the "mean" was inf; server_step then reported a diverged model.
+    with pytest.raises(ValueError, match="weights must have a normal sum"):
+        kernels.reduce_updates([0], np.ones((1, 2), np.float32), [0, 1], [2.2e-309], num_items=2)
+
+
+def test_shapes_whose_nonzero_entries_overflow_are_invalid():
+    # Was: an empty (0, 2**40, 2**40) shape passed the wire format's checks and decode then
+    # failed in NumPy ("array is too big").
+    with pytest.raises(ValueError, match="shape is too large"):
+        compression.encoded_size((0, 2**40, 2**40), 8)
