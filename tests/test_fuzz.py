@@ -45,7 +45,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# Nothing of hypothesis' is written into the repository: no example database (database=None
+# below), and its other caches go to a temporary folder.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                      os.path.join(tempfile.gettempdir(), "fedrecon-fuzz-hypothesis"))
 hypothesis = pytest.importorskip("hypothesis")
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(os.environ["HYPOTHESIS_STORAGE_DIRECTORY"])
 from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
