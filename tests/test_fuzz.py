@@ -45,7 +45,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# Nothing of hypothesis' is written into the repository: no example database (database=None
+# below), and its other caches go to a temporary folder.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                      os.path.join(tempfile.gettempdir(), "fedrecon-fuzz-hypothesis"))
 hypothesis = pytest.importorskip("hypothesis")
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(os.environ["HYPOTHESIS_STORAGE_DIRECTORY"])
 from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
@@ -111,7 +118,8 @@ def fuzz(weight: float = 1.0, /, **strategies):
         def test(**kwargs):  # the parameters without a strategy are pytest fixtures
             _COUNTS[name] = 0
             try:
-                _settings(name)(inner)(**kwargs)
+                with _address_space_cap():
+                    _settings(name)(inner)(**kwargs)
             finally:
                 if _COUNT_FILE:  # FEDRECON_FUZZ_COUNT=file: "test examples-run" lines, appended
                     with open(_COUNT_FILE, "a") as f:
@@ -128,6 +136,52 @@ def fuzz(weight: float = 1.0, /, **strategies):
         return test
 
     return decorate
+
+
+#: Address space a fuzz test may add to what the process already maps: an input that makes the
+#: library allocate far more than it should then fails with MemoryError (shown with the input)
+#: instead of the kernel's OOM killer taking down the run. Not under AddressSanitizer, whose
+#: shadow memory is terabytes of address space.
+ADDRESS_SPACE_HEADROOM = 6 << 30
+
+
+def _mapped_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _address_space_cap():
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        yield
+        return
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = _mapped_bytes()
+    if mapped is None:
+        yield
+        return
+    cap = mapped + ADDRESS_SPACE_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _short_repr(value) -> str:
@@ -422,7 +476,7 @@ def _check_decoded(buf):
             assert not d.ok, f"buffer_info rejected the buffer ({c.error}) but {fn.__name__} decoded it"
         return
     shape = info["shape"]
-    if _product(shape) * 4 > HUGE_BYTES:
+    if _product(shape) * 4 > HUGE_BYTES or max(shape, default=0) > 2**40:
         return
     if info["sparse"]:
         rows, values = compression.decode_sparse(buf, num_threads=2)
@@ -610,15 +664,20 @@ def test_fuzz_decode_accumulate_batch(case, num_threads):
             pass  # a rejected batch may have been validated before or after writing: not specified
         return
     expected = np.zeros(out.shape)
+    scale = np.zeros(out.shape)  # sum of |terms|: the rounding (and FMA) error is relative to it
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    for k, b in enumerate(bufs):
-        info = compression.buffer_info(b)
-        if info["sparse"]:
-            r, v = compression.decode_sparse(b)
-            np.add.at(expected, r, w[k] * v.astype(np.float64))
-        else:
-            expected += w[k] * compression.decode(b).astype(np.float64)
-    assert np.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge weight may overflow to inf, as in NumPy
+        for k, b in enumerate(bufs):
+            info = compression.buffer_info(b)
+            if info["sparse"]:
+                r, v = compression.decode_sparse(b)
+                np.add.at(expected, r, w[k] * v.astype(np.float64))
+                np.add.at(scale, r, np.abs(w[k] * v.astype(np.float64)))
+            else:
+                expected += w[k] * compression.decode(b).astype(np.float64)
+                scale += np.abs(w[k] * compression.decode(b).astype(np.float64))
+        finite = np.isfinite(scale)
+    assert np.all(np.abs(out - expected)[finite] <= 1e-12 * scale[finite] + 1e-300)
 
 
 @fuzz(1, x=arrays(max_dims=3, odd=0.05), out=arrays(max_dims=3, odd=0.05, special=0),
@@ -731,7 +790,7 @@ def test_fuzz_weighted_mean(batch, data, dtype, num_threads):
     assert xs is not None, "non-finite updates were accepted"
     w = _ref_weights(weights, n)
     expected = np.tensordot(w, xs.astype(np.float64), axes=1) / w.sum()
-    assert result.shape == shape
+    assert result.shape == stack.shape[1:]
     assert np.allclose(result, expected, rtol=1e-5, atol=1e-6 * (1 + np.abs(xs).max(initial=0)))
     if out is not None:
         assert result is out
@@ -921,7 +980,8 @@ def test_fuzz_privacy_helpers(x, clip, shape, std, seed, counts, cap):
         xs = _float32_or_none(x).astype(np.float64)
         assert clipped.shape == np.shape(x) and math.isclose(norm, float(np.sqrt((xs * xs).sum())), rel_tol=1e-6)
         assert was == (norm > clip)
-        assert float(np.linalg.norm(clipped.astype(np.float64))) <= clip * (1 + 1e-6) or not was
+        # float32 rounding: relative 1e-7, or absolute near the subnormal range
+        assert float(np.linalg.norm(clipped.astype(np.float64))) <= clip * (1 + 1e-6) + 1e-43 or not was
     with contract("shape", "std", "seed", memory_ok=True) as c:
         noise = privacy.gaussian_noise(shape, std, seed=seed)
     if c.ok:
@@ -1154,7 +1214,7 @@ def hostile_csr(draw):
             ratings = np.repeat(ratings, 2)[::2]
         elif lie == "short" and nnz:
             ratings = ratings[:-1]
-        elif lie == "nan-rating" and nnz:
+        elif lie == "nan-rating" and len(ratings):
             ratings = ratings.copy()
             ratings[0] = np.nan
     if _chance(draw, 0.1):
@@ -1181,11 +1241,11 @@ def test_fuzz_kernels_reject_inconsistent_csr(data, dim, kind, clients):
           hnp.arrays(np.int64, st.integers(0, 5), elements=st.integers(-1, 7)),
           arrays(max_dims=2, max_side=4)),
       weights=st.one_of(arrays(max_dims=1, max_side=5), st.none()),
-      num_items=st.one_of(st.integers(-1, 8), st.sampled_from([2**31, 2**40, 1.5, None])),
+      num_items=st.one_of(st.integers(-1, 8), st.sampled_from([2**31, 2**40, 1.5, None])),  # 2**31: too many
       bias=st.one_of(st.none(), arrays(max_dims=1, max_side=6)))
 def test_fuzz_reduce_updates(rows, values, offsets, weights, num_items, bias):
     """reduce_updates: the weighted mean of sparse updates (scatter-add reference), or a named error."""
-    with contract(*_KERNEL_NAMES, memory_ok=isinstance(num_items, int) and num_items >= 2**31) as c:
+    with contract(*_KERNEL_NAMES) as c:
         delta, delta_bias, total = kernels.reduce_updates(rows, values, offsets, weights, num_items=num_items,
                                                           bias_values=bias)
     if not c.ok:
@@ -1726,11 +1786,12 @@ def test_fuzz_optimizers(data, name):
                                             {"item_factors": np.zeros(shape, np.float32), "x": np.zeros(1)},
                                             {"item_factors": "x"}]))
     before = params["item_factors"].copy()
-    with contract("update", "item_factors", "params", "state", "shape", "key", "NaN") as c:
+    with contract("update", "item_factors", "params", "state", "shape", "key", "NaN", "float32",
+                  allowed=ALLOWED + (FloatingPointError,)) as c:  # a diverging step: documented
         opt.apply(params, update, state)
     if c.ok:
         assert np.isfinite(params["item_factors"]).all()
-    else:
+    elif not isinstance(c.error, FloatingPointError):
         assert np.array_equal(params["item_factors"], before), "a rejected update changed the parameters"
 
 
@@ -1770,7 +1831,7 @@ def global_models(draw):
     return V, bias, mean, ids, default
 
 
-@fuzz(2, parts=global_models(), data=st.data(), ignore_unknown=bools, k=mostly(st.integers(1, 12), ints()),
+@fuzz(2, parts=global_models(), data=st.data(), ignore_unknown=bools, k=mostly(st.integers(1, 12), ints(-2, 10**6)),
       exclude_seen=bools, seed=st.one_of(st.none(), seeds))
 def test_fuzz_inference(parts, data, ignore_unknown, k, exclude_seen, seed):
     """GlobalModel + reconstruct / predict / recommend for one user (dict or arrays) or many

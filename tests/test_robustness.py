@@ -442,3 +442,71 @@ def test_recommend_with_a_k_too_large_for_memory_is_a_named_error():
     model = ff.GlobalModel.initialize(data.item_ids, ff.preset("paper", dim=4))
     with pytest.raises(ValueError, match="k is too large"):
         model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=2**31)
+
+
+@pytest.mark.parametrize("name", ["adam", "yogi", "adagrad"])
+def test_second_moment_overflow_is_a_floating_point_error(name):
+    # Was: RuntimeWarning "overflow encountered in square" and an infinite second moment that
+    # silently froze the affected parameters (every later step divides by inf).
+    from fedrecon_fast.optimizers import make_optimizer
+
+    opt = make_optimizer(name)
+    params = {"item_factors": np.zeros(3, np.float32)}
+    state = opt.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match=f"{name}: the squared update overflows float32"):
+            opt.apply(params, {"item_factors": np.array([1e20, 0, 0], np.float32)}, state)
+
+
+def test_client_data_with_one_stray_huge_item_index_does_not_allocate_a_catalogue():
+    # Was: ClientData([0, 1], [2**31 - 1], [5.0]) built item_ids = arange(2**31) (16 GB): the
+    # fuzzer's process was killed by the OOM killer.
+    with pytest.raises(ValueError, match="items: the largest index 2147483646 implies"):
+        ff.ClientData([0, 1], [2**31 - 2], [5.0])
+    data = ff.ClientData.from_coo([0], [2**31 - 2], [5.0])  # ids of any size are remapped
+    assert data.num_items == 1 and data.item_ids.tolist() == [2**31 - 2]
+
+
+def test_reduce_updates_num_items_is_bounded_by_int32_rows():
+    with pytest.raises(ValueError, match="num_items must be <= 2147483647"):
+        kernels.reduce_updates([], np.zeros((0, 2)), [0, 0], [1.0], num_items=2**31)
+
+
+def test_weights_whose_sum_overflows_are_an_error_not_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="weights must have a finite sum"):
+            aggregation.weighted_mean(np.ones((2, 2), np.float32), [1e308, 1e308])
+
+
+def test_cli_recommend_item_id_beyond_64_bits_names_file_and_line(saved_model, tmp_path, capsys):
+    # Was: "items must hold integer item ids; got dtype object", naming neither file nor line.
+    path = tmp_path / "r.csv"
+    path.write_text("item,rating\n99999999999999999999,1\n")
+    code, _, err = _cli(["recommend", "--model", saved_model, "--ratings", path], capsys)
+    assert code == 2 and f"{path}:2: item id 99999999999999999999 is out of range" in _one_line(err)
+
+
+def test_reduce_updates_weights_whose_sum_overflows():
+    # Was: total inf and a delta of zeros, returned silently.
+    with pytest.raises(ValueError, match="weights must have a finite sum"):
+        kernels.reduce_updates([0, 1], np.ones((2, 2), np.float32), [0, 1, 2], [1e308, 1e308], num_items=2)
+
+
+def test_encoded_size_of_a_sparse_table_encode_sparse_would_refuse():
+    with pytest.raises(ValueError, match="num_rows"):
+        compression.encoded_size((2**56, 3), 8, sparse_rows=0)
+
+
+def test_reduce_updates_weights_with_a_subnormal_sum():
+    # Was: 1 / sum overflowed and the "mean" was inf; server_step then reported a diverged model.
+    with pytest.raises(ValueError, match="weights must have a normal sum"):
+        kernels.reduce_updates([0], np.ones((1, 2), np.float32), [0, 1], [2.2e-309], num_items=2)
+
+
+def test_shapes_whose_nonzero_entries_overflow_are_invalid():
+    # Was: an empty (0, 2**40, 2**40) shape passed the wire format's checks and decode then
+    # failed in NumPy ("array is too big").
+    with pytest.raises(ValueError, match="shape is too large"):
+        compression.encoded_size((0, 2**40, 2**40), 8)

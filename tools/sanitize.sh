@@ -111,10 +111,11 @@ for r in "$LOGS"/*; do
   if grep -qE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$r"; then
     findings=$((findings + 1))
     echo "===== finding: $r" >&2
+    cat "$r" >&2
   else
-    echo "===== warning only: $r" >&2
+    echo "===== warnings only ($(wc -l < "$r") lines): $r" >&2
+    sort "$r" | uniq -c | sed 's/^/  /' | head -5 >&2
   fi
-  cat "$r" >&2
 done
 if (( findings )); then
   echo "sanitize: FAILED: $findings sanitizer finding(s)" >&2

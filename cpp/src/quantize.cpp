@@ -132,12 +132,19 @@ void shape_rows_cols(const std::int64_t* shape, int ndim, std::int64_t& rows, st
     if (shape[d] < 0 || shape[d] > kMaxQuantValues) throw std::invalid_argument("shape entries must be in [0, 2^56]");
   cols = ndim == 0 ? 1 : shape[ndim - 1];
   rows = 1;
+  // The product of the non-zero entries is bounded too: an empty array of shape (0, 2^40, 2^40)
+  // is no array NumPy (or anyone) can allocate, so it is no valid shape either.
+  std::int64_t nonzero = 1;
+  for (int d = 0; d < ndim; ++d) {
+    if (shape[d] == 0) continue;
+    if (nonzero > kMaxQuantValues / shape[d]) throw std::invalid_argument("shape is too large");
+    nonzero *= shape[d];
+  }
   for (int d = 0; d + 1 < ndim; ++d) {
     if (shape[d] == 0) {
       rows = 0;
       break;
     }
-    if (rows > kMaxQuantValues / shape[d]) throw std::invalid_argument("shape is too large");
     rows *= shape[d];
   }
 }

@@ -106,8 +106,13 @@ def _weights(weights, n: int, *, dp: bool = False) -> np.ndarray:
         if (w > 1).any():
             raise ValueError("weights must lie in [0, 1] for DP, so that one client moves the sum by "
                              f"at most clip (cap them, e.g. with capped_weights); got maximum {w.max()}")
-    elif not w.sum() > 0:
-        raise ValueError("weights must have a positive sum")
+    else:
+        with np.errstate(over="ignore"):  # an overflowing sum is an error below, not a warning
+            total = w.sum()
+        if not np.isfinite(total):
+            raise ValueError("weights must have a finite sum")
+        if not total > 0:
+            raise ValueError("weights must have a positive sum")
     return w
 
 

@@ -365,6 +365,8 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
             item = int(fields[0])
         except ValueError:
             raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
+        if not -2**63 <= item < 2**63:
+            raise ValueError(f"{name}:{number}: item id {item} is out of range (64-bit ids)")
         try:
             rating = float(fields[1])
         except ValueError:

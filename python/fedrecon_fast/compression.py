@@ -424,6 +424,8 @@ def encoded_size(shape, bits: int, *, scaling: str = "tensor", hadamard: bool = 
         check_int(sparse_rows, "sparse_rows", minimum=0)
         if len(dims) != 2:
             raise ValueError(f"a sparse update needs shape (num_rows, cols); got {dims!r}")
+        if dims[0] > _MAX_SPARSE_ROWS:  # as encode_sparse: row ids are u32 read back as int32
+            raise ValueError(f"shape[0] (num_rows) of a sparse update must be <= 2**31; got {dims!r}")
         n = int(sparse_rows)
     return int(_core.encoded_size([int(d) for d in dims], int(bits), row, had, n))
 

@@ -250,6 +250,12 @@ class ClientData:
 
         if self.item_ids is None:
             n_items = int(items.max()) + 1 if nnz else 0
+            if n_items > 4 * nnz + (1 << 20):
+                # One stray index must not allocate a catalogue of billions of items.
+                raise ValueError(
+                    f"items: the largest index {n_items - 1} implies {n_items} items for {nnz} ratings; "
+                    "items are indices 0..num_items-1: pass item_ids (one id per index), or build "
+                    "with ClientData.from_coo, which remaps any ids")
             item_ids = np.arange(n_items, dtype=np.int64)
         else:
             item_ids = _integer_1d(self.item_ids, "item_ids", np.int64)

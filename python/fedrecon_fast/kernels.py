@@ -360,7 +360,7 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     delta_bias : ndarray, shape (num_items,), float32, or None
     total_weight : float
     """
-    check_int(num_items, "num_items", minimum=0)
+    check_int(num_items, "num_items", minimum=0, maximum=2**31 - 1)  # rows are int32
     check_int(num_threads, "num_threads", minimum=0)
     values = as_float32_matrix(values, "values", check_finite=True)
     rows = np.ascontiguousarray(as_index_array(rows, "rows", upper=num_items), dtype=np.int32)
@@ -375,6 +375,12 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     if weights.shape != (len(offsets) - 1,) or not np.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"weights must be {len(offsets) - 1} finite values >= 0, one per client")
+    with np.errstate(over="ignore", divide="ignore"):
+        total = weights.sum()
+        if not np.isfinite(total):  # the mean would silently be 0 everywhere
+            raise ValueError("weights must have a finite sum")
+        if total > 0 and not np.isfinite(1.0 / total):  # a subnormal total: the mean would be inf
+            raise ValueError(f"weights must have a normal sum (1 / sum is finite); got sum {total!r}")
     return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads)
 
 

@@ -64,6 +64,7 @@ identical to TFA's ``v + (1 - b2) sign(g**2 - v) g**2``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -245,6 +246,18 @@ def _check_state(
 # --------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _squares_fit(name: str):
+    """Squared updates (second moments) that overflow float32 are an error, not a silent
+    infinity that would freeze those parameters for good (and a RuntimeWarning)."""
+    try:
+        with np.errstate(over="raise"):
+            yield
+    except FloatingPointError:
+        raise FloatingPointError(f"{name}: the squared update overflows float32 (an aggregated update "
+                                 "beyond ~1.8e19); training diverged: lower the learning rates") from None
 
 
 class _Base:
@@ -443,7 +456,8 @@ class _Moments(_Base):
         tmp = np.multiply(d, _DTYPE(1.0 - self.beta1))
         m *= _DTYPE(self.beta1)
         m -= tmp  # m = b1 m + (1 - b1) g, g = -d
-        self._second_moment(v, np.square(d, out=tmp))
+        with _squares_fit(self.name):
+            self._second_moment(v, np.square(d, out=tmp))
         np.sqrt(v, out=tmp)
         tmp += _DTYPE(self.eps)
         np.divide(m, tmp, out=tmp)
@@ -526,8 +540,9 @@ class Adagrad(_Base):
 
     def _step(self, p, d, slots, t):
         a = slots["accumulator"]
-        tmp = np.square(d)
-        a += tmp
+        with _squares_fit(self.name):
+            tmp = np.square(d)
+            a += tmp
         np.sqrt(a, out=tmp)
         tmp += _DTYPE(self.eps)
         np.divide(d, tmp, out=tmp)
