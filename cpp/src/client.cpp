@@ -40,6 +40,13 @@ using Vec = Eigen::Matrix<float, P, 1>;
 
 int padded(int dim) { return (dim + 7) / 8 * 8; }
 
+// Copies a dim-float row of V into a padded working row (stride padded(dim)) and zeroes its
+// padding. Inline vector moves: a memmove call per 200-byte row cost more than the copy.
+inline void gather_padded(const float* src, int dim, float* dst) {
+  Eigen::Map<Eigen::Matrix<float, 8, 1>>(dst + padded(dim) - 8).setZero();
+  Eigen::Map<Eigen::VectorXf>(dst, dim) = Eigen::Map<const Eigen::VectorXf>(src, dim);
+}
+
 template <int P, class F>
 void with_padded(int p, F&& f) {
   if constexpr (P > 128) {
@@ -241,8 +248,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   for (std::int64_t k = 0; k < ns; ++k) {
     const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
     const std::int32_t item = items_[p];
-    std::copy_n(V + item * K, K, sup_rows_.data() + k * P);
-    std::fill_n(sup_rows_.data() + k * P + K, P - K, 0.0f);
+    gather_padded(V + item * K, dim_, sup_rows_.data() + k * P);
     sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
   }
   with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
@@ -278,7 +284,7 @@ void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
   }
 }
 
-ClientStats ClientWorker::update(const ClientConfig& config) {
+ClientStats ClientWorker::update(const ClientConfig& config, std::vector<float>& delta_out) {
   ClientStats stats;
   const bool bias = model_.has_bias();
   const std::int64_t K = dim_;
@@ -305,41 +311,56 @@ ClientStats ClientWorker::update(const ClientConfig& config) {
   local_bias_.assign(static_cast<std::size_t>(bias ? nrows : 0), 0.0f);
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int32_t item = rows_[static_cast<std::size_t>(r)];
-    std::copy_n(model_.item_factors + item * K, K, local_.data() + r * P);
-    std::fill_n(local_.data() + r * P + K, P - K, 0.0f);
+    gather_padded(model_.item_factors + item * K, dim_, local_.data() + r * P);
     if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
   }
   decayed_at_.assign(static_cast<std::size_t>(nrows), -1);
   with_padded<8>(pdim_, [&](auto pc) { update_steps<decltype(pc)::value>(config, steps, stats); });
 
-  // The update is W - V over the touched rows; a non-finite update is dropped (TFF semantics).
-  // (x - x) is 0 for finite x and NaN otherwise, so one vectorised sum tests every element.
-  float nan_probe = 0.0f;
-  delta_.resize(static_cast<std::size_t>(nrows * K));
+  // The update is W - V over the touched rows, written straight into the caller's arena; a
+  // non-finite update is dropped (TFF semantics). (x - x) is 0 for finite x and NaN otherwise,
+  // so the element-wise sum of the probes tests every element (8 lanes, no reduction per row).
+  const std::size_t begin = delta_out.size();
+  delta_out.resize(begin + static_cast<std::size_t>(nrows * K));
+  float* out = delta_out.data() + begin;
+  Eigen::Matrix<float, 8, 1> probe = Eigen::Matrix<float, 8, 1>::Zero();
+  float bias_probe = 0.0f;
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int64_t item = rows_[static_cast<std::size_t>(r)];
-    VecMap w(delta_.data() + r * K, K);
-    w = CVecMap(local_.data() + r * P, K) - CVecMap(model_.item_factors + item * K, K);
-    nan_probe += (w - w).sum();
+    const float* w = local_.data() + r * P;
+    const float* v = model_.item_factors + item * K;
+    float* d = out + r * K;
+    std::int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const Eigen::Matrix<float, 8, 1> x = Eigen::Map<const Eigen::Matrix<float, 8, 1>>(w + k) -
+                                          Eigen::Map<const Eigen::Matrix<float, 8, 1>>(v + k);
+      Eigen::Map<Eigen::Matrix<float, 8, 1>>(d + k) = x;
+      probe += x - x;
+    }
+    for (; k < K; ++k) {
+      d[k] = w[k] - v[k];
+      bias_probe += d[k] - d[k];
+    }
     if (bias) {
       float& b = local_bias_[static_cast<std::size_t>(r)];
       b -= model_.item_bias[item];
-      nan_probe += b - b;
+      bias_probe += b - b;
     }
   }
-  const bool finite = nan_probe == 0.0f;
+  const bool finite = probe.sum() + bias_probe == 0.0f;
   stats.rows = nrows;
   stats.recon_examples = recon_examples_;
   if (!finite || !std::isfinite(stats.loss_sum)) {
     stats.status = kNonFinite;
     stats.weight = 0.0;
     rows_.clear();
-    delta_.clear();
+    delta_out.resize(begin);
     local_bias_.clear();
     stats.rows = 0;
   } else if (num_query() == 0 || steps == 0) {
     stats.status = kNoQuery;
     stats.weight = 0.0;
+    delta_out.resize(begin);  // nothing to report
   } else {
     stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
   }

@@ -138,7 +138,8 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
     const float init_bu = users.user_bias_in ? users.user_bias_in[i] : 0.0f;
     w.reconstruct(config, seed, round, static_cast<std::int64_t>(data.stream_id(c)), init_u, init_bu);
     ClientResult& out = results[static_cast<std::size_t>(i)];
-    out.stats = w.update(config);
+    Arena& a = workers.arena(static_cast<std::size_t>(tid));
+    out.stats = w.update(config, a.values);  // appends the update's values, if it has one
     if (users.users_out != nullptr) {
       // A diverged client keeps its stored embedding.
       const bool keep = out.stats.status == kNonFinite && init_u != nullptr;
@@ -147,12 +148,10 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
     }
     if (out.stats.weight > 0.0) {
       const std::size_t nrows = w.rows().size();
-      Arena& a = workers.arena(static_cast<std::size_t>(tid));
       out.arena = tid;
       out.offset = a.rows.size();
       out.nrows = nrows;
       a.rows.insert(a.rows.end(), w.rows().begin(), w.rows().end());
-      a.values.insert(a.values.end(), w.delta(), w.delta() + nrows * static_cast<std::size_t>(K));
       if (model.has_bias()) a.bias.insert(a.bias.end(), w.bias_delta(), w.bias_delta() + nrows);
       bool clipped = false;
       out.stats.bytes = encode_update(codec, model.num_items, model.dim, a.rows.data() + out.offset,
@@ -189,7 +188,9 @@ template <class Views>
 RoundSummary index_rows(const Views& views, const std::vector<ClientResult>& results,
                         const ModelView& model, ClientStats* stats_out, RowIndex& index) {
   RoundSummary summary;
-  const std::int64_t K = model.dim;
+  std::size_t num_entries = 0;
+  for (const ClientResult& r : results) num_entries += r.stats.weight > 0.0 ? r.nrows : 0;
+  index.entries.reserve(num_entries);
   for (std::size_t i = 0; i < results.size(); ++i) {
     const ClientResult& r = results[i];
     stats_out[i] = r.stats;
@@ -289,10 +290,11 @@ class TreeSum {
 
 // Reduces every touched row (with noise: every row) of the cohort: emit(row, slot, sum,
 // bias_sum) gets the un-normalised float64 weighted sums, slot = the row's segment (with noise:
-// the row). Parallel over blocks of consecutive rows; block(lo, hi) runs first in each block.
-template <class Views, class Block, class Emit>
+// the row). Parallel over blocks of consecutive rows; gap(lo, hi) gets each run of rows
+// [lo, hi) that emit skipped, so a dense output writes every row once.
+template <class Views, class Gap, class Emit>
 void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
-                 const RowIndex& index, const ModelView& model, int num_threads, const Block& block,
+                 const RowIndex& index, const ModelView& model, int num_threads, const Gap& gap,
                  const Emit& emit) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
@@ -312,7 +314,7 @@ void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
     scratch.push_back({TreeSum(num_sampled, K), {}, std::vector<float>(static_cast<std::size_t>(K)), {}});
   parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
     const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
-    block(lo, hi);
+    std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
     Scratch& sc = scratch[static_cast<std::size_t>(tid)];
     TreeSum& tree = sc.tree;
     std::vector<Contribution>& contrib = sc.contrib;
@@ -330,12 +332,15 @@ void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
       } else {
         decode_untouched_row(r.enc, current_row, model.dim, noise.data(), cs);
       }
-      const auto term = r.stats.weight * Eigen::Map<const Eigen::VectorXf>(x, K).cast<double>();
+      // Plain loops: GCC vectorises them (vcvtps2pd + FMA); Eigen's float->double cast of a
+      // dynamic-size map is scalar. Same arithmetic either way: acc = fma(w, x, acc).
+      const double w = r.stats.weight;
+      double* a = acc.data();
       if (first) {
-        acc = term;
+        for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(x[k]);
         acc_bias = b;
       } else {
-        acc += term;
+        for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(x[k]);
         acc_bias += b;
       }
     };
@@ -370,9 +375,13 @@ void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
       const std::int64_t slot = index.any_noisy ? row : s;
       if (has_seg) ++s;
       current_row = row;
-      if (tree.sum(c, n, 0, num_sampled, 0, add))
+      if (tree.sum(c, n, 0, num_sampled, 0, add)) {
+        if (unwritten < row) gap(unwritten, row);
         emit(row, slot, tree.values(), tree.bias());
+        unwritten = row + 1;
+      }
     }
+    if (unwritten < hi) gap(unwritten, hi);
   });
 }
 
@@ -392,7 +401,7 @@ void write_mean(const Views& views, const std::vector<ClientResult>& results, co
   const double inv_total = 1.0 / total_weight;
   reduce_rows(
       views, results, index, model, num_threads,
-      [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0
+      [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0, written once
         std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
         if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
       },

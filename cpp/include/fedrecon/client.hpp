@@ -36,9 +36,11 @@ class ClientWorker {
   void reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
                    std::int64_t client, const float* init_u = nullptr, float init_bu = 0.0f);
 
-  /// Client update on the query set; afterwards rows()/delta()/bias_delta() hold the sparse
-  /// update V_final - V_initial over the touched rows. Non-finite updates get weight 0.
-  ClientStats update(const ClientConfig& config);
+  /// Client update on the query set: appends the sparse update V_final - V_initial over the
+  /// touched rows (rows().size() x dim) to `delta_out`, the caller's arena, so it is written
+  /// once; rows()/bias_delta() hold its rows and item-bias deltas. A non-finite update appends
+  /// nothing and gets weight 0.
+  ClientStats update(const ClientConfig& config, std::vector<float>& delta_out);
 
   /// Squared error and rating accuracy of the reconstructed u on the whole query set.
   EvalStats evaluate() const;
@@ -54,7 +56,6 @@ class ClientWorker {
   RankStats rank_query(std::int64_t k, float relevance_threshold);
 
   const std::vector<std::int32_t>& rows() const { return rows_; }
-  const float* delta() const { return delta_.data(); }  // rows().size() x dim, W - V
   const float* bias_delta() const { return local_bias_.data(); }
   const float* user() const { return u_.data(); }
   float user_bias() const { return bu_; }
@@ -88,7 +89,7 @@ class ClientWorker {
   std::int64_t recon_examples_ = 0;
   // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
   std::vector<std::int32_t> rows_;
-  std::vector<float> local_, local_bias_, delta_;  // local_ padded; delta_ rows x dim
+  std::vector<float> local_, local_bias_;  // local_ padded
   std::vector<std::int32_t> qry_local_;
   std::vector<std::int32_t> item_to_local_;  // num_items, -1 when absent; reset after use
   std::vector<std::int64_t> decayed_at_;      // L2 decay once per row per step
