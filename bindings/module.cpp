@@ -169,26 +169,39 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       const std::optional<Array<float>>& users,
                       const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
                       bool hadamard, bool sparse, std::int64_t threshold, double clip,
-                      const OptionalIds& stream_ids) {
+                      const OptionalIds& stream_ids, double apply_lr) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
                        user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
-  Array<float> delta({model.num_items, static_cast<py::ssize_t>(model.dim)});
-  std::optional<Array<float>> delta_bias;
-  if (model.has_bias()) delta_bias.emplace(model.num_items);
-  float* delta_ptr = delta.mutable_data();
+  // apply_lr > 0: server SGD in place on the model's arrays, no dense delta.
+  fedrecon::InPlaceStep step;
+  std::optional<Array<float>> delta, delta_bias;
+  if (apply_lr != 0.0) {
+    if (!(std::isfinite(apply_lr) && apply_lr > 0.0 && apply_lr <= 3.4028234663852886e38))
+      fail("apply_lr must be a finite float32 > 0");
+    if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
+      fail("apply_lr updates item_factors and item_bias in place: they must be writeable");
+    step.item_factors = const_cast<float*>(model.item_factors);
+    step.item_bias = const_cast<float*>(model.item_bias);
+    step.lr = static_cast<float>(apply_lr);
+  } else {
+    delta.emplace(std::vector<py::ssize_t>{model.num_items, static_cast<py::ssize_t>(model.dim)});
+    if (model.has_bias()) delta_bias.emplace(model.num_items);
+  }
+  float* delta_ptr = delta ? delta->mutable_data() : nullptr;
   float* delta_bias_ptr = delta_bias ? delta_bias->mutable_data() : nullptr;
   std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
   fedrecon::RoundSummary s;
   {
     py::gil_scoped_release release;
     s = fedrecon::train_round(model, c.data, c.ids, n, config, seed, round, num_threads, delta_ptr,
-                              delta_bias_ptr, stats.data(), c.users.state, c.codec);
+                              delta_bias_ptr, stats.data(), c.users.state, c.codec, step);
   }
-  py::object bias_out = delta_bias ? py::object(*delta_bias) : py::object(py::none());
-  return py::make_tuple(delta, bias_out, stats_dict(stats), summary_dict(s), or_none(c.users.users_out),
-                        or_none(c.users.user_bias_out));
+  py::dict summary = summary_dict(s);
+  if (step.item_factors != nullptr) summary["nonfinite_rows"] = s.nonfinite_rows;
+  return py::make_tuple(or_none(delta), or_none(delta_bias), stats_dict(stats), summary,
+                        or_none(c.users.users_out), or_none(c.users.user_bias_out));
 }
 
 py::dict train_round_partial(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
@@ -453,7 +466,8 @@ PYBIND11_MODULE(_core, m) {
       "bits"_a = 0, "row_scaling"_a = false, "hadamard"_a = false, "sparse"_a = true,             \
       "threshold"_a = 0, "clip"_a = 0.0
 #define FEDRECON_STREAM_IDS "stream_ids"_a.noconvert().none(true) = py::none()
-  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
+  m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS,
+        "apply_lr"_a = 0.0);
   m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS,
         FEDRECON_STREAM_IDS);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);

@@ -1101,6 +1101,25 @@ def _expect_stats(stats: dict, m: int):
     assert (stats["weight"] >= 0).all() and np.isfinite(stats["weight"]).all()
 
 
+def _check_in_place_step(V, cd, clients, kw, res, lr):
+    """train_round(apply_lr=lr) on copies of the model: a named error, or the model exactly
+    where SGD with the dense round's delta puts it (untouched rows: V + 0)."""
+    event("in-place step")
+    copy = lambda a: a.copy() if isinstance(a, np.ndarray) else a  # noqa: E731
+    V2, b2 = copy(V), copy(kw["item_bias"])
+    with contract("apply_lr", *_KERNEL_NAMES) as c:
+        out = kernels.train_round(V2, cd, clients, **dict(kw, item_bias=b2), apply_lr=lr)
+    if not c.ok:
+        return
+    assert out.delta is None and out.delta_bias is None and out.summary["nonfinite_rows"] >= 0
+    for before, after, delta in ((V, V2, res.delta), (kw["item_bias"], b2, res.delta_bias)):
+        if delta is None:
+            continue
+        with np.errstate(all="ignore"):
+            expected = before + (delta if lr == 1.0 else np.multiply(delta, np.float32(lr)))
+        assert np.array_equal(after, expected, equal_nan=True), "in-place step differs from SGD on the delta"
+
+
 @isolated
 @fuzz(4, args=cohort_args(), data=st.data(), kind=st.sampled_from(["train_round", "train_round_partial",
                                                                     "client_updates"]))
@@ -1125,6 +1144,9 @@ def test_fuzz_update_kernels(args, data, kind):
         assert (res.delta_bias is None) == (kw["item_bias"] is None)
         again = fn(V, cd, clients, **dict(kw, num_threads=1 if kw["num_threads"] != 1 else 2))
         assert np.array_equal(res.delta, again.delta, equal_nan=True), "result depends on num_threads"
+        if data.draw(st.booleans()):
+            lr = data.draw(st.one_of(st.sampled_from([1.0, 0.5]), reals))
+            _check_in_place_step(V, cd, clients, kw, res, lr)
     elif kind == "client_updates":
         assert res.offsets.shape == (m + 1,) and res.offsets[0] == 0 and res.offsets[-1] == len(res.rows)
         assert res.values.shape == (len(res.rows), dim)

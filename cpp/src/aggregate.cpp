@@ -155,6 +155,18 @@ double checked_weight_sum(const double* weights, std::int64_t n) {
   return total;
 }
 
+bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim) {
+  // This file is compiled without FMA contraction, so mean * lr is rounded before the add.
+  float probe = 0.0f;  // (x - x) is 0 for finite x, NaN otherwise
+  for (std::int64_t k = 0; k < dim; ++k) {
+    const float mean = static_cast<float>(sum[k] * inv_total);
+    const float x = v[k] + mean * lr;
+    v[k] = x;
+    probe += x - x;
+  }
+  return probe == 0.0f;
+}
+
 void check_sparse_rows(const SparseRows& u, std::int64_t num_rows) {
   if (num_rows < 0 || num_rows > std::numeric_limits<std::int32_t>::max())
     fail("num_rows must lie in [0, 2^31)");

@@ -2,6 +2,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <memory>
@@ -9,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fedrecon/aggregate.hpp"
 #include "fedrecon/client.hpp"
 #include "fedrecon/parallel.hpp"
 #include "fedrecon/rng.hpp"
@@ -386,17 +388,31 @@ void reduce_rows(const Views& views, const std::vector<ClientResult>& results,
 }
 
 // delta_out = the weighted sums / total_weight (float32; 0 for untouched rows, all 0 when
-// nobody reports).
+// nobody reports); with an in-place step, the model takes the step on the reduced rows instead
+// and the number of rows it left non-finite is returned.
 template <class Views>
-void write_mean(const Views& views, const std::vector<ClientResult>& results, const RowIndex& index,
-                const ModelView& model, double total_weight, int num_threads, float* delta_out,
-                float* delta_bias_out) {
+std::int64_t write_mean(const Views& views, const std::vector<ClientResult>& results, const RowIndex& index,
+                        const ModelView& model, double total_weight, int num_threads, float* delta_out,
+                        float* delta_bias_out, const InPlaceStep& step = InPlaceStep()) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
+  if (step.item_factors != nullptr) {
+    if (total_weight <= 0.0) return 0;  // nobody reports: the model stays as it is
+    const double inv_total = 1.0 / total_weight;
+    std::atomic<std::int64_t> nonfinite{0};
+    reduce_rows(
+        views, results, index, model, num_threads, [](std::int64_t, std::int64_t) {},
+        [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
+          bool ok = sgd_step_row(step.item_factors + row * K, sum, inv_total, step.lr, K);
+          if (bias) ok = sgd_step_row(step.item_bias + row, &bias_sum, inv_total, step.lr, 1) && ok;
+          if (!ok) nonfinite.fetch_add(1, std::memory_order_relaxed);
+        });
+    return nonfinite.load();
+  }
   if (total_weight <= 0.0) {
     std::fill_n(delta_out, model.num_items * K, 0.0f);
     if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
-    return;
+    return 0;
   }
   const double inv_total = 1.0 / total_weight;
   reduce_rows(
@@ -406,10 +422,11 @@ void write_mean(const Views& views, const std::vector<ClientResult>& results, co
         if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
       },
       [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
-        Eigen::Map<Eigen::VectorXf>(delta_out + row * K, K) =
-            (Eigen::Map<const Eigen::VectorXd>(sum, K) * inv_total).cast<float>();
+        float* out = delta_out + row * K;
+        for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(sum[k] * inv_total);
         if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
       });
+  return 0;
 }
 
 }  // namespace
@@ -418,15 +435,21 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
                          float* delta_bias_out, ClientStats* stats_out, const UserState& users,
-                         const UpdateCodec& codec) {
+                         const UpdateCodec& codec, const InPlaceStep& step) {
   validate_config(config);
   check_inputs(model, data, clients, num_sampled, config);
+  if (step.item_factors != nullptr && (step.item_factors != model.item_factors ||
+                                       (model.has_bias() && step.item_bias != model.item_bias)))
+    throw std::invalid_argument("an in-place step updates the model's own arrays");
+  if (step.item_factors != nullptr && !(std::isfinite(step.lr) && step.lr > 0.0f))
+    throw std::invalid_argument("the in-place step's lr must be finite and > 0");
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   const auto results = run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec);
   const auto views = [&](const ClientResult& r) { return view(lease, r, model.dim, model.has_bias()); };
   RowIndex index;
   RoundSummary summary = index_rows(views, results, model, stats_out, index);
-  write_mean(views, results, index, model, summary.total_weight, num_threads, delta_out, delta_bias_out);
+  summary.nonfinite_rows = write_mean(views, results, index, model, summary.total_weight, num_threads,
+                                      delta_out, delta_bias_out, step);
   return summary;
 }
 

@@ -67,8 +67,9 @@ class RoundResult:
 
     Attributes
     ----------
-    delta : ndarray, shape (num_items, dim), float32
-        Weighted mean of the clients' updates ``Σ w_i Δ_i / Σ w_i`` (0 on untouched rows).
+    delta : ndarray, shape (num_items, dim), float32, or None
+        Weighted mean of the clients' updates ``Σ w_i Δ_i / Σ w_i`` (0 on untouched rows);
+        None when the round applied it in place (``apply_lr``).
     delta_bias : ndarray, shape (num_items,), float32, or None
         The same for item biases (None without biases).
     client_stats : dict of ndarray
@@ -234,14 +235,31 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
 
 def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
                  num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits,
-                 scaling, hadamard, sparse, threshold, clip):
+                 scaling, hadamard, sparse, threshold, clip, **extra):
     """Validate the arguments shared by the update kernels and call ``native`` with them."""
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)
-    return native(*args, users=users, user_bias=user_bias, **codec, **_stream_ids(data))
+    return native(*args, users=users, user_bias=user_bias, **codec, **_stream_ids(data), **extra)
+
+
+def _in_place_args(apply_lr, item_factors, item_bias) -> dict:
+    """``{"apply_lr": lr}`` for a round that updates the model's own arrays, after checking
+    that they are exactly what the kernel reads (a converted copy would lose the update)."""
+    if apply_lr is None:
+        return {}
+    check_float(apply_lr, "apply_lr", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
+    for name, arr, ndim in (("item_factors", item_factors, 2), ("item_bias", item_bias, 1)):
+        if arr is None:
+            continue
+        if not (isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.ndim == ndim
+                and arr.flags.c_contiguous and arr.flags.writeable):
+            raise TypeError(f"apply_lr updates {name} in place: it must be a writeable C-contiguous "
+                            f"{ndim}-D float32 ndarray; got {type(arr).__name__} "
+                            f"{getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}".rstrip())
+    return {"apply_lr": float(apply_lr)}
 
 
 def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -250,7 +268,7 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
                 user_bias=None, user_default=None, user_bias_default: float = 0.0,
                 bits: int | None = None, scaling: str = "tensor",
                 hadamard: bool = False, sparse: bool = True, threshold: int = 0,
-                clip: float | None = None) -> RoundResult:
+                clip: float | None = None, apply_lr: float | None = None) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
 
     Parameters
@@ -290,15 +308,23 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
         a dense delta whose untouched rows then also carry quantization noise. The aggregate is
         of the values :mod:`fedrecon_fast.compression` would decode (stream key
         ``(seed, round, client id)``), and ``client_stats["bytes"]`` is each encoded size.
+    apply_lr : float, optional
+        Take the server SGD step in place instead of returning the mean: ``item_factors[r] +=
+        apply_lr * delta[r]`` (and ``item_bias``) for every row the round touched, with the
+        float32 roundings of ``optimizers.SGD(lr=apply_lr)`` on the delta, so the model ends
+        up the same. Untouched rows are not written and no dense delta is built: ``delta`` and
+        ``delta_bias`` are None, and ``summary["nonfinite_rows"]`` counts rows the step left
+        non-finite. Both arrays must be writeable C-contiguous float32 ndarrays.
 
     Returns
     -------
     RoundResult
     """
+    in_place = _in_place_args(apply_lr, item_factors, item_bias)
     return RoundResult(*_update_call(
         _core.train_round, item_factors, data, clients, config, item_bias, global_mean, seed, round,
         num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
-        hadamard, sparse, threshold, clip))
+        hadamard, sparse, threshold, clip, **in_place))
 
 
 def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,

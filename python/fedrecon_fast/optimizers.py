@@ -346,12 +346,20 @@ class _Base:
             _check_state(params, state, slot_names)
         else:
             deltas = update
-        step = state[_STEP_KEY]
-        np.add(step, 1, out=step)
-        t = int(step)
+        t = self.count_step(state)
         for key, p in params.items():
             slots = {s: state[f"{key}/{s}"] for s in slot_names}
             self._step(p, deltas[key], slots, t)
+
+    def count_step(self, state: Mapping[str, np.ndarray]) -> int:
+        """Advance the step counter of ``state`` and return the new step number.
+
+        :meth:`apply` does this; a caller that applied a plain SGD step itself (the native
+        round with ``apply_lr``) calls it so that the state matches.
+        """
+        step = state[_STEP_KEY]
+        np.add(step, 1, out=step)
+        return int(step)
 
     def _step(self, p: np.ndarray, d: np.ndarray, slots: Dict[str, np.ndarray], t: int) -> None:
         raise NotImplementedError  # pragma: no cover

@@ -99,6 +99,9 @@ class FedRecon:
         self._optimizer = make_optimizer(self.config.server_optimizer, lr=self.config.server_lr,
                                          **dict(self.config.server_options))
         self._opt_state = None
+        # Server SGD inside the native round (see _in_place_step); False forces the dense
+        # delta and the optimizer, e.g. to compare the two.
+        self.in_place_step = True
 
     def close(self) -> None:
         """Release the backend this trainer started (``backend="ray"``); the model stays usable."""
@@ -201,6 +204,11 @@ class FedRecon:
         params = self._params()
         if self._opt_state is None:
             self._opt_state = self._optimizer.init(params)
+        # Rounds check only what they change (the touched rows, or V after a dense step).
+        for name, p in params.items():
+            if not np.isfinite(p).all():
+                raise FloatingPointError(f"the global model's {name} is non-finite (NaN or inf) "
+                                         f"before round {self.round}")
 
         bar = None
         if progress:
@@ -234,36 +242,54 @@ class FedRecon:
                 bar.close()
         return self
 
+    def _in_place_step(self, params: dict) -> dict:
+        """``{"apply_lr": lr}`` when the local kernel can take the server step itself: plain
+        SGD on V (and the item biases) only, no DP noise to add to the mean first. The model
+        ends up the same as through the optimizer, without a dense delta."""
+        cfg = self.config
+        if (self.in_place_step and self._executor is kernels and cfg.server_optimizer == "sgd"
+                and cfg.dp_clip is None and set(params) <= {"item_factors", "item_bias"}):
+            return {"apply_lr": self._optimizer.lr}
+        return {}
+
     def _run_round(self, train, params: dict) -> dict:
         cfg = self.config
         r = self.round
         start = time.perf_counter()
         clients = sample_clients(train.num_clients, cfg.clients_per_round, cfg.seed, r)
+        in_place = self._in_place_step(params)
         res = self._executor.train_round(
             self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
             num_threads=cfg.num_threads, check_finite=False, bits=cfg.quantize_bits,
             scaling=cfg.quantize_scaling, hadamard=cfg.hadamard, sparse=cfg.sparse_updates,
             threshold=cfg.quantize_threshold, clip=cfg.dp_clip, **self.model.default_kwargs(),
-            **self._user_state(train, clients))
+            **self._user_state(train, clients), **in_place)
         self._store_users(clients, res)
-        update = {"item_factors": res.delta}
-        if res.delta_bias is not None:
-            update["item_bias"] = res.delta_bias
-        if "user_default" in params:
-            update.update(self._default_update(res))
-        if cfg.dp_clip is not None:
-            privatize_mean(update, res.summary["total_weight"], clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
-                           expected_clients=cfg.clients_per_round, seed=cfg.seed, round=r,
-                           num_threads=cfg.num_threads)
-        # The native round aggregates only finite float32 updates of the right shapes, and V
-        # itself is checked just below, so the optimizer's own validation pass is skipped.
-        self._optimizer.apply(params, update, self._opt_state, validate=False)
-        if "user_bias_default" in params:
-            self.model.user_bias_default = float(params["user_bias_default"][0])
+        if in_place:
+            # The kernel took the SGD step on the rows the round touched; V was finite before
+            # (checked when fit started and after every round), so those rows are all it checks.
+            self._optimizer.count_step(self._opt_state)
+            finite = res.summary["nonfinite_rows"] == 0
+        else:
+            update = {"item_factors": res.delta}
+            if res.delta_bias is not None:
+                update["item_bias"] = res.delta_bias
+            if "user_default" in params:
+                update.update(self._default_update(res))
+            if cfg.dp_clip is not None:
+                privatize_mean(update, res.summary["total_weight"], clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
+                               expected_clients=cfg.clients_per_round, seed=cfg.seed, round=r,
+                               num_threads=cfg.num_threads)
+            # The native round aggregates only finite float32 updates of the right shapes, and V
+            # itself is checked just below, so the optimizer's own validation pass is skipped.
+            self._optimizer.apply(params, update, self._opt_state, validate=False)
+            if "user_bias_default" in params:
+                self.model.user_bias_default = float(params["user_bias_default"][0])
+            finite = bool(np.isfinite(self.model.item_factors).all())
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        if not np.isfinite(self.model.item_factors).all():
+        if not finite:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
                                      "lower the learning rates")
         s = res.summary

@@ -23,6 +23,17 @@ struct RoundSummary {
   std::int64_t rows_aggregated = 0; // distinct rows of V touched by reporting clients
   std::int64_t bytes_sent = 0;      // encoded updates of the reporting clients
   std::int64_t num_clipped = 0;     // reporting clients whose update DP clipping scaled down
+  std::int64_t nonfinite_rows = 0;  // with an InPlaceStep: rows of V it left non-finite
+};
+
+/// Server SGD applied by train_round instead of writing a dense delta: V[r] += lr * mean[r]
+/// (and the item biases) for every row the round reduced, on the thread that reduced it, in
+/// the float32 arithmetic of optimizers.SGD on the delta (sgd_step_row). Untouched rows are
+/// neither read nor written. The pointers are the model's own arrays (ModelView's memory).
+struct InPlaceStep {
+  float* item_factors = nullptr;  // nullptr: no step, write delta_out
+  float* item_bias = nullptr;     // with a biased model
+  float lr = 1.0f;
 };
 
 /// Stored user embeddings for stateful baselines (FedAvg keeps u on the server). All pointers
@@ -44,13 +55,16 @@ constexpr std::int64_t kReduceLeaf = 64;
 /// The fused FedRecon round: for each sampled client, reconstruct -> update -> encode (clip,
 /// quantize: `codec`) -> weighted sum of the decoded deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
 /// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
-/// biases) and stats_out[num_sampled]. Sums run in float64 along the reduction tree.
-/// Throws std::invalid_argument / std::out_of_range on bad input.
+/// biases) and stats_out[num_sampled]. Sums run in float64 along the reduction tree. With
+/// step.item_factors set, the mean is applied to the model in place instead (delta_out and
+/// delta_bias_out are not used and may be null). Throws std::invalid_argument /
+/// std::out_of_range on bad input.
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                          std::uint64_t round, int num_threads, float* delta_out,
                          float* delta_bias_out, ClientStats* stats_out,
-                         const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec());
+                         const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec(),
+                         const InPlaceStep& step = InPlaceStep());
 
 /// Un-normalised float64 sums Σ w_i Δ_i of one cohort (a shard of a larger one), for rows
 /// the cohort touched (every row with a dense quantized update), ascending. The summary's totals
