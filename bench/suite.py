@@ -204,6 +204,25 @@ def case_paper_round(q) -> dict:
             for r in rounds:
                 per_round[t].append(_time(lambda: native(r, t)))
     native_ms = {t: _median_ms(per_round[t]) for t in THREADS}
+    # The round plus the server SGD step, both ways FedRecon.fit can take it: the dense delta
+    # added by NumPy, or the step inside the native call (apply_lr) on the touched rows only.
+    Vw = V.copy()
+
+    def dense_step(r, t):
+        res = ff.train_round(Vw, train, cohorts[r], cc, seed=config.seed, round=r, num_threads=t,
+                             check_finite=False)
+        np.add(Vw, res.delta, out=Vw)
+
+    def in_place_step(r, t):
+        ff.train_round(Vw, train, cohorts[r], cc, seed=config.seed, round=r, num_threads=t,
+                       check_finite=False, apply_lr=1.0)
+
+    with_step = {(kind, t): [] for kind in ("dense", "in_place") for t in THREADS}
+    for _ in range(q["native_reps"]):
+        for t in THREADS:
+            for r in rounds:
+                with_step["dense", t].append(_time(lambda: dense_step(r, t)))
+                with_step["in_place", t].append(_time(lambda: in_place_step(r, t)))
     small = int(np.argmin(train.sizes))
     overhead = _interleaved({
         "check_finite=False": lambda: ff.train_round(V, train, [small], cc, num_threads=1, check_finite=False),
@@ -221,11 +240,17 @@ def case_paper_round(q) -> dict:
     }, q["overhead_reps"], warmup=3)
 
     # Full training (evaluation excluded) with every thread count, then evaluation on its own.
-    fit = {}
+    fit, fit_dense = {}, {}
     for t in THREADS:
         cfg = config.replace(num_threads=t, **({"rounds": q["fit_rounds"]} if q["fit_rounds"] else {}))
+        dense = ff.FedRecon(cfg)
+        dense.in_place_step = False  # the same training with the dense delta and NumPy's step
+        dense.fit(train)
+        fit_dense[t] = {"train_seconds": dense.train_seconds,
+                        "round_ms_median": _median_ms([h["round_seconds"] for h in dense.history])}
         trainer = ff.FedRecon(cfg)
         wall = _time(lambda: trainer.fit(train))
+        assert trainer.model.item_factors.tobytes() == dense.model.item_factors.tobytes()
         start = time.perf_counter()
         metrics = trainer.evaluate(test, k=None)  # RMSE only, as measured before ranking existed
         fit[t] = {"rounds": cfg.rounds, "train_seconds": trainer.train_seconds, "fit_wall_seconds": wall,
@@ -255,6 +280,9 @@ def case_paper_round(q) -> dict:
         "one_client_call_us": {k: 1e3 * _median_ms(v) for k, v in overhead.items()},
         "fit_serial_us": {k: 1e3 * _median_ms(v) for k, v in fixed.items()},
         "fit": {str(t): v for t, v in fit.items()},
+        "fit_dense_step": {str(t): v for t, v in fit_dense.items()},
+        "round_with_step_ms": {kind: {str(t): _median_ms(with_step[kind, t]) for t in THREADS}
+                               for kind in ("dense", "in_place")},
         "load_seconds": float(np.median(load)) if load else None,
         "prepare_split_seconds": prepare,
         "ratings_loaded": int(raw.nnz),
@@ -585,6 +613,16 @@ def markdown(results: dict, meta: dict) -> str:
             out.append(f"| {t} thread{'s' if t != '1' else ''} | {f['rounds']} | {_fmt(f['train_seconds'], 3)} | "
                        f"{_fmt(f['round_ms_median'], 3)} | {_fmt(1e3 * f['eval_seconds'], 1)} ({f['test_users']}) | "
                        f"{_fmt(f['test_rmse'], 4)} |")
+        if "round_with_step_ms" in p:
+            w, fd = p["round_with_step_ms"], p["fit_dense_step"]
+            out += ["", "Round plus the server SGD step (ms; `fit` takes the in-place one for plain SGD): "
+                    + "; ".join(f"{t} thread{'s' if t != '1' else ''}: dense delta + NumPy "
+                                f"{_fmt(w['dense'][t], 3)}, in the native call {_fmt(w['in_place'][t], 3)}"
+                                for t in w["dense"])
+                    + ". `fit` with the dense step instead: "
+                    + "; ".join(f"{_fmt(f['train_seconds'], 3)} s, median round {_fmt(f['round_ms_median'], 3)} ms "
+                                f"({t} thread{'s' if t != '1' else ''})" for t, f in fd.items())
+                    + " (the same model, bit for bit)."]
         out += ["", f"`load_movielens`: {_fmt(p['load_seconds'], 3)} s for {p['ratings_loaded']:,} ratings; "
                 f"prepare + split: {_fmt(p['prepare_split_seconds'], 3)} s.", ""]
     k = results.get("kernel_efficiency")
