@@ -178,8 +178,8 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
   fedrecon::InPlaceStep step;
   std::optional<Array<float>> delta, delta_bias;
   if (apply_lr != 0.0) {
-    if (!(std::isfinite(apply_lr) && apply_lr > 0.0 && apply_lr <= 3.4028234663852886e38))
-      fail("apply_lr must be a finite float32 > 0");
+    if (!(std::isfinite(apply_lr) && static_cast<float>(apply_lr) > 0.0f && apply_lr <= 3.4028234663852886e38))
+      fail("apply_lr must be a finite float32 > 0 (at least 1.4e-45)");
     if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
       fail("apply_lr updates item_factors and item_bias in place: they must be writeable");
     step.item_factors = const_cast<float*>(model.item_factors);

@@ -510,3 +510,15 @@ def test_shapes_whose_nonzero_entries_overflow_are_invalid():
     # failed in NumPy ("array is too big").
     with pytest.raises(ValueError, match="shape is too large"):
         compression.encoded_size((0, 2**40, 2**40), 8)
+
+
+def test_apply_lr_that_rounds_to_zero_in_float32_is_named():
+    # Was: "the in-place step's lr must be finite and > 0" from the native core for 5e-324
+    # (positive as a double, 0 as the float32 the step uses), naming no argument.
+    data = ff.synthetic_ratings(num_users=5, num_items=30, min_ratings=5, seed=0)
+    V = np.zeros((data.num_items, 2), np.float32)
+    with pytest.raises(ValueError, match="apply_lr must be at least the smallest float32"):
+        kernels.train_round(V, data, [0], apply_lr=5e-324)
+    with pytest.raises(ValueError, match="apply_lr must be a finite float32 > 0"):
+        _core.train_round(V, None, 0.0, data.indptr, data.items, data.ratings,
+                          np.array([0]), ff.ClientConfig().to_native(), 0, 0, 1, apply_lr=5e-324)

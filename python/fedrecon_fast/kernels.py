@@ -251,6 +251,8 @@ def _in_place_args(apply_lr, item_factors, item_bias) -> dict:
     if apply_lr is None:
         return {}
     check_float(apply_lr, "apply_lr", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
+    if np.float32(apply_lr) == 0:  # the step is taken in float32
+        raise ValueError(f"apply_lr must be at least the smallest float32 (1.4e-45); got {apply_lr!r}")
     for name, arr, ndim in (("item_factors", item_factors, 2), ("item_bias", item_bias, 1)):
         if arr is None:
             continue
