@@ -486,6 +486,14 @@ def test_cli_recommend_item_id_beyond_64_bits_names_file_and_line(saved_model, t
     path.write_text("item,rating\n99999999999999999999,1\n")
     code, _, err = _cli(["recommend", "--model", saved_model, "--ratings", path], capsys)
     assert code == 2 and f"{path}:2: item id 99999999999999999999 is out of range" in _one_line(err)
+    # With --ignore-unknown it is dropped like any id the model does not know (found by the
+    # random fuzz campaign: the CLI refused a file the flag should accept).
+    model = ff.GlobalModel.load(saved_model)
+    path.write_text(f"item,rating\n99999999999999999999,1\n{model.item_ids[0]},5\n")
+    code, out, err = _cli(["recommend", "--model", saved_model, "--ratings", path, "--ignore-unknown",
+                           "--json"], capsys)
+    assert code == 0, err
+    assert "with 1 known ratings" in out
 
 
 def test_reduce_updates_weights_whose_sum_overflows():

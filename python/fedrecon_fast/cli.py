@@ -328,12 +328,14 @@ def _print_human(result: dict) -> None:
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
 
 
-def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
+def read_user_ratings(source: str, drop_out_of_range: bool = False) -> tuple[list[int], list[float]]:
     """One user's ratings from ``item,rating`` lines (``-``: stdin).
 
     Blank lines and lines starting with ``#`` are skipped; the first remaining line is a header
     when its first field is not a number. Anything else that is not an integer item id and a
-    finite rating raises ValueError naming the file and line.
+    finite rating raises ValueError naming the file and line. An item id beyond 64 bits (no
+    model knows it) is an error too, unless ``drop_out_of_range`` (``--ignore-unknown``) drops
+    its line like any unknown id.
     """
     name = "<stdin>" if source == "-" else source
     try:
@@ -347,7 +349,7 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
     except IsADirectoryError:
         raise ValueError(f"{name}: is a folder, not a ratings file") from None
     items, ratings = [], []
-    first = True
+    first, count = True, 0
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -365,7 +367,8 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
             item = int(fields[0])
         except ValueError:
             raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
-        if not -2**63 <= item < 2**63:
+        out_of_range = not -2**63 <= item < 2**63
+        if out_of_range and not drop_out_of_range:
             raise ValueError(f"{name}:{number}: item id {item} is out of range (64-bit ids)")
         try:
             rating = float(fields[1])
@@ -373,9 +376,11 @@ def read_user_ratings(source: str) -> tuple[list[int], list[float]]:
             rating = math.nan
         if not math.isfinite(rating):
             raise ValueError(f"{name}:{number}: rating must be a finite number, got {fields[1]!r}")
-        items.append(item)
-        ratings.append(rating)
-    if not items:
+        count += 1
+        if not out_of_range:
+            items.append(item)
+            ratings.append(rating)
+    if not count:
         raise ValueError(f"{name}: no ratings (expected 'item,rating' lines)")
     return items, ratings
 
@@ -387,7 +392,7 @@ def run_recommend(args) -> dict:
     from .model import GlobalModel
 
     model = GlobalModel.load(args.model)
-    items, ratings = read_user_ratings(args.ratings)
+    items, ratings = read_user_ratings(args.ratings, drop_out_of_range=args.ignore_unknown)
     known = item_rows(model, items, ignore_unknown=True) >= 0
     if not known.all() and not args.ignore_unknown:
         unknown = sorted(set(np.asarray(items)[~known].tolist()))
