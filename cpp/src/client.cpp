@@ -263,8 +263,7 @@ void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
   const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
   recon_examples_ = 0;
-  for (std::int64_t s = 0; s < steps; ++s) {
-    const std::int64_t batch = s % batches;
+  for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
     const std::int64_t lo = sup_off_[static_cast<std::size_t>(batch)];
     const std::int64_t hi = sup_off_[static_cast<std::size_t>(batch) + 1];
     g.setZero();
@@ -284,7 +283,7 @@ void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
   }
 }
 
-ClientStats ClientWorker::update(const ClientConfig& config, std::vector<float>& delta_out) {
+ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>& delta_out) {
   ClientStats stats;
   const bool bias = model_.has_bias();
   const std::int64_t K = dim_;
@@ -324,7 +323,7 @@ ClientStats ClientWorker::update(const ClientConfig& config, std::vector<float>&
   delta_out.resize(begin + static_cast<std::size_t>(nrows * K));
   float* out = delta_out.data() + begin;
   Eigen::Matrix<float, 8, 1> probe = Eigen::Matrix<float, 8, 1>::Zero();
-  float bias_probe = 0.0f;
+  float scalar_probe = 0.0f;  // the rows' tails past a multiple of 8, and the item biases
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int64_t item = rows_[static_cast<std::size_t>(r)];
     const float* w = local_.data() + r * P;
@@ -339,15 +338,15 @@ ClientStats ClientWorker::update(const ClientConfig& config, std::vector<float>&
     }
     for (; k < K; ++k) {
       d[k] = w[k] - v[k];
-      bias_probe += d[k] - d[k];
+      scalar_probe += d[k] - d[k];
     }
     if (bias) {
       float& b = local_bias_[static_cast<std::size_t>(r)];
       b -= model_.item_bias[item];
-      bias_probe += b - b;
+      scalar_probe += b - b;
     }
   }
-  const bool finite = probe.sum() + bias_probe == 0.0f;
+  const bool finite = probe.sum() + scalar_probe == 0.0f;
   stats.rows = nrows;
   stats.recon_examples = recon_examples_;
   if (!finite || !std::isfinite(stats.loss_sum)) {
@@ -376,8 +375,7 @@ void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, 
   Eigen::Map<Vec<P>> u(u_.data(), pdim_);
   Eigen::Map<Vec<P>> gu(grad_u_.data(), pdim_);
   const float l2 = config.update_l2;
-  for (std::int64_t s = 0; s < steps; ++s) {
-    const std::int64_t batch = s % batches;
+  for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
     const std::int64_t lo = qry_off_[static_cast<std::size_t>(batch)];
     const std::int64_t hi = qry_off_[static_cast<std::size_t>(batch) + 1];
     const std::int64_t m = hi - lo;

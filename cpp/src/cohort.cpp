@@ -44,7 +44,8 @@ void check_inputs(const ModelView& model, const CsrView& data, const std::int64_
 // offset, so nothing is allocated per client once the arenas have grown.
 struct Arena {
   std::vector<std::int32_t> rows;
-  std::vector<float> values, bias;
+  UninitVector<float> values;
+  std::vector<float> bias;
   void clear() {
     rows.clear();
     values.clear();

@@ -4,11 +4,36 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "fedrecon/types.hpp"
 
 namespace fedrecon {
+
+/// An allocator whose resize leaves new elements uninitialised. For buffers that are written in
+/// full right after they are sized (gathered rows, a client's update appended to its arena):
+/// vector::resize would zero-fill them first, doubling the memory traffic.
+template <class T>
+struct NoInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  NoInitAllocator() = default;
+  template <class U>
+  NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <class T>
+using UninitVector = std::vector<T, NoInitAllocator<T>>;
 
 /// Throws std::invalid_argument for an unusable configuration (non-positive batch size,
 /// negative learning rates, Exact reconstruction without a positive ridge, ...).
@@ -40,7 +65,7 @@ class ClientWorker {
   /// touched rows (rows().size() x dim) to `delta_out`, the caller's arena, so it is written
   /// once; rows()/bias_delta() hold its rows and item-bias deltas. A non-finite update appends
   /// nothing and gets weight 0.
-  ClientStats update(const ClientConfig& config, std::vector<float>& delta_out);
+  ClientStats update(const ClientConfig& config, UninitVector<float>& delta_out);
 
   /// Squared error and rating accuracy of the reconstructed u on the whole query set.
   EvalStats evaluate() const;
@@ -82,14 +107,15 @@ class ClientWorker {
   std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
   // The support rows gathered once per client (padded, in batch order) and their targets
   // r - global_mean - b_i, so reconstruction streams through contiguous memory.
-  std::vector<float> sup_rows_, sup_y_;
+  UninitVector<float> sup_rows_, sup_y_;
   // Local embedding and its gradient (padded; the padding stays zero).
   std::vector<float> u_, grad_u_;
   float bu_ = 0.0f;
   std::int64_t recon_examples_ = 0;
   // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
   std::vector<std::int32_t> rows_;
-  std::vector<float> local_, local_bias_;  // local_ padded
+  UninitVector<float> local_;  // padded
+  std::vector<float> local_bias_;
   std::vector<std::int32_t> qry_local_;
   std::vector<std::int32_t> item_to_local_;  // num_items, -1 when absent; reset after use
   std::vector<std::int64_t> decayed_at_;      // L2 decay once per row per step
