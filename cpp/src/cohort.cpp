@@ -133,7 +133,14 @@ std::vector<ClientResult> run_updates(WorkerLease& workers, const ModelView& mod
   std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
   std::vector<ClientResult> results(static_cast<std::size_t>(n));
   const std::int64_t K = model.dim;
-  parallel_for(n, threads, [&](std::int64_t i, int tid) {
+  // Largest clients first, so the threads finish together (each result is stored by cohort
+  // position, so the order of work never changes a result).
+  std::vector<std::int64_t> order(static_cast<std::size_t>(threads > 1 ? n : 0));
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(order.size()); ++i) order[static_cast<std::size_t>(i)] = i;
+  const auto size = [&](std::int64_t i) { return data.indptr[clients[i] + 1] - data.indptr[clients[i]]; };
+  std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) { return size(a) > size(b); });
+  parallel_for(n, threads, [&](std::int64_t j, int tid) {
+    const std::int64_t i = order.empty() ? j : order[static_cast<std::size_t>(j)];
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     const std::int64_t c = clients[i];
     w.split(data, c, config, seed, round);
