@@ -55,6 +55,17 @@ def as_float32_vector(x, name: str, *, size: int | None = None, check_finite: bo
     return arr
 
 
+def writable_float32(x, name: str, ndim: int, *, error: type = ValueError) -> np.ndarray:
+    """``x`` itself if it is a writeable C-contiguous ``ndim``-D float32 ndarray, for arrays a
+    kernel updates in place (a converted copy would silently lose the update); else ``error``."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != ndim \
+            or not x.flags.c_contiguous or not x.flags.writeable:
+        got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".rstrip()
+        raise error(f"{name} must be a writeable C-contiguous {ndim}-D float32 ndarray "
+                    f"(updated in place); got {got}")
+    return x
+
+
 def as_index_array(x, name: str, *, upper: int) -> np.ndarray:
     """Convert integer ids to a C-contiguous int64 array and check 0 <= id < upper."""
     arr = np.asarray(x)

@@ -26,6 +26,7 @@ from ._validation import (
     check_choice,
     check_float,
     check_int,
+    writable_float32,
 )
 from .config import ClientConfig, FedReconConfig, preset
 from .data import ClientData
@@ -37,13 +38,6 @@ from .training import FedRecon
 def _uniform(shape, scale: float, seed: int, stream: int) -> np.ndarray:
     rng = generator(seed, 0, 0, stream)
     return rng.uniform(-scale, scale, size=shape).astype(np.float32)
-
-
-def _writable_f32(x, name: str, ndim: int) -> np.ndarray:
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != ndim \
-            or not x.flags.c_contiguous or not x.flags.writeable:
-        raise ValueError(f"{name} must be a writeable C-contiguous {ndim}-D float32 array (updated in place)")
-    return x
 
 
 def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, item_bias=None,
@@ -68,15 +62,15 @@ def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, i
     float
         Sum of squared errors of the pre-step predictions.
     """
-    users = _writable_f32(users, "users", 2)
-    items = _writable_f32(items, "items", 2)
+    users = writable_float32(users, "users", 2)
+    items = writable_float32(items, "items", 2)
     if users.shape[1] != items.shape[1] or users.shape[1] < 1:
         raise ValueError(f"users and items must have the same dim >= 1; got {users.shape} and {items.shape}")
     if (user_bias is None) != (item_bias is None):
         raise ValueError("user_bias and item_bias must be given together")
     if user_bias is not None:
-        user_bias = _writable_f32(user_bias, "user_bias", 1)
-        item_bias = _writable_f32(item_bias, "item_bias", 1)
+        user_bias = writable_float32(user_bias, "user_bias", 1)
+        item_bias = writable_float32(item_bias, "item_bias", 1)
     user_ids = as_index_array(user_ids, "user_ids", upper=users.shape[0])
     item_ids = as_index_array(item_ids, "item_ids", upper=items.shape[0]).astype(np.int32)
     ratings = as_float32_vector(ratings, "ratings", size=len(user_ids))

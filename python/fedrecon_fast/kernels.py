@@ -21,6 +21,7 @@ from ._validation import (
     as_index_array,
     check_float,
     check_int,
+    writable_float32,
 )
 from .config import ClientConfig
 
@@ -253,14 +254,9 @@ def _in_place_args(apply_lr, item_factors, item_bias) -> dict:
     check_float(apply_lr, "apply_lr", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
     if np.float32(apply_lr) == 0:  # the step is taken in float32
         raise ValueError(f"apply_lr must be at least the smallest float32 (1.4e-45); got {apply_lr!r}")
-    for name, arr, ndim in (("item_factors", item_factors, 2), ("item_bias", item_bias, 1)):
-        if arr is None:
-            continue
-        if not (isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.ndim == ndim
-                and arr.flags.c_contiguous and arr.flags.writeable):
-            raise TypeError(f"apply_lr updates {name} in place: it must be a writeable C-contiguous "
-                            f"{ndim}-D float32 ndarray; got {type(arr).__name__} "
-                            f"{getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}".rstrip())
+    writable_float32(item_factors, "item_factors", 2, error=TypeError)
+    if item_bias is not None:
+        writable_float32(item_bias, "item_bias", 1, error=TypeError)
     return {"apply_lr": float(apply_lr)}
 
 
