@@ -183,7 +183,7 @@ struct RowIndex {
     std::uint64_t key;  // (row << 32) | cohort position
     std::int32_t local; // row of the client's update
   };
-  std::vector<Entry> entries;
+  UninitVector<Entry> entries;
   std::vector<std::size_t> seg;         // entries[seg[s]:seg[s+1]] share one row
   std::vector<std::int64_t> reporting;  // cohort positions of the reporting clients, in order
   bool any_noisy = false;               // a dense quantized update: every row gets noise
@@ -200,9 +200,11 @@ template <class Views>
 RoundSummary index_rows(const Views& views, const std::vector<ClientResult>& results,
                         const ModelView& model, ClientStats* stats_out, RowIndex& index) {
   RoundSummary summary;
-  std::size_t num_entries = 0;
-  for (const ClientResult& r : results) num_entries += r.stats.weight > 0.0 ? r.nrows : 0;
-  index.entries.reserve(num_entries);
+  // Counting sort by row, straight from the updates: count, then place each reporting client's
+  // entries in cohort order, so each row's clients stay in cohort order. Linear in rows +
+  // entries. (Appending entries and sorting a copy cost twice as much: each appended entry
+  // was built on the stack and reloaded as one 16-byte vector, a store-forwarding stall.)
+  std::vector<std::int64_t> start(static_cast<std::size_t>(model.num_items) + 1, 0);
   for (std::size_t i = 0; i < results.size(); ++i) {
     const ClientResult& r = results[i];
     stats_out[i] = r.stats;
@@ -223,25 +225,25 @@ RoundSummary index_rows(const Views& views, const std::vector<ClientResult>& res
     index.reporting.push_back(static_cast<std::int64_t>(i));
     index.any_noisy = index.any_noisy || r.enc.noisy_zeros;
     const std::int32_t* rows = views(r).rows;
-    for (std::size_t l = 0; l < r.nrows; ++l)
-      index.entries.push_back({(static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i),
-                               static_cast<std::int32_t>(l)});
+    for (std::size_t l = 0; l < r.nrows; ++l) ++start[static_cast<std::size_t>(rows[l]) + 1];
   }
-  // Counting sort by row: entries were appended in cohort order and the scatter is stable, so
-  // each row's clients stay in cohort order. Linear in rows + entries.
-  auto& entries = index.entries;
-  {
-    std::vector<std::int64_t> start(static_cast<std::size_t>(model.num_items) + 1, 0);
-    for (const auto& e : entries) ++start[static_cast<std::size_t>(e.key >> 32) + 1];
-    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
-    std::vector<RowIndex::Entry> sorted(entries.size());
-    for (const auto& e : entries) sorted[static_cast<std::size_t>(start[static_cast<std::size_t>(e.key >> 32)]++)] = e;
-    entries.swap(sorted);
+  index.seg.clear();
+  for (std::size_t row = 0; row + 1 < start.size(); ++row) {
+    if (start[row + 1] > 0) index.seg.push_back(static_cast<std::size_t>(start[row]));
+    start[row + 1] += start[row];
   }
-  index.seg.assign(1, 0);
-  for (std::size_t e = 1; e < entries.size(); ++e)
-    if ((entries[e].key >> 32) != (entries[e - 1].key >> 32)) index.seg.push_back(e);
-  if (!entries.empty()) index.seg.push_back(entries.size());
+  index.seg.push_back(static_cast<std::size_t>(start.back()));
+  index.entries.resize(static_cast<std::size_t>(start.back()));
+  RowIndex::Entry* entries = index.entries.data();
+  for (const std::int64_t i : index.reporting) {
+    const ClientResult& r = results[static_cast<std::size_t>(i)];
+    const std::int32_t* rows = views(r).rows;
+    for (std::size_t l = 0; l < r.nrows; ++l) {
+      RowIndex::Entry& e = entries[start[static_cast<std::size_t>(rows[l])]++];
+      e.key = (static_cast<std::uint64_t>(rows[l]) << 32) | static_cast<std::uint64_t>(i);
+      e.local = static_cast<std::int32_t>(l);
+    }
+  }
   summary.rows_aggregated = index.num_segments();
   return summary;
 }
