@@ -227,7 +227,8 @@ RoundSummary index_rows(const Views& views, const std::vector<ClientResult>& res
     const std::int32_t* rows = views(r).rows;
     for (std::size_t l = 0; l < r.nrows; ++l) ++start[static_cast<std::size_t>(rows[l]) + 1];
   }
-  index.seg.clear();
+  // Prefix sums in place; before row's step, start[row + 1] is still its count and start[row]
+  // its first slot, so the touched rows' segments are read off on the way.
   for (std::size_t row = 0; row + 1 < start.size(); ++row) {
     if (start[row + 1] > 0) index.seg.push_back(static_cast<std::size_t>(start[row]));
     start[row + 1] += start[row];
