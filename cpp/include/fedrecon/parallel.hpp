@@ -29,70 +29,19 @@ inline int resolve_threads(int num_threads, std::int64_t n) {
 /// other. After fork() the child builds a fresh pool (the parent's threads do not exist there).
 class ThreadPool {
  public:
-  static ThreadPool& instance() {
-    static std::mutex guard;
-    static ThreadPool* pool = nullptr;
-    static long owner = 0;
-    std::lock_guard<std::mutex> lock(guard);
-    if (pool == nullptr || owner != current_pid()) {
-      pool = new ThreadPool();  // intentionally leaked: idle workers may outlive static destructors
-      owner = current_pid();
-    }
-    return *pool;
-  }
+  static ThreadPool& instance();
 
-  void run(int n, const std::function<void(int)>& job) {
-    if (in_worker()) {
-      // A job that itself parallelises would wait on the queue it is serving: run inline.
-      for (int t = 0; t < n; ++t) job(t);
-      return;
-    }
-    struct Batch {
-      std::mutex m;
-      std::condition_variable done;
-      int remaining;
-    } batch;
-    batch.remaining = n - 1;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(workers_.size()) < n - 1) workers_.emplace_back([this] { loop(); });
-      for (int t = 1; t < n; ++t)
-        tasks_.push_back([&batch, &job, t] {
-          job(t);
-          std::lock_guard<std::mutex> l(batch.m);
-          if (--batch.remaining == 0) batch.done.notify_one();
-        });
-    }
-    wake_.notify_all();
-    job(0);
-    std::unique_lock<std::mutex> lock(batch.m);
-    batch.done.wait(lock, [&] { return batch.remaining == 0; });
-  }
+  void run(int n, const std::function<void(int)>& job);
 
  private:
   static long current_pid();
-
-  static bool& in_worker() {
-    static thread_local bool flag = false;
-    return flag;
-  }
-
-  void loop() {
-    in_worker() = true;
-    for (;;) {
-      std::function<void()> task;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return !tasks_.empty(); });
-        task = std::move(tasks_.front());
-        tasks_.pop_front();
-      }
-      task();
-    }
-  }
+  static bool& in_worker();
+  void loop();
 
   std::mutex mutex_;
   std::condition_variable wake_;
+  std::atomic<int> pending_{0};     // tasks_.size(), readable without the mutex
+  std::atomic<bool> spin_{false};   // idle threads poll before blocking (not oversubscribed)
   std::deque<std::function<void()>> tasks_;
   std::vector<std::thread> workers_;
 };
