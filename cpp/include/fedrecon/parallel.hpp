@@ -27,6 +27,7 @@ inline int resolve_threads(int num_threads, std::int64_t n) {
 /// is submitted as `n` jobs job(0..n-1); the caller runs job(0) itself and waits for the rest.
 /// Concurrent callers (several Python threads) share the workers; jobs never block on each
 /// other. After fork() the child builds a fresh pool (the parent's threads do not exist there).
+/// An idle thread polls briefly before it blocks (parallel.cpp says why), unless oversubscribed.
 class ThreadPool {
  public:
   static ThreadPool& instance();
