@@ -63,6 +63,8 @@ SHAPES = [
     pytest.param(7, 3, 2, 2, id="I7-K3-b2-t2"),
     pytest.param(30, 16, 5, 3, id="I30-K16-b5-t3"),
     pytest.param(50, 50, 64, 2, id="I50-K50-b64-t2"),
+    # Rows past 128 floats take the kernels' dynamic-size path.
+    pytest.param(40, 130, 3, 2, id="I40-K130-b3-t2"),
 ]
 
 

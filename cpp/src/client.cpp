@@ -64,6 +64,48 @@ std::int64_t schedule_steps(std::int64_t batches, int epochs, std::int64_t steps
   return steps;
 }
 
+// The SGD steps of an SGD reconstruction over gathered support rows (stride P), cycling the
+// batches; returns the examples seen. U and G are fixed-size locals or maps of the scratch.
+struct SgdChain {
+  const float* rows;
+  const float* y;
+  const std::int64_t* off;
+  std::int64_t batches, steps, stride;
+  float lr, l2x2;
+  bool bias;
+
+  template <class U, class G>
+  std::int64_t run(U& u, G& g, float& bu_ref) const {
+    using Row = Eigen::Map<const Vec<U::SizeAtCompileTime>>;
+    float bu = bu_ref;
+    std::int64_t examples = 0;
+    const auto error = [&](std::int64_t k) {
+      const float err = u.dot(Row(rows + k * stride, stride)) - y[k];
+      return bias ? err + bu : err;
+    };
+    for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
+      const std::int64_t lo = off[batch];
+      const std::int64_t hi = off[batch + 1];
+      // The gradient starts from the batch's first row, not from zero (0 + x == x up to the
+      // sign of a zero): zeroing a local compiled to a memset call per step.
+      float gb = error(lo);
+      g = gb * Row(rows + lo * stride, stride);
+      for (std::int64_t k = lo + 1; k < hi; ++k) {
+        const float err = error(k);
+        g += err * Row(rows + k * stride, stride);
+        gb += err;
+      }
+      // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
+      examples += hi - lo;
+      const float scale = 2.0f / static_cast<float>(hi - lo);
+      u -= lr * (scale * g + l2x2 * u);
+      if (bias) bu -= lr * scale * gb;
+    }
+    bu_ref = bu;
+    return examples;
+  }
+};
+
 }  // namespace
 
 void validate_config(const ClientConfig& c) {
@@ -256,30 +298,20 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
 
 template <int P>
 void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
-  using Row = Eigen::Map<const Vec<P>>;
-  const bool bias = model_.has_bias();
-  Eigen::Map<Vec<P>> u(u_.data(), pdim_);
-  Eigen::Map<Vec<P>> g(grad_u_.data(), pdim_);
   const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
-  recon_examples_ = 0;
-  for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
-    const std::int64_t lo = sup_off_[static_cast<std::size_t>(batch)];
-    const std::int64_t hi = sup_off_[static_cast<std::size_t>(batch) + 1];
-    g.setZero();
-    float gb = 0.0f;
-    for (std::int64_t k = lo; k < hi; ++k) {
-      const Row v(sup_rows_.data() + k * pdim_, pdim_);
-      float err = u.dot(v) - sup_y_[static_cast<std::size_t>(k)];
-      if (bias) err += bu_;
-      g += err * v;
-      gb += err;
-    }
-    // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
-    recon_examples_ += hi - lo;
-    const float scale = 2.0f / static_cast<float>(hi - lo);
-    u -= config.recon_lr * (scale * g + (2.0f * config.recon_l2) * u);
-    if (bias) bu_ -= config.recon_lr * scale * gb;
+  const SgdChain chain{sup_rows_.data(), sup_y_.data(), sup_off_.data(), batches, steps,
+                       pdim_, config.recon_lr, 2.0f * config.recon_l2, model_.has_bias()};
+  Eigen::Map<Vec<P>> u(u_.data(), pdim_);
+  if constexpr (P == Eigen::Dynamic) {
+    Eigen::Map<Vec<P>> g(grad_u_.data(), pdim_);
+    recon_examples_ = chain.run(u, g, bu_);
+  } else {
+    // u and g as fixed-size locals stay in registers across the chain; through the members,
+    // every step stored and reloaded them on its critical path.
+    Vec<P> u_reg = u, g;
+    recon_examples_ = chain.run(u_reg, g, bu_);
+    u = u_reg;
   }
 }
 
