@@ -227,6 +227,34 @@ def test_sparse_mean_float64_sums_each_row_in_client_order_bit_for_bit():
     assert not np.array_equal(sequential_mean(contributions[::-1], (5, 3), total), ref)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_mean_into_a_table_past_the_cache_is_exact(dtype):
+    """Tables of 32 MiB and more are staged per block and written with non-temporal stores:
+    same values, whatever the thread count or the alignment of ``out``."""
+    rng = np.random.default_rng(17)
+    num_rows, dim = 70_000, 130  # 34.7 MiB in float32; 520-byte rows straddle cache lines
+    rows, values, offsets = random_sparse(rng, 50, num_rows, dim, max_rows=60)
+    rows[:5] = [0, num_rows - 1, 1, 0, num_rows - 2]  # the table's first and last lines
+    weights = rng.uniform(0.1, 3.0, size=50)
+    total = 0.0
+    for w in weights:
+        total += w
+    expected = ref_sum_sparse(rows, values, offsets, weights, num_rows) * (1.0 / total)
+    if dtype is np.float32:
+        expected = expected.astype(np.float32)
+    size = num_rows * dim
+    for t in THREADS:
+        # A view one element past a 64-byte boundary: the copy's unaligned head and tail.
+        item = np.dtype(dtype).itemsize
+        buf = np.full(size + 32, np.nan, dtype=dtype)
+        start = (-buf.ctypes.data % 64 + item) // item
+        out = buf[start:start + size].reshape(num_rows, dim)
+        assert weighted_mean_sparse(rows, values, offsets, weights, num_rows=num_rows, out=out,
+                                    num_threads=t) is out
+        assert_array_equal(out, expected)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + size:]).all()
+
 # ---------------------------------------------------------------------------------------------
 # Streaming
 

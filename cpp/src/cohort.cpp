@@ -13,6 +13,7 @@
 #include "fedrecon/aggregate.hpp"
 #include "fedrecon/client.hpp"
 #include "fedrecon/parallel.hpp"
+#include "fedrecon/cache.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace fedrecon {
@@ -305,17 +306,6 @@ class TreeSum {
 
 // How many update rows the reduction requests ahead of the one it sums.
 constexpr std::size_t kPrefetchEntries = 16;
-
-inline void prefetch_bytes(const void* p, std::size_t n) {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* c = static_cast<const char*>(p);
-  for (std::size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o);
-  __builtin_prefetch(c + n - 1);  // the last line, when p is not line-aligned
-#else
-  (void)p;  // a hint only: other compilers go without
-  (void)n;
-#endif
-}
 
 // Reduces every touched row (with noise: every row) of the cohort: emit(row, slot, sum,
 // bias_sum) gets the un-normalised float64 weighted sums, slot = the row's segment (with noise:
