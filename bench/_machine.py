@@ -119,6 +119,16 @@ def load_average() -> float | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak (VmHWM) from the current RSS, where Linux allows it; False elsewhere
+    (peaks then include everything before)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_mib() -> dict:
     """Current and peak resident set size of this process, MiB (VmRSS / VmHWM)."""
     out = {}
