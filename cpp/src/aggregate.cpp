@@ -8,8 +8,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "fedrecon/parallel.hpp"
 #include "fedrecon/cache.hpp"
+#include "fedrecon/parallel.hpp"
 #include "fedrecon/privacy.hpp"
 
 #include "fedrecon/strict_fp.hpp"

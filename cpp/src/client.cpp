@@ -307,8 +307,8 @@ void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
     Eigen::Map<Vec<P>> g(grad_u_.data(), pdim_);
     recon_examples_ = chain.run(u, g, bu_);
   } else {
-    // u and g as fixed-size locals stay in registers across the chain; through the members,
-    // every step stored and reloaded them on its critical path.
+    // Fixed-size locals cannot alias the members, so the compiler keeps g in registers (u in
+    // its own stack slots); through the members every step stored and reloaded both.
     Vec<P> u_reg = u, g;
     recon_examples_ = chain.run(u_reg, g, bu_);
     u = u_reg;

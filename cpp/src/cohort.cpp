@@ -11,9 +11,9 @@
 #include <string>
 
 #include "fedrecon/aggregate.hpp"
+#include "fedrecon/cache.hpp"
 #include "fedrecon/client.hpp"
 #include "fedrecon/parallel.hpp"
-#include "fedrecon/cache.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace fedrecon {
