@@ -228,10 +228,20 @@ def test_sparse_mean_float64_sums_each_row_in_client_order_bit_for_bit():
 
 
 
+def misaligned_out(shape, dtype):
+    """An ``out`` one element past a 64-byte boundary, NaN-fenced on both sides: (out, buffer)."""
+    item = np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    buf = np.full(size + 32, np.nan, dtype=dtype)
+    start = (-buf.ctypes.data % 64 + item) // item
+    return buf[start:start + size].reshape(shape), buf, start
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sparse_mean_into_a_table_past_the_cache_is_exact(dtype):
-    """Tables of 32 MiB and more are staged per block and written with non-temporal stores:
-    same values, whatever the thread count or the alignment of ``out``."""
+def test_means_into_a_table_past_the_cache_are_exact(dtype):
+    """Tables of 32 MiB and more are staged per block and written with non-temporal stores, by
+    the batch and the streaming means alike: same values, whatever the thread count or the
+    alignment of ``out`` (the copy's unaligned head and tail)."""
     rng = np.random.default_rng(17)
     num_rows, dim = 70_000, 130  # 34.7 MiB in float32; 520-byte rows straddle cache lines
     rows, values, offsets = random_sparse(rng, 50, num_rows, dim, max_rows=60)
@@ -241,19 +251,33 @@ def test_sparse_mean_into_a_table_past_the_cache_is_exact(dtype):
     for w in weights:
         total += w
     expected = ref_sum_sparse(rows, values, offsets, weights, num_rows) * (1.0 / total)
+    stack = rng.normal(size=(2, num_rows, dim)).astype(np.float32)
+    x0, x1 = stack.astype(np.float64)
+    expected_dense = (1.0 * x0 + 3.0 * x1) * (1.0 / 4.0)  # the kernel's float64 operations
     if dtype is np.float32:
-        expected = expected.astype(np.float32)
-    size = num_rows * dim
+        expected, expected_dense = expected.astype(np.float32), expected_dense.astype(np.float32)
     for t in THREADS:
-        # A view one element past a 64-byte boundary: the copy's unaligned head and tail.
-        item = np.dtype(dtype).itemsize
-        buf = np.full(size + 32, np.nan, dtype=dtype)
-        start = (-buf.ctypes.data % 64 + item) // item
-        out = buf[start:start + size].reshape(num_rows, dim)
+        out, buf, start = misaligned_out((num_rows, dim), dtype)
         assert weighted_mean_sparse(rows, values, offsets, weights, num_rows=num_rows, out=out,
                                     num_threads=t) is out
         assert_array_equal(out, expected)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + size:]).all()
+        acc = WeightedMean((num_rows, dim), num_threads=t)
+        for i, w in enumerate(weights):
+            acc.add_sparse(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]], w)
+        out[...] = np.nan
+        assert acc.result(out=out) is out
+        assert_array_equal(out, expected)
+        out[...] = np.nan
+        assert weighted_mean(stack, [1.0, 3.0], out=out, num_threads=t) is out
+        assert_array_equal(out, expected_dense)
+        acc = WeightedMean((num_rows, dim), num_threads=t)
+        acc.add(stack[0], 1.0)
+        acc.add(stack[1], 3.0)
+        out[...] = np.nan
+        assert acc.result(out=out) is out
+        assert_array_equal(out, expected_dense)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + out.size:]).all()
+
 
 # ---------------------------------------------------------------------------------------------
 # Streaming
