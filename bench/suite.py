@@ -57,7 +57,7 @@ CHILD_CASES = ("scale", "aggregation")  # run in a fresh process: their peak RSS
 FULL = dict(
     load_reps=5, paper_rounds=10, native_reps=20, reference_rounds=2, overhead_reps=200,
     fit_rounds=None, ke_dims=(16, 32, 50, 64, 128), ke_batches=(1, 5, 20, "full"),
-    ke_clients=None, ke_reps=5, cm_cohorts=10, cm_reps=5, ts_users=20_000, ts_items=3_700, ts_clients=1_000, ts_reps=15,
+    ke_clients=None, ke_reps=5, cm_cohorts=10, cm_reps=5, ts_users=20_000, ts_items=3_700, ts_clients=1_000, ts_reps=60,
     sc_items=1_000_000, sc_users=10_000_000, sc_clients=1_000, sc_dim=64, sc_rounds=5,
     ag_rows=1_000_000, ag_clients=1_000, ag_per_client=100, ag_dim=64, ag_reps=7,
 )
@@ -407,11 +407,16 @@ def case_thread_scaling(q) -> dict:
     identical = all(_same_result(res[1], res[t]) for t in THREADS)
     times = _interleaved({t: (lambda t=t: run(t)) for t in THREADS}, q["ts_reps"])
     ms = {t: _median_ms(times[t]) for t in THREADS}
+    # Another tenant's burst lands on one repetition of one thread count; the 10th percentile
+    # is the time of an undisturbed round, so its ratio is the scaling the code itself has.
+    p10 = {t: float(np.percentile(times[t], 10)) * 1e3 for t in THREADS}
     return {"case": "thread_scaling", "data": f"synthetic, {q['ts_users']:,} users x {q['ts_items']:,} items",
             "data_seconds": build, "clients": len(clients), "dim": config.dim,
             "rating_steps": rating_steps(res[1].client_stats),
             "ms": {str(t): ms[t] for t in THREADS},
             "speedup": {str(t): ms[1] / ms[t] for t in THREADS},
+            "ms_p10": {str(t): p10[t] for t in THREADS},
+            "speedup_p10": {str(t): p10[1] / p10[t] for t in THREADS},
             "bit_identical": identical}
 
 
@@ -691,8 +696,10 @@ def markdown(results: dict, meta: dict) -> str:
     t = results.get("thread_scaling")
     if t:
         out += [f"## thread_scaling: {t['data']}, {t['clients']} clients, K = {t['dim']}", "",
-                "| threads | ms / round | speedup |", "|---:|---:|---:|"]
-        out += [f"| {n} | {_fmt(t['ms'][n])} | {_fmt(t['speedup'][n])}x |" for n in t["ms"]]
+                "| threads | ms / round (median) | speedup | ms, 10th percentile | speedup |",
+                "|---:|---:|---:|---:|---:|"]
+        out += [f"| {n} | {_fmt(t['ms'][n])} | {_fmt(t['speedup'][n])}x | {_fmt(t['ms_p10'][n])} | "
+                f"{_fmt(t['speedup_p10'][n])}x |" for n in t["ms"]]
         out += ["", f"Deltas and statistics bit-identical across thread counts: {t['bit_identical']}.", ""]
     s = results.get("scale")
     if s:
