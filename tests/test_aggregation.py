@@ -227,7 +227,6 @@ def test_sparse_mean_float64_sums_each_row_in_client_order_bit_for_bit():
     assert not np.array_equal(sequential_mean(contributions[::-1], (5, 3), total), ref)
 
 
-
 def misaligned_out(shape, dtype):
     """An ``out`` one element past a 64-byte boundary, NaN-fenced on both sides: (out, buffer)."""
     item = np.dtype(dtype).itemsize

@@ -13,7 +13,9 @@
 namespace fedrecon {
 
 // For loops that visit rows in an order the hardware prefetchers cannot follow (sorted by row
-// while stored by client).
+// while stored by client). Callers keep their lookahead loops as local lambdas: moved into a
+// shared class, GCC 12 deleted the loop (its only effect is __builtin_prefetch), and an asm
+// volatile prefetch it cannot delete measured 4-8% slower.
 inline void prefetch_bytes(const void* p, std::size_t n) {
 #if defined(__GNUC__) || defined(__clang__)
   const char* c = static_cast<const char*>(p);
