@@ -46,7 +46,15 @@ struct RowIndex {
     std::uint64_t key;   // (row << 32) | cohort position
     std::int32_t local;  // row of the client's update; -1: noise of an untouched row
   };
+  // The scalar form's numbers of each entry, copied next to it while indexing, so the sums
+  // read them in entry order instead of chasing each client's arrays.
+  struct Coef {
+    float beta, gamma, bias;
+  };
   UninitVector<Entry> entries;
+  UninitVector<Coef> coefs;             // scalar form only: one per entry
+  bool scalar = false;                  // the reporting clients' updates are in scalar form
+  bool gamma = false;                   // ... with L2 (some g may be non-zero)
   std::vector<std::size_t> seg;         // entries[seg[s]:seg[s+1]] share one row
   std::vector<std::int64_t> reporting;  // cohort positions of the reporting clients, in order
   bool any_noisy = false;               // a dense quantized update: every row gets noise
@@ -66,6 +74,9 @@ void index_rows(const std::vector<UpdateRef>& updates, std::int64_t num_items, R
   for (std::size_t i = 0; i < updates.size(); ++i) {
     const UpdateRef& u = updates[i];
     if (u.weight <= 0.0) continue;
+    if (index.reporting.empty()) index.scalar = u.values == nullptr;
+    if (index.scalar != (u.values == nullptr)) throw std::invalid_argument("updates mix rows and the scalar form");
+    index.gamma = index.gamma || u.gamma != nullptr;
     index.reporting.push_back(static_cast<std::int64_t>(i));
     index.any_noisy = index.any_noisy || (u.enc != nullptr && u.enc->noisy_zeros);
     for (std::int64_t l = 0; l < u.nrows; ++l) ++start[static_cast<std::size_t>(u.rows[l]) + 1];
@@ -78,13 +89,18 @@ void index_rows(const std::vector<UpdateRef>& updates, std::int64_t num_items, R
   }
   index.seg.push_back(static_cast<std::size_t>(start.back()));
   index.entries.resize(static_cast<std::size_t>(start.back()));
+  if (index.scalar) index.coefs.resize(index.entries.size());
   Contribution* entries = index.entries.data();
   for (const std::int64_t i : index.reporting) {
     const UpdateRef& u = updates[static_cast<std::size_t>(i)];
     for (std::int64_t l = 0; l < u.nrows; ++l) {
-      Contribution& e = entries[start[static_cast<std::size_t>(u.rows[l])]++];
+      const std::int64_t slot = start[static_cast<std::size_t>(u.rows[l])]++;
+      Contribution& e = entries[slot];
       e.key = (static_cast<std::uint64_t>(u.rows[l]) << 32) | static_cast<std::uint64_t>(i);
       e.local = static_cast<std::int32_t>(l);
+      if (index.scalar)
+        index.coefs[static_cast<std::size_t>(slot)] = {u.beta[l], u.gamma != nullptr ? u.gamma[l] : 0.0f,
+                                                       u.bias != nullptr ? u.bias[l] : 0.0f};
     }
   }
 }
@@ -155,6 +171,13 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
   const std::int64_t rows_per_block = 256;
   const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
   const int threads = resolve_threads(num_threads, num_blocks);
+  // The scalar form's per-client numbers, by cohort position.
+  std::vector<double> weights(index.scalar ? updates.size() : 0);
+  std::vector<const float*> users(index.scalar ? updates.size() : 0);
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    weights[i] = updates[i].weight;
+    users[i] = updates[i].user;
+  }
   struct Scratch {
     TreeSum tree;
     std::vector<float> row;
@@ -170,29 +193,47 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
     std::vector<Contribution> contrib;
     float* row_buf = sc.row.data();
     std::int64_t current_row = 0;
-    auto add = [&](const Contribution& c, double* a, double& acc_bias, bool first) {
+    // One contribution into a level's accumulators (the first one assigns): x = the client's row
+    // (materialised, decoded noise, or from the scalar form exactly as materialize_row gives it),
+    // acc += w * x in float64.
+    const auto accumulate = [K](const float* x, double w, double* a, bool first) {
+      if (first) {
+        for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(x[k]);
+      } else {
+        for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(x[k]);
+      }
+    };
+    const auto add_rows = [&](const Contribution& c, double* a, double& acc_bias, bool first) {
       const UpdateRef& u = updates[static_cast<std::size_t>(position(c))];
       const float* x = row_buf;
       double bs = 0.0;
       if (c.local < 0) {
         decode_untouched_row(*u.enc, current_row, model.dim, row_buf, sc.codec);
       } else {
-        if (u.values != nullptr) {
-          x = u.values + static_cast<std::int64_t>(c.local) * K;
-        } else {
-          materialize_row(u.gamma != nullptr ? u.gamma[c.local] : 0.0f, u.beta[c.local],
-                          model.item_factors + current_row * K, u.user, model.dim, row_buf);
-        }
+        x = u.values + static_cast<std::int64_t>(c.local) * K;
         if (bias) bs = u.weight * u.bias[c.local];
       }
-      const double w = u.weight;
-      if (first) {
-        for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(x[k]);
-        acc_bias = bs;
+      accumulate(x, u.weight, a, first);
+      acc_bias = first ? bs : acc_bias + bs;
+    };
+    const auto add_scalar = [&](const Contribution& c, double* a, double& acc_bias, bool first) {
+      const std::int64_t p = position(c);
+      const RowIndex::Coef& f = index.coefs[static_cast<std::size_t>(&c - index.entries.data())];
+      const float* u = users[static_cast<std::size_t>(p)];
+      const double w = weights[static_cast<std::size_t>(p)];
+      if (f.gamma == 0.0f) {  // materialize_row's arithmetic, fused into the sum
+        if (first) {
+          for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(f.beta * u[k]);
+        } else {
+          for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(f.beta * u[k]);
+        }
       } else {
-        for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(x[k]);
-        acc_bias += bs;
+        const float* v = model.item_factors + current_row * K;
+        for (std::int64_t k = 0; k < K; ++k) row_buf[k] = f.gamma * v[k] + f.beta * u[k];
+        accumulate(row_buf, w, a, first);
       }
+      const double bs = bias ? w * f.bias : 0.0;
+      acc_bias = first ? bs : acc_bias + bs;
     };
     // The first segment at or after row `lo`.
     std::int64_t s = 0, z = num_segments;
@@ -221,7 +262,7 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       }
       std::size_t e = has_seg ? index.seg[static_cast<std::size_t>(s)] : 0;
       const std::size_t e_end = has_seg ? index.seg[static_cast<std::size_t>(s) + 1] : 0;
-      if (has_seg) prefetch_ahead(e_end + kPrefetchEntries);
+      if (has_seg && !index.scalar) prefetch_ahead(e_end + kPrefetchEntries);
       const Contribution* c = index.entries.data() + e;
       std::size_t n = e_end - e;
       if (index.any_noisy) {  // every reporting client adds its row or its noise
@@ -238,7 +279,8 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       const std::int64_t slot = index.any_noisy ? row : s;
       if (has_seg) ++s;
       current_row = row;
-      if (sc.tree.sum(c, n, 0, num_sampled, 0, add)) {
+      if (index.scalar ? sc.tree.sum(c, n, 0, num_sampled, 0, add_scalar)
+                       : sc.tree.sum(c, n, 0, num_sampled, 0, add_rows)) {
         if (unwritten < row) gap(unwritten, row);
         emit(row, slot, sc.tree.values(), sc.tree.bias());
         unwritten = row + 1;

@@ -38,9 +38,11 @@ __all__ = [
     "infer_users",
     "recommend_users",
     "derive_seed",
+    "sample_clients",
 ]
 
 _UINT64 = 2**64
+_INT64_MAX = 2**63 - 1
 
 
 def _result_budget() -> int:
@@ -151,6 +153,22 @@ class ClientUpdates:
         return self.rows[lo:hi], self.values[lo:hi], bias
 
 
+def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: int) -> np.ndarray:
+    """The clients of one round: ``min(clients_per_round, num_clients)`` distinct indices in
+    ``[0, num_clients)``, in random order.
+
+    A pure function of ``(seed, round)`` (the first draws of a Fisher–Yates shuffle from the
+    native ``STREAM_SAMPLE`` stream), shared by every route that trains: the native training
+    loop, the per-round trainer, the functional API, Ray and Flower.
+    """
+    check_int(num_clients, "num_clients", minimum=0, maximum=_INT64_MAX)
+    check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
+    check_int(seed, "seed", minimum=0)
+    check_int(round, "round", minimum=0)
+    return _core.sample_clients(int(num_clients), int(clients_per_round), int(seed) % _UINT64,
+                                int(round) % _UINT64)
+
+
 def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
                  num_threads, check_finite, user_default=None, user_bias_default=0.0):
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
@@ -218,7 +236,7 @@ def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
 
 
 def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
-    """Keyword arguments of the native update codec, validated."""
+    """``{"codec": ...}``: the native update codec (one bound struct), validated."""
     check_int(bits, "bits", minimum=1, allow_none=True)
     if bits is not None and bits > 16:
         raise ValueError(f"bits must be in 1..16; got {bits}")
@@ -227,11 +245,17 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
     for name, value in (("hadamard", hadamard), ("sparse", sparse)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {value!r}")
-    check_int(threshold, "threshold", minimum=0)
+    check_int(threshold, "threshold", minimum=0, maximum=_INT64_MAX)
     if clip is not None:
         check_float(clip, "clip", minimum=0.0, strict=True)
-    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": bool(hadamard),
-            "sparse": bool(sparse), "threshold": threshold, "clip": float(clip or 0.0)}
+    codec = _core.UpdateCodec()
+    codec.bits = bits or 0
+    codec.row_scaling = scaling == "row"
+    codec.hadamard = bool(hadamard)
+    codec.sparse = bool(sparse)
+    codec.threshold = threshold
+    codec.clip = float(clip or 0.0)
+    return {"codec": codec}
 
 
 def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from ._rng import STREAM_SAMPLE, generator
+from .kernels import sample_clients
 from ._validation import check_int
 from .config import FedReconConfig
 from .evaluation import recon_eval
@@ -24,13 +24,6 @@ from .optimizers import make_optimizer
 from .privacy import privatize_mean
 
 logger = logging.getLogger(__name__)
-
-
-def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: int) -> np.ndarray:
-    """Clients of one round, without replacement; depends only on (seed, round)."""
-    rng = generator(seed, round, 0, STREAM_SAMPLE)
-    m = min(clients_per_round, num_clients)
-    return rng.choice(num_clients, size=m, replace=False).astype(np.int64)
 
 
 def check_training_clients(train) -> None:
