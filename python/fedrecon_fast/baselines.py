@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core, kernels
+from . import kernels
+from ._native import core as _core
 from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
 from ._validation import (
     as_float32_matrix,

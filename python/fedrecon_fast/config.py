@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from . import _core
+from ._native import core as _core
 from ._validation import FLOAT32_MAX, check_choice, check_float, check_int
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}

@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 
-from . import _core, kernels
+from . import kernels
+from ._native import core as _core
 from ._validation import check_int
 from .kernels import PartialRound, RoundResult
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from ._native import core as _core
 from ._validation import check_float, check_int
 from .aggregation import (
     _as_f32,
