@@ -6,7 +6,7 @@ embedding stays local and is reconstructed from the user's own ratings whenever 
 The hot paths run in C++ (``fedrecon_fast._core``, private); this package is the API.
 """
 
-from . import aggregation, baselines, compression, functional, inference, privacy
+from . import accounting, aggregation, baselines, compression, functional, inference, privacy, sampling
 from ._core import __version__
 from .config import PRESETS, ClientConfig, FedReconConfig, preset
 from .data import ClientData, split_by_time, split_users
@@ -31,12 +31,14 @@ from .training import FedRecon, sample_clients
 
 __all__ = [
     "__version__",
+    "accounting",
     "aggregation",
     "baselines",
     "compression",
     "functional",
     "inference",
     "privacy",
+    "sampling",
     "PRESETS",
     "ClientConfig",
     "ClientData",
