@@ -136,8 +136,13 @@ class _PartitionWorker:
     """A Ray actor holding one partition of the users (its constructor argument, so a restarted
     actor holds it again)."""
 
-    def __init__(self, partition, num_threads: int):
-        self.partition = partition
+    def __init__(self, partition_ref: list, num_threads: int):
+        import ray
+
+        # The partition arrives as a reference in a list (Ray does not resolve nested
+        # references), fetched here: a restarted actor runs this again and gets it back, since
+        # the driver keeps the reference alive.
+        self.partition = ray.get(partition_ref[0])
         self.num_threads = num_threads
 
     def pid(self) -> int:
@@ -202,6 +207,7 @@ class RayExecutor:
         self.threads_per_worker = threads_per_worker
         self.shards_per_worker = shards_per_worker
         self._workers: list | None = []
+        self._partition_refs: list = []
         self._bounds = None
         self._data = self._data_ref = None
 
@@ -219,9 +225,9 @@ class RayExecutor:
         for w in self.workers:
             self._ray.kill(w)
         self._bounds = partition_bounds(data.num_clients, self.num_workers)
-        self._workers = [self._actor.remote(self._ray.put(partition_data(data, int(lo), int(hi))),
-                                            self.threads_per_worker)
-                         for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
+        self._partition_refs = [self._ray.put(partition_data(data, int(lo), int(hi)))
+                                for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
+        self._workers = [self._actor.remote([ref], self.threads_per_worker) for ref in self._partition_refs]
         self._data, self._data_ref = data, None
 
     def train_round(self, item_factors, data, clients=None, config=None, *, item_bias=None,
@@ -266,6 +272,7 @@ class RayExecutor:
         for w in self._workers:
             self._ray.kill(w)
         self._workers = None
+        self._partition_refs = []
         self._data = self._data_ref = None
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
