@@ -20,8 +20,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr")
     from flwr.app import Array, Context, Error, Message, RecordDict
-    from flwr.serverapp import Grid
-    from flwr.supercore.task_identity import TaskIdentity
+    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
     from fedrecon_fast import flower as FL
 
@@ -107,7 +106,7 @@ def test_cli_flower_backend_without_flower_is_a_clean_error(monkeypatch, capsys)
 # Strategy + ClientApp in-process: a Grid that hands each message to the node's ClientApp
 
 
-class FakeGrid(Grid):
+class FakeGrid(StubGrid):
     """Nodes with random ids and partition ids 0..n-1; replies come back in reverse order."""
 
     def __init__(self, app, num_nodes, *, partitions=None, fail=(), corrupt=()):
@@ -136,31 +135,6 @@ class FakeGrid(Grid):
                     rows = replies[-1].content["update"]["rows"].numpy()
                     replies[-1].content["update"]["rows"] = Array(np.full_like(rows, 10**6))
         return replies[::-1]
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated API
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def set_run(self, run_id):  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    # Messages need the identity Flower's runtimes set for their process.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_strategy(config, train, val=None, *, app=None, rounds=3, fail=(), corrupt=(), **strategy_args):

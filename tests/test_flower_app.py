@@ -7,7 +7,6 @@ Needs the ``[flower]`` extra; skipped cleanly without it.
 
 import json
 import os
-import subprocess
 import time
 import uuid
 import warnings
@@ -22,8 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr", reason="the [flower] extra is not installed")
     from flwr.app import Context, Error, Message, RecordDict
-    from flwr.serverapp import Grid
-    from flwr.supercore.task_identity import TaskIdentity
+    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
     from fedrecon_fast import flower as FL
     from fedrecon_fast import flower_app as APP
@@ -33,7 +31,7 @@ import fedrecon_fast as ff  # noqa: E402
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower"
 
 
-class NodesGrid(Grid):
+class NodesGrid(StubGrid):
     """Nodes with random ids, each holding a partition; replies come back in reverse order."""
 
     def __init__(self, run_config, num_nodes, *, node_configs=None):
@@ -57,31 +55,6 @@ class NodesGrid(Grid):
             except Exception as e:  # as Flower's runtimes do: the error goes back in the reply
                 replies.append(Message(Error(0, f"{type(e).__name__}: {e}"), reply_to=m))
         return replies[::-1]
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated API
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def set_run(self, run_id):  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    # Messages need the identity Flower's runtimes set for their process.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 BASE = {"preset": "paper", "dim": 8, "rounds": 3, "clients-per-round": 12, "eval-every": 2, "seed": 4,
@@ -171,29 +144,10 @@ def test_example_app_deployed_on_a_superlink_with_two_supernodes_equals_the_loca
     overrides = {"rounds": 3, "clients-per-round": 10, "dim": 8, "synthetic-users": 120, "synthetic-items": 50,
                  "eval-every": 0, "seed": 3}
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**overrides, "output": str(out)}.items())
-    nodes = []
-    with FL.local_superlink(home, simulation=False) as address:
-        try:
-            for p in range(2):
-                log = open(tmp_path / f"supernode-{p}.log", "wb")
-                nodes.append((subprocess.Popen(
-                    [FL._executable("flower-supernode"), "--insecure", "--superlink", address,
-                     "--node-config", f"partition-id={p} num-partitions=2", "--host", "127.0.0.1",
-                     "--port", str(FL._free_port())],
-                    env=FL.flower_env(home), stdout=log, stderr=subprocess.STDOUT), log))
-            start = time.monotonic()
-            FL.flwr_run(EXAMPLE, home, run_config=run_config, timeout=300)
-            seconds = time.monotonic() - start
-        finally:
-            for proc, log in nodes:
-                proc.terminate()
-            for proc, log in nodes:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                log.close()
+    with FL.local_superlink(home, simulation=False) as address, FL.local_supernodes(home, address, 2):
+        start = time.monotonic()
+        FL.flwr_run(EXAMPLE, home, run_config=run_config, timeout=300)
+        seconds = time.monotonic() - start
     example = {k: v for k, v in _example_config().items() if k not in ("output", "checkpoint-dir")}
     want = local_run({**example, **overrides})
     got = ff.GlobalModel.load(out / "model")

@@ -637,13 +637,39 @@ def local_superlink(home: str | os.PathLike, *, simulation: bool, startup_timeou
             time.sleep(0.2)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a process we started; kill it if it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def local_supernodes(home: str | os.PathLike, address: str, num_nodes: int):
+    """Run ``num_nodes`` ``flower-supernode`` processes (insecure, loopback) connected to the
+    SuperLink at ``address``, node ``p`` holding ``partition-id=p num-partitions=num_nodes``;
+    stops them on exit. Their logs go to ``home/supernode-<p>.log``."""
+    home = Path(home)
+    nodes = []
+    try:
+        for p in range(num_nodes):
+            log = open(home / f"supernode-{p}.log", "wb")
+            nodes.append((subprocess.Popen(
+                [_executable("flower-supernode"), "--insecure", "--superlink", address, "--node-config",
+                 f"partition-id={p} num-partitions={num_nodes}", "--host", "127.0.0.1", "--port", str(_free_port())],
+                env=flower_env(home), stdout=log, stderr=subprocess.STDOUT), log))
+        yield [proc for proc, _ in nodes]
+    finally:
+        for proc, log in nodes:
+            _stop(proc)
+            log.close()
 
 
 def flwr_run(app: str | os.PathLike, home: str | os.PathLike, *, run_config: str | None = None,
