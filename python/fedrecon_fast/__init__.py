@@ -6,7 +6,7 @@ embedding stays local and is reconstructed from the user's own ratings whenever 
 The hot paths run in C++ (``fedrecon_fast._native``, private); this package is the API.
 """
 
-from . import aggregation, baselines, compression, functional, inference, privacy
+from . import accounting, aggregation, baselines, compression, functional, inference, privacy, sampling
 from ._native import core as _core
 from ._native import show_config
 
@@ -34,12 +34,14 @@ from .training import FedRecon, sample_clients
 
 __all__ = [
     "__version__",
+    "accounting",
     "aggregation",
     "baselines",
     "compression",
     "functional",
     "inference",
     "privacy",
+    "sampling",
     "PRESETS",
     "ClientConfig",
     "ClientData",
@@ -65,6 +67,7 @@ __all__ = [
     "recommend_users",
     "sample_clients",
     "server_init",
+    "show_config",
     "server_step",
     "split_by_time",
     "split_users",
