@@ -11,6 +11,7 @@
 #include "bindings.hpp"
 #include "fedrecon/centralized.hpp"
 #include "fedrecon/cohort.hpp"
+#include "fedrecon/parallel.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace py = pybind11;
@@ -456,6 +457,7 @@ PYBIND11_MODULE(_core, m) {
   enum_property(cfg, "weighting", &ClientConfig::weighting);
 
   m.def("derive_seed", &fedrecon::derive_seed, "seed"_a, "round"_a, "client"_a, "stream"_a);
+  m.def("max_threads", &fedrecon::max_threads, "Most threads one call uses (4 x the hardware threads).");
 
 #define FEDRECON_COHORT_ARGS                                                                     \
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \

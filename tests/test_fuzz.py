@@ -1895,7 +1895,7 @@ def test_fuzz_inference(parts, data, ignore_unknown, k, exclude_seen, seed):
     single = not isinstance(arg, ff.ClientData)
     assert users.shape == ((model.dim,) if single else (arg.num_clients, model.dim))
     if single:
-        assert top.shape == scores.shape == (k,)
+        assert top.shape == scores.shape == (min(k, max(model.num_items, 1)),)  # k capped at the catalogue
         real = top[~np.isnan(scores)]
         assert set(real.tolist()) <= set(known)
         pred = model.predict(users, known, ub, ignore_unknown=False) if known else None

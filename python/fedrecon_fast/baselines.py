@@ -26,6 +26,7 @@ from ._validation import (
     check_choice,
     check_float,
     check_int,
+    check_threads,
     writable_float32,
 )
 from .config import ClientConfig, FedReconConfig, preset
@@ -168,7 +169,7 @@ class CentralizedConfig:
         check_float(self.als_ridge, "als_ridge", minimum=0.0, strict=True)
         check_float(self.init_scale, "init_scale", minimum=0.0)
         check_int(self.seed, "seed", minimum=0)
-        check_int(self.num_threads, "num_threads", minimum=0)
+        check_threads(self.num_threads)
 
 
 class CentralizedMF:

@@ -22,8 +22,13 @@ from .data import split_users
 from .training import FedRecon
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, with a one-line error otherwise."""
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _int_at_least(minimum: int, maximum: int = _INT32_MAX):
+    """An argparse type: an integer in [minimum, maximum], with a one-line error otherwise
+    (the maximum is what the native code takes: a count is a 32-bit int)."""
 
     def parse(text: str) -> int:
         try:
@@ -32,6 +37,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
         return value
 
     return parse
@@ -39,6 +46,7 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_seed = _int_at_least(0, 2**64 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=_non_negative_int)
     train.add_argument("--clients-per-round", type=_positive_int)
     train.add_argument("--dim", type=_positive_int)
-    train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
+    train.add_argument("--seed", type=_seed, default=0)
+    train.add_argument("--threads", type=_non_negative_int, default=0,
+                       help="0: all cores (at most 4 threads per core are used)")
     train.add_argument("--learn-user-default", action="store_true",
                        help="learn a global default u federatedly (cold start for users without ratings)")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
@@ -71,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cut-off of the test Recall@k and NDCG@k (liked: rating >= 4)")
     comm = train.add_argument_group("communication and privacy of client updates")
     comm.add_argument("--quantize-bits", type=_positive_int, help="quantize updates to B bits (1..16)")
-    comm.add_argument("--quantize-threshold", type=_non_negative_int, default=20000,
+    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000,
                       help="only variables with at least N elements are quantized (TFF: 20000)")
     comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor")
     comm.add_argument("--hadamard", action="store_true", help="randomized Hadamard rotation before quantizing")
@@ -103,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "header (its first field not a number, e.g. 'item,rating').")
     rec.add_argument("--model", type=Path, required=True, help="model folder written by train --save")
     rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings ('-': stdin)")
-    rec.add_argument("--k", type=_positive_int, default=10, help="number of items (default 10)")
+    rec.add_argument("--k", type=_int_at_least(1, _INT64_MAX), default=10,
+                     help="number of items (default 10; at most the catalogue)")
     rec.add_argument("--include-seen", action="store_true", help="also recommend items the user rated")
     rec.add_argument("--ignore-unknown", action="store_true",
                      help="drop ratings of items the model does not know (default: error)")
@@ -114,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="MovieLens folder or ratings file")
-        p.add_argument("--seed", type=_non_negative_int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
         p.add_argument("--rounds", type=_positive_int, help="federated rounds (default: the paper's 500)")
         p.add_argument("--out", type=Path, help="write the table as Markdown and JSON (and a PNG) here")

@@ -70,7 +70,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import compression
 from ._rng import STREAM_SAMPLE, generator
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, check_threads
 from .config import FedReconConfig
 from .data import ClientData
 from .evaluation import recon_eval, summarize
@@ -297,7 +297,7 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
     """
     if not (isinstance(data, (ClientData, str, os.PathLike)) or callable(data)):
         raise TypeError(f"data must be a ClientData, a path or a callable; got {type(data).__name__}")
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     app = ClientApp()
 
     def user_data(message: Message, context: Context) -> tuple[ClientData, int, int]:

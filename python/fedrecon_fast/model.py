@@ -138,8 +138,8 @@ class GlobalModel:
         ``data``/``ratings`` as for :meth:`reconstruct`. Items are ranked by predicted rating,
         best first, ties to the lower model row; with ``exclude_seen`` a user's rated items are
         skipped. Returns int64 ``items`` and float32 ``scores`` of shape (m, k) ((k,) for one
-        user); slots beyond a user's candidates hold item -1 and score NaN. One native call,
-        parallel over users.
+        user), ``k`` capped at ``num_items``; slots beyond a user's candidates hold item -1 and
+        score NaN. One native call, parallel over users.
         """
         return inference.recommend(self, data, ratings, k=k, exclude_seen=exclude_seen,
                                    ignore_unknown=ignore_unknown, config=config, seed=seed,
