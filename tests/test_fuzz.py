@@ -1618,7 +1618,7 @@ def test_fuzz_cli_train(case, out, save, options):
             result = json.loads(stdout.strip().splitlines()[-1])
             assert result["train_users"] >= 1
             assert not out or (out_dir / "metrics.json").is_file()
-            assert not save or (save_dir / "model.json").is_file()
+            assert not save or (save_dir / "manifest").is_file()
             return
         expected, line = reference_parse(name, raw)
         flat = [a for o in options for a in o]

@@ -205,7 +205,7 @@ def test_cli_zero_rounds_with_outputs(ratings_file, tmp_path, capsys):
                            "--out", tmp_path / "out", "--save", tmp_path / "model"], capsys)
     assert code == 0, err
     assert "no rounds" in out
-    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "model" / "model.json").is_file()
+    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "model" / "manifest").is_file()
 
 
 def test_cli_failed_save_leaves_no_outputs(ratings_file, tmp_path, capsys, monkeypatch):

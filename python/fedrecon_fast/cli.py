@@ -11,9 +11,7 @@ import csv
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -180,25 +178,16 @@ def _check_output_folder(path: Path | None, option: str) -> None:
 
 
 def _write_atomically(out: Path, write) -> None:
-    """Let ``write(folder)`` fill a temporary folder next to ``out``, then move its files into
-    ``out`` (created if needed). A failure leaves neither ``out`` (when it did not exist) nor a
-    temporary folder behind; an existing ``out`` keeps its other files."""
-    created = []
-    for p in reversed((out, *out.parents)):
-        if not p.exists():
-            created.append(p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    """Let ``write(folder)`` fill a new folder and swap it in for ``out`` as a whole
+    (:func:`_folders.replace_folder`; files of an existing ``out`` that ``write`` does not
+    write are carried over). A failure leaves ``out`` as it was, no temporary folder, and none
+    of the parent folders this call created."""
+    from ._folders import replace_folder
+
+    created = [p for p in reversed((out, *out.parents)) if not p.exists()]
     try:
-        write(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-            tmp.rmdir()
+        replace_folder(out, write, keep_other_files=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):  # the parents this call created, deepest first
             if p != out:
                 try:
