@@ -252,6 +252,58 @@ def test_cli_checkpoint_misuse_is_a_one_line_error(tmp_path):
     assert other.returncode == 2 and "different configuration" in other.stderr
 
 
+def _wait_for_checkpoint(proc, directory, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not checkpoint.list_checkpoints(directory) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_finishes_the_round_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, signum):
+    # Was: SIGTERM, SIGINT and SIGHUP ended the run at once; the rounds since the last periodic
+    # checkpoint were lost.
+    proc = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(proc, tmp_path)
+        time.sleep(0.05)  # into the rounds after the first periodic checkpoint
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    stopped = re.search(r"stopped by (\w+) after round (\d+); checkpoint of round \2", err)
+    assert stopped and stopped[1] == signum.name, err
+    assert checkpoint.list_checkpoints(tmp_path)[0].name == f"ckpt-{int(stopped[2]):08d}"
+    resumed = _cli(*ARGS, "--checkpoint-dir", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _result(resumed.stdout) == uninterrupted
+
+
+def test_a_second_process_on_the_same_checkpoint_folder_is_refused(tmp_path):
+    # Was: two processes given the same --checkpoint-dir raced (one died on a vanished folder).
+    args = [*ARGS, "--checkpoint-dir", str(tmp_path)]
+    args[args.index("1500")] = "1000000"  # the first run is still training when the second starts
+    first = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(first, tmp_path)
+        try:
+            second = _cli(*args, "--resume", timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the second process trained into the same folder") from None
+        assert second.returncode == 2, second.stderr
+        assert f"checkpoint folder {tmp_path} is in use by another process (pid {first.pid})" in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    # The lock dies with its process: the folder can be resumed at once.
+    with checkpoint.locked(tmp_path):
+        assert checkpoint.latest(tmp_path)["round"] > 0
+
+
 def test_the_lock_refuses_another_thread_and_nests_in_its_own(tmp_path):
     from fedrecon_fast import _folders
 

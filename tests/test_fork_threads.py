@@ -23,6 +23,37 @@ def data():
     return ff.synthetic_ratings(num_users=200, num_items=120, seed=4)
 
 
+def test_a_second_concurrent_fit_on_one_trainer_is_refused(data):
+    # Was: one trainer fitted from two threads at once gave a silently different model.
+    cfg = ff.preset("fast", rounds=3, clients_per_round=20, dim=4)
+    reference = ff.FedRecon(cfg).fit(data)
+    trainer = ff.FedRecon(cfg)
+    inside, tried = threading.Event(), threading.Event()
+
+    def hold(row):  # keeps the first fit inside its round loop until the second has tried
+        inside.set()
+        tried.wait(timeout=30)
+
+    first = threading.Thread(target=lambda: trainer.fit(data, callback=hold))
+    first.start()
+    try:
+        assert inside.wait(timeout=60)
+        with pytest.raises(RuntimeError, match="already running fit"):
+            trainer.fit(data)
+    finally:
+        tried.set()
+        first.join()
+    assert trainer.round == 3
+    assert np.array_equal(trainer.model.item_factors, reference.model.item_factors)
+    trainer.fit(data, rounds=1)  # free again afterwards
+
+
+def test_fit_from_its_own_callback_is_refused(data):
+    trainer = ff.FedRecon(ff.preset("fast", rounds=2, clients_per_round=20, dim=4))
+    with pytest.raises(RuntimeError, match="already running fit"):
+        trainer.fit(data, callback=lambda row: trainer.fit(data))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_200_forks_while_kernels_run_in_other_threads_never_hang(data):
     # Was: fork() while other threads were inside the kernels could leave a mutex of the worker

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core, kernels
+from ._guards import one_fit_at_a_time
 from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
 from ._validation import (
     as_float32_matrix,
@@ -185,6 +186,7 @@ class CentralizedMF:
         self.history: list[dict] = []
         self.train_seconds = 0.0
 
+    @one_fit_at_a_time
     def fit(self, data: ClientData, val: ClientData | None = None, *, progress: bool = False) -> CentralizedMF:
         """Train on every rating of ``data``; ``val`` (held-out ratings of the same users) is
         scored by StandardEval after each epoch."""

@@ -7,14 +7,17 @@ With ``--json`` the last line on stdout is one JSON object with the run's result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+from . import _signals
 from .config import PRESETS, preset
 from .data import split_users
 from .training import FedRecon
@@ -197,6 +200,46 @@ def _write_atomically(out: Path, write) -> None:
         raise
 
 
+def _train(args, config, train, val):
+    """The trainer (resumed with --resume), fitted. With --checkpoint-dir the folder is locked
+    from reading its checkpoint to writing the last one. SIGTERM, SIGINT and SIGHUP finish the
+    round, write a final checkpoint and raise :class:`_signals.Stopped`."""
+    from . import checkpoint
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.backend == "flower":
+        if args.checkpoint_dir is not None or args.resume:
+            raise ValueError("checkpoints are not supported with --backend flower")
+        from .flower import FlowerFedRecon
+
+        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
+        try:
+            trainer.fit(train, val, progress=progress)
+        finally:
+            trainer.close()
+        return trainer
+    with contextlib.ExitStack() as stack:
+        fit_args = {}
+        if args.checkpoint_dir is not None:
+            stack.enter_context(checkpoint.locked(args.checkpoint_dir))
+        trainer = _trainer_from_checkpoints(args, config)
+        if args.checkpoint_dir is not None:
+            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
+            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=every)
+        stop = stack.enter_context(_signals.stop_on_signals())
+        try:
+            trainer.fit(train, val, progress=progress, **fit_args)
+        finally:
+            trainer.close()
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        saved = (f"checkpoint of round {trainer.round} in {args.checkpoint_dir}" if args.checkpoint_dir
+                 else "nothing saved (no --checkpoint-dir)")
+        raise _signals.Stopped(stop.signum, f"stopped by {name} after round {trainer.round}; {saved}")
+    return trainer
+
+
 def run_train(args) -> dict:
     _check_output_folder(args.out, "--out")
     _check_output_folder(args.save, "--save")
@@ -225,24 +268,7 @@ def run_train(args) -> dict:
         raise ValueError(f"{source}: {data.num_clients} users with at least {config.min_examples} rating(s) "
                          f"leave no training users after the {config.user_split} user split")
 
-    fit_args = {}
-    if args.backend == "flower" and (args.checkpoint_dir is not None or args.resume):
-        raise ValueError("checkpoints are not supported with --backend flower")
-    if args.backend == "flower":
-        from .flower import FlowerFedRecon
-
-        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
-    else:
-        trainer = _trainer_from_checkpoints(args, config)
-        if args.checkpoint_dir is not None:
-            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
-            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=every)
-    try:
-        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty(), **fit_args)
-    finally:
-        if hasattr(trainer, "close"):
-            trainer.close()
+    trainer = _train(args, config, train, val)
     start = time.perf_counter()
     k = args.rank_k
     test_metrics = trainer.evaluate(test, per_user=True, k=k)
@@ -491,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
             e = f"out of memory ({e or 'MemoryError'})"
         print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _signals.Stopped as e:  # SIGTERM, SIGINT or SIGHUP during training
+        print(f"fedrecon-fast: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("fedrecon-fast: interrupted", file=sys.stderr)
         return 130

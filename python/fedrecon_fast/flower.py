@@ -69,6 +69,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
 from . import compression
+from ._guards import one_fit_at_a_time
 from ._rng import STREAM_SAMPLE, generator
 from ._validation import check_float, check_int, check_threads
 from .config import FedReconConfig
@@ -643,6 +644,7 @@ class FlowerFedRecon:
     def aggregated_bits(self) -> int:
         return self._state.aggregated_bits if self._state is not None else 0
 
+    @one_fit_at_a_time
     def fit(self, train: ClientData, val: ClientData | None = None, *, rounds: int | None = None,
             progress: bool = False, callback: Callable[[dict], None] | None = None) -> FlowerFedRecon:
         """Run rounds in a Flower simulation: one SuperNode per user of ``train``.
