@@ -139,6 +139,26 @@ def test_every_bit_flip_of_the_newest_checkpoint_falls_back(tmp_path):
     assert checkpoint.latest(tmp_path)["round"] == 2
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the folder of a descriptor in /proc (Linux)")
+def test_an_unreadable_newest_checkpoint_falls_back(splits, tmp_path, monkeypatch, caplog):
+    # Was: an unreadable newest checkpoint stopped the run instead of falling back. (Permissions
+    # do not stop root, so the refusal is injected at the open() of that checkpoint's files.)
+    cfg = _two_checkpoints(splits, tmp_path)
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, *, dir_fd=None):
+        folder = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.path.dirname(str(path))
+        if folder.endswith("ckpt-00000010"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(CheckpointError, match="ckpt-00000010.*Permission denied"):
+        checkpoint.load(tmp_path / "ckpt-00000010")
+    assert ff.FedRecon.from_checkpoint(tmp_path, cfg).round == 5
+    assert "skipping checkpoint" in caplog.text
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs FIFOs, /dev/zero, /proc (Linux)")
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
 def test_fifo_or_device_in_the_newest_checkpoint_falls_back(splits, tmp_path, kind):
