@@ -105,7 +105,8 @@ def test_a_huge_num_threads_starts_at_most_the_capped_number_of_threads():
     # Was: num_threads=100000 started one OS thread per client and kept them (3,001 threads).
     code = """
 import os, numpy as np, fedrecon_fast as ff
-from fedrecon_fast import _core, kernels
+from fedrecon_fast import kernels
+from fedrecon_fast._native import core as _core
 data = ff.synthetic_ratings(num_users=3000, num_items=50, min_ratings=2, mean_ratings=3, seed=0)
 V = np.random.default_rng(0).uniform(-0.05, 0.05, (data.num_items, 4)).astype(np.float32)
 before = len(os.listdir("/proc/self/task"))
@@ -123,7 +124,7 @@ print(after - before, cap, np.array_equal(wide.delta, narrow.delta))
 
 
 def test_the_thread_cap_is_four_threads_per_core():
-    from fedrecon_fast import _core
+    from fedrecon_fast._native import core as _core
 
     cores = {os.cpu_count()} | ({len(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else set())
     assert _core.max_threads() % 4 == 0 and _core.max_threads() // 4 in cores

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fedrecon/cache.hpp"
 #include "fedrecon/client.hpp"
 #include "fedrecon/parallel.hpp"
 #include "fedrecon/reduce.hpp"
@@ -182,6 +183,14 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
     const std::int64_t i = order.empty() ? j : order[static_cast<std::size_t>(j)];
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     const std::int64_t c = clients[i];
+    // The clients taken next (by this thread or another) are cold in cache: request their
+    // ratings now, while this one computes.
+    if (const std::int64_t next = j + threads; next < n) {
+      const std::int64_t nc = clients[order.empty() ? next : order[static_cast<std::size_t>(next)]];
+      const std::int64_t b = data.indptr[nc], len = data.indptr[nc + 1] - b;
+      prefetch_bytes(data.items + b, static_cast<std::size_t>(len) * sizeof(std::int32_t));
+      prefetch_bytes(data.ratings + b, static_cast<std::size_t>(len) * sizeof(float));
+    }
     w.split(data, c, config, seed, round);
     const float* init_u = users.users_in ? users.users_in + i * K : nullptr;
     const float init_bu = users.user_bias_in ? users.user_bias_in[i] : 0.0f;

@@ -118,11 +118,11 @@ class TreeSum {
   const double* values() const { return acc_.data(); }
   double bias() const { return bias_[0]; }
 
-  // add(contribution, acc, acc_bias, first) adds one contribution into a level's accumulators
-  // (the first one assigns). The sum of contributions c[0:n) (positions in [a, b)) lands in
-  // level d.
-  template <class Add>
-  bool sum(const Contribution* c, std::size_t n, std::int64_t a, std::int64_t b, int d, const Add& add) {
+  // leaf(c, n, acc, acc_bias) assigns the sum of the contributions c[0:n) (one leaf range, in
+  // cohort order) to a level's accumulators. The sum of contributions c[0:n) (positions in
+  // [a, b)) lands in level d.
+  template <class Leaf>
+  bool sum(const Contribution* c, std::size_t n, std::int64_t a, std::int64_t b, int d, const Leaf& leaf) {
     if (n == 0) return false;
     while (n > 1 && b - a > kReduceLeaf) {
       const std::int64_t mid = a + (b - a + 1) / 2;
@@ -133,8 +133,8 @@ class TreeSum {
       } else if (nl == 0) {
         a = mid;
       } else {
-        sum(c, nl, a, mid, d, add);
-        sum(c + nl, n - nl, mid, b, d + 1, add);
+        sum(c, nl, a, mid, d, leaf);
+        sum(c + nl, n - nl, mid, b, d + 1, leaf);
         double* x = level(d);
         const double* y = level(d + 1);
         for (std::int64_t k = 0; k < K_; ++k) x[k] += y[k];
@@ -142,8 +142,7 @@ class TreeSum {
         return true;
       }
     }
-    double* acc = level(d);
-    for (std::size_t i = 0; i < n; ++i) add(c[i], acc, bias_[static_cast<std::size_t>(d)], i == 0);
+    leaf(c, n, level(d), bias_[static_cast<std::size_t>(d)]);
     return true;
   }
 
@@ -152,6 +151,30 @@ class TreeSum {
   std::int64_t K_;
   std::vector<double> acc_, bias_;
 };
+
+// The scalar form without L2 (x = beta * u, materialize_row's arithmetic): the sum over the
+// contributions c[0:n) of w * x[kb:kb+B), held in registers across the run (B doubles: a few
+// vector registers) and stored once. coef[i] goes with c[i]; U holds the cohort's u's, stride P.
+template <int B>
+inline void scalar_block(const Contribution* c, const RowIndex::Coef* coef, std::size_t n,
+                         const double* weights, const float* U, std::int64_t P, std::int64_t kb,
+                         double* out) {
+  double acc[B];
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t p = position(c[i]);
+    const float beta = coef[i].beta;
+    const double w = weights[p];
+    const float* u = U + p * P + kb;
+    if (i == 0) {
+#pragma GCC unroll 32
+      for (int j = 0; j < B; ++j) acc[j] = w * static_cast<double>(beta * u[j]);
+    } else {
+#pragma GCC unroll 32
+      for (int j = 0; j < B; ++j) acc[j] += w * static_cast<double>(beta * u[j]);
+    }
+  }
+  for (int j = 0; j < B; ++j) out[kb + j] = acc[j];
+}
 
 // How many update rows the reduction requests ahead of the one it sums.
 constexpr std::size_t kPrefetchEntries = 16;
@@ -171,12 +194,14 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
   const std::int64_t rows_per_block = 256;
   const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
   const int threads = resolve_threads(num_threads, num_blocks);
-  // The scalar form's per-client numbers, by cohort position.
+  // The scalar form's per-client numbers by cohort position: weights, and the u's copied with
+  // a stride P padded to whole blocks of 8 (zeros), so the sums run on whole vectors.
+  const std::int64_t P = index.scalar ? (K + 7) / 8 * 8 : K;
   std::vector<double> weights(index.scalar ? updates.size() : 0);
-  std::vector<const float*> users(index.scalar ? updates.size() : 0);
+  std::vector<float> U(index.scalar ? updates.size() * static_cast<std::size_t>(P) : 0, 0.0f);
   for (std::size_t i = 0; i < weights.size(); ++i) {
     weights[i] = updates[i].weight;
-    users[i] = updates[i].user;
+    if (updates[i].weight > 0.0) std::copy_n(updates[i].user, K, U.data() + i * static_cast<std::size_t>(P));
   }
   struct Scratch {
     TreeSum tree;
@@ -185,7 +210,7 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
   };
   std::vector<Scratch> scratch;
   for (int t = 0; t < threads; ++t)
-    scratch.push_back({TreeSum(num_sampled, K), std::vector<float>(static_cast<std::size_t>(K)), {}});
+    scratch.push_back({TreeSum(num_sampled, P), std::vector<float>(static_cast<std::size_t>(K)), {}});
   parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
     const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
     std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
@@ -216,24 +241,35 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       accumulate(x, u.weight, a, first);
       acc_bias = first ? bs : acc_bias + bs;
     };
-    const auto add_scalar = [&](const Contribution& c, double* a, double& acc_bias, bool first) {
-      const std::int64_t p = position(c);
-      const RowIndex::Coef& f = index.coefs[static_cast<std::size_t>(&c - index.entries.data())];
-      const float* u = users[static_cast<std::size_t>(p)];
-      const double w = weights[static_cast<std::size_t>(p)];
-      if (f.gamma == 0.0f) {  // materialize_row's arithmetic, fused into the sum
-        if (first) {
-          for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(f.beta * u[k]);
-        } else {
-          for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(f.beta * u[k]);
-        }
+    const auto leaf_rows = [&](const Contribution* c, std::size_t n, double* a, double& acc_bias) {
+      for (std::size_t i = 0; i < n; ++i) add_rows(c[i], a, acc_bias, i == 0);
+    };
+    const auto leaf_scalar = [&](const Contribution* c, std::size_t n, double* a, double& acc_bias) {
+      const RowIndex::Coef* coef = index.coefs.data() + (c - index.entries.data());
+      if (!index.gamma) {
+        std::int64_t kb = 0;
+        for (; kb + 16 <= P; kb += 16) scalar_block<16>(c, coef, n, weights.data(), U.data(), P, kb, a);
+        if (kb < P) scalar_block<8>(c, coef, n, weights.data(), U.data(), P, kb, a);
       } else {
+        // With L2: x = g * v + beta * u, materialize_row's arithmetic, one contribution at a time.
         const float* v = model.item_factors + current_row * K;
-        for (std::int64_t k = 0; k < K; ++k) row_buf[k] = f.gamma * v[k] + f.beta * u[k];
-        accumulate(row_buf, w, a, first);
+        for (std::size_t i = 0; i < n; ++i) {
+          const std::int64_t p = position(c[i]);
+          const float* u = U.data() + p * P;
+          if (coef[i].gamma == 0.0f) {
+            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = coef[i].beta * u[k];
+          } else {
+            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = coef[i].gamma * v[k] + coef[i].beta * u[k];
+          }
+          accumulate(row_buf, weights[static_cast<std::size_t>(p)], a, i == 0);
+        }
       }
-      const double bs = bias ? w * f.bias : 0.0;
-      acc_bias = first ? bs : acc_bias + bs;
+      double bs = 0.0;
+      for (std::size_t i = 0; i < n && bias; ++i) {
+        const double b = weights[static_cast<std::size_t>(position(c[i]))] * coef[i].bias;
+        bs = i == 0 ? b : bs + b;
+      }
+      acc_bias = bs;
     };
     // The first segment at or after row `lo`.
     std::int64_t s = 0, z = num_segments;
@@ -279,8 +315,8 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       const std::int64_t slot = index.any_noisy ? row : s;
       if (has_seg) ++s;
       current_row = row;
-      if (index.scalar ? sc.tree.sum(c, n, 0, num_sampled, 0, add_scalar)
-                       : sc.tree.sum(c, n, 0, num_sampled, 0, add_rows)) {
+      if (index.scalar ? sc.tree.sum(c, n, 0, num_sampled, 0, leaf_scalar)
+                       : sc.tree.sum(c, n, 0, num_sampled, 0, leaf_rows)) {
         if (unwritten < row) gap(unwritten, row);
         emit(row, slot, sc.tree.values(), sc.tree.bias());
         unwritten = row + 1;

@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dp-clip", type=float, help="DP-FedAvg: clip each update to this L2 norm "
                       "(switches to uniform client weighting)")
     comm.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z")
+    comm.add_argument("--dp-delta", type=float, help="report the run's epsilon at this delta after every round "
+                      "([dp] extra)")
+    comm.add_argument("--dp-target-epsilon", type=float, help="privacy budget: calibrate the noise multiplier "
+                      "so the run costs at most this epsilon (unless --dp-noise is given) and stop before a round "
+                      "would exceed it; needs --dp-clip and --dp-delta")
+    comm.add_argument("--dp-target-quantile", type=float, help="adaptive clipping: move the clip norm (starting "
+                      "at --dp-clip) toward this quantile of the update norms")
+    comm.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate")
+    comm.add_argument("--dp-clip-count-stddev", type=float,
+                      help="noise std of adaptive clipping's clipped count (default 0.05 x clients per round)")
+    comm.add_argument("--sampling", choices=["fixed", "poisson"], default="fixed",
+                      help="each round's cohort: a fixed number of distinct clients, or each client "
+                      "independently with probability clients-per-round / users (Poisson)")
     ckpt = train.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpoint-dir", type=Path, help="write checkpoints of the whole training state here")
     ckpt.add_argument("--checkpoint-every", type=_positive_int,
@@ -252,7 +265,8 @@ def run_train(args) -> dict:
     overrides.update(quantize_bits=args.quantize_bits, quantize_threshold=args.quantize_threshold,
                      quantize_scaling=args.quantize_scaling, hadamard=args.hadamard,
                      sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-                     learn_user_default=args.learn_user_default)
+                     learn_user_default=args.learn_user_default, sampling=args.sampling)
+    overrides.update(_privacy_overrides(args))
     if args.dp_clip is not None:
         overrides["weighting"] = "uniform"  # DP-FedAvg bounds each client's influence
     config = preset(args.preset, **overrides)
@@ -309,7 +323,9 @@ def run_train(args) -> dict:
         "quantize_bits": config.quantize_bits,
         "sparse_updates": config.sparse_updates,
         "dp_clip": config.dp_clip,
-        "dp_noise": config.dp_noise,
+        "dp_noise": trainer.config.dp_noise,
+        "sampling": config.sampling,
+        **_privacy_result(trainer),
     }
     # Both outputs are complete or absent: --out is committed only after --save succeeded.
     if args.out is None:
@@ -323,6 +339,29 @@ def run_train(args) -> dict:
 
         _write_atomically(args.out, write)
     return result
+
+
+def _privacy_overrides(args) -> dict:
+    """The accounting, budget and adaptive clipping options that were given."""
+    out = {"dp_clip_lr": args.dp_clip_lr}
+    for field in ("dp_delta", "dp_target_epsilon", "dp_target_quantile", "dp_clip_count_stddev"):
+        if getattr(args, field) is not None:
+            out[field] = getattr(args, field)
+    return out
+
+
+def _privacy_result(trainer) -> dict:
+    """The run's privacy for the JSON result: epsilon at delta so far, the final clip norm."""
+    cfg = trainer.config
+    if cfg.dp_clip is None:
+        return {}
+    last = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
+    clips = [h["dp_clip"] for h in trainer.history if "dp_clip" in h]
+    return {"dp_delta": cfg.dp_delta, "dp_epsilon": last.get("dp_epsilon"),
+            "dp_target_epsilon": cfg.dp_target_epsilon, "dp_clip_last": clips[-1] if clips else cfg.dp_clip,
+            "dp_guarantee": "user-level, " + ("replace-one (fixed-size cohorts without replacement)"
+                                              if cfg.sampling == "fixed" else "add-or-remove-one (Poisson sampling)"),
+            "rounds_run": trainer.round}
 
 
 def _write_outputs(out: Path, trainer: FedRecon, result: dict) -> None:
@@ -351,6 +390,9 @@ def _print_human(result: dict) -> None:
     median = "no rounds" if median is None else f"median round {median:.2f} ms"
     print(f"train {result['train_seconds']:.2f} s ({median}), "
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
+    if result.get("dp_epsilon") is not None:
+        print(f"privacy: ({result['dp_epsilon']:.3f}, {result['dp_delta']:g})-DP, {result['dp_guarantee']}; "
+              f"noise multiplier {result['dp_noise']:.4g}, {result['rounds_run']} rounds")
 
 
 def read_user_ratings(source: str, drop_out_of_range: bool = False) -> tuple[list[int], list[float]]:
