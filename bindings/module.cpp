@@ -14,6 +14,7 @@
 #include "fedrecon/cohort.hpp"
 #include "fedrecon/cpu.hpp"
 #include "fedrecon/loop.hpp"
+#include "fedrecon/parallel.hpp"
 #include "fedrecon/sampling.hpp"
 #include "fedrecon/rng.hpp"
 
@@ -512,6 +513,7 @@ PYBIND11_MODULE(FEDRECON_MODULE, m) {
 
   m.def("derive_seed", &fedrecon::derive_seed, "seed"_a, "round"_a, "client"_a, "stream"_a);
   m.def("sample_clients", &sample_clients, "num_clients"_a, "clients_per_round"_a, "seed"_a, "round"_a);
+  m.def("max_threads", &fedrecon::max_threads, "Most threads one call uses (4 x the hardware threads).");
 
 #define FEDRECON_COHORT_ARGS                                                                     \
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \

@@ -95,7 +95,7 @@ class WorkerLease {
     Arena arena;
   };
   static std::mutex& mutex() {
-    static std::mutex m;
+    static std::mutex& m = fork_safe_mutex();  // a fork() mid-lease must not leave it held
     return m;
   }
   static std::vector<std::unique_ptr<Slot>>& free_list() {

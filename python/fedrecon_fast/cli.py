@@ -7,23 +7,29 @@ With ``--json`` the last line on stdout is one JSON object with the run's result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
-import shutil
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from . import _signals
 from .config import PRESETS, preset
 from .data import split_users
 from .training import FedRecon
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, with a one-line error otherwise."""
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _int_at_least(minimum: int, maximum: int = _INT32_MAX):
+    """An argparse type: an integer in [minimum, maximum], with a one-line error otherwise
+    (the maximum is what the native code takes: a count is a 32-bit int)."""
 
     def parse(text: str) -> int:
         try:
@@ -32,6 +38,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
         return value
 
     return parse
@@ -39,6 +47,7 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_seed = _int_at_least(0, 2**64 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=_non_negative_int)
     train.add_argument("--clients-per-round", type=_positive_int)
     train.add_argument("--dim", type=_positive_int)
-    train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
+    train.add_argument("--seed", type=_seed, default=0)
+    train.add_argument("--threads", type=_non_negative_int, default=0,
+                       help="0: all cores (at most 4 threads per core are used)")
     train.add_argument("--learn-user-default", action="store_true",
                        help="learn a global default u federatedly (cold start for users without ratings)")
     train.add_argument("--eval-every", type=_non_negative_int, default=None,
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cut-off of the test Recall@k and NDCG@k (liked: rating >= 4)")
     comm = train.add_argument_group("communication and privacy of client updates")
     comm.add_argument("--quantize-bits", type=_positive_int, help="quantize updates to B bits (1..16)")
-    comm.add_argument("--quantize-threshold", type=_non_negative_int, default=20000,
+    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000,
                       help="only variables with at least N elements are quantized (TFF: 20000)")
     comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor")
     comm.add_argument("--hadamard", action="store_true", help="randomized Hadamard rotation before quantizing")
@@ -116,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "header (its first field not a number, e.g. 'item,rating').")
     rec.add_argument("--model", type=Path, required=True, help="model folder written by train --save")
     rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings ('-': stdin)")
-    rec.add_argument("--k", type=_positive_int, default=10, help="number of items (default 10)")
+    rec.add_argument("--k", type=_int_at_least(1, _INT64_MAX), default=10,
+                     help="number of items (default 10; at most the catalogue)")
     rec.add_argument("--include-seen", action="store_true", help="also recommend items the user rated")
     rec.add_argument("--ignore-unknown", action="store_true",
                      help="drop ratings of items the model does not know (default: error)")
@@ -127,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="MovieLens folder or ratings file")
-        p.add_argument("--seed", type=_non_negative_int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
         p.add_argument("--rounds", type=_positive_int, help="federated rounds (default: the paper's 500)")
         p.add_argument("--out", type=Path, help="write the table as Markdown and JSON (and a PNG) here")
@@ -183,25 +194,16 @@ def _check_output_folder(path: Path | None, option: str) -> None:
 
 
 def _write_atomically(out: Path, write) -> None:
-    """Let ``write(folder)`` fill a temporary folder next to ``out``, then move its files into
-    ``out`` (created if needed). A failure leaves neither ``out`` (when it did not exist) nor a
-    temporary folder behind; an existing ``out`` keeps its other files."""
-    created = []
-    for p in reversed((out, *out.parents)):
-        if not p.exists():
-            created.append(p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    """Let ``write(folder)`` fill a new folder and swap it in for ``out`` as a whole
+    (:func:`_folders.replace_folder`; files of an existing ``out`` that ``write`` does not
+    write are carried over). A failure leaves ``out`` as it was, no temporary folder, and none
+    of the parent folders this call created."""
+    from ._folders import replace_folder
+
+    created = [p for p in reversed((out, *out.parents)) if not p.exists()]
     try:
-        write(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-            tmp.rmdir()
+        replace_folder(out, write, keep_other_files=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):  # the parents this call created, deepest first
             if p != out:
                 try:
@@ -209,6 +211,46 @@ def _write_atomically(out: Path, write) -> None:
                 except OSError:
                     break
         raise
+
+
+def _train(args, config, train, val):
+    """The trainer (resumed with --resume), fitted. With --checkpoint-dir the folder is locked
+    from reading its checkpoint to writing the last one. SIGTERM, SIGINT and SIGHUP finish the
+    round, write a final checkpoint and raise :class:`_signals.Stopped`."""
+    from . import checkpoint
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.backend == "flower":
+        if args.checkpoint_dir is not None or args.resume:
+            raise ValueError("checkpoints are not supported with --backend flower")
+        from .flower import FlowerFedRecon
+
+        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
+        try:
+            trainer.fit(train, val, progress=progress)
+        finally:
+            trainer.close()
+        return trainer
+    with contextlib.ExitStack() as stack:
+        fit_args = {}
+        if args.checkpoint_dir is not None:
+            stack.enter_context(checkpoint.locked(args.checkpoint_dir))
+        trainer = _trainer_from_checkpoints(args, config)
+        if args.checkpoint_dir is not None:
+            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
+            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=every)
+        stop = stack.enter_context(_signals.stop_on_signals())
+        try:
+            trainer.fit(train, val, progress=progress, **fit_args)
+        finally:
+            trainer.close()
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        saved = (f"checkpoint of round {trainer.round} in {args.checkpoint_dir}" if args.checkpoint_dir
+                 else "nothing saved (no --checkpoint-dir)")
+        raise _signals.Stopped(stop.signum, f"stopped by {name} after round {trainer.round}; {saved}")
+    return trainer
 
 
 def run_train(args) -> dict:
@@ -240,24 +282,7 @@ def run_train(args) -> dict:
         raise ValueError(f"{source}: {data.num_clients} users with at least {config.min_examples} rating(s) "
                          f"leave no training users after the {config.user_split} user split")
 
-    fit_args = {}
-    if args.backend == "flower" and (args.checkpoint_dir is not None or args.resume):
-        raise ValueError("checkpoints are not supported with --backend flower")
-    if args.backend == "flower":
-        from .flower import FlowerFedRecon
-
-        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
-    else:
-        trainer = _trainer_from_checkpoints(args, config)
-        if args.checkpoint_dir is not None:
-            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
-            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=every)
-    try:
-        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty(), **fit_args)
-    finally:
-        if hasattr(trainer, "close"):
-            trainer.close()
+    trainer = _train(args, config, train, val)
     start = time.perf_counter()
     k = args.rank_k
     test_metrics = trainer.evaluate(test, per_user=True, k=k)
@@ -534,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
             e = f"out of memory ({e or 'MemoryError'})"
         print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _signals.Stopped as e:  # SIGTERM, SIGINT or SIGHUP during training
+        print(f"fedrecon-fast: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("fedrecon-fast: interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ from ._validation import (
     as_index_array,
     check_float,
     check_int,
+    check_threads,
     writable_float32,
 )
 from .config import ClientConfig
@@ -197,7 +198,7 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     check_float(global_mean, "global_mean", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     native = config.to_native()
     if user_default is not None:
         native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1],
@@ -441,7 +442,7 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     total_weight : float
     """
     check_int(num_items, "num_items", minimum=0, maximum=2**31 - 1)  # rows are int32
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     values = as_float32_matrix(values, "values", check_finite=True)
     rows = np.ascontiguousarray(as_index_array(rows, "rows", upper=num_items), dtype=np.int32)
     if len(rows) != len(values):
@@ -525,7 +526,7 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    check_int(k, "k", minimum=1, allow_none=True)
+    check_int(k, "k", minimum=1, maximum=2**63 - 1, allow_none=True)
     threshold = _relevance(relevance_threshold)
     if k is None:
         return _core.evaluate_users(*args, **_stream_ids(data))
@@ -580,7 +581,7 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    check_int(k, "k", minimum=1)
+    check_int(k, "k", minimum=1, maximum=2**63 - 1)
     needed = len(args[6]) * k * 12  # int64 items + float32 scores
     if needed > _result_budget():
         raise ValueError(f"k is too large: the ({len(args[6])}, {k}) result needs {needed / 2**30:.1f} GiB, "
