@@ -40,84 +40,98 @@ bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::
 
 namespace {
 
-// The cohort's touched rows: (row, client) entries grouped by row, clients in cohort order.
-struct RowIndex {
-  struct Entry {
-    std::uint64_t key;   // (row << 32) | cohort position
-    std::int32_t local;  // row of the client's update; -1: noise of an untouched row
-  };
-  // The scalar form's numbers of each entry, copied next to it while indexing, so the sums
-  // read them in entry order instead of chasing each client's arrays.
-  struct Coef {
-    float beta, gamma, bias;
-  };
-  UninitVector<Entry> entries;
-  UninitVector<Coef> coefs;             // scalar form only: one per entry
-  bool scalar = false;                  // the reporting clients' updates are in scalar form
-  bool gamma = false;                   // ... with L2 (some g may be non-zero)
-  std::vector<std::size_t> seg;         // entries[seg[s]:seg[s+1]] share one row
-  std::vector<std::int64_t> reporting;  // cohort positions of the reporting clients, in order
-  bool any_noisy = false;               // a dense quantized update: every row gets noise
-  std::int64_t num_segments() const { return static_cast<std::int64_t>(seg.size()) - 1; }
-  std::int64_t row_of(std::int64_t s) const {
-    return static_cast<std::int64_t>(entries[seg[static_cast<std::size_t>(s)]].key >> 32);
-  }
+// One client's contribution to one row, in a chunk's index: the client's cohort position, the
+// row of its update (-1: the quantization noise of a row it did not touch) and, for the scalar
+// form, its numbers (copied while indexing, so the sums read them in order).
+struct Entry {
+  std::uint32_t pos;
+  std::int32_t local;
+  float beta, gamma, bias;
 };
-using Contribution = RowIndex::Entry;
-inline std::int64_t position(const Contribution& c) { return static_cast<std::int64_t>(c.key & 0xffffffffULL); }
 
-// Counting sort of the reporting clients' rows: count, then place each client's entries in
-// cohort order, so each row's clients stay in cohort order. Linear in rows + entries.
-void index_rows(const std::vector<UpdateRef>& updates, std::int64_t num_items, RowIndex& index) {
-  if (updates.size() >= (std::size_t{1} << 32)) throw std::invalid_argument("too many clients (2^32 or more)");
-  std::vector<std::int64_t> start(static_cast<std::size_t>(num_items) + 1, 0);
-  for (std::size_t i = 0; i < updates.size(); ++i) {
-    const UpdateRef& u = updates[i];
-    if (u.weight <= 0.0) continue;
-    if (index.reporting.empty()) index.scalar = u.values == nullptr;
-    if (index.scalar != (u.values == nullptr)) throw std::invalid_argument("updates mix rows and the scalar form");
-    index.gamma = index.gamma || u.gamma != nullptr;
-    index.reporting.push_back(static_cast<std::int64_t>(i));
-    index.any_noisy = index.any_noisy || (u.enc != nullptr && u.enc->noisy_zeros);
-    for (std::int64_t l = 0; l < u.nrows; ++l) ++start[static_cast<std::size_t>(u.rows[l]) + 1];
-  }
-  // Prefix sums in place; before row's step, start[row + 1] is still its count and start[row]
-  // its first slot, so the touched rows' segments are read off on the way.
-  for (std::size_t row = 0; row + 1 < start.size(); ++row) {
-    if (start[row + 1] > 0) index.seg.push_back(static_cast<std::size_t>(start[row]));
-    start[row + 1] += start[row];
-  }
-  index.seg.push_back(static_cast<std::size_t>(start.back()));
-  index.entries.resize(static_cast<std::size_t>(start.back()));
-  if (index.scalar) index.coefs.resize(index.entries.size());
-  Contribution* entries = index.entries.data();
-  for (const std::int64_t i : index.reporting) {
-    const UpdateRef& u = updates[static_cast<std::size_t>(i)];
-    for (std::int64_t l = 0; l < u.nrows; ++l) {
-      const std::int64_t slot = start[static_cast<std::size_t>(u.rows[l])]++;
-      Contribution& e = entries[slot];
-      e.key = (static_cast<std::uint64_t>(u.rows[l]) << 32) | static_cast<std::uint64_t>(i);
-      e.local = static_cast<std::int32_t>(l);
-      if (index.scalar)
-        index.coefs[static_cast<std::size_t>(slot)] = {u.beta[l], u.gamma != nullptr ? u.gamma[l] : 0.0f,
-                                                       u.bias != nullptr ? u.bias[l] : 0.0f};
+// What the whole call shares: the reporting clients in cohort order and, for the scalar form,
+// each client's weight and u by cohort position (u copied with a stride P padded to whole
+// blocks of 8 with zeros, so the sums run on whole vectors).
+struct Cohort {
+  std::vector<std::uint32_t> reporting;
+  bool scalar = false;     // the updates are in scalar form
+  bool gamma = false;      // ... with L2 (some g may be non-zero)
+  bool any_noisy = false;  // a dense quantized update: every row gets noise
+  std::int64_t P = 0;
+  std::vector<double> weights;
+  std::vector<float> U;
+
+  Cohort(const std::vector<UpdateRef>& updates, int dim) {
+    if (updates.size() >= (std::size_t{1} << 32)) throw std::invalid_argument("too many clients (2^32 or more)");
+    for (std::size_t i = 0; i < updates.size(); ++i) {
+      const UpdateRef& u = updates[i];
+      if (u.weight <= 0.0) continue;
+      if (reporting.empty()) scalar = u.values == nullptr;
+      if (scalar != (u.values == nullptr)) throw std::invalid_argument("updates mix rows and the scalar form");
+      gamma = gamma || u.gamma != nullptr;
+      any_noisy = any_noisy || (u.enc != nullptr && u.enc->noisy_zeros);
+      reporting.push_back(static_cast<std::uint32_t>(i));
+    }
+    P = scalar ? (dim + 7) / 8 * 8 : dim;
+    if (!scalar) return;
+    weights.assign(updates.size(), 0.0);
+    U.assign(updates.size() * static_cast<std::size_t>(P), 0.0f);
+    for (const std::uint32_t i : reporting) {
+      weights[i] = updates[i].weight;
+      std::copy_n(updates[i].user, dim, U.data() + i * static_cast<std::size_t>(P));
     }
   }
-}
+};
+
+// The entries of rows [lo, hi), grouped by row (a counting sort over the chunk's rows), each
+// row's clients in cohort order: row lo + r has entries[start[r]:start[r+1]]. Built by the
+// thread that reduces the chunk, so no index is built serially; its buffers live per thread.
+struct ChunkIndex {
+  std::vector<std::int64_t> start;
+  UninitVector<Entry> entries;
+
+  void build(const Cohort& cohort, const std::vector<UpdateRef>& updates, std::int64_t lo, std::int64_t hi) {
+    start.assign(static_cast<std::size_t>(hi - lo) + 1, 0);
+    for (const std::uint32_t i : cohort.reporting) {
+      const UpdateRef& u = updates[i];
+      for (std::int64_t l = 0; l < u.nrows; ++l) {
+        const std::int64_t r = u.rows[l];
+        if (r >= lo && r < hi) ++start[static_cast<std::size_t>(r - lo) + 1];
+      }
+    }
+    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
+    entries.resize(static_cast<std::size_t>(start.back()));
+    for (const std::uint32_t i : cohort.reporting) {
+      const UpdateRef& u = updates[i];
+      for (std::int64_t l = 0; l < u.nrows; ++l) {
+        const std::int64_t r = u.rows[l];
+        if (r < lo || r >= hi) continue;
+        Entry& e = entries[static_cast<std::size_t>(start[static_cast<std::size_t>(r - lo)]++)];
+        e.pos = i;
+        e.local = static_cast<std::int32_t>(l);
+        if (cohort.scalar) {
+          e.beta = u.beta[l];
+          e.gamma = u.gamma != nullptr ? u.gamma[l] : 0.0f;
+          e.bias = u.bias != nullptr ? u.bias[l] : 0.0f;
+        }
+      }
+    }
+    // The placement advanced each start to the next row's: shift back.
+    for (std::size_t r = start.size() - 1; r > 0; --r) start[r] = start[r - 1];
+    start[0] = 0;
+  }
+};
 
 // The scalar form without L2 (x = beta * u, materialize_row's arithmetic): the sum over the
-// contributions c[0:n) of w * x[kb:kb+B), held in registers across the run (B doubles: a few
-// vector registers) and stored once. coef[i] goes with c[i]; U holds the cohort's u's, stride P.
+// entries e[0:n) of w * x[kb:kb+B), held in registers across the run (B doubles: a few
+// vector registers) and stored once.
 template <int B>
-inline void scalar_block(const Contribution* c, const RowIndex::Coef* coef, std::size_t n,
-                         const double* weights, const float* U, std::int64_t P, std::int64_t kb,
-                         double* out) {
+inline void scalar_block(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb, double* out) {
   double acc[B];
   for (std::size_t i = 0; i < n; ++i) {
-    const std::int64_t p = position(c[i]);
-    const float beta = coef[i].beta;
-    const double w = weights[p];
-    const float* u = U + p * P + kb;
+    const float beta = e[i].beta;
+    const double w = cohort.weights[e[i].pos];
+    const float* u = cohort.U.data() + static_cast<std::int64_t>(e[i].pos) * cohort.P + kb;
     if (i == 0) {
 #pragma GCC unroll 32
       for (int j = 0; j < B; ++j) acc[j] = w * static_cast<double>(beta * u[j]);
@@ -129,50 +143,53 @@ inline void scalar_block(const Contribution* c, const RowIndex::Coef* coef, std:
   for (int j = 0; j < B; ++j) out[kb + j] = acc[j];
 }
 
+// Per-thread buffers of the reduction, kept across calls (pool threads live on).
+struct ReduceScratch {
+  ChunkIndex index;
+  std::vector<Entry> contrib;
+  std::vector<double> acc;
+  std::vector<float> row;
+  CodecScratch codec;
+};
+ReduceScratch& reduce_scratch() {
+  static thread_local ReduceScratch s;
+  return s;
+}
+
 // How many update rows the reduction requests ahead of the one it sums.
 constexpr std::size_t kPrefetchEntries = 16;
 
-// Reduces every touched row (with noise: every row) of the cohort: emit(row, slot, sum,
-// bias_sum) gets the un-normalised float64 weighted sums, slot = the row's segment (with noise:
-// the row). Parallel over blocks of consecutive rows; gap(lo, hi) gets each run of rows
-// [lo, hi) that emit skipped, so a dense output writes every row once. A row's scalar-form
-// contributions read the model's row, so emit may overwrite that row (and only that row).
+// Reduces every touched row (with noise: every row) of the cohort: emit(row, sum, bias_sum)
+// gets the un-normalised float64 weighted sums, each row's clients summed in cohort order (the
+// first contribution assigns). Parallel over chunks of consecutive rows, each indexed by the
+// thread that reduces it; gap(lo, hi) gets each run of rows [lo, hi) that emit skipped, so a
+// dense output writes every row once. A row's scalar-form contributions read the model's row,
+// so emit may overwrite that row (and only that row). Returns the number of touched rows.
 template <class Gap, class Emit>
-void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, const ModelView& model,
-                 int num_threads, const Gap& gap, const Emit& emit) {
+std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView& model, int num_threads,
+                         const Gap& gap, const Emit& emit) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
-  const std::int64_t num_segments = index.num_segments();
-  const std::int64_t rows_per_block = 256;
-  const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
-  const int threads = resolve_threads(num_threads, num_blocks);
-  // The scalar form's per-client numbers by cohort position: weights, and the u's copied with
-  // a stride P padded to whole blocks of 8 (zeros), so the sums run on whole vectors.
-  const std::int64_t P = index.scalar ? (K + 7) / 8 * 8 : K;
-  std::vector<double> weights(index.scalar ? updates.size() : 0);
-  std::vector<float> U(index.scalar ? updates.size() * static_cast<std::size_t>(P) : 0, 0.0f);
-  for (std::size_t i = 0; i < weights.size(); ++i) {
-    weights[i] = updates[i].weight;
-    if (updates[i].weight > 0.0) std::copy_n(updates[i].user, K, U.data() + i * static_cast<std::size_t>(P));
-  }
-  struct Scratch {
-    std::vector<double> acc;  // P
-    std::vector<float> row;   // K
-    CodecScratch codec;
-  };
-  std::vector<Scratch> scratch;
-  for (int t = 0; t < threads; ++t)
-    scratch.push_back({std::vector<double>(static_cast<std::size_t>(P)), std::vector<float>(static_cast<std::size_t>(K)), {}});
-  parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
-    const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
-    std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
-    Scratch& sc = scratch[static_cast<std::size_t>(tid)];
-    std::vector<Contribution> contrib;
+  const Cohort cohort(updates, model.dim);
+  const std::int64_t P = cohort.P;
+  // Each chunk scans every entry to index its own rows: a few chunks per thread balance the
+  // work without multiplying the scans.
+  const int threads = resolve_threads(num_threads, std::max<std::int64_t>(1, model.num_items / 64));
+  const std::int64_t num_chunks = threads > 1 ? std::min<std::int64_t>(2 * threads, model.num_items) : 1;
+  std::atomic<std::int64_t> touched{0};
+  parallel_for(num_chunks, threads, [&](std::int64_t chunk, int) {
+    const std::int64_t lo = model.num_items * chunk / num_chunks;
+    const std::int64_t hi = model.num_items * (chunk + 1) / num_chunks;
+    ReduceScratch& sc = reduce_scratch();
+    sc.index.build(cohort, updates, lo, hi);
+    const std::vector<std::int64_t>& start = sc.index.start;
+    const Entry* entries = sc.index.entries.data();
+    sc.acc.resize(static_cast<std::size_t>(P));
+    sc.row.resize(static_cast<std::size_t>(K));
     float* row_buf = sc.row.data();
+    double* acc = sc.acc.data();
     std::int64_t current_row = 0;
-    // One contribution into a level's accumulators (the first one assigns): x = the client's row
-    // (materialised, decoded noise, or from the scalar form exactly as materialize_row gives it),
-    // acc += w * x in float64.
+    // acc (+)= w * x in float64 for one row x of float32.
     const auto accumulate = [K](const float* x, double w, double* a, bool first) {
       if (first) {
         for (std::int64_t k = 0; k < K; ++k) a[k] = w * static_cast<double>(x[k]);
@@ -180,107 +197,95 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
         for (std::int64_t k = 0; k < K; ++k) a[k] += w * static_cast<double>(x[k]);
       }
     };
-    const auto add_rows = [&](const Contribution& c, double* a, double& acc_bias, bool first) {
-      const UpdateRef& u = updates[static_cast<std::size_t>(position(c))];
-      const float* x = row_buf;
-      double bs = 0.0;
-      if (c.local < 0) {
-        decode_untouched_row(*u.enc, current_row, model.dim, row_buf, sc.codec);
-      } else {
-        x = u.values + static_cast<std::int64_t>(c.local) * K;
-        if (bias) bs = u.weight * u.bias[c.local];
+    // The sums of a row's contributions e[0:n) in cohort order: materialised rows or noise ...
+    const auto sum_rows = [&](const Entry* e, std::size_t n, double& acc_bias) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const UpdateRef& u = updates[e[i].pos];
+        const float* x = row_buf;
+        double bs = 0.0;
+        if (e[i].local < 0) {
+          decode_untouched_row(*u.enc, current_row, model.dim, row_buf, sc.codec);
+        } else {
+          x = u.values + static_cast<std::int64_t>(e[i].local) * K;
+          if (bias) bs = u.weight * u.bias[e[i].local];
+        }
+        accumulate(x, u.weight, acc, i == 0);
+        acc_bias = i == 0 ? bs : acc_bias + bs;
       }
-      accumulate(x, u.weight, a, first);
-      acc_bias = first ? bs : acc_bias + bs;
     };
-    // The sums of a row's contributions c[0:n), in cohort order (the first one assigns).
-    const auto leaf_rows = [&](const Contribution* c, std::size_t n, double* a, double& acc_bias) {
-      for (std::size_t i = 0; i < n; ++i) add_rows(c[i], a, acc_bias, i == 0);
-    };
-    const auto leaf_scalar = [&](const Contribution* c, std::size_t n, double* a, double& acc_bias) {
-      const RowIndex::Coef* coef = index.coefs.data() + (c - index.entries.data());
-      if (!index.gamma) {
+    // ... or the scalar form.
+    const auto sum_scalar = [&](const Entry* e, std::size_t n, double& acc_bias) {
+      if (!cohort.gamma) {
         std::int64_t kb = 0;
-        for (; kb + 16 <= P; kb += 16) scalar_block<16>(c, coef, n, weights.data(), U.data(), P, kb, a);
-        if (kb < P) scalar_block<8>(c, coef, n, weights.data(), U.data(), P, kb, a);
+        for (; kb + 16 <= P; kb += 16) scalar_block<16>(e, n, cohort, kb, acc);
+        if (kb < P) scalar_block<8>(e, n, cohort, kb, acc);
       } else {
         // With L2: x = g * v + beta * u, materialize_row's arithmetic, one contribution at a time.
         const float* v = model.item_factors + current_row * K;
         for (std::size_t i = 0; i < n; ++i) {
-          const std::int64_t p = position(c[i]);
-          const float* u = U.data() + p * P;
-          if (coef[i].gamma == 0.0f) {
-            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = coef[i].beta * u[k];
+          const float* u = cohort.U.data() + static_cast<std::int64_t>(e[i].pos) * P;
+          if (e[i].gamma == 0.0f) {
+            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = e[i].beta * u[k];
           } else {
-            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = coef[i].gamma * v[k] + coef[i].beta * u[k];
+            for (std::int64_t k = 0; k < K; ++k) row_buf[k] = e[i].gamma * v[k] + e[i].beta * u[k];
           }
-          accumulate(row_buf, weights[static_cast<std::size_t>(p)], a, i == 0);
+          accumulate(row_buf, cohort.weights[e[i].pos], acc, i == 0);
         }
       }
       double bs = 0.0;
       for (std::size_t i = 0; i < n && bias; ++i) {
-        const double b = weights[static_cast<std::size_t>(position(c[i]))] * coef[i].bias;
+        const double b = cohort.weights[e[i].pos] * e[i].bias;
         bs = i == 0 ? b : bs + b;
       }
       acc_bias = bs;
     };
-    // The first segment at or after row `lo`.
-    std::int64_t s = 0, z = num_segments;
-    while (s < z) {
-      const std::int64_t mid = (s + z) / 2;
-      if (index.row_of(mid) < lo) s = mid + 1; else z = mid;
-    }
     // Row order reads materialised updates at scattered places, one update row per entry:
     // without prefetching, every entry waited for its own cache misses.
-    std::size_t prefetched = s < num_segments ? index.seg[static_cast<std::size_t>(s)] : 0;
+    std::size_t prefetched = 0;
     const auto prefetch_ahead = [&](std::size_t upto) {
-      upto = std::min(upto, index.entries.size());
+      upto = std::min(upto, sc.index.entries.size());
       for (; prefetched < upto; ++prefetched) {
-        const Contribution& c = index.entries[prefetched];
-        const UpdateRef& u = updates[static_cast<std::size_t>(position(c))];
-        if (u.values != nullptr)
-          prefetch_bytes(u.values + static_cast<std::int64_t>(c.local) * K, static_cast<std::size_t>(K) * sizeof(float));
+        const Entry& e = entries[prefetched];
+        prefetch_bytes(updates[e.pos].values + static_cast<std::int64_t>(e.local) * K,
+                       static_cast<std::size_t>(K) * sizeof(float));
       }
     };
+    std::int64_t unwritten = lo, rows_here = 0;  // rows [unwritten, row) were skipped
     for (std::int64_t row = lo; row < hi; ++row) {
-      const bool has_seg = s < num_segments && index.row_of(s) == row;
-      if (!has_seg && !index.any_noisy) {
-        if (s >= num_segments || index.row_of(s) >= hi) break;  // no more touched rows here
-        row = index.row_of(s) - 1;  // jump to the next touched row
-        continue;
-      }
-      std::size_t e = has_seg ? index.seg[static_cast<std::size_t>(s)] : 0;
-      const std::size_t e_end = has_seg ? index.seg[static_cast<std::size_t>(s) + 1] : 0;
-      if (has_seg && !index.scalar) prefetch_ahead(e_end + kPrefetchEntries);
-      const Contribution* c = index.entries.data() + e;
-      std::size_t n = e_end - e;
-      if (index.any_noisy) {  // every reporting client adds its row or its noise
-        contrib.clear();
-        for (const std::int64_t i : index.reporting) {
-          if (e < e_end && position(index.entries[e]) == i)
-            contrib.push_back(index.entries[e++]);
-          else if (const EncodedUpdate* enc = updates[static_cast<std::size_t>(i)].enc; enc != nullptr && enc->noisy_zeros)
-            contrib.push_back({(static_cast<std::uint64_t>(row) << 32) | static_cast<std::uint64_t>(i), -1});
+      const std::size_t b = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo)]);
+      const std::size_t b_end = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo) + 1]);
+      if (b == b_end && !cohort.any_noisy) continue;
+      rows_here += b < b_end ? 1 : 0;
+      if (!cohort.scalar) prefetch_ahead(b_end + kPrefetchEntries);
+      const Entry* e = entries + b;
+      std::size_t n = b_end - b;
+      if (cohort.any_noisy) {  // every reporting client adds its row or its noise
+        sc.contrib.clear();
+        std::size_t next = b;
+        for (const std::uint32_t i : cohort.reporting) {
+          if (next < b_end && entries[next].pos == i)
+            sc.contrib.push_back(entries[next++]);
+          else if (const EncodedUpdate* enc = updates[i].enc; enc != nullptr && enc->noisy_zeros)
+            sc.contrib.push_back({i, -1, 0.0f, 0.0f, 0.0f});
         }
-        c = contrib.data();
-        n = contrib.size();
+        e = sc.contrib.data();
+        n = sc.contrib.size();
       }
-      const std::int64_t slot = index.any_noisy ? row : s;
-      if (has_seg) ++s;
+      if (n == 0) continue;
       current_row = row;
-      if (n > 0) {
-        double bias_sum = 0.0;
-        if (index.scalar)
-          leaf_scalar(c, n, sc.acc.data(), bias_sum);
-        else
-          leaf_rows(c, n, sc.acc.data(), bias_sum);
-        if (unwritten < row) gap(unwritten, row);
-        emit(row, slot, sc.acc.data(), bias_sum);
-        unwritten = row + 1;
-      }
+      double bias_sum = 0.0;
+      if (cohort.scalar)
+        sum_scalar(e, n, bias_sum);
+      else
+        sum_rows(e, n, bias_sum);
+      if (unwritten < row) gap(unwritten, row);
+      emit(row, acc, bias_sum);
+      unwritten = row + 1;
     }
     if (unwritten < hi) gap(unwritten, hi);
+    touched.fetch_add(rows_here, std::memory_order_relaxed);
   });
+  return touched.load();
 }
 
 }  // namespace
@@ -290,17 +295,14 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
                          float* delta_bias_out, const InPlaceStep& step) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
-  RowIndex index;
-  index_rows(updates, model.num_items, index);
   ReduceResult result;
-  result.rows_aggregated = index.num_segments();
   if (step.item_factors != nullptr) {
-    if (total_weight <= 0.0) return result;  // nobody reports: the model stays as it is
-    const double inv_total = 1.0 / total_weight;
+    // Nobody reports: the model stays as it is (the touched rows are still counted).
+    const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
     std::atomic<std::int64_t> nonfinite{0};
-    reduce_rows(
-        updates, index, model, num_threads, [](std::int64_t, std::int64_t) {},
-        [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
+    result.rows_aggregated = reduce_rows(
+        updates, model, num_threads, [](std::int64_t, std::int64_t) {},
+        [&](std::int64_t row, const double* sum, double bias_sum) {
           bool ok = sgd_step_row(step.item_factors + row * K, sum, inv_total, step.lr, K);
           if (bias) ok = sgd_step_row(step.item_bias + row, &bias_sum, inv_total, step.lr, 1) && ok;
           if (!ok) nonfinite.fetch_add(1, std::memory_order_relaxed);
@@ -308,19 +310,14 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
     result.nonfinite_rows = nonfinite.load();
     return result;
   }
-  if (total_weight <= 0.0) {
-    std::fill_n(delta_out, model.num_items * K, 0.0f);
-    if (bias) std::fill_n(delta_bias_out, model.num_items, 0.0f);
-    return result;
-  }
-  const double inv_total = 1.0 / total_weight;
-  reduce_rows(
-      updates, index, model, num_threads,
+  const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
+  result.rows_aggregated = reduce_rows(
+      updates, model, num_threads,
       [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0, written once
         std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
         if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
       },
-      [&](std::int64_t row, std::int64_t, const double* sum, double bias_sum) {
+      [&](std::int64_t row, const double* sum, double bias_sum) {
         float* out = delta_out + row * K;
         for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(sum[k] * inv_total);
         if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
