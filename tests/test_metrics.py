@@ -10,7 +10,9 @@ import reference as ref
 
 import fedrecon_fast as ff
 from fedrecon_fast.config import ClientConfig
-from fedrecon_fast.evaluation import EVAL_ROUND, coverage, leave_one_out, recon_eval, summarize_ranking
+from fedrecon_fast._rng import STREAM_DATA
+from fedrecon_fast.evaluation import (EVAL_ROUND, LOO_ROUND, _negatives, coverage, leave_one_out, recon_eval,
+                                      summarize_ranking)
 
 
 def numpy_metrics(model, data, config, k, threshold, seed):
@@ -96,9 +98,11 @@ def test_coverage_ignores_padding_and_counts_each_item_once():
 # ------------------------------------------------------------------------------- leave-one-out
 
 
-def numpy_leave_one_out(model, data, k, seed):
+def numpy_leave_one_out(model, data, k, seed, negatives):
     """HR@k and NDCG@k: each user's most recent rating is held out, u is reconstructed from the
-    others (inference: every remaining rating), every item the user did not rate is ranked."""
+    others (inference: every remaining rating), and the held-out item is ranked among the
+    ``negatives`` unrated items with the smallest keys mix64(derive_seed(seed, LOO_ROUND, user,
+    STREAM_DATA) ^ item) (None: every unrated item), ties to the lower item index."""
     hits, gains = [], []
     for c in range(data.num_clients):
         lo, hi = data.indptr[c], data.indptr[c + 1]
@@ -110,22 +114,41 @@ def numpy_leave_one_out(model, data, k, seed):
         scores = model.item_factors.astype(np.float64) @ users + model.global_mean
         if bias is not None:
             scores = scores + bias + model.item_bias
-        candidates = np.setdiff1d(np.arange(model.num_items), data.items[rest])
-        top = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
-        rank = np.flatnonzero(top == data.items[held])
-        hits.append(float(rank.size > 0))
-        gains.append(1 / np.log2(rank[0] + 2) if rank.size else 0.0)
+        unrated = np.setdiff1d(np.arange(model.num_items), data.items[lo:hi])
+        if negatives is not None:
+            base = ref.derive_seed(seed, LOO_ROUND, int(data.user_ids[c]), STREAM_DATA)
+            keys = [ref.mix64(base ^ int(i)) for i in unrated]
+            unrated = unrated[np.argsort(keys, kind="stable")[:negatives]]
+        target = data.items[held]
+        rank = sum(1 for i in unrated if scores[i] > scores[target] or (scores[i] == scores[target] and i < target))
+        hits.append(float(rank < k))
+        gains.append(1 / np.log2(rank + 2) if rank < k else 0.0)
     return np.mean(hits), np.mean(gains), len(hits)
 
 
+@pytest.mark.parametrize("negatives", [None, 5, 99])
 @pytest.mark.parametrize("k", [1, 10])
-def test_leave_one_out_matches_numpy_definitions(trained, k):
+def test_leave_one_out_matches_numpy_definitions(trained, k, negatives):
     model, test = trained
-    got = leave_one_out(model, test, k=k, seed=5)
-    hr, ndcg, users = numpy_leave_one_out(model, test, k, seed=5)
+    got = leave_one_out(model, test, k=k, negatives=negatives, seed=5)
+    hr, ndcg, users = numpy_leave_one_out(model, test, k, seed=5, negatives=negatives)
     assert got["loo_users"] == users > 10
     assert got[f"loo_hit_rate_at_{k}"] == pytest.approx(hr)
     assert got[f"loo_ndcg_at_{k}"] == pytest.approx(ndcg)
+    assert got["loo_negatives"] == negatives
+
+
+def test_leave_one_out_negatives_are_unrated_distinct_and_keyed_by_user():
+    data = ff.synthetic_ratings(num_users=40, num_items=30, mean_ratings=20, min_ratings=5, seed=0)
+    neg = _negatives(data, 10, seed=3)
+    for u in range(data.num_clients):
+        rated = set(data.items[data.indptr[u]:data.indptr[u + 1]].tolist())
+        drawn = neg[u][neg[u] >= 0].tolist()
+        assert len(drawn) == len(set(drawn)) == min(10, 30 - len(rated)) and not rated & set(drawn)
+        assert (neg[u][len(drawn):] == -1).all()
+    # A user's negatives do not depend on the other users in the call.
+    np.testing.assert_array_equal(_negatives(data.subset([7, 3]), 10, seed=3), neg[[7, 3]])
+    assert not np.array_equal(_negatives(data, 10, seed=4), neg)
 
 
 def test_leave_one_out_holds_out_the_last_stored_rating_without_timestamps():
@@ -137,7 +160,7 @@ def test_leave_one_out_holds_out_the_last_stored_rating_without_timestamps():
         data = ff.ClientData(indptr=[0, 3], items=items, ratings=[4.0, 4.0, 5.0], item_ids=np.arange(4))
         return leave_one_out(model, data, k=1)
 
-    assert loo([0, 1, 2]) == {"loo_hit_rate_at_1": 1.0, "loo_ndcg_at_1": 1.0, "loo_users": 1}
+    assert loo([0, 1, 2]) == {"loo_hit_rate_at_1": 1.0, "loo_ndcg_at_1": 1.0, "loo_users": 1, "loo_negatives": 99}
     assert loo([2, 1, 3])["loo_hit_rate_at_1"] == 1.0  # 3 held out, the best candidate left
     assert loo([3, 1, 0])["loo_hit_rate_at_1"] == 0.0  # 0 held out, item 2 ranks first
     assert loo([3, 0, 1])["loo_ndcg_at_1"] == 0.0

@@ -22,11 +22,11 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ._files import make_temp_dir
 from .model import GlobalModel
 
 __all__ = ["CheckpointError", "save", "load", "latest", "list_checkpoints"]
@@ -82,7 +82,7 @@ def save(directory, trainer, *, keep: int = 2) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{trainer.round:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=directory))
+    tmp = make_temp_dir(directory, prefix=".ckpt-tmp-")
     try:
         model.save(tmp / "model")
         arrays = {f"opt:{k}": v for k, v in (trainer._opt_state or {}).items()}

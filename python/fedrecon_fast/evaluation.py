@@ -171,16 +171,20 @@ def recon_eval(model, data, clients=None, config: ClientConfig | None = None, *,
     return out
 
 
-def leave_one_out(model, data, clients=None, *, k: int = 10, config: ClientConfig | None = None,
-                  seed: int | None = None, num_threads: int = 0) -> dict:
+def leave_one_out(model, data, clients=None, *, k: int = 10, negatives: int | None = 99,
+                  config: ClientConfig | None = None, seed: int | None = None, num_threads: int = 0) -> dict:
     """Leave-one-out HR@k and NDCG@k, the protocol of federated recommendation papers.
 
     Each user's most recent rating (by timestamp, ties to the later stored one; without
-    timestamps the last one stored) is held out. The user's ``u`` is reconstructed from all
-    the other ratings as for a new user (:func:`fedrecon_fast.inference.reconstruct`: every
-    rating reconstructs, V frozen), every item the user has not rated is ranked by predicted
-    rating (ties to the lower item index), and the held-out item counts as the one relevant
-    item, whatever its rating. Users with fewer than two ratings are skipped.
+    timestamps the last one stored) is held out, and its item counts as the one relevant item
+    whatever the rating. The user's ``u`` is reconstructed from all the other ratings as for a
+    new user (:func:`fedrecon_fast.inference.reconstruct`: every rating reconstructs, V
+    frozen). The held-out item is then ranked by predicted rating (ties to the lower item
+    index) among ``negatives`` items the user has not rated, drawn uniformly without
+    replacement (99: the protocol of He et al., "Neural Collaborative Filtering", 2017, used by
+    FedNCF, FedFast and most federated recommenders; all unrated items when fewer are left), or
+    with ``negatives=None`` among every item the user has not rated. Users with fewer than two
+    ratings are skipped.
 
     Parameters
     ----------
@@ -191,21 +195,25 @@ def leave_one_out(model, data, clients=None, *, k: int = 10, config: ClientConfi
         Which clients of ``data`` to evaluate (default: all).
     k : int
         Cut-off.
+    negatives : int or None
+        Sampled negative items per user (default 99); None ranks against every unrated item.
     config, seed, num_threads
         As for :meth:`fedrecon_fast.GlobalModel.recommend` (defaults: the model's evaluation
-        schedule and training seed; all cores).
+        schedule and training seed; all cores). The negatives of a user depend only on the
+        seed and its user id.
 
     Returns
     -------
     dict
         ``loo_hit_rate_at_{k}`` (fraction of users whose held-out item is in their top k),
         ``loo_ndcg_at_{k}`` (mean of ``1 / log2(rank + 1)`` for a hit at rank ``rank``
-        counted from 1, else 0) and ``loo_users`` (users evaluated).
+        counted from 1, else 0), ``loo_users`` (users evaluated) and ``loo_negatives``.
     """
     from .data import _sort_by_group_then_key
     from .inference import INFERENCE_ROUND, _settings
 
     check_int(k, "k", minimum=1)
+    check_int(negatives, "negatives", minimum=1, allow_none=True)
     if data.num_items != model.num_items:
         raise ValueError(f"data has {data.num_items} items, the model {model.num_items}: evaluate a subset "
                          "of the data the model was trained on")
@@ -223,14 +231,63 @@ def leave_one_out(model, data, clients=None, *, k: int = 10, config: ClientConfi
     keep = np.ones(data.nnz, dtype=bool)
     keep[held] = False
     rest = data._take(np.flatnonzero(keep), np.concatenate([[0], np.cumsum(sizes - 1)]), data.user_ids)
-    top, _ = kernels.recommend_users(
-        model.item_factors, rest, None, config, k=k, exclude_seen=True, item_bias=model.item_bias,
-        global_mean=model.global_mean, seed=seed, round=INFERENCE_ROUND, num_threads=num_threads,
-        check_finite=False, **model.default_kwargs())
-    match = top == data.items[held].astype(np.int64)[:, None]
-    hit = match.any(axis=1)
-    gain = np.where(hit, 1.0 / np.log2(np.argmax(match, axis=1) + 2.0), 0.0)
-    users = data.num_clients
-    return {f"loo_hit_rate_at_{k}": float(hit.mean()) if users else float("nan"),
-            f"loo_ndcg_at_{k}": float(gain.mean()) if users else float("nan"),
-            "loo_users": users}
+    target = data.items[held].astype(np.int64)
+    common = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=seed, round=INFERENCE_ROUND,
+                  num_threads=num_threads, check_finite=False, **model.default_kwargs())
+    if negatives is None:
+        top, _ = kernels.recommend_users(model.item_factors, rest, None, config, k=k, exclude_seen=True, **common)
+        match = top == target[:, None]
+        rank = np.where(match.any(axis=1), np.argmax(match, axis=1), k)
+    else:
+        users, user_bias = kernels.infer_users(model.item_factors, rest, None, config, **common)
+        candidates = np.column_stack([target, _negatives(data, negatives, seed)])
+        rows = np.maximum(candidates, 0)
+        V = model.item_factors
+        scores = np.einsum("mk,mnk->mn", users, V[rows])
+        if user_bias is not None:
+            scores += user_bias[:, None] + model.item_bias[rows]
+        scores[candidates < 0] = -np.inf  # padding
+        pos = scores[:, :1]
+        # Ties go to the lower item index, as in every ranking of the package.
+        ahead = (scores[:, 1:] > pos) | ((scores[:, 1:] == pos) & (candidates[:, 1:] < target[:, None]))
+        rank = np.where(np.isnan(pos[:, 0]), k, ahead.sum(axis=1))
+    hit = rank < k
+    gain = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+    n = data.num_clients
+    return {f"loo_hit_rate_at_{k}": float(hit.mean()) if n else float("nan"),
+            f"loo_ndcg_at_{k}": float(gain.mean()) if n else float("nan"),
+            "loo_users": n, "loo_negatives": negatives}
+
+
+# Leave-one-out draws its negatives with a round number nothing else uses.
+LOO_ROUND = 2**64 - 3
+
+
+def _negatives(data, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct items per user that the user did not rate, uniformly at random:
+    the unrated items with the smallest keys ``mix64(derive_seed(seed, LOO_ROUND, user id,
+    STREAM_DATA) ^ item)``, in key order; -1 pads users with fewer unrated items. A user's
+    negatives depend only on the seed, its id and its ratings. Vectorised over chunks of users
+    (a users x items key matrix of bounded size per chunk)."""
+    from ._rng import STREAM_DATA, derive_seed_array, mix64_array
+
+    n_users, n_items = data.num_clients, data.num_items
+    out = np.full((n_users, count), -1, dtype=np.int64)
+    if n_users == 0 or n_items == 0:
+        return out
+    base = derive_seed_array(seed, LOO_ROUND, data.user_ids, STREAM_DATA).astype(np.uint64)
+    row = data._row_index()
+    items = np.arange(n_items, dtype=np.uint64)
+    width = min(count, n_items)
+    chunk = max(1, (1 << 22) // n_items)
+    for lo in range(0, n_users, chunk):
+        hi = min(n_users, lo + chunk)
+        keys = mix64_array(base[lo:hi, None] ^ items[None, :])
+        mine = (row >= lo) & (row < hi)
+        keys[row[mine] - lo, data.items[mine]] = np.iinfo(np.uint64).max  # rated: never drawn
+        best = np.argpartition(keys, width - 1, axis=1)[:, :width] if width < n_items else \
+            np.broadcast_to(np.arange(n_items), keys.shape)
+        best = np.take_along_axis(best, np.argsort(np.take_along_axis(keys, best, axis=1), axis=1), axis=1)
+        rated = np.take_along_axis(keys, best, axis=1) == np.iinfo(np.uint64).max
+        out[lo:hi, :width] = np.where(rated, -1, best)
+    return out

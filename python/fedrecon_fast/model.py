@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._files import make_temp_dir
 from . import inference
 from ._rng import STREAM_MODEL_INIT, generator
 from ._validation import FLOAT32_MAX, as_float32_matrix, as_float32_vector, check_float
@@ -42,6 +42,11 @@ class GlobalModel:
         starts from it, and a user without ratings (cold start) gets it.
     user_bias_default : float
         The same for the user bias.
+    item_labels : ndarray of str, or None
+        For data with string item ids: ``item_labels[j]`` is the original id of item id ``j``
+        (``item_ids`` are then codes; see :class:`~fedrecon_fast.ClientData`).
+    item_titles : ndarray of str, shape (num_items,), or None
+        A display name per row ("" when unknown), e.g. MovieLens movie titles.
     """
 
     item_factors: np.ndarray
@@ -51,6 +56,8 @@ class GlobalModel:
     config: FedReconConfig | None = None
     user_default: np.ndarray | None = None
     user_bias_default: float = 0.0
+    item_labels: np.ndarray | None = None
+    item_titles: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_factors = as_float32_matrix(self.item_factors, "item_factors")
@@ -70,6 +77,45 @@ class GlobalModel:
                                                   check_finite=True)
         check_float(self.user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         self.user_bias_default = float(self.user_bias_default)
+        for name in ("item_labels", "item_titles"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value)
+                if value.ndim != 1 or (value.size and value.dtype.kind != "U"):
+                    raise ValueError(f"{name} must be a 1-D array of strings")
+                setattr(self, name, value.astype(str))
+        if self.item_titles is not None and self.item_titles.shape != (n,):
+            raise ValueError(f"item_titles must have one title per row of item_factors ({n})")
+        if self.item_labels is not None and n and (self.item_ids.min() < 0 or self.item_ids.max() >= self.item_labels.size):
+            raise ValueError("item_labels must have a label for every item id (item_ids index it)")
+
+    def item_names(self, rows) -> list:
+        """Display names of model rows: the title if known, else the original id (a label or
+        the integer id)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ids = self.item_ids[rows]
+        names = self.item_labels[ids] if self.item_labels is not None else ids.astype(str)
+        if self.item_titles is not None:
+            titles = self.item_titles[rows]
+            names = np.where(titles != "", titles, names)
+        return names.tolist()
+
+    def set_titles(self, ids, titles) -> int:
+        """Attach display titles by original item id (e.g. from
+        :func:`fedrecon_fast.movielens.load_titles`); returns how many rows got one."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        titles = np.asarray(titles, dtype=str).reshape(-1)
+        if ids.size != titles.size:
+            raise ValueError(f"ids and titles must have the same length; got {ids.size} and {titles.size}")
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        pos = np.searchsorted(sorted_ids, self.item_ids)
+        found = pos < ids.size
+        found[found] = sorted_ids[pos[found]] == self.item_ids[found]
+        names = np.full(self.num_items, "", dtype=titles.dtype if titles.size else "U1")
+        names[found] = titles[order][pos[found]]
+        self.item_titles = names
+        return int(np.count_nonzero(found))
 
     def default_kwargs(self) -> dict:
         """The kernels' ``user_default``/``user_bias_default`` arguments for this model."""
@@ -146,8 +192,10 @@ class GlobalModel:
                                    num_threads=num_threads)
 
     @classmethod
-    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0) -> GlobalModel:
-        """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0."""
+    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0, *,
+                   item_labels=None) -> GlobalModel:
+        """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0; ``item_labels``
+        as the data's (string item ids)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         rng = generator(config.seed, 0, 0, STREAM_MODEL_INIT)
         a = config.item_init_scale
@@ -157,7 +205,7 @@ class GlobalModel:
         if config.learn_user_default:  # like a fresh u: U(-a, a), a = the clients' init_scale
             a = config.client.init_scale
             u0 = generator(config.seed, 0, 1, STREAM_MODEL_INIT).uniform(-a, a, config.dim).astype(np.float32)
-        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0)
+        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0, item_labels=item_labels)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to directory ``path`` (``model.npz`` + ``model.json``, no pickle).
@@ -167,13 +215,16 @@ class GlobalModel:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
         try:
             arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
             if self.item_bias is not None:
                 arrays["item_bias"] = self.item_bias
             if self.user_default is not None:
                 arrays["user_default"] = self.user_default
+            for name in ("item_labels", "item_titles"):
+                if getattr(self, name) is not None:
+                    arrays[name] = getattr(self, name)
             np.savez(tmp / "model.npz", **arrays)
             meta = {
                 "format": FORMAT,
@@ -217,7 +268,7 @@ class GlobalModel:
         config = None if meta.get("config") is None else FedReconConfig.from_dict(meta["config"])
         model = cls(arrays["item_factors"], arrays.get("item_bias"), meta["global_mean"],
                     arrays["item_ids"], config, arrays.get("user_default"),
-                    meta.get("user_bias_default", 0.0))
+                    meta.get("user_bias_default", 0.0), arrays.get("item_labels"), arrays.get("item_titles"))
         if model.num_items != meta["num_items"] or model.dim != meta["dim"]:
             raise ValueError(f"{path} is inconsistent: model.json and model.npz disagree on shape")
         return model

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import kernels
+from . import divergence, kernels, memory, splits
 from ._rng import STREAM_SAMPLE, generator
 from ._validation import check_int
 from .config import FedReconConfig
@@ -176,8 +176,9 @@ class FedRecon:
 
         Parameters
         ----------
-        train : ClientData
-            Training clients (sampled each round).
+        train : ClientData or ClientSplits
+            Training clients (sampled each round), or the splits of :func:`~fedrecon_fast.split_ratings`
+            (its validation users then validate).
         val : ClientData, optional
             Validation clients for ReconEval every ``config.eval_every`` rounds and at the end.
         rounds : int, optional
@@ -192,13 +193,16 @@ class FedRecon:
             :meth:`from_checkpoint` continues from it with bit-identical results.
         """
         cfg = self.config
+        train, val = splits.unpack(train, val)
         rounds = cfg.rounds if rounds is None else rounds
         check_int(rounds, "rounds", minimum=0)
         check_int(checkpoint_every, "checkpoint_every", minimum=0)
         check_training_clients(train)
+        memory.check_training(train.num_items, cfg, client_sizes=train.sizes)
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
-            self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean)
+            self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean,
+                                                item_labels=getattr(train, "item_labels", None))
         if train.num_items != self.model.num_items or (val is not None and val.num_items != self.model.num_items):
             raise ValueError("train/val must share the model's item indexing (subsets of one ClientData)")
         params = self._params()
@@ -291,7 +295,7 @@ class FedRecon:
         self.train_seconds += seconds
         if not finite:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
-                                     "lower the learning rates")
+                                     f"{divergence.explain(cfg, self.model.item_factors)}")
         s = res.summary
         # The server broadcasts the float32 model to every sampled client; clients send their
         # encoded updates (sizes counted by the native codec).
@@ -304,7 +308,7 @@ class FedRecon:
         if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
             raise FloatingPointError(
                 f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
-                "non-finite updates; lower client_lr or recon_lr")
+                f"non-finite updates; {divergence.explain(cfg, self.model.item_factors)}")
         n = s["num_examples"]
         self.round += 1
         return {
