@@ -110,6 +110,9 @@ def summarize(rows: list[dict], key: str) -> str:
         for s in sets:
             runs = [r for r in rows if r[key] == name and r["set"] == s]
             ok = [r for r in runs if not r["diverged"]]
+            if not runs:
+                cells.append("–")
+                continue
             if not ok:
                 cells.append(f"diverged {len(runs)}/{len(runs)}")
                 continue
