@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 import _machine  # noqa: E402
 import torch_round  # noqa: E402
+import yardstick  # noqa: E402
 from _problems import ff, generated_clients, ml1m_path, rating_steps, reference_round  # noqa: E402
 from lockstep_round import build_lockstep, lockstep_round  # noqa: E402
 from numpy_round import numpy_round, plan_round, schedule_counts  # noqa: E402
@@ -213,9 +214,12 @@ def case_paper_round(q) -> dict:
                              check_finite=False)
         np.add(Vw, res.delta, out=Vw)
 
-    def in_place_step(r, t):
-        ff.train_round(Vw, train, cohorts[r], cc, seed=config.seed, round=r, num_threads=t,
+    def in_place_step_on(W, r, t):
+        ff.train_round(W, train, cohorts[r], cc, seed=config.seed, round=r, num_threads=t,
                        check_finite=False, apply_lr=1.0)
+
+    def in_place_step(r, t):
+        in_place_step_on(Vw, r, t)
 
     with_step = {(kind, t): [] for kind in ("dense", "in_place") for t in THREADS}
     for _ in range(q["native_reps"]):
@@ -223,6 +227,26 @@ def case_paper_round(q) -> dict:
             for r in rounds:
                 with_step["dense", t].append(_time(lambda: dense_step(r, t)))
                 with_step["in_place", t].append(_time(lambda: in_place_step(r, t)))
+    # The plain-loop yardstick (bench/yardstick.cpp) on the same clients, splits and initial u's,
+    # interleaved with the native round taking the same server step (1 thread each).
+    yard = None
+    if yardstick.available():
+        sticks = [yardstick.Yardstick(train, cohorts[r], plans[r], config) for r in rounds]
+        Vy, Vn = V.copy(), V.copy()
+        sticks[0](Vy)
+        ff.train_round(Vn, train, cohorts[0], cc, seed=config.seed, round=0, num_threads=1, apply_lr=1.0)
+        np.testing.assert_allclose(Vy, Vn, rtol=RTOL, atol=ATOL)
+        times = {"yardstick": [], "native_in_place_1": []}
+        for _ in range(q["native_reps"]):
+            for r in rounds:
+                Vy[:] = V
+                times["yardstick"].append(_time(lambda: sticks[r](Vy)))
+                Vn[:] = V
+                times["native_in_place_1"].append(_time(lambda: in_place_step_on(Vn, r, 1)))
+        yard = {"flags": " ".join(yardstick.FLAGS), "ms": _median_ms(times["yardstick"]),
+                "native_in_place_1_ms": _median_ms(times["native_in_place_1"]),
+                "ms_p10": 1e3 * float(np.percentile(times["yardstick"], 10)),
+                "native_in_place_1_ms_p10": 1e3 * float(np.percentile(times["native_in_place_1"], 10))}
     small = int(np.argmin(train.sizes))
     overhead = _interleaved({
         "check_finite=False": lambda: ff.train_round(V, train, [small], cc, num_threads=1, check_finite=False),
@@ -287,8 +311,24 @@ def case_paper_round(q) -> dict:
         "prepare_split_seconds": prepare,
         "ratings_loaded": int(raw.nnz),
         "torch": torch_info,
+        "yardstick": yard,
+        "targets": _paper_targets(yard, fit, peer_ms),
         "validated": f"every peer delta matches the native one (rtol {RTOL}, atol {ATOL})",
     }
+
+
+def _paper_targets(yard, fit, peer_ms) -> dict | None:
+    """Issue 18's ratios, all from this run: fit's median round against the yardstick's round,
+    500 rounds of training against 500 yardstick rounds, the PyTorch lockstep round against
+    fit's median round."""
+    if yard is None:
+        return None
+    out = {f"fit_round_vs_yardstick_{t}t": fit[t]["round_ms_median"] / yard["ms"] for t in fit}
+    out.update({f"train_seconds_vs_500_yardstick_rounds_{t}t": fit[t]["train_seconds"] / (fit[t]["rounds"] * yard["ms"] / 1e3)
+                for t in fit})
+    if "torch_vectorised" in peer_ms:
+        out.update({f"torch_vs_fit_round_{t}t": peer_ms["torch_vectorised"] / fit[t]["round_ms_median"] for t in fit})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,6 +688,15 @@ def markdown(results: dict, meta: dict) -> str:
             out.append(f"| {t} thread{'s' if t != '1' else ''} | {f['rounds']} | {_fmt(f['train_seconds'], 3)} | "
                        f"{_fmt(f['round_ms_median'], 3)} | {_fmt(1e3 * f['eval_seconds'], 1)} ({f['test_users']}) | "
                        f"{_fmt(f['test_rmse'], 4)} |")
+        y, tg = p.get("yardstick"), p.get("targets")
+        if y:
+            out += ["", f"**Yardstick** (bench/yardstick.cpp: the round's arithmetic as plain single-thread "
+                    f"loops, `{y['flags']}`), interleaved with the native round with the same server step "
+                    f"on 1 thread: yardstick {_fmt(y['ms'], 3)} ms (10th percentile {_fmt(y['ms_p10'], 3)}), "
+                    f"native {_fmt(y['native_in_place_1_ms'], 3)} ms ({_fmt(y['native_in_place_1_ms_p10'], 3)}).", "",
+                    "| target (issue 18), ratios from this run | measured |", "|---|---:|"]
+            for k, v in tg.items():
+                out.append(f"| {k.replace('_', ' ')} | {_fmt(v, 3)} |")
         if "round_with_step_ms" in p:
             w, fd = p["round_with_step_ms"], p["fit_dense_step"]
             out += ["", "Round plus the server SGD step (ms; `fit` takes the in-place one for plain SGD): "

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -11,6 +12,8 @@
 #include "bindings.hpp"
 #include "fedrecon/centralized.hpp"
 #include "fedrecon/cohort.hpp"
+#include "fedrecon/loop.hpp"
+#include "fedrecon/sampling.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace py = pybind11;
@@ -95,18 +98,6 @@ UserArrays user_arrays(const std::optional<Array<float>>& users, const std::opti
   return out;
 }
 
-fedrecon::UpdateCodec make_codec(int bits, bool row_scaling, bool hadamard, bool sparse,
-                                 std::int64_t threshold, double clip) {
-  fedrecon::UpdateCodec c;
-  c.bits = bits;
-  c.row_scaling = row_scaling;
-  c.hadamard = hadamard;
-  c.sparse = sparse;
-  c.threshold = threshold;
-  c.clip = clip;
-  return c;
-}
-
 py::object or_none(const std::optional<Array<float>>& a) { return a ? py::object(*a) : py::object(py::none()); }
 
 template <class T>
@@ -143,11 +134,9 @@ UpdateCall update_call(const Array<float>& item_factors, const std::optional<Arr
                        float global_mean, const Array<std::int64_t>& indptr,
                        const Array<std::int32_t>& items, const Array<float>& ratings,
                        const Array<std::int64_t>& clients, const std::optional<Array<float>>& users,
-                       const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                       bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                       const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
                        const OptionalIds& stream_ids) {
-  UpdateCall c{make_codec(bits, row_scaling, hadamard, sparse, threshold, clip),
-               model_view(item_factors, item_bias, global_mean), csr_view(indptr, items, ratings, stream_ids),
+  UpdateCall c{codec, model_view(item_factors, item_bias, global_mean), csr_view(indptr, items, ratings, stream_ids),
                client_ids(clients), clients.shape(0), {}};
   c.users = user_arrays(users, user_bias, c.model, c.n);
   return c;
@@ -167,11 +156,10 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       const Array<std::int64_t>& clients, const ClientConfig& config,
                       std::uint64_t seed, std::uint64_t round, int num_threads,
                       const std::optional<Array<float>>& users,
-                      const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                      bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                      const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
                       const OptionalIds& stream_ids, double apply_lr) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
+                       user_bias, codec, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   // apply_lr > 0: server SGD in place on the model's arrays, no dense delta.
@@ -210,11 +198,10 @@ py::dict train_round_partial(const Array<float>& item_factors, const std::option
                              const Array<std::int64_t>& clients, const ClientConfig& config,
                              std::uint64_t seed, std::uint64_t round, int num_threads,
                              const std::optional<Array<float>>& users,
-                             const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                             bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                             const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
                              const OptionalIds& stream_ids) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
+                       user_bias, codec, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
@@ -270,11 +257,10 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
                         const Array<std::int64_t>& clients, const ClientConfig& config,
                         std::uint64_t seed, std::uint64_t round, int num_threads,
                         const std::optional<Array<float>>& users,
-                        const std::optional<Array<float>>& user_bias, int bits, bool row_scaling,
-                        bool hadamard, bool sparse, std::int64_t threshold, double clip,
+                        const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
                         const OptionalIds& stream_ids) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, bits, row_scaling, hadamard, sparse, threshold, clip, stream_ids);
+                       user_bias, codec, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
   fedrecon::SparseUpdates u;
@@ -396,6 +382,62 @@ py::tuple recommend_users(const Array<float>& item_factors, const std::optional<
   return py::make_tuple(top, scores);
 }
 
+Array<std::int64_t> sample_clients(std::int64_t num_clients, std::int64_t m, std::uint64_t seed,
+                                   std::uint64_t round) {
+  if (num_clients < 0 || m < 0) fail("num_clients and clients_per_round must be >= 0");
+  Array<std::int64_t> out(static_cast<py::ssize_t>(std::min(num_clients, m)));
+  std::int64_t* p = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fedrecon::sample_clients(num_clients, m, seed, round, p);
+  }
+  return out;
+}
+
+// The native training loop: the model's arrays are updated in place; one column per field of
+// the rounds' records.
+py::dict train_rounds(Array<float>& item_factors, std::optional<Array<float>>& item_bias, float global_mean,
+                      const Array<std::int64_t>& indptr, const Array<std::int32_t>& items,
+                      const Array<float>& ratings, const ClientConfig& config,
+                      const fedrecon::UpdateCodec& codec, std::uint64_t seed, std::uint64_t first_round,
+                      std::int64_t num_rounds, std::int64_t clients_per_round, float lr, int num_threads) {
+  const auto model = model_view(item_factors, item_bias, global_mean);
+  const auto data = csr_view(indptr, items, ratings);
+  if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
+    fail("train_rounds updates item_factors and item_bias in place: they must be writeable");
+  if (!(std::isfinite(lr) && lr > 0.0f)) fail("lr must be a finite float32 > 0");
+  if (num_rounds < 0) fail("num_rounds must be >= 0");
+  if (clients_per_round < 1) fail("clients_per_round must be >= 1");
+  std::vector<fedrecon::RoundRecord> records;
+  {
+    py::gil_scoped_release release;
+    records = fedrecon::train_rounds(model, data, config, codec, seed, first_round, num_rounds,
+                                     clients_per_round, lr, num_threads);
+  }
+  const auto n = static_cast<py::ssize_t>(records.size());
+  const auto col = [&](auto get) {
+    using T = decltype(get(records[0]));
+    Array<T> out(n);
+    for (py::ssize_t i = 0; i < n; ++i) out.mutable_data()[i] = get(records[static_cast<std::size_t>(i)]);
+    return out;
+  };
+  using R = fedrecon::RoundRecord;
+  return py::dict(
+      "clients"_a = col([](const R& r) { return r.num_sampled; }),
+      "seconds"_a = col([](const R& r) { return r.seconds; }),
+      "total_weight"_a = col([](const R& r) { return r.summary.total_weight; }),
+      "loss_sum"_a = col([](const R& r) { return r.summary.loss_sum; }),
+      "num_examples"_a = col([](const R& r) { return r.summary.num_examples; }),
+      "num_correct"_a = col([](const R& r) { return r.summary.num_correct; }),
+      "num_reporting"_a = col([](const R& r) { return r.summary.num_reporting; }),
+      "num_nonfinite"_a = col([](const R& r) { return r.summary.num_nonfinite; }),
+      "rows_sent"_a = col([](const R& r) { return r.summary.rows_sent; }),
+      "rows_aggregated"_a = col([](const R& r) { return r.summary.rows_aggregated; }),
+      "bytes_sent"_a = col([](const R& r) { return r.summary.bytes_sent; }),
+      "num_clipped"_a = col([](const R& r) { return r.summary.num_clipped; }),
+      "nonfinite_rows"_a = col([](const R& r) { return r.summary.nonfinite_rows; }));
+}
+
 double mf_sgd_epoch(Array<float>& users, std::optional<Array<float>>& user_bias, Array<float>& items,
                     std::optional<Array<float>>& item_bias, float global_mean,
                     const Array<std::int64_t>& user_ids, const Array<std::int32_t>& item_ids,
@@ -466,7 +508,17 @@ PYBIND11_MODULE(_core, m) {
   enum_property(cfg, "init", &ClientConfig::init);
   enum_property(cfg, "weighting", &ClientConfig::weighting);
 
+  py::class_<fedrecon::UpdateCodec>(m, "UpdateCodec")
+      .def(py::init<>())
+      .def_readwrite("bits", &fedrecon::UpdateCodec::bits)
+      .def_readwrite("row_scaling", &fedrecon::UpdateCodec::row_scaling)
+      .def_readwrite("hadamard", &fedrecon::UpdateCodec::hadamard)
+      .def_readwrite("sparse", &fedrecon::UpdateCodec::sparse)
+      .def_readwrite("threshold", &fedrecon::UpdateCodec::threshold)
+      .def_readwrite("clip", &fedrecon::UpdateCodec::clip);
+
   m.def("derive_seed", &fedrecon::derive_seed, "seed"_a, "round"_a, "client"_a, "stream"_a);
+  m.def("sample_clients", &sample_clients, "num_clients"_a, "clients_per_round"_a, "seed"_a, "round"_a);
 
 #define FEDRECON_COHORT_ARGS                                                                     \
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \
@@ -474,13 +526,15 @@ PYBIND11_MODULE(_core, m) {
       "clients"_a.noconvert(), "config"_a, "seed"_a, "round"_a, "num_threads"_a
 #define FEDRECON_UPDATE_ARGS                                                                     \
   "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none(), \
-      "bits"_a = 0, "row_scaling"_a = false, "hadamard"_a = false, "sparse"_a = true,             \
-      "threshold"_a = 0, "clip"_a = 0.0
+      "codec"_a = fedrecon::UpdateCodec()
 #define FEDRECON_STREAM_IDS "stream_ids"_a.noconvert().none(true) = py::none()
   m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS,
         "apply_lr"_a = 0.0);
   m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS,
         FEDRECON_STREAM_IDS);
+  m.def("train_rounds", &train_rounds, "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true),
+        "global_mean"_a, "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(), "config"_a,
+        "codec"_a, "seed"_a, "first_round"_a, "num_rounds"_a, "clients_per_round"_a, "lr"_a, "num_threads"_a);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
   m.def("reduce_updates", &reduce_updates, "rows"_a.noconvert(), "values"_a.noconvert(),
         "bias_values"_a.noconvert().none(true), "offsets"_a.noconvert(), "weights"_a.noconvert(),

@@ -28,6 +28,7 @@ MUL2 = 0x94D049BB133111EB
 # Random streams (cpp/include/fedrecon/rng.hpp).
 STREAM_SPLIT = 0
 STREAM_INIT = 1
+STREAM_SAMPLE = 3
 
 # Client statuses (cpp/include/fedrecon/types.hpp).
 STATUS_OK = 0
@@ -83,6 +84,10 @@ class Rng:
         """Integer in [0, n) for n < 2**32 by multiply-shift: ``((x >> 32) * n) >> 32``."""
         return ((self.next() >> 32) * n) >> 32
 
+    def below64(self, n: int) -> int:
+        """Integer in [0, n) for any n >= 1: the high 64 bits of ``x * n``."""
+        return (self.next() * n) >> 64
+
 
 def fisher_yates(n: int, rng: Rng) -> np.ndarray:
     """The permutation of ``range(n)`` the native code draws: for k = n-1 .. 1, swap k with
@@ -92,6 +97,21 @@ def fisher_yates(n: int, rng: Rng) -> np.ndarray:
         j = rng.below(k + 1)
         perm[k], perm[j] = perm[j], perm[k]
     return perm
+
+
+def sample_clients(num_clients: int, m: int, seed: int, round: int) -> np.ndarray:  # noqa: A002
+    """The clients of a round: the first ``min(m, num_clients)`` positions of a Fisher-Yates
+    shuffle of ``range(num_clients)`` drawn from stream STREAM_SAMPLE of ``(seed, round, 0)``,
+    position i swapping with ``i + below64(num_clients - i)``."""
+    rng = Rng(derive_seed(seed, round, 0, STREAM_SAMPLE))
+    moved: dict[int, int] = {}
+    out = []
+    for i in range(min(m, num_clients)):
+        j = i + rng.below64(num_clients - i)
+        ai, aj = moved.get(i, i), moved.get(j, j)
+        moved[j] = ai
+        out.append(aj)
+    return np.array(out, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import reference as ref
 
 import fedrecon_fast as ff
 
@@ -80,6 +81,37 @@ def test_sample_clients_is_a_pure_function_of_seed_and_round():
     assert np.array_equal(a, ff.sample_clients(100, 30, seed=3, round=5))
     assert not np.array_equal(a, ff.sample_clients(100, 30, seed=3, round=6))
     assert np.array_equal(np.sort(ff.sample_clients(10, 30, seed=0, round=0)), np.arange(10))
+
+
+@pytest.mark.parametrize(("num_clients", "m"), [(0, 5), (1, 1), (7, 3), (100, 100), (2399, 100),
+                                                  (70_000, 9), (10**9, 50), (2**62 + 3, 20)])
+@pytest.mark.parametrize("seed", [0, 11])
+def test_sample_clients_matches_reference(num_clients, m, seed):
+    # Both the dense and the hash-table population paths draw the reference shuffle exactly.
+    for r in (0, 1, 2**64 - 1):
+        assert np.array_equal(ff.sample_clients(num_clients, m, seed, r),
+                              ref.sample_clients(num_clients, m, seed, r))
+
+
+def test_sample_clients_is_uniform():
+    # Each of 20 clients is drawn 5 times in 100 rounds on average; the position in the cohort
+    # is uniform too (chi-square over 5,000 draws, generous bounds).
+    counts = np.zeros((20, 5))
+    for r in range(1000):
+        for pos, c in enumerate(ff.sample_clients(20, 5, seed=1, round=r)):
+            counts[c, pos] += 1
+    expected = 1000 * 5 / 100
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 160  # 99 degrees of freedom: P(chi2 > 160) < 1e-4
+
+
+def test_sample_clients_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="clients_per_round"):
+        ff.sample_clients(10, 0, 0, 0)
+    with pytest.raises(ValueError, match="num_clients"):
+        ff.sample_clients(-1, 3, 0, 0)
+    with pytest.raises(TypeError, match="seed"):
+        ff.sample_clients(10, 3, 0.5, 0)
 
 
 def test_every_server_optimizer_trains(splits):

@@ -192,22 +192,6 @@ double checked_weight_sum(const double* weights, std::int64_t n) {
   return total;
 }
 
-bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim) {
-  // This file is compiled without FMA contraction, so mean * lr is rounded before the add.
-  // Non-finite means all exponent bits set; OR-ing that test vectorises, a float probe sum
-  // (a serial dependency chain) would not.
-  std::uint32_t bad = 0;
-  for (std::int64_t k = 0; k < dim; ++k) {
-    const float mean = static_cast<float>(sum[k] * inv_total);
-    const float x = v[k] + mean * lr;
-    v[k] = x;
-    std::uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
-
 void check_sparse_rows(const SparseRows& u, std::int64_t num_rows) {
   if (num_rows < 0 || num_rows > std::numeric_limits<std::int32_t>::max())
     fail("num_rows must lie in [0, 2^31)");

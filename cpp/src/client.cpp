@@ -315,14 +315,8 @@ void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
   }
 }
 
-ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>& delta_out) {
-  ClientStats stats;
-  const bool bias = model_.has_bias();
-  const std::int64_t K = dim_;
+void ClientWorker::touched_rows(std::int64_t steps) {
   const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
-  const std::int64_t steps = schedule_steps(batches, config.update_epochs, config.update_steps_max);
-
-  // Gather the rows that the executed steps touch into a local copy W.
   rows_.clear();
   const std::int64_t used = qry_off_[static_cast<std::size_t>(std::min(steps, batches))];
   qry_local_.resize(static_cast<std::size_t>(used));
@@ -336,6 +330,136 @@ ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>
     qry_local_[static_cast<std::size_t>(k)] = slot;
   }
   for (std::int32_t item : rows_) item_to_local_[static_cast<std::size_t>(item)] = -1;
+}
+
+void ClientWorker::finish_update(const ClientConfig& config, std::int64_t steps, bool finite,
+                                 ClientStats& stats) {
+  stats.rows = static_cast<std::int64_t>(rows_.size());
+  stats.recon_examples = recon_examples_;
+  if (!finite || !std::isfinite(stats.loss_sum)) {
+    // TFF semantics: a non-finite update is dropped.
+    stats.status = kNonFinite;
+    stats.weight = 0.0;
+    stats.rows = 0;
+    rows_.clear();
+    local_bias_.clear();
+  } else if (num_query() == 0 || steps == 0) {
+    stats.status = kNoQuery;
+    stats.weight = 0.0;
+  } else {
+    stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
+  }
+}
+
+ClientStats ClientWorker::update_compact(const ClientConfig& config) {
+  ClientStats stats;
+  const bool bias = model_.has_bias();
+  const std::int64_t K = dim_;
+  const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
+  const std::int64_t steps = schedule_steps(batches, config.update_epochs, config.update_steps_max);
+  touched_rows(steps);
+  const auto nrows = rows_.size();
+
+  // u.v_j once per touched row (the only K-length work of the update), and |u|^2.
+  const CVecMap u(u_.data(), dim_);
+  const float uu = u.squaredNorm();
+  p0_.resize(nrows);
+  for (std::size_t r = 0; r < nrows; ++r)
+    p0_[r] = u.dot(CVecMap(model_.item_factors + static_cast<std::int64_t>(rows_[r]) * K, dim_));
+  beta_.assign(nrows, 0.0f);
+  const float l2 = config.update_l2;
+  gamma_.assign(l2 > 0.0f ? nrows : 0, 0.0f);
+  local_bias_.resize(bias ? nrows : 0);
+  for (std::size_t r = 0; r < nrows && bias; ++r) local_bias_[r] = model_.item_bias[rows_[r]];
+  if (l2 > 0.0f) decayed_at_.assign(nrows, -1);
+  // The L2 step multiplies a row by d = 1 - lr * 2 * l2: (1 + g) -> d (1 + g), beta -> d beta.
+  const float d_minus_1 = -(config.client_lr * 2.0f * l2);
+  const float d = 1.0f + d_minus_1;
+  const float offset = model_.global_mean + (bias ? bu_ : 0.0f);
+
+  for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
+    const std::int64_t lo = qry_off_[static_cast<std::size_t>(batch)];
+    const std::int64_t hi = qry_off_[static_cast<std::size_t>(batch) + 1];
+    err_.resize(static_cast<std::size_t>(hi - lo));
+    // Errors, loss and accuracy at the pre-step values.
+    for (std::int64_t k = lo; k < hi; ++k) {
+      const auto l = static_cast<std::size_t>(qry_local_[static_cast<std::size_t>(k)]);
+      float pred = (l2 > 0.0f ? (1.0f + gamma_[l]) * p0_[l] : p0_[l]) + beta_[l] * uu + offset;
+      if (bias) pred += local_bias_[l];
+      const float err = pred - ratings_[qry_pos_[static_cast<std::size_t>(k)]];
+      err_[static_cast<std::size_t>(k - lo)] = err;
+      stats.loss_sum += static_cast<double>(err) * err;
+      stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
+    }
+    stats.num_examples += hi - lo;
+    const float step_scale = config.client_lr * 2.0f / static_cast<float>(hi - lo);
+    if (l2 > 0.0f) {  // once per distinct row and step, at its pre-step value
+      for (std::int64_t k = lo; k < hi; ++k) {
+        const auto l = static_cast<std::size_t>(qry_local_[static_cast<std::size_t>(k)]);
+        if (decayed_at_[l] == s) continue;
+        decayed_at_[l] = s;
+        gamma_[l] += d_minus_1 * (1.0f + gamma_[l]);
+        beta_[l] *= d;
+      }
+    }
+    for (std::int64_t k = lo; k < hi; ++k) {
+      const auto l = static_cast<std::size_t>(qry_local_[static_cast<std::size_t>(k)]);
+      const float step = step_scale * err_[static_cast<std::size_t>(k - lo)];
+      beta_[l] -= step;
+      if (bias) local_bias_[l] -= step;
+    }
+  }
+
+  // Finite scalars and u give a finite update (x - x is 0 for finite x, NaN otherwise).
+  float probe = 0.0f;
+  for (std::size_t r = 0; r < nrows; ++r) probe += beta_[r] - beta_[r];
+  for (const float x : gamma_) probe += x - x;
+  for (std::size_t r = 0; r < nrows && bias; ++r) {
+    local_bias_[r] -= model_.item_bias[rows_[r]];
+    probe += local_bias_[r] - local_bias_[r];
+  }
+  if (nrows > 0) probe += uu - uu;
+  finish_update(config, steps, probe == 0.0f, stats);
+  if (stats.status == kNonFinite) {
+    beta_.clear();
+    gamma_.clear();
+  }
+  return stats;
+}
+
+double ClientWorker::compact_sq_norm() const {
+  const std::int64_t K = dim_;
+  const CVecMap u(u_.data(), dim_);
+  const double uu = static_cast<double>(u.squaredNorm());
+  double sq = 0.0;
+  for (std::size_t r = 0; r < rows_.size(); ++r) {
+    const double b = beta_[r];
+    sq += b * b * uu;
+    if (!gamma_.empty() && gamma_[r] != 0.0f) {
+      const CVecMap v(model_.item_factors + static_cast<std::int64_t>(rows_[r]) * K, dim_);
+      const double g = gamma_[r];
+      sq += g * g * static_cast<double>(v.squaredNorm()) + 2.0 * g * b * static_cast<double>(p0_[r]);
+    }
+  }
+  for (std::size_t r = 0; r < local_bias_.size(); ++r) sq += static_cast<double>(local_bias_[r]) * local_bias_[r];
+  return std::max(sq, 0.0);
+}
+
+void ClientWorker::scale_compact(float s) {
+  for (float& b : beta_) b *= s;
+  for (float& g : gamma_) g *= s;
+  for (float& b : local_bias_) b *= s;
+}
+
+ClientStats ClientWorker::update_joint(const ClientConfig& config, UninitVector<float>& delta_out) {
+  ClientStats stats;
+  const bool bias = model_.has_bias();
+  const std::int64_t K = dim_;
+  const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
+  const std::int64_t steps = schedule_steps(batches, config.update_epochs, config.update_steps_max);
+
+  // Gather the rows that the executed steps touch into a local copy W.
+  touched_rows(steps);
   const std::int64_t nrows = static_cast<std::int64_t>(rows_.size());
   const std::int64_t P = pdim_;
   local_.resize(static_cast<std::size_t>(nrows * P));
@@ -346,7 +470,7 @@ ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>
     if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
   }
   decayed_at_.assign(static_cast<std::size_t>(nrows), -1);
-  with_padded<8>(pdim_, [&](auto pc) { update_steps<decltype(pc)::value>(config, steps, stats); });
+  with_padded<8>(pdim_, [&](auto pc) { joint_steps<decltype(pc)::value>(config, steps, stats); });
 
   // The update is W - V over the touched rows, written straight into the caller's arena; a
   // non-finite update is dropped (TFF semantics). (x - x) is 0 for finite x and NaN otherwise,
@@ -360,17 +484,17 @@ ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>
     const std::int64_t item = rows_[static_cast<std::size_t>(r)];
     const float* w = local_.data() + r * P;
     const float* v = model_.item_factors + item * K;
-    float* d = out + r * K;
+    float* dlt = out + r * K;
     std::int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const Eigen::Matrix<float, 8, 1> x = Eigen::Map<const Eigen::Matrix<float, 8, 1>>(w + k) -
                                           Eigen::Map<const Eigen::Matrix<float, 8, 1>>(v + k);
-      Eigen::Map<Eigen::Matrix<float, 8, 1>>(d + k) = x;
+      Eigen::Map<Eigen::Matrix<float, 8, 1>>(dlt + k) = x;
       probe += x - x;
     }
     for (; k < K; ++k) {
-      d[k] = w[k] - v[k];
-      scalar_probe += d[k] - d[k];
+      dlt[k] = w[k] - v[k];
+      scalar_probe += dlt[k] - dlt[k];
     }
     if (bias) {
       float& b = local_bias_[static_cast<std::size_t>(r)];
@@ -378,28 +502,13 @@ ClientStats ClientWorker::update(const ClientConfig& config, UninitVector<float>
       scalar_probe += b - b;
     }
   }
-  const bool finite = probe.sum() + scalar_probe == 0.0f;
-  stats.rows = nrows;
-  stats.recon_examples = recon_examples_;
-  if (!finite || !std::isfinite(stats.loss_sum)) {
-    stats.status = kNonFinite;
-    stats.weight = 0.0;
-    rows_.clear();
-    delta_out.resize(begin);
-    local_bias_.clear();
-    stats.rows = 0;
-  } else if (num_query() == 0 || steps == 0) {
-    stats.status = kNoQuery;
-    stats.weight = 0.0;
-    delta_out.resize(begin);  // nothing to report
-  } else {
-    stats.weight = config.weighting == Weighting::Examples ? static_cast<double>(num_query()) : 1.0;
-  }
+  finish_update(config, steps, probe.sum() + scalar_probe == 0.0f, stats);
+  if (stats.weight <= 0.0) delta_out.resize(begin);  // nothing to report
   return stats;
 }
 
 template <int P>
-void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats) {
+void ClientWorker::joint_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats) {
   using Row = Eigen::Map<Vec<P>>;
   const std::int64_t K = pdim_;  // row stride of the padded local copy
   const bool bias = model_.has_bias();
@@ -412,8 +521,8 @@ void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, 
     const std::int64_t hi = qry_off_[static_cast<std::size_t>(batch) + 1];
     const std::int64_t m = hi - lo;
     err_.resize(static_cast<std::size_t>(m));
-    // Forward pass at the pre-step values: errors, metrics, and u's gradient when joint.
-    if (config.joint) gu.setZero();
+    // Forward pass at the pre-step values: errors, metrics, and u's gradient.
+    gu.setZero();
     float gbu = 0.0f;
     for (std::int64_t k = lo; k < hi; ++k) {
       const std::int64_t p = qry_pos_[static_cast<std::size_t>(k)];
@@ -425,10 +534,8 @@ void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, 
       err_[static_cast<std::size_t>(k - lo)] = err;
       stats.loss_sum += static_cast<double>(err) * err;
       stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
-      if (config.joint) {
-        gu += err * w;
-        gbu += err;
-      }
+      gu += err * w;
+      gbu += err;
     }
     stats.num_examples += m;
     const float scale = 2.0f / static_cast<float>(m);
@@ -448,10 +555,8 @@ void ClientWorker::update_steps(const ClientConfig& config, std::int64_t steps, 
       Row(local_.data() + l * K, pdim_) -= step * u;
       if (bias) local_bias_[static_cast<std::size_t>(l)] -= step;
     }
-    if (config.joint) {
-      u -= config.client_lr * (scale * gu + (2.0f * l2) * u);
-      if (bias) bu_ -= config.client_lr * scale * gbu;
-    }
+    u -= config.client_lr * (scale * gu + (2.0f * l2) * u);
+    if (bias) bu_ -= config.client_lr * scale * gbu;
   }
 }
 

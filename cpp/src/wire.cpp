@@ -1,3 +1,5 @@
+#include "fedrecon/strict_fp.hpp"  // first: "acc += w * x" sums without fused multiply-add
+
 #include "fedrecon/wire.hpp"
 
 #include <algorithm>

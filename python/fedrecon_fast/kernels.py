@@ -29,6 +29,7 @@ __all__ = [
     "RoundResult",
     "ClientUpdates",
     "train_round",
+    "train_rounds",
     "PartialRound",
     "train_round_partial",
     "client_updates",
@@ -38,9 +39,11 @@ __all__ = [
     "infer_users",
     "recommend_users",
     "derive_seed",
+    "sample_clients",
 ]
 
 _UINT64 = 2**64
+_INT64_MAX = 2**63 - 1
 
 
 def _result_budget() -> int:
@@ -151,6 +154,22 @@ class ClientUpdates:
         return self.rows[lo:hi], self.values[lo:hi], bias
 
 
+def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: int) -> np.ndarray:
+    """The clients of one round: ``min(clients_per_round, num_clients)`` distinct indices in
+    ``[0, num_clients)``, in random order.
+
+    A pure function of ``(seed, round)`` (the first draws of a Fisher–Yates shuffle from the
+    native ``STREAM_SAMPLE`` stream), shared by every route that trains: the native training
+    loop, the per-round trainer, the functional API, Ray and Flower.
+    """
+    check_int(num_clients, "num_clients", minimum=0, maximum=_INT64_MAX)
+    check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
+    check_int(seed, "seed", minimum=0)
+    check_int(round, "round", minimum=0)
+    return _core.sample_clients(int(num_clients), int(clients_per_round), int(seed) % _UINT64,
+                                int(round) % _UINT64)
+
+
 def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
                  num_threads, check_finite, user_default=None, user_bias_default=0.0):
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
@@ -218,7 +237,7 @@ def _user_state(users, user_bias, num_clients: int, dim: int, biased: bool):
 
 
 def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
-    """Keyword arguments of the native update codec, validated."""
+    """``{"codec": ...}``: the native update codec (one bound struct), validated."""
     check_int(bits, "bits", minimum=1, allow_none=True)
     if bits is not None and bits > 16:
         raise ValueError(f"bits must be in 1..16; got {bits}")
@@ -227,11 +246,17 @@ def _codec_args(bits, scaling, hadamard, sparse, threshold, clip) -> dict:
     for name, value in (("hadamard", hadamard), ("sparse", sparse)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {value!r}")
-    check_int(threshold, "threshold", minimum=0)
+    check_int(threshold, "threshold", minimum=0, maximum=_INT64_MAX)
     if clip is not None:
         check_float(clip, "clip", minimum=0.0, strict=True)
-    return {"bits": bits or 0, "row_scaling": scaling == "row", "hadamard": bool(hadamard),
-            "sparse": bool(sparse), "threshold": threshold, "clip": float(clip or 0.0)}
+    codec = _core.UpdateCodec()
+    codec.bits = bits or 0
+    codec.row_scaling = scaling == "row"
+    codec.hadamard = bool(hadamard)
+    codec.sparse = bool(sparse)
+    codec.threshold = threshold
+    codec.clip = float(clip or 0.0)
+    return {"codec": codec}
 
 
 def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
@@ -323,6 +348,52 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
         _core.train_round, item_factors, data, clients, config, item_bias, global_mean, seed, round,
         num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
         hadamard, sparse, threshold, clip, **in_place))
+
+
+def train_rounds(item_factors, data, config: ClientConfig | None = None, *, item_bias=None,
+                 global_mean: float = 0.0, seed: int = 0, first_round: int = 0, num_rounds: int = 1,
+                 clients_per_round: int = 100, lr: float = 1.0, num_threads: int = 0,
+                 bits: int | None = None, scaling: str = "tensor", hadamard: bool = False,
+                 sparse: bool = True, threshold: int = 0, clip: float | None = None) -> dict:
+    """Several training rounds in one native call: sample, train, server SGD step, repeat.
+
+    Round ``r`` (``first_round <= r < first_round + num_rounds``) samples
+    :func:`sample_clients` ``(data.num_clients, clients_per_round, seed, r)``, runs
+    :func:`train_round` on them and applies the weighted mean in place with server SGD,
+    ``item_factors += lr * delta`` (and ``item_bias``), on the touched rows. The model ends up
+    bit for bit as after those calls made one by one from Python, with no Python in between.
+    The loop stops early after a round that diverged: every sampled client's update was
+    non-finite (``num_nonfinite == clients``), or the step left rows non-finite
+    (``nonfinite_rows > 0``).
+
+    Parameters
+    ----------
+    item_factors, item_bias : ndarray
+        The model, updated in place: writeable C-contiguous float32 arrays.
+    data, config, global_mean, seed, num_threads, bits, scaling, hadamard, sparse, threshold, clip
+        As for :func:`train_round`.
+    first_round, num_rounds, clients_per_round : int
+        Which rounds to run, and the cohort size.
+    lr : float
+        Server learning rate (> 0).
+
+    Returns
+    -------
+    dict of ndarray
+        One entry per round run (fewer than ``num_rounds`` after a divergence): ``clients``,
+        ``seconds`` (wall time of the round), and the fields of ``RoundResult.summary``
+        including ``nonfinite_rows``.
+    """
+    check_int(first_round, "first_round", minimum=0)
+    check_int(num_rounds, "num_rounds", minimum=0, maximum=_INT64_MAX)
+    check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
+    in_place = _in_place_args(lr, item_factors, item_bias)
+    args = _cohort_args(item_factors, data, np.zeros(0, np.int64), config or ClientConfig(), item_bias,
+                        global_mean, seed, first_round, num_threads, True)
+    V, bias, mean, indptr, items, ratings, _, native, seed, first, threads = args
+    codec = _codec_args(bits, scaling, hadamard, sparse, threshold, clip)["codec"]
+    return _core.train_rounds(V, bias, mean, indptr, items, ratings, native, codec, seed, first,
+                              int(num_rounds), int(clients_per_round), in_place["apply_lr"], threads)
 
 
 def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,

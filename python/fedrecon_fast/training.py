@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import divergence, kernels, memory, splits
-from ._rng import STREAM_SAMPLE, generator
+from .kernels import sample_clients
 from ._validation import check_int
 from .config import FedReconConfig
 from .evaluation import recon_eval
@@ -24,13 +24,6 @@ from .optimizers import make_optimizer
 from .privacy import privatize_mean
 
 logger = logging.getLogger(__name__)
-
-
-def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: int) -> np.ndarray:
-    """Clients of one round, without replacement; depends only on (seed, round)."""
-    rng = generator(seed, round, 0, STREAM_SAMPLE)
-    m = min(clients_per_round, num_clients)
-    return rng.choice(num_clients, size=m, replace=False).astype(np.int64)
 
 
 def check_training_clients(train) -> None:
@@ -218,25 +211,19 @@ class FedRecon:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=rounds, desc="FedRecon", unit="round", leave=False)
+        native = self._native_rounds(params, callback)
         try:
-            for k in range(rounds):
-                row = self._run_round(train, params)
-                due = cfg.eval_every and (self.round % cfg.eval_every == 0)
-                if val is not None and val.num_clients and due:
-                    row.update(self._validate(val))
-                self.history.append(row)
-                if callback is not None:
-                    callback(row)
-                if bar is not None:
-                    shown = {"rmse": row["train_rmse"]}
-                    if "val_rmse" in row:
-                        shown["val_rmse"] = row["val_rmse"]
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
-                    bar.update(1)
-                # The last round's checkpoint waits for the final validation below.
-                if checkpoint_dir is not None and checkpoint_every and self.round % checkpoint_every == 0 \
-                        and k + 1 < rounds:
-                    self.save_checkpoint(checkpoint_dir, keep=keep)
+            k = 0
+            while k < rounds:
+                rows = self._run_chunk(train, self._chunk(rounds - k, checkpoint_every)) if native \
+                    else [self._run_round(train, params)]
+                for row in rows:
+                    k += 1
+                    self._after_round(row, val, bar, callback)
+                    # The last round's checkpoint waits for the final validation below.
+                    if checkpoint_dir is not None and checkpoint_every and row["round"] % checkpoint_every == 0 \
+                            and k < rounds:
+                        self.save_checkpoint(checkpoint_dir, keep=keep)
             if val is not None and val.num_clients and self.history and "val_rmse" not in self.history[-1]:
                 self.history[-1].update(self._validate(val))
             if checkpoint_dir is not None:
@@ -245,6 +232,60 @@ class FedRecon:
             if bar is not None:
                 bar.close()
         return self
+
+    def _after_round(self, row: dict, val, bar, callback) -> None:
+        """Validation when due, history, callback and progress bar after a round. (A native chunk
+        ends at each round that validates, so the model is then that round's.)"""
+        due = self.config.eval_every and (row["round"] % self.config.eval_every == 0)
+        if val is not None and val.num_clients and due:
+            row.update(self._validate(val))
+        self.history.append(row)
+        if callback is not None:
+            callback(row)
+        if bar is not None:
+            shown = {"rmse": row["train_rmse"]}
+            if "val_rmse" in row:
+                shown["val_rmse"] = row["val_rmse"]
+            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+            bar.update(1)
+
+    # Rounds per native call at most: Python sees the run (signals, progress) at least this often.
+    _MAX_CHUNK = 64
+
+    def _native_rounds(self, params: dict, callback) -> bool:
+        """Whether ``fit`` runs whole chunks of rounds in one native call (kernels.train_rounds):
+        when no round needs Python, i.e. the server step runs in the native round
+        (:meth:`_in_place_step`), no per-round callback, and no per-client state to keep
+        (FedRecon is stateless; the FedAvg baseline stores user embeddings)."""
+        return (callback is None and bool(self._in_place_step(params))
+                and type(self)._user_state is FedRecon._user_state)
+
+    def _chunk(self, remaining: int, checkpoint_every: int) -> int:
+        """Rounds in the next native call: up to the next validation or checkpoint."""
+        n = min(remaining, self._MAX_CHUNK)
+        for every in (self.config.eval_every, checkpoint_every):
+            if every:
+                n = min(n, every - self.round % every)
+        return n
+
+    def _run_chunk(self, train, num_rounds: int) -> list[dict]:
+        """``num_rounds`` rounds in the native training loop; their history rows."""
+        cfg = self.config
+        start = time.perf_counter()
+        rec = kernels.train_rounds(
+            self.model.item_factors, train, cfg.client, item_bias=self.model.item_bias,
+            global_mean=self.model.global_mean, seed=cfg.seed, first_round=self.round,
+            num_rounds=num_rounds, clients_per_round=cfg.clients_per_round, lr=self._optimizer.lr,
+            num_threads=cfg.num_threads, bits=cfg.quantize_bits, scaling=cfg.quantize_scaling,
+            hadamard=cfg.hadamard, sparse=cfg.sparse_updates, threshold=cfg.quantize_threshold)
+        rows = []
+        for i in range(len(rec["clients"])):
+            self._optimizer.count_step(self._opt_state)
+            s = {key: values[i].item() for key, values in rec.items()}
+            rows.append(self._finish_round(s, s["clients"], s["seconds"], s["nonfinite_rows"] == 0))
+        # train_seconds counts the whole call; round_seconds are the rounds' own times.
+        self.train_seconds += time.perf_counter() - start - float(rec["seconds"].sum())
+        return rows
 
     def _in_place_step(self, params: dict) -> dict:
         """``{"apply_lr": lr}`` when the local kernel can take the server step itself: plain
@@ -291,15 +332,20 @@ class FedRecon:
             if "user_bias_default" in params:
                 self.model.user_bias_default = float(params["user_bias_default"][0])
             finite = bool(np.isfinite(self.model.item_factors).all())
-        seconds = time.perf_counter() - start
+        return self._finish_round(res.summary, len(clients), time.perf_counter() - start, finite)
+
+    def _finish_round(self, s: dict, num_clients: int, seconds: float, finite: bool) -> dict:
+        """Counters, divergence checks and the history row of the round just run."""
+        cfg = self.config
+        r = self.round
         self.train_seconds += seconds
         if not finite:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
                                      f"{divergence.explain(cfg, self.model.item_factors)}")
-        s = res.summary
         # The server broadcasts the float32 model to every sampled client; clients send their
         # encoded updates (sizes counted by the native codec).
-        broadcast = 32 * len(clients) * sum(p.size for p in params.values())
+        params = self._params()
+        broadcast = 32 * num_clients * sum(p.size for p in params.values())
         aggregated = 8 * s["bytes_sent"]
         if "user_default" in params:  # each reporting client's float32 offset from the default
             aggregated += 32 * s["num_reporting"] * (params["user_default"].size + ("user_bias_default" in params))
@@ -313,7 +359,7 @@ class FedRecon:
         self.round += 1
         return {
             "round": self.round,
-            "clients": len(clients),
+            "clients": num_clients,
             "reporting": s["num_reporting"],
             "nonfinite": s["num_nonfinite"],
             "train_loss": s["loss_sum"] / n if n else float("nan"),

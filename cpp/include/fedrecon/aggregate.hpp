@@ -73,10 +73,6 @@ double weighted_mean_sparse(const SparseRows& updates, const double* weights,
 /// Checks a SparseRows view (offsets monotone from 0, row ids in [0, num_rows)).
 void check_sparse_rows(const SparseRows& updates, std::int64_t num_rows);
 
-/// Server SGD on one row of a weighted sum, in place: v[k] += float32(mean[k] * lr) with the
-/// float32 mean = float32(sum[k] * inv_total), the roundings of NumPy's `p += mean * float32(lr)`
-/// (optimizers.SGD) on train_round's delta. Returns whether the row is finite afterwards.
-bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim);
 
 /// Streaming accumulator of a (num_rows x dim) table: sum += coef * update, total_weight +=
 /// weight, one client at a time, in float64.

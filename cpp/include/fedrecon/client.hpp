@@ -61,11 +61,25 @@ class ClientWorker {
   void reconstruct(const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
                    std::int64_t client, const float* init_u = nullptr, float init_bu = 0.0f);
 
-  /// Client update on the query set: appends the sparse update V_final - V_initial over the
-  /// touched rows (rows().size() x dim) to `delta_out`, the caller's arena, so it is written
-  /// once; rows()/bias_delta() hold its rows and item-bias deltas. A non-finite update appends
-  /// nothing and gets weight 0.
-  ClientStats update(const ClientConfig& config, UninitVector<float>& delta_out);
+  /// Client update on the query set with u frozen (config.joint false), in the scalar form the
+  /// model gives it: plain SGD moves a touched row v_j only within span{v_j, u}, so after any
+  /// number of steps v_j' = (1 + g_j) v_j + beta_j u (g_j = 0 without L2) and its prediction is
+  /// (1 + g_j) u.v_j + beta_j |u|^2. Each row costs one dot product; each rating a few scalar
+  /// operations. rows()/beta()/gamma()/bias_delta() then hold the update (materialize_rows()
+  /// turns it into rows). A non-finite update keeps no rows and gets weight 0.
+  ClientStats update_compact(const ClientConfig& config);
+
+  /// Client update with u trained too (config.joint): SGD on a local copy of the touched rows.
+  /// Appends the update V_final - V_initial over the touched rows (rows().size() x dim) to
+  /// `delta_out`, the caller's arena, so it is written once; bias_delta() holds the item-bias
+  /// deltas. A non-finite update appends nothing and gets weight 0.
+  ClientStats update_joint(const ClientConfig& config, UninitVector<float>& delta_out);
+
+  /// Squared L2 norm (float64) of the scalar-form update, from its scalars: per row
+  /// g^2 |v|^2 + 2 g beta u.v + beta^2 |u|^2, plus the item-bias deltas squared.
+  double compact_sq_norm() const;
+  /// Scales the scalar-form update by s (DP clipping): g, beta and the bias deltas.
+  void scale_compact(float s);
 
   /// Squared error and rating accuracy of the reconstructed u on the whole query set.
   EvalStats evaluate() const;
@@ -83,6 +97,9 @@ class ClientWorker {
 
   const std::vector<std::int32_t>& rows() const { return rows_; }
   const float* bias_delta() const { return local_bias_.data(); }
+  const float* beta() const { return beta_.data(); }
+  /// g_j of the scalar form, or nullptr when every g_j is 0 (no L2).
+  const float* gamma() const { return gamma_.empty() ? nullptr : gamma_.data(); }
   const float* user() const { return u_.data(); }
   float user_bias() const { return bu_; }
   std::int64_t num_support() const { return static_cast<std::int64_t>(sup_pos_.size()); }
@@ -95,7 +112,11 @@ class ClientWorker {
   template <int P>
   void reconstruct_sgd(const ClientConfig& config);
   template <int P>
-  void update_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats);
+  void joint_steps(const ClientConfig& config, std::int64_t steps, ClientStats& stats);
+  // Gathers the distinct rows the first `steps` query steps touch into rows_ / qry_local_.
+  void touched_rows(std::int64_t steps);
+  // Weight and status of an update, once its rows are final (finite: all of it is finite).
+  void finish_update(const ClientConfig& config, std::int64_t steps, bool finite, ClientStats& stats);
 
   ModelView model_;
   int dim_;
@@ -113,9 +134,11 @@ class ClientWorker {
   std::vector<float> u_, grad_u_;
   float bu_ = 0.0f;
   std::int64_t recon_examples_ = 0;
-  // Touched rows of V: global ids, a local copy W (then W - W0), per-query-position local row.
+  // Touched rows of V: global ids, a local copy W (then W - W0; joint only), per-query-position
+  // local row; the scalar form's u.v_j, beta_j, g_j; the item-bias deltas.
   std::vector<std::int32_t> rows_;
   UninitVector<float> local_;  // padded
+  std::vector<float> p0_, beta_, gamma_;
   std::vector<float> local_bias_;
   std::vector<std::int32_t> qry_local_;
   std::vector<std::int32_t> item_to_local_;  // num_items, -1 when absent; reset after use

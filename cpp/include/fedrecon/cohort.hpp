@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "fedrecon/codec.hpp"
+#include "fedrecon/reduce.hpp"
 #include "fedrecon/types.hpp"
 
 namespace fedrecon {
@@ -26,16 +27,6 @@ struct RoundSummary {
   std::int64_t nonfinite_rows = 0;  // with an InPlaceStep: rows of V it left non-finite
 };
 
-/// Server SGD applied by train_round instead of writing a dense delta: V[r] += lr * mean[r]
-/// (and the item biases) for every row the round reduced, on the thread that reduced it, in
-/// the float32 arithmetic of optimizers.SGD on the delta (sgd_step_row). Untouched rows are
-/// neither read nor written. The pointers are the model's own arrays (ModelView's memory).
-struct InPlaceStep {
-  float* item_factors = nullptr;  // nullptr: no step, write delta_out
-  float* item_bias = nullptr;     // with a biased model
-  float lr = 1.0f;
-};
-
 /// Stored user embeddings for stateful baselines (FedAvg keeps u on the server). All pointers
 /// are optional and index the sampled clients (num_sampled x dim, num_sampled). `users_out`
 /// receives each client's final u (its old u again if its update was not finite).
@@ -46,18 +37,13 @@ struct UserState {
   float* user_bias_out = nullptr;
 };
 
-/// Clients are reduced along a fixed binary tree over cohort positions: a range of more than
-/// kReduceLeaf positions splits at its midpoint (rounded up), a smaller range is summed in
-/// cohort order. A range's tree depends only on its length, so partial sums of cohort shards
-/// (train_round_partial), combined pairwise along the same tree, reproduce train_round exactly.
-constexpr std::int64_t kReduceLeaf = 64;
-
 /// The fused FedRecon round: for each sampled client, reconstruct -> update -> encode (clip,
-/// quantize: `codec`) -> weighted sum of the decoded deltas. Writes delta_out (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for
-/// untouched rows, all 0 when no client reports), delta_bias_out (num_items; only with
-/// biases) and stats_out[num_sampled]. Sums run in float64 along the reduction tree. With
+/// quantize: `codec`) -> weighted sum of the decoded deltas (reduce.hpp). Writes delta_out
+/// (num_items x dim) = sum_i w_i D_i / sum_i w_i (0 for untouched rows, all 0 when no client
+/// reports), delta_bias_out (num_items; only with biases) and stats_out[num_sampled]. With
 /// step.item_factors set, the mean is applied to the model in place instead (delta_out and
-/// delta_bias_out are not used and may be null). Throws std::invalid_argument /
+/// delta_bias_out are not used and may be null). cohort.cpp says which configuration takes
+/// which path (the scalar form of a client update, or rows). Throws std::invalid_argument /
 /// std::out_of_range on bad input.
 RoundSummary train_round(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                          std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
@@ -66,15 +52,7 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec(),
                          const InPlaceStep& step = InPlaceStep());
 
-/// Un-normalised float64 sums Σ w_i Δ_i of one cohort (a shard of a larger one), for rows
-/// the cohort touched (every row with a dense quantized update), ascending. The summary's totals
-/// are summed in cohort order; a driver recomputes the whole cohort's from the stats.
-struct PartialSums {
-  std::vector<std::int32_t> rows;
-  std::vector<double> values;  // rows x dim
-  std::vector<double> bias;    // rows, empty without biases
-  std::vector<std::int32_t> touched;  // rows some client touched (fewer than rows with noise)
-};
+/// The fused round's un-normalised sums for one cohort (a shard of a larger one; reduce.hpp).
 RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
                                  const std::int64_t* clients, std::int64_t num_sampled,
                                  const ClientConfig& config, std::uint64_t seed, std::uint64_t round,

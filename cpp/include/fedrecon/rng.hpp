@@ -11,7 +11,7 @@ enum Stream : std::uint64_t {
   kStreamSplit = 0,   // support/query split and per-round reshuffles
   kStreamInit = 1,    // initial user embedding
   kStreamQuant = 2,   // quantization noise
-  kStreamSample = 3,  // client sampling (used from Python)
+  kStreamSample = 3,  // client sampling (sampling.hpp)
   kStreamData = 4,    // per-user data shuffles and user splits (Python)
   kStreamModelInit = 5,   // initial global model (Python)
   kStreamUserTable = 6,   // stored user embeddings of the baselines (Python)
@@ -39,6 +39,18 @@ inline std::uint64_t derive_seed(std::uint64_t seed, std::uint64_t round, std::u
   return mix64(h ^ stream);
 }
 
+/// The high 64 bits of the 128-bit product a * b.
+inline std::uint64_t mul_hi(std::uint64_t a, std::uint64_t b) {
+#if defined(__SIZEOF_INT128__)
+  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#else
+  const std::uint64_t a_lo = a & 0xffffffffu, a_hi = a >> 32, b_lo = b & 0xffffffffu, b_hi = b >> 32;
+  const std::uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo, lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
+  const std::uint64_t cross = (lo_lo >> 32) + (hi_lo & 0xffffffffu) + lo_hi;
+  return (hi_lo >> 32) + (cross >> 32) + hi_hi;
+#endif
+}
+
 class Rng {
  public:
   explicit Rng(std::uint64_t seed) : state_(seed) {}
@@ -47,6 +59,9 @@ class Rng {
   float uniform01() { return static_cast<float>(next() >> 40) * 0x1p-24f; }
   /// Uniform integer in [0, n) for n < 2^32 (multiply-shift; bias below 2^-32 * n).
   std::uint64_t below(std::uint64_t n) { return ((next() >> 32) * n) >> 32; }
+  /// Uniform integer in [0, n) for any n >= 1: the high 64 bits of next() * n (multiply-shift;
+  /// bias below 2^-64 * n).
+  std::uint64_t below64(std::uint64_t n) { return mul_hi(next(), n); }
 
  private:
   std::uint64_t state_;

@@ -1,0 +1,82 @@
+// The cohort's reduction: the weighted mean of the clients' sparse updates, row by row, and the
+// server's SGD step fused into it. No Python here.
+//
+// Order: each row sums its clients along a fixed binary tree over cohort positions (a range of
+// more than kReduceLeaf positions splits at its midpoint, rounded up; a smaller range is summed
+// in cohort order), in float64, each step rounded as "acc += w * x" (no fused multiply-add).
+// Threads only split the set of rows, so results are bit-identical for any thread count, and a
+// range's tree depends only on its length, so partial sums of cohort shards combined pairwise
+// along the same tree reproduce the whole cohort's sums exactly.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fedrecon/codec.hpp"
+#include "fedrecon/types.hpp"
+
+namespace fedrecon {
+
+constexpr std::int64_t kReduceLeaf = 64;
+
+/// One client's update as the reduction reads it: its touched rows (distinct, any order) and,
+/// for touched row e, either materialised values (values + e * dim) or, with values == nullptr,
+/// the scalar form of a client update with u frozen (ClientWorker::update_compact):
+///   x_e = g[e] * v_row + beta[e] * u      (materialize_row; v_row: the model's row before the step)
+struct UpdateRef {
+  const std::int32_t* rows = nullptr;
+  std::int64_t nrows = 0;
+  const float* values = nullptr;  // nrows x dim, or nullptr: the scalar form
+  const float* beta = nullptr;    // scalar form: nrows
+  const float* gamma = nullptr;   // scalar form: nrows g's, or nullptr when every g is 0
+  const float* user = nullptr;    // scalar form: u (dim)
+  const float* bias = nullptr;    // item-bias deltas (nrows), nullptr for a model without biases
+  double weight = 0.0;            // > 0: the client reports
+  const EncodedUpdate* enc = nullptr;  // a dense quantized update: untouched rows decode to noise
+};
+
+/// A scalar-form row: out = g * v + beta * u in float32 (each product rounded, then the sum; just
+/// beta * u when g is 0). The one definition every path shares, so a fused round, the rows
+/// client_updates returns, and a quantizing codec all see the same floats.
+void materialize_row(float g, float beta, const float* v, const float* u, int dim, float* out);
+
+/// Server SGD applied by the reduction instead of writing a dense delta: V[r] += lr * mean[r]
+/// (and the item biases) for every row the round reduced, on the thread that reduced it, in
+/// the float32 arithmetic of optimizers.SGD on the delta (sgd_step_row). Untouched rows are
+/// neither read nor written. The pointers are the model's own arrays (ModelView's memory).
+struct InPlaceStep {
+  float* item_factors = nullptr;  // nullptr: no step, write delta_out
+  float* item_bias = nullptr;     // with a biased model
+  float lr = 1.0f;
+};
+
+struct ReduceResult {
+  std::int64_t rows_aggregated = 0;  // distinct rows the reporting clients touched
+  std::int64_t nonfinite_rows = 0;   // with an InPlaceStep: rows it left non-finite
+};
+
+/// Writes delta_out (num_items x dim) = sum_i w_i x_i / total_weight over the reporting clients
+/// (0 for untouched rows, all 0 when nobody reports) and delta_bias_out (num_items; with
+/// biases), or with step.item_factors set applies the mean to the model in place instead.
+/// `model` gives the shape, has_bias() and, for scalar-form updates, the rows v.
+ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& updates,
+                         double total_weight, int num_threads, float* delta_out,
+                         float* delta_bias_out, const InPlaceStep& step = InPlaceStep());
+
+/// Un-normalised float64 sums sum_i w_i x_i of one cohort (a shard of a larger one), for rows
+/// the cohort touched (every row with a dense quantized update), ascending.
+struct PartialSums {
+  std::vector<std::int32_t> rows;
+  std::vector<double> values;         // rows x dim
+  std::vector<double> bias;           // rows, empty without biases
+  std::vector<std::int32_t> touched;  // rows some client touched (fewer than rows with noise)
+};
+ReduceResult reduce_partial(const ModelView& model, const std::vector<UpdateRef>& updates,
+                            int num_threads, PartialSums& out);
+
+/// Server SGD on one row of a weighted sum, in place: v[k] += float32(mean[k] * lr) with the
+/// float32 mean = float32(sum[k] * inv_total), the roundings of NumPy's `p += mean * float32(lr)`
+/// (optimizers.SGD) on train_round's delta. Returns whether the row is finite afterwards.
+bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim);
+
+}  // namespace fedrecon
