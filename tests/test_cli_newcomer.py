@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import fedrecon_fast as ff
 from fedrecon_fast.cli import build_parser

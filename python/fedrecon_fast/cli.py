@@ -18,8 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
-from ._files import make_temp_dir
 from ._core import __version__
+from ._files import make_temp_dir
 from .config import PRESETS, preset, preset_help
 from .loaders import SwappedColumnsWarning
 from .memory import MemoryEstimateError

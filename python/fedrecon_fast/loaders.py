@@ -34,6 +34,7 @@ Tables
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -150,12 +151,13 @@ def read_ratings_file(path: Union[str, os.PathLike], *, columns=None, sep: Optio
 
 
 def _read_parquet(path: Path, columns) -> ClientData:
-    try:
-        import pandas as pd
-        import pyarrow  # noqa: F401  (pandas' parquet engine)
-    except ImportError as e:
-        raise ImportError(f"{path}: reading parquet needs pandas and pyarrow ({e}); pip install pandas pyarrow") from None
-    return ClientData.from_dataframe(pd.read_parquet(path), columns=columns)
+    missing = [m for m in ("pandas", "pyarrow") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{path}: reading parquet needs pandas and pyarrow (missing: {', '.join(missing)}); "
+                          "pip install pandas pyarrow")
+    import pandas as pd
+
+    return ClientData.from_dataframe(pd.read_parquet(path, engine="pyarrow"), columns=columns)
 
 
 def _separator(sep: Optional[str]):

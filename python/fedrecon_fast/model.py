@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import make_temp_dir
 from . import inference
+from ._files import make_temp_dir
 from ._rng import STREAM_MODEL_INIT, generator
 from ._validation import FLOAT32_MAX, as_float32_matrix, as_float32_vector, check_float
 from .config import ClientConfig, FedReconConfig
