@@ -99,7 +99,7 @@ def software() -> dict:
         commit = None
     import datetime
 
-    from fedrecon_fast import _core
+    from fedrecon_fast._native import core as _core
 
     built = datetime.datetime.fromtimestamp(Path(_core.__file__).stat().st_mtime, datetime.timezone.utc)
     try:

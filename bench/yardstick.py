@@ -1,8 +1,8 @@
 """The plain-loop yardstick (``bench/yardstick.cpp``): compile it, feed it a round, time it.
 
 The yardstick is the round's arithmetic as straightforward single-thread C++ loops, built with
-the release flags of the native module (``-O3``, ``-march=native``) plus ``-ffast-math``, and no
-determinism contract. It runs the same clients with the same splits and initial embeddings as
+the release flags of the native module in use (``-O3`` and the dispatched target's ``-march``,
+see ``fedrecon_fast.show_config()``) plus ``-ffast-math``, and no determinism contract. It runs the same clients with the same splits and initial embeddings as
 the engine (the plans of :func:`numpy_round.plan_round`), so its model after a round is checked
 against the engine's and the two times compare like for like.
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrecon_fast._native import core
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "yardstick.cpp"
-FLAGS = ["-O3", "-DNDEBUG", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-DNDEBUG", *core.TARGET_FLAGS.split(), "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
 
 __all__ = ["FLAGS", "available", "build", "Yardstick"]
 

@@ -160,7 +160,7 @@ void bind_aggregation(py::module_& m) {
       "offsets"_a.noconvert(), "rows"_a.noconvert(), "values"_a.noconvert(), "weights"_a.noconvert(),
       "num_rows"_a, "float64"_a, "num_threads"_a, "out"_a = py::none());
 
-  py::class_<PyWeightedSum>(m, "WeightedSum")
+  py::class_<PyWeightedSum>(m, "WeightedSum", py::module_local())
       .def(py::init<std::int64_t, std::int64_t>(), "num_rows"_a, "dim"_a)
       .def(
           "add_dense",
@@ -308,7 +308,7 @@ void bind_aggregation(py::module_& m) {
       "num_rows"_a, "clip"_a, "noise_multiplier"_a, "seed"_a, "round"_a, "denominator"_a, "float64"_a,
       "num_threads"_a, "out"_a = py::none());
 
-  py::class_<PyGaussianSum>(m, "GaussianSum")
+  py::class_<PyGaussianSum>(m, "GaussianSum", py::module_local())
       .def(py::init([](std::int64_t num_rows, std::int64_t dim, double clip, double noise_multiplier,
                        std::uint64_t seed, std::uint64_t round) {
              return new PyGaussianSum(num_rows, dim, dp_params(clip, noise_multiplier, seed, round));

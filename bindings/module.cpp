@@ -12,6 +12,7 @@
 #include "bindings.hpp"
 #include "fedrecon/centralized.hpp"
 #include "fedrecon/cohort.hpp"
+#include "fedrecon/cpu.hpp"
 #include "fedrecon/loop.hpp"
 #include "fedrecon/sampling.hpp"
 #include "fedrecon/rng.hpp"
@@ -481,11 +482,24 @@ void enum_property(py::class_<ClientConfig>& cls, const char* name, Enum ClientC
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+PYBIND11_MODULE(FEDRECON_MODULE, m) {
   m.doc() = "fedrecon_fast native kernels (private: use the fedrecon_fast package API)";
   m.attr("__version__") = FEDRECON_VERSION;
+  // Runtime dispatch (fedrecon_fast._native): what this module was compiled for, and what the CPU runs.
+  m.attr("TARGET") = fedrecon::compiled_target();
+  m.attr("TARGET_FLAGS") = fedrecon::compiled_flags();
+#if defined(__clang__)
+  m.attr("COMPILER") = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  m.attr("COMPILER") = "gcc " __VERSION__;
+#else
+  m.attr("COMPILER") = "unknown";
+#endif
+  m.def("cpu_supports", &fedrecon::cpu_supports, "target"_a);
+  m.def("cpu_features", &fedrecon::cpu_features);
 
-  py::class_<ClientConfig> cfg(m, "ClientConfig");
+  // module_local: every dispatched module registers its own types (several may be loaded).
+  py::class_<ClientConfig> cfg(m, "ClientConfig", py::module_local());
   cfg.def(py::init<>())
       .def_readwrite("batch_size", &ClientConfig::batch_size)
       .def_readwrite("support_fraction", &ClientConfig::support_fraction)
@@ -508,7 +522,7 @@ PYBIND11_MODULE(_core, m) {
   enum_property(cfg, "init", &ClientConfig::init);
   enum_property(cfg, "weighting", &ClientConfig::weighting);
 
-  py::class_<fedrecon::UpdateCodec>(m, "UpdateCodec")
+  py::class_<fedrecon::UpdateCodec>(m, "UpdateCodec", py::module_local())
       .def(py::init<>())
       .def_readwrite("bits", &fedrecon::UpdateCodec::bits)
       .def_readwrite("row_scaling", &fedrecon::UpdateCodec::row_scaling)

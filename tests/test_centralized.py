@@ -16,7 +16,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from reference import mf_sgd_epoch_reference
 
-from fedrecon_fast import _core
+from fedrecon_fast._native import core as _core
 
 try:
     from fedrecon_fast.baselines import mf_sgd_epoch as wrapper_epoch
@@ -388,7 +388,7 @@ def test_core_rejects_read_only_tables():
 def test_core_never_crashes_on_edge_cases():
     code = textwrap.dedent("""
         import numpy as np
-        from fedrecon_fast import _core
+        from fedrecon_fast._native import core as _core
         f32, i64, i32 = np.float32, np.int64, np.int32
         def call(users, items, uid, iid, r, ub=None, ib=None, bs=3):
             try:
@@ -426,7 +426,7 @@ def test_core_batch_size_far_larger_than_n_costs_nothing():
     # limit so that a huge allocation fails fast instead of swapping the test machine.
     code = textwrap.dedent("""
         import numpy as np
-        from fedrecon_fast import _core
+        from fedrecon_fast._native import core as _core
         u, v = np.ones((3, 8), np.float32), np.ones((4, 8), np.float32)
         print(_core.mf_sgd_epoch(u, None, v, None, 0.0, np.array([0, 1, 2], np.int64),
                                  np.array([0, 1, 3], np.int32), np.full(3, 8.0, np.float32),

@@ -2,12 +2,15 @@
 tree, give bit for bit the local round — in process here, and on Ray workers when Ray is
 installed."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
 import fedrecon_fast as ff
 from fedrecon_fast import distributed as D
-from fedrecon_fast import kernels
+from fedrecon_fast import kernels, partitions
 from fedrecon_fast.baselines import FedAvg, fedavg_config
 
 LEAF = D.REDUCE_LEAF
@@ -98,6 +101,59 @@ def test_sharded_round_is_bit_identical_to_the_local_round(data, case, num_clien
     want = kernels.train_round(model.item_factors, data, clients, cfg.client, num_threads=2, **kw)
     got = sharded(model.item_factors, data, clients, cfg.client, num_shards, num_threads=1, **kw)
     assert_same_round(got, want)
+
+
+def partitioned(V, data, clients, cfg, num_partitions, **kw):
+    """Each partition's holder runs client_updates on its own users; combined in cohort order."""
+    bounds = partitions.partition_bounds(data.num_clients, num_partitions)
+    users, user_bias = kw.pop("users", None), kw.pop("user_bias", None)
+    routes = partitions.route(clients, bounds)
+    ups = []
+    for r in routes:
+        held = partitions.partition_data(data, int(bounds[r.partition]), int(bounds[r.partition + 1]))
+        state = {} if users is None else {"users": users[r.positions]}
+        if user_bias is not None:
+            state["user_bias"] = user_bias[r.positions]
+        ups.append(kernels.client_updates(V, held, r.local, cfg, **state, **kw))
+    return partitions.combine(routes, ups, len(clients), *V.shape)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "dense-quantized"])
+@pytest.mark.parametrize("num_clients", [1, 2 * LEAF + 1, 300])
+@pytest.mark.parametrize("num_partitions", [1, 3, 64])
+def test_partitioned_round_is_bit_identical_to_the_local_round(data, case, num_clients, num_partitions):
+    spec = CASES[case]
+    cfg = ff.preset("paper", dim=24, biases=spec.get("biases", False))
+    model = ff.GlobalModel.initialize(data.item_ids, cfg, global_mean=3.5)
+    rng = np.random.default_rng(num_clients + 7)
+    clients = rng.choice(data.num_clients, num_clients, replace=False)
+    bias = None if model.item_bias is None else rng.normal(0, 0.1, data.num_items).astype(np.float32)
+    kw = dict(item_bias=bias, global_mean=model.global_mean, seed=4, round=9, **spec.get("codec", {}))
+    want = kernels.train_round(model.item_factors, data, clients, cfg.client, num_threads=2, **kw)
+    got = partitioned(model.item_factors, data, clients, cfg.client, num_partitions, num_threads=1, **kw)
+    assert_same_round(got, want)
+
+
+def test_partitioned_stateful_round_and_diverged_clients(data):
+    cfg = fedavg_config(dim=16)
+    V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
+    clients = np.arange(499, 0, -3)
+    users = np.random.default_rng(1).uniform(-0.05, 0.05, (len(clients), 16)).astype(np.float32)
+    want = kernels.train_round(V, data, clients, cfg.client, users=users, seed=2, round=1)
+    assert_same_round(partitioned(V, data, clients, cfg.client, 5, users=users, seed=2, round=1), want)
+    nan = np.full_like(V, np.nan)
+    want = kernels.train_round(nan, data, clients, cfg.client, check_finite=False)
+    assert want.summary["num_nonfinite"] == len(clients)
+    assert_same_round(partitioned(nan, data, clients, cfg.client, 4, check_finite=False), want)
+
+
+def test_partitions_cover_the_users_once():
+    bounds = partitions.partition_bounds(10, 4)
+    assert bounds.tolist() == [0, 3, 6, 8, 10]
+    routes = partitions.route([9, 0, 5, 4, 1], bounds)
+    assert [(r.partition, r.positions.tolist(), r.local.tolist()) for r in routes] == [
+        (0, [1, 4], [0, 1]), (1, [2, 3], [2, 1]), (3, [0], [1])]
+    assert not partitions.routable(bits=8, sparse=False) and partitions.routable(bits=8, sparse=True)
 
 
 def test_sharded_stateful_round_returns_every_users_embedding(data):
@@ -207,6 +263,28 @@ def test_ray_executor_shards_a_round_like_the_local_kernel(ray_executor, data):
     want = kernels.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
     got = ray_executor.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
     assert_same_round(got, want)
+
+
+def test_ray_run_survives_a_killed_worker_bit_for_bit(ray_executor, data):
+    """SIGKILL one worker process after round 2: its actor restarts with its partition, the
+    calls sent to it are retried, and the run ends exactly as an undisturbed one."""
+    ray = pytest.importorskip("ray")
+    cfg = ff.preset("paper", dim=16, rounds=5, clients_per_round=150, eval_every=0)
+    train = data.subset(np.arange(450))
+    local = ff.FedRecon(cfg).fit(train)
+    killed = []
+
+    def kill(row):
+        if row["round"] == 2:
+            pid = ray.get(ray_executor.workers[0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    remote = ff.FedRecon(cfg, backend=ray_executor).fit(train, callback=kill)
+    assert killed and ray.get(ray_executor.workers[0].pid.remote()) != killed[0]  # it restarted
+    assert np.array_equal(_bits(local.model.item_factors), _bits(remote.model.item_factors))
+    strip = lambda h: {k: v for k, v in h.items() if k != "round_seconds"}  # noqa: E731
+    assert [strip(h) for h in local.history] == [strip(h) for h in remote.history]
 
 
 def test_closed_ray_executor_refuses_work(data):

@@ -1,5 +1,6 @@
-"""Flower integration: a real Ray simulation through the CLI equals the local trainer, and the
-strategy and ClientApp (driven in-process by a fake Grid) reproduce FedRecon's rounds exactly.
+"""Flower integration: the Flower App through `flwr run` in Flower's simulation runtime (via the
+CLI) equals the local trainer, and the per-user strategy and ClientApp (driven in-process by a
+fake Grid) reproduce FedRecon's rounds exactly.
 
 Needs the ``[flower]`` extra; skipped cleanly without it.
 """
@@ -19,8 +20,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr")
     from flwr.app import Array, Context, Error, Message, RecordDict
-    from flwr.serverapp import Grid
-    from flwr.supercore.task_identity import TaskIdentity
+    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
     from fedrecon_fast import flower as FL
 
@@ -47,7 +47,7 @@ def splits(data):
 
 
 # --------------------------------------------------------------------------------------------
-# One real simulation (Ray, 2 CPUs, one SuperNode per training user), through the CLI
+# One real simulation (`flwr run` on a local SuperLink, Ray, 2 CPUs, 2 SuperNodes), through the CLI
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_cli_flower_history_has_the_local_rows(cli_runs):
     assert [h["round"] for h in flower] == [1, 2, 3, 4, 5]
     assert [h["round"] for h in flower if "val_rmse" in h] == [2, 4, 5]
     for a, b in zip(local, flower):
-        assert b["round_seconds"] > 0 and b["failures"] == 0 and b["flower_bytes_up"] > 0
+        assert b["round_seconds"] > 0 and set(a) == set(b)
         for key, value in a.items():
             if key != "round_seconds":
                 assert b[key] == value, key
@@ -106,7 +106,7 @@ def test_cli_flower_backend_without_flower_is_a_clean_error(monkeypatch, capsys)
 # Strategy + ClientApp in-process: a Grid that hands each message to the node's ClientApp
 
 
-class FakeGrid(Grid):
+class FakeGrid(StubGrid):
     """Nodes with random ids and partition ids 0..n-1; replies come back in reverse order."""
 
     def __init__(self, app, num_nodes, *, partitions=None, fail=(), corrupt=()):
@@ -135,31 +135,6 @@ class FakeGrid(Grid):
                     rows = replies[-1].content["update"]["rows"].numpy()
                     replies[-1].content["update"]["rows"] = Array(np.full_like(rows, 10**6))
         return replies[::-1]
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated API
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def set_run(self, run_id):  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    # Messages need the identity Flower's runtimes set for their process.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_strategy(config, train, val=None, *, app=None, rounds=3, fail=(), corrupt=(), **strategy_args):
@@ -297,6 +272,8 @@ def test_runner_surface_without_a_simulation(splits):
     train, val, test = splits
     with pytest.raises(TypeError, match="config must be a FedReconConfig"):
         FL.FlowerFedRecon({"dim": 8})
+    with pytest.raises(ValueError, match="client_cpus"):
+        FL.FlowerFedRecon(client_cpus=0)
     trainer = FL.FlowerFedRecon(ff.preset("paper", dim=8, rounds=0))
     with pytest.raises(ValueError, match="not trained yet"):
         trainer.evaluate(test)
@@ -308,26 +285,7 @@ def test_runner_surface_without_a_simulation(splits):
     assert trainer.evaluate(test, per_user=True) == local.evaluate(test, per_user=True)
 
 
-def test_runner_fit_in_two_calls_through_an_in_process_grid(splits, monkeypatch):
-    # The runner's own logic (history, callbacks, evaluation schedule, continuing) without Ray:
-    # its ServerApp runs on the fake Grid.
-    def simulate(self, server, client, num_nodes):
-        server(FakeGrid(client, num_nodes), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                     run_config={}))
+def test_the_package_does_not_turn_flowers_logger_down():
+    import logging
 
-    monkeypatch.setattr(FL.FlowerFedRecon, "_simulate", simulate)
-    train, val, test = splits
-    config = ff.preset("fast", dim=8, clients_per_round=6, eval_every=2)
-    seen = []
-    flower = FL.FlowerFedRecon(config).fit(train, val, rounds=3, callback=seen.append)
-    flower.fit(train, val, rounds=2, progress=True)
-    local = ff.FedRecon(config).fit(train, val, rounds=3).fit(train, val, rounds=2)
-    assert flower.round == 5 and np.array_equal(flower.model.item_factors, local.model.item_factors)
-    assert [h["round"] for h in flower.history] == [1, 2, 3, 4, 5] and seen == flower.history[:3]
-    assert [h["round"] for h in flower.history if "val_rmse" in h] == [h["round"] for h in local.history
-                                                                       if "val_rmse" in h] == [2, 3, 4, 5]
-    assert [h["val_rmse"] for h in flower.history if "val_rmse" in h] == [h["val_rmse"] for h in local.history
-                                                                           if "val_rmse" in h]
-    assert flower.broadcasted_bits == local.broadcasted_bits and flower.aggregated_bits == local.aggregated_bits
-    assert flower.train_seconds > 0 and flower.eval_seconds > 0
-    assert flower.evaluate(test) == local.evaluate(test)
+    assert logging.getLogger("flwr").level in (logging.NOTSET, logging.INFO, logging.DEBUG)

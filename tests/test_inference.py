@@ -308,7 +308,7 @@ def test_bad_arguments_name_the_argument(kernel, kwargs, error, match):
 
 
 def test_native_functions_reject_bad_k_and_items():
-    from fedrecon_fast import _core
+    from fedrecon_fast._native import core as _core
 
     V = np.ones((4, 2), np.float32)
     args = (V, None, 0.0, np.array([0, 2], np.int64), np.array([0, 4], np.int32),

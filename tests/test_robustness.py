@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import fedrecon_fast as ff
-from fedrecon_fast import _core, aggregation, cli, compression, kernels, privacy
+from fedrecon_fast import aggregation, cli, compression, kernels, privacy
+from fedrecon_fast._native import core as _core
 from fedrecon_fast._validation import check_choice, check_float
 from fedrecon_fast.cli import main
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import csr, random_client_data
 
-from fedrecon_fast import _core
+from fedrecon_fast._native import core as _core
 from fedrecon_fast.config import ClientConfig
 from fedrecon_fast.kernels import (
     client_updates,
@@ -302,7 +302,7 @@ def test_core_rejects_indptr_outside_the_ratings(case):
     indptr, clients = _OUT_OF_BOUNDS_INDPTR[case]
     code = textwrap.dedent(f"""
         import numpy as np
-        from fedrecon_fast import _core
+        from fedrecon_fast._native import core as _core
         from fedrecon_fast.config import ClientConfig
         try:
             _core.evaluate_users(

@@ -3,11 +3,14 @@
 Federated Reconstruction (Singhal et al., "Federated Reconstruction: Partially Local Federated
 Learning", NeurIPS 2021) trains a global item matrix V across clients while each user's
 embedding stays local and is reconstructed from the user's own ratings whenever it is needed.
-The hot paths run in C++ (``fedrecon_fast._core``, private); this package is the API.
+The hot paths run in C++ (``fedrecon_fast._native``, private); this package is the API.
 """
 
-from . import aggregation, baselines, compression, functional, inference, privacy
-from ._core import __version__
+from . import accounting, aggregation, baselines, compression, functional, inference, privacy, sampling
+from ._native import core as _core
+from ._native import show_config
+
+__version__ = _core.__version__
 from .config import PRESETS, ClientConfig, FedReconConfig, preset
 from .data import ClientData, split_by_time, split_users
 from .evaluation import leave_one_out, recon_eval
@@ -32,12 +35,14 @@ from .training import FedRecon, sample_clients
 
 __all__ = [
     "__version__",
+    "accounting",
     "aggregation",
     "baselines",
     "compression",
     "functional",
     "inference",
     "privacy",
+    "sampling",
     "PRESETS",
     "ClientConfig",
     "ClientData",
@@ -65,6 +70,7 @@ __all__ = [
     "recommend_users",
     "sample_clients",
     "server_init",
+    "show_config",
     "server_step",
     "split_by_time",
     "split_ratings",

@@ -39,6 +39,8 @@ __all__ = [
     "STREAM_ITEM_TABLE",
     "STREAM_EPOCH_ORDER",
     "STREAM_PRIVACY",
+    "STREAM_POISSON",
+    "STREAM_CLIP_COUNT",
     "MASK64",
     "mix64",
     "mix64_array",
@@ -65,6 +67,10 @@ STREAM_ITEM_TABLE = 7
 STREAM_EPOCH_ORDER = 8
 #: Stream of DP-FedAvg's Gaussian noise.
 STREAM_PRIVACY = 10
+#: Stream of Poisson client sampling (each client's coin of a round).
+STREAM_POISSON = 11
+#: Stream of the Gaussian noise on adaptive clipping's count of unclipped updates.
+STREAM_CLIP_COUNT = 12
 
 #: 2**64 - 1, the mask that reduces a Python int modulo 2**64.
 MASK64 = 0xFFFFFFFFFFFFFFFF

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import _core
+from ._native import core as _core
 from ._validation import check_int, to_float32
 
 __all__ = ["WeightedMean", "weighted_mean", "weighted_mean_sparse"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core, kernels
+from . import kernels
+from ._native import core as _core
 from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
 from ._validation import (
     as_float32_matrix,
@@ -288,12 +289,15 @@ class FedAvg(FedRecon):
         return state
 
     def _extra_arrays(self) -> dict:
-        out = {} if self.users is None else {"users": self.users}
+        out = super()._extra_arrays()
+        if self.users is not None:
+            out["users"] = self.users
         if self.user_bias is not None:
             out["user_bias"] = self.user_bias
         return out
 
     def _restore_extra(self, arrays: dict) -> None:
+        super()._restore_extra(arrays)
         self.users = arrays.get("users")
         self.user_bias = arrays.get("user_bias")
 

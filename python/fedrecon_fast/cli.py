@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ._core import __version__
+from ._native import core as _native_core
 from ._files import make_temp_dir
 from .config import PRESETS, preset, preset_help
 from .loaders import SwappedColumnsWarning
@@ -80,7 +80,7 @@ Without --data, train uses a seeded synthetic data set with MovieLens-like stati
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedrecon-fast", description=_DESCRIPTION, formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_native_core.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users",
                            description=textwrap.fill("Train FedRecon on a ratings file (or synthetic data) "
@@ -151,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
                                          "client weighting)", "no clipping"))
     comm.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
                       help=_with_default("DP-FedAvg noise multiplier z (needs --dp-clip)", 0.0))
+    comm.add_argument("--dp-delta", type=float, metavar="DELTA",
+                      help=_with_default("report the run's epsilon at this delta after every round ([dp] extra)",
+                                         "no accounting"))
+    comm.add_argument("--dp-target-epsilon", type=float, metavar="EPS",
+                      help=_with_default("privacy budget: calibrate the noise multiplier so the run costs at most "
+                                         "this epsilon (unless --dp-noise is given) and stop before a round would "
+                                         "exceed it; needs --dp-clip and --dp-delta", "no budget"))
+    comm.add_argument("--dp-target-quantile", type=float, metavar="Q",
+                      help=_with_default("adaptive clipping: move the clip norm (starting at --dp-clip) toward "
+                                         "this quantile of the update norms", "a fixed clip norm"))
+    comm.add_argument("--dp-clip-lr", type=float, default=0.2, metavar="LR",
+                      help=_with_default("adaptive clipping's learning rate", 0.2))
+    comm.add_argument("--dp-clip-count-stddev", type=float, metavar="S",
+                      help=_with_default("noise std of adaptive clipping's clipped count",
+                                         "0.05 x clients per round"))
+    comm.add_argument("--sampling", choices=["fixed", "poisson"], default="fixed",
+                      help=_with_default("each round's cohort: a fixed number of distinct clients, or each client "
+                                         "independently with probability clients-per-round / users (Poisson)",
+                                         "fixed"))
     ckpt = train.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                       help=_with_default("write checkpoints of the whole training state here", "none"))
@@ -316,7 +335,8 @@ def run_train(args) -> dict:
     overrides.update(quantize_bits=args.quantize_bits, quantize_threshold=args.quantize_threshold,
                      quantize_scaling=args.quantize_scaling, hadamard=args.hadamard,
                      sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-                     learn_user_default=args.learn_user_default)
+                     learn_user_default=args.learn_user_default, sampling=args.sampling)
+    overrides.update(_privacy_overrides(args))
     if args.dp_clip is not None:
         overrides["weighting"] = "uniform"  # DP-FedAvg bounds each client's influence
     config = preset(args.preset, **overrides)
@@ -392,7 +412,9 @@ def run_train(args) -> dict:
         "quantize_bits": config.quantize_bits,
         "sparse_updates": config.sparse_updates,
         "dp_clip": config.dp_clip,
-        "dp_noise": config.dp_noise,
+        "dp_noise": trainer.config.dp_noise,
+        "sampling": config.sampling,
+        **_privacy_result(trainer),
     }
     written = []
     if args.save is not None:
@@ -417,6 +439,29 @@ def run_train(args) -> dict:
 
 _OUT_FILES = ("metrics.csv", "metrics.json", "learning_curve.png")
 _RANKING = ("recall", "precision", "hit_rate", "ndcg", "map", "mrr", "coverage")
+
+
+def _privacy_overrides(args) -> dict:
+    """The accounting, budget and adaptive clipping options that were given."""
+    out = {"dp_clip_lr": args.dp_clip_lr}
+    for field in ("dp_delta", "dp_target_epsilon", "dp_target_quantile", "dp_clip_count_stddev"):
+        if getattr(args, field) is not None:
+            out[field] = getattr(args, field)
+    return out
+
+
+def _privacy_result(trainer) -> dict:
+    """The run's privacy for the JSON result: epsilon at delta so far, the final clip norm."""
+    cfg = trainer.config
+    if cfg.dp_clip is None:
+        return {}
+    last = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
+    clips = [h["dp_clip"] for h in trainer.history if "dp_clip" in h]
+    return {"dp_delta": cfg.dp_delta, "dp_epsilon": last.get("dp_epsilon"),
+            "dp_target_epsilon": cfg.dp_target_epsilon, "dp_clip_last": clips[-1] if clips else cfg.dp_clip,
+            "dp_guarantee": "user-level, " + ("replace-one (fixed-size cohorts without replacement)"
+                                              if cfg.sampling == "fixed" else "add-or-remove-one (Poisson sampling)"),
+            "rounds_run": trainer.round}
 
 
 def _write_outputs(out: Path, trainer: FedRecon, result: dict) -> None:
@@ -451,6 +496,9 @@ def _print_human(result: dict) -> None:
     median = "no rounds" if median is None else f"median round {median:.2f} ms"
     print(f"train {result['train_seconds']:.2f} s ({median}), "
           f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
+    if result.get("dp_epsilon") is not None:
+        print(f"privacy: ({result['dp_epsilon']:.3f}, {result['dp_delta']:g})-DP, {result['dp_guarantee']}; "
+              f"noise multiplier {result['dp_noise']:.4g}, {result['rounds_run']} rounds")
     _print_written(result)
 
 

@@ -58,7 +58,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import _core
+from ._native import core as _core
 from ._rng import STREAM_QUANT
 from ._validation import check_float, check_int, to_float32
 

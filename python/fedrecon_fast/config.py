@@ -12,7 +12,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 
-from . import _core
+from ._native import core as _core
 from ._validation import FLOAT32_MAX, check_choice, check_float, check_int
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}
@@ -179,7 +179,25 @@ class FedReconConfig:
     dp_clip, dp_noise : float, optional
         DP-FedAvg: clip each client update to L2 norm ``dp_clip``, add Gaussian noise of
         standard deviation ``dp_noise * dp_clip`` to the sum, divide by ``clients_per_round``.
-        Requires ``weighting="uniform"``.
+        Requires ``weighting="uniform"``. With adaptive clipping ``dp_clip`` is the initial
+        clip and ``dp_noise`` the total noise multiplier (update and clipped count together,
+        TFF's convention). See :mod:`fedrecon_fast.accounting` for what is guaranteed.
+    dp_delta : float, optional
+        ``δ`` at which ``ε`` is reported after every round (``dp_epsilon`` in the history;
+        needs the ``[dp]`` extra).
+    dp_target_epsilon : float, optional
+        A privacy budget: with ``dp_noise`` left at 0, the noise multiplier is calibrated so
+        that ``rounds`` rounds cost at most this ``ε`` at ``dp_delta``; training stops before a
+        round that would exceed it. Needs ``dp_clip`` and ``dp_delta``.
+    dp_target_quantile : float, optional
+        Adaptive clipping (Andrew et al. 2021): after each round the clip norm moves toward this
+        quantile of the update norms, ``C ← C exp(-dp_clip_lr (b̃ - γ))``, from a count of
+        unclipped updates noised with std ``dp_clip_count_stddev`` (default ``0.05 *
+        clients_per_round``, as TFF). None keeps the clip fixed.
+    sampling : {"fixed", "poisson"}
+        Each round's cohort: ``clients_per_round`` distinct clients, or every client
+        independently with probability ``clients_per_round / num_clients``
+        (:func:`fedrecon_fast.sampling.poisson_sample_clients`).
     learn_user_default : bool
         Learn a global default for ``u`` (and ``b_u``) federatedly: every client starts
         reconstruction from it (SGD) or shrinks toward it (exact), reports its embedding's
@@ -211,6 +229,12 @@ class FedReconConfig:
     dp_clip: float | None = None
     dp_noise: float = 0.0
     learn_user_default: bool = False
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_target_quantile: float | None = None
+    dp_clip_lr: float = 0.2
+    dp_clip_count_stddev: float | None = None
+    sampling: str = "fixed"
 
     def __post_init__(self) -> None:
         check_int(self.dim, "dim", minimum=1)
@@ -264,11 +288,36 @@ class FedReconConfig:
         check_float(self.dp_noise, "dp_noise", minimum=0.0)
         if self.dp_noise > 0 and self.dp_clip is None:
             raise ValueError("dp_noise needs dp_clip (the noise is dp_noise * dp_clip)")
+        self._check_privacy()
         check_int(self.seed, "seed", minimum=0)
         check_int(self.num_threads, "num_threads", minimum=0)
         _store_builtin(self, ("dim", "rounds", "clients_per_round", "max_examples", "min_examples",
                               "eval_every", "quantize_bits", "quantize_threshold", "seed", "num_threads"), int)
-        _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise"), float)
+        _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",
+                              "dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev"), float)
+
+    def _check_privacy(self) -> None:
+        """The accounting, budget, adaptive clipping and sampling options."""
+        check_choice(self.sampling, "sampling", {"fixed", "poisson"})
+        if self.dp_delta is not None:
+            check_float(self.dp_delta, "dp_delta", minimum=0.0, maximum=1.0, strict=True)
+            if self.dp_delta >= 1:
+                raise ValueError(f"dp_delta must be < 1; got {self.dp_delta}")
+        if self.dp_target_epsilon is not None:
+            check_float(self.dp_target_epsilon, "dp_target_epsilon", minimum=0.0, strict=True)
+            if self.dp_clip is None or self.dp_delta is None:
+                raise ValueError("dp_target_epsilon needs dp_clip and dp_delta (the budget is an (epsilon, delta))")
+        check_float(self.dp_clip_lr, "dp_clip_lr", minimum=0.0)
+        if self.dp_clip_count_stddev is not None:
+            check_float(self.dp_clip_count_stddev, "dp_clip_count_stddev", minimum=0.0)
+        if self.dp_target_quantile is not None:
+            check_float(self.dp_target_quantile, "dp_target_quantile", minimum=0.0, maximum=1.0)
+            if self.dp_clip is None:
+                raise ValueError("dp_target_quantile (adaptive clipping) needs dp_clip, the initial clip norm")
+            stddev = 0.05 * self.clients_per_round if self.dp_clip_count_stddev is None else self.dp_clip_count_stddev
+            if self.dp_noise > 0 and 2 * stddev <= self.dp_noise:
+                raise ValueError(f"dp_noise {self.dp_noise:g} needs a clipped-count noise std above "
+                                 f"{self.dp_noise / 2:g} (dp_clip_count_stddev is {stddev:g})")
 
     @property
     def evaluation(self) -> ClientConfig:

@@ -1,14 +1,21 @@
-"""Rounds split into shards of clients that run anywhere and combine into the local result.
+"""Rounds run on other processes or machines that combine into the local result, bit for bit.
 
-The native round sums client updates along a fixed binary tree over cohort positions (a range
-of more than ``REDUCE_LEAF`` clients splits at its midpoint, rounded up; a smaller one is summed
-in order), and a range's tree depends only on its length. So a shard that is a node of that tree
-can run on another process or machine (:func:`kernels.train_round_partial`), and adding the
+:class:`RayExecutor` (``pip install "fedrecon_fast[ray]"``; pass it, or ``backend="ray"``, to
+:class:`fedrecon_fast.FedRecon`) gives each Ray actor one partition of the users, put once
+per data set. A round sends each actor V and the ids of its sampled users; the actor runs the
+native client updates and returns them, and the driver combines them in cohort order with the
+native reduction (:mod:`fedrecon_fast.partitions`). Actors restart and calls are retried when a
+worker dies: a round is a pure function of (V, seed, round, clients), so a retried call returns
+the same bits.
+
+The round with dense quantized updates has no per-client sparse form; it runs as shards of the
+cohort instead. The native round sums client updates along a fixed binary tree over cohort
+positions (a range of more than ``REDUCE_LEAF`` clients splits at its midpoint, rounded up; a
+smaller one is summed in order), and a range's tree depends only on its length. So a shard that
+is a node of that tree can run anywhere (:func:`kernels.train_round_partial`), and adding the
 shards' float64 sums pairwise along the same tree gives, bit for bit, what one local
-:func:`kernels.train_round` gives — for any number of shards or workers.
-
-:class:`RayExecutor` runs the shards on Ray actors (``pip install "fedrecon_fast[ray]"``); pass
-it, or ``backend="ray"``, to :class:`fedrecon_fast.FedRecon`.
+:func:`kernels.train_round` gives — for any number of shards or workers. Those shards need the
+whole data set, which then goes to Ray's object store once.
 """
 
 from __future__ import annotations
@@ -17,14 +24,15 @@ import os
 
 import numpy as np
 
-from . import _core, kernels
-from ._validation import check_int
+from . import kernels
+from ._native import core as _core
+from ._validation import as_index_array, check_int
 from .kernels import PartialRound, RoundResult
+from .partitions import round_summary, combine, partition_bounds, partition_data, routable, route
 
 __all__ = ["REDUCE_LEAF", "shard_ranges", "combine_round", "RayExecutor"]
 
 REDUCE_LEAF = int(_core.REDUCE_LEAF)
-_NONFINITE = 1  # ClientStats status of a dropped client
 
 
 def _midpoint(a: int, b: int) -> int:
@@ -85,29 +93,6 @@ def _tree_sum(a: int, b: int, parts: dict):
     return _add(_tree_sum(a, mid, parts), _tree_sum(mid, b, parts))
 
 
-def _sequential_sum(x: np.ndarray) -> float:
-    # cumsum adds left to right, as the native round totals its clients.
-    return float(np.cumsum(x, dtype=np.float64)[-1]) if len(x) else 0.0
-
-
-def _summary(stats: dict, rows_aggregated: int) -> dict:
-    ok = stats["status"] != _NONFINITE
-    reporting = ok & (stats["weight"] > 0)
-    total = lambda key, mask: int(stats[key][mask].sum())  # noqa: E731  (exact integer sums)
-    return {
-        "total_weight": _sequential_sum(np.where(reporting, stats["weight"], 0.0)),
-        "loss_sum": _sequential_sum(np.where(ok, stats["loss_sum"], 0.0)),
-        "num_examples": total("num_examples", ok),
-        "num_correct": total("num_correct", ok),
-        "num_reporting": int(reporting.sum()),
-        "num_nonfinite": int((~ok).sum()),
-        "rows_sent": total("rows", reporting),
-        "rows_aggregated": rows_aggregated,
-        "bytes_sent": total("bytes", reporting),
-        "num_clipped": total("clipped", reporting),
-    }
-
-
 def combine_round(ranges, parts, num_items: int, dim: int) -> RoundResult:
     """Combine the shards' partial sums into the round's :class:`kernels.RoundResult`.
 
@@ -130,7 +115,7 @@ def combine_round(ranges, parts, num_items: int, dim: int) -> RoundResult:
     m = ranges[-1][1]
     stats = {key: np.concatenate([p.client_stats[key] for p in parts]) for key in parts[0].client_stats}
     touched = np.unique(np.concatenate([p.touched for p in parts]))
-    summary = _summary(stats, len(touched))
+    summary = round_summary(stats, len(touched))
     has_bias = parts[0].bias is not None
     delta = np.zeros((num_items, dim), dtype=np.float32)
     delta_bias = np.zeros(num_items, dtype=np.float32) if has_bias else None
@@ -148,23 +133,38 @@ def combine_round(ranges, parts, num_items: int, dim: int) -> RoundResult:
     return RoundResult(delta, delta_bias, stats, summary, users, user_bias)
 
 
-class _ShardWorker:
-    """A Ray actor that runs shards of rounds with the native kernel."""
+class _PartitionWorker:
+    """A Ray actor holding one partition of the users (its constructor argument, so a restarted
+    actor holds it again)."""
 
-    def __init__(self, num_threads: int):
+    def __init__(self, partition_ref: list, num_threads: int):
+        import ray
+
+        # The partition arrives as a reference in a list (Ray does not resolve nested
+        # references), fetched here: a restarted actor runs this again and gets it back, since
+        # the driver keeps the reference alive.
+        self.partition = ray.get(partition_ref[0])
         self.num_threads = num_threads
 
-    def run(self, item_factors, item_bias, data, clients, config, users, user_bias, kwargs):
+    def pid(self) -> int:
+        return os.getpid()
+
+    def updates(self, item_factors, item_bias, local, config, users, user_bias, kwargs):
+        return kernels.client_updates(item_factors, self.partition, local, config, item_bias=item_bias,
+                                      users=users, user_bias=user_bias, num_threads=self.num_threads, **kwargs)
+
+    def shard(self, item_factors, item_bias, data, clients, config, users, user_bias, kwargs):
         return kernels.train_round_partial(item_factors, data, clients, config, item_bias=item_bias,
                                            users=users, user_bias=user_bias,
                                            num_threads=self.num_threads, **kwargs)
 
 
 class RayExecutor:
-    """Runs each round's cohort as shards on Ray actors, each calling the native kernel.
+    """Runs each round's clients on Ray actors that each hold a partition of the users.
 
-    Results are bit-identical to the local executor for any number of workers: shards are
-    nodes of the reduction tree and the driver adds their sums along it in a fixed order.
+    Results are bit-identical to the local executor for any number of workers (see the
+    module docstring). Actors restart after a failure and their calls are retried, up to
+    ``max_retries`` times each.
 
     Parameters
     ----------
@@ -176,11 +176,13 @@ class RayExecutor:
     threads_per_worker : int
         Native threads (and Ray CPUs) per actor.
     shards_per_worker : int
-        Shards per actor and round (more balance the load, at more overhead per round).
+        Shards per actor and round of the dense-quantized fallback.
+    max_retries : int
+        Restarts of each actor, and retries of each call, after a worker dies (-1: no limit).
     """
 
     def __init__(self, num_workers: int | None = None, *, address: str | None = None,
-                 threads_per_worker: int = 1, shards_per_worker: int = 1):
+                 threads_per_worker: int = 1, shards_per_worker: int = 1, max_retries: int = 3):
         try:
             import ray
         except ImportError:
@@ -188,6 +190,7 @@ class RayExecutor:
         check_int(num_workers, "num_workers", minimum=1, allow_none=True)
         check_int(threads_per_worker, "threads_per_worker", minimum=1)
         check_int(shards_per_worker, "shards_per_worker", minimum=1)
+        check_int(max_retries, "max_retries", minimum=-1)
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -199,36 +202,69 @@ class RayExecutor:
                      configure_logging=False, **local)
         if num_workers is None:
             num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
-        actor = ray.remote(num_cpus=threads_per_worker)(_ShardWorker)
-        self._workers = [actor.remote(threads_per_worker) for _ in range(num_workers)]
+        self._actor = ray.remote(num_cpus=threads_per_worker, max_restarts=max_retries,
+                                 max_task_retries=max_retries)(_PartitionWorker)
         self.num_workers = num_workers
+        self.threads_per_worker = threads_per_worker
         self.shards_per_worker = shards_per_worker
+        self._workers: list | None = []
+        self._partition_refs: list = []
+        self._bounds = None
         self._data = self._data_ref = None
+
+    @property
+    def workers(self) -> list:
+        """The actors, one per partition (empty until the first round)."""
+        if self._workers is None:
+            raise ValueError("this RayExecutor is closed")
+        return list(self._workers)
+
+    def _hold(self, data) -> None:
+        """Give each actor its partition of ``data`` (once per data set)."""
+        if data is self._data:
+            return
+        for w in self.workers:
+            self._ray.kill(w)
+        self._bounds = partition_bounds(data.num_clients, self.num_workers)
+        self._partition_refs = [self._ray.put(partition_data(data, int(lo), int(hi)))
+                                for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
+        self._workers = [self._actor.remote([ref], self.threads_per_worker) for ref in self._partition_refs]
+        self._data, self._data_ref = data, None
 
     def train_round(self, item_factors, data, clients=None, config=None, *, item_bias=None,
                     users=None, user_bias=None, num_threads: int = 0, **kwargs) -> RoundResult:
-        """:func:`kernels.train_round` with the cohort sharded over the workers."""
-        if self._workers is None:
-            raise ValueError("this RayExecutor is closed")
+        """:func:`kernels.train_round` with the clients run by the actors holding them."""
+        self._hold(data)
         ray = self._ray
-        if clients is None:
-            clients = np.arange(data.num_clients, dtype=np.int64)
-        clients = np.asarray(clients)
-        if data is not self._data:  # the clients' ratings go to the object store once
-            self._data, self._data_ref = data, ray.put(data)
+        clients = np.arange(data.num_clients, dtype=np.int64) if clients is None else \
+            as_index_array(clients, "clients", upper=data.num_clients)
         V = np.asarray(item_factors)
-        V_ref = ray.put(V)  # once per round, shared by every shard
+        if len(clients) == 0:  # nothing to send: the (empty) round is the local one
+            return kernels.train_round(V, data, clients, config, item_bias=item_bias, users=users,
+                                       user_bias=user_bias, num_threads=num_threads, **kwargs)
+        V_ref = ray.put(V)  # once per round, shared by every call
         bias_ref = None if item_bias is None else ray.put(np.asarray(item_bias))
+        if not routable(**kwargs):
+            return self._sharded(V_ref, bias_ref, V.shape, data, clients, config, users, user_bias, kwargs)
+        routes = route(clients, self._bounds)
+        futures = [self._workers[r.partition].updates.remote(
+            V_ref, bias_ref, r.local, config, None if users is None else users[r.positions],
+            None if user_bias is None else user_bias[r.positions], kwargs) for r in routes]
+        return combine(routes, ray.get(futures), len(clients), *V.shape, num_threads=num_threads)
+
+    def _sharded(self, V_ref, bias_ref, shape, data, clients, config, users, user_bias, kwargs) -> RoundResult:
+        """Shards of the cohort on the whole data set (dense quantized updates)."""
+        if self._data_ref is None:  # the clients' ratings go to the object store once
+            self._data_ref = self._ray.put(data)
         ranges = shard_ranges(len(clients), self.num_workers * self.shards_per_worker)
         futures = []
         for k, (a, b) in enumerate(ranges):
             state = (None, None) if users is None else (
                 users[a:b], None if user_bias is None else user_bias[a:b])
             worker = self._workers[k % self.num_workers]
-            futures.append(worker.run.remote(V_ref, bias_ref, self._data_ref, clients[a:b],
-                                             config, *state, kwargs))
-        parts = ray.get(futures)
-        return combine_round(ranges, parts, V.shape[0], V.shape[1])
+            futures.append(worker.shard.remote(V_ref, bias_ref, self._data_ref, clients[a:b], config, *state,
+                                               kwargs))
+        return combine_round(ranges, self._ray.get(futures), *shape)
 
     def close(self) -> None:
         """Stop the actors (and Ray, if this executor started it)."""
@@ -237,6 +273,7 @@ class RayExecutor:
         for w in self._workers:
             self._ray.kill(w)
         self._workers = None
+        self._partition_refs = []
         self._data = self._data_ref = None
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()

@@ -1,34 +1,34 @@
 """Flower integration: FedRecon on Flower's Message API, computed by our native kernels.
 
-Install with ``pip install "fedrecon_fast[flower]"``. Three pieces, usable apart:
+Install with ``pip install "fedrecon_fast[flower]"``. Two ways to use Flower:
 
-* :func:`client_app` builds a ``flwr.clientapp.ClientApp``. On a *train* message (V, item
-  biases, round, seed and the FedReconConfig as JSON) it runs one
-  :func:`~fedrecon_fast.functional.client_step`: reconstructs the user's embedding locally
-  (it never leaves the node), updates the rows of V its ratings touch, and replies with the
-  update (sparse rows + values, a dense delta, or the real b-bit wire buffer of
-  :mod:`fedrecon_fast.compression`, as the config says) and its weight. On an *evaluate* message
-  it replies with ReconEval sums on its ratings; on a *query* message with its partition id.
-* :class:`FedReconStrategy` (a ``flwr.serverapp.strategy.FedAvg``) samples the users of a
-  round exactly as :func:`fedrecon_fast.sample_clients` does, aggregates the replies with our
-  weighted sparse kernel and applies our server optimizer
-  (:func:`~fedrecon_fast.functional.server_step`), and offers federated ReconEval
-  (``fraction_evaluate``) and centralized ReconEval (:meth:`FedReconStrategy.evaluate_fn`).
-* :class:`FlowerFedRecon` runs a whole training in Flower's simulation runtime with the Ray
-  backend and has the public surface of :class:`fedrecon_fast.FedRecon`
-  (``fit``/``evaluate``/``history``/bits/timings), so ``fedrecon-fast train --backend flower``
-  uses it.
+* **The Flower App** (:mod:`fedrecon_fast.flower_app`; ``examples/flower`` is its app folder):
+  ``flwr run`` it in Flower's simulation runtime or on a SuperLink with SuperNodes, each node
+  holding a partition of the users. The ServerApp runs :class:`fedrecon_fast.FedRecon` with the
+  nodes as its backend, so the model is the local trainer's bit for bit. :class:`FlowerFedRecon`
+  runs it through ``flwr run`` on a SuperLink it starts (``fedrecon-fast train --backend
+  flower``), with the public surface of :class:`fedrecon_fast.FedRecon`.
+* **One SuperNode per user** (cross-device): :func:`client_app` builds a ClientApp for one
+  user's node. On a *train* message (V, item biases, round, seed and the FedReconConfig as
+  JSON) it runs one :func:`~fedrecon_fast.functional.client_step`: reconstructs the user's
+  embedding locally (it never leaves the node), updates the rows of V its ratings touch, and
+  replies with the update (sparse rows + values, a dense delta, or the real b-bit wire buffer
+  of :mod:`fedrecon_fast.compression`) and its weight; on *evaluate* with ReconEval sums; on
+  *query* with its partition id. :class:`FedReconStrategy` (a
+  ``flwr.serverapp.strategy.FedAvg``) samples the users of a round exactly as
+  :func:`fedrecon_fast.sample_clients` does, aggregates the replies with our weighted sparse
+  kernel and applies our server optimizer (:func:`~fedrecon_fast.functional.server_step`).
 
-Users and nodes
----------------
-One SuperNode per training user: the node with ``partition-id = k`` is user ``k`` of the
-training :class:`~fedrecon_fast.ClientData`. Flower's node ids are random, so before the first
-round the strategy asks every node for its partition id (one small *query* message each) and
-keeps the map. A round then samples users with :func:`fedrecon_fast.sample_clients` (seed,
-round) and sends to their nodes; a node keys its random streams by ``(seed, round, partition
-id)`` — the streams of user ``k`` in :class:`~fedrecon_fast.FedRecon`'s fused round — and the
-strategy aggregates the replies in cohort order, in float64, as the fused round does. The model
-a Flower simulation trains is therefore bit-identical to the local trainer's for the same seed.
+Users and nodes of the per-user route
+-------------------------------------
+The node with ``partition-id = k`` is user ``k`` of the training
+:class:`~fedrecon_fast.ClientData`. Flower's node ids are random, so before the first round the
+strategy asks every node for its partition id (one small *query* message each) and keeps the
+map. A round then samples users with :func:`fedrecon_fast.sample_clients` (seed, round) and
+sends to their nodes; a node keys its random streams by ``(seed, round, partition id)`` — the
+streams of user ``k`` in :class:`~fedrecon_fast.FedRecon`'s fused round — and the strategy
+aggregates the replies in cohort order, in float64, as the fused round does, so the model is
+again bit-identical to the local trainer's.
 
 Example
 -------
@@ -43,28 +43,26 @@ Example
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 try:
-    with warnings.catch_warnings():
-        # flwr imports typer, which still uses click APIs deprecated in Click 8.2.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")
-        from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
-                              RecordDict)
-        from flwr.clientapp import ClientApp
-        from flwr.serverapp import Grid, ServerApp
-        from flwr.serverapp.strategy import FedAvg
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
@@ -80,7 +78,6 @@ from .functional import (
     ServerState,
     client_evaluate,
     client_step,
-    server_init,
     server_step,
 )
 from .model import GlobalModel
@@ -578,173 +575,275 @@ class FedReconStrategy(FedAvg):
 
 
 # --------------------------------------------------------------------------------------------
-# Simulation runner
+# Simulation runner: the Flower App through `flwr run`
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    """A Flower command of this Python environment (its bin folder first, then PATH)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: pip install 'fedrecon_fast[flower]'")
+    return found
+
+
+def flower_env(home: str | os.PathLike) -> dict:
+    """Environment of the Flower processes: their own ``FLWR_HOME``, no telemetry, this
+    environment's commands first on PATH."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=os.fspath(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    return env
+
+
+@contextlib.contextmanager
+def local_superlink(home: str | os.PathLike, *, simulation: bool, startup_timeout: float = 60.0):
+    """Run a ``flower-superlink`` on the loopback interface (insecure, its own port, in-memory
+    state) and register it as the default SuperLink connection in ``home``'s Flower
+    configuration. Yields its ``host:port``; stops it on exit."""
+    import urllib.request
+
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedrecon"\n\n[superlink.fedrecon]\n'
+                                      f'address = "{address}"\ninsecure = true\n')
+    command = [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"] + (["--simulation"] if simulation else [])
+    log = open(home / "superlink.log", "wb")
+    proc = subprocess.Popen(command, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}: "
+                                   f"{(home / 'superlink.log').read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{address}/health", timeout=1.0) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start within {startup_timeout:g} s")
+            time.sleep(0.2)
+        yield address
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a process we started; kill it if it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def local_supernodes(home: str | os.PathLike, address: str, num_nodes: int):
+    """Run ``num_nodes`` ``flower-supernode`` processes (insecure, loopback) connected to the
+    SuperLink at ``address``, node ``p`` holding ``partition-id=p num-partitions=num_nodes``;
+    stops them on exit. Their logs go to ``home/supernode-<p>.log``."""
+    home = Path(home)
+    nodes = []
+    try:
+        for p in range(num_nodes):
+            log = open(home / f"supernode-{p}.log", "wb")
+            nodes.append((subprocess.Popen(
+                [_executable("flower-supernode"), "--insecure", "--superlink", address, "--node-config",
+                 f"partition-id={p} num-partitions={num_nodes}", "--host", "127.0.0.1", "--port", str(_free_port())],
+                env=flower_env(home), stdout=log, stderr=subprocess.STDOUT), log))
+        yield [proc for proc, _ in nodes]
+    finally:
+        for proc, log in nodes:
+            _stop(proc)
+            log.close()
+
+
+def flwr_run(app: str | os.PathLike, home: str | os.PathLike, *, run_config: str | None = None,
+             federation_config: str | None = None, timeout: float | None = None) -> str:
+    """``flwr run <app> --stream`` against ``home``'s default SuperLink; returns its output.
+
+    ``run_config`` and ``federation_config`` are passed as ``--run-config`` and
+    ``--federation-config``. Raises RuntimeError (with the output's end) if it fails or the
+    run does not finish in time.
+    """
+    command = [_executable("flwr"), "run", os.fspath(app), "--stream"]
+    if run_config:
+        command += ["--run-config", run_config]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    try:
+        proc = subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise RuntimeError(f"flwr run did not finish within {timeout:g} s: ...{out[-2000:]}") from None
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"flwr run failed (exit {proc.returncode}): ...{out[-2000:]}")
+    return out
+
+
+def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
+    """A Flower App folder whose components are this package's :mod:`fedrecon_fast.flower_app`,
+    with ``run_config`` as its ``[tool.flwr.app.config]``."""
+    import tomli_w
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedrecon-run", "version": "1.0.0", "license": "Apache-2.0",
+                    "description": "A FedRecon run of fedrecon_fast.FlowerFedRecon", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedrecon-fast",
+                                  "components": {"serverapp": "fedrecon_fast.flower_app:server_app",
+                                                 "clientapp": "fedrecon_fast.flower_app:client_app"},
+                                  "config": run_config}}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return folder
 
 
 class FlowerFedRecon:
-    """FedRecon trained in Flower's simulation runtime (Ray backend), one node per user.
+    """FedRecon trained by the Flower App (:mod:`fedrecon_fast.flower_app`) through ``flwr run``
+    in Flower's simulation runtime, on a SuperLink started here for the run.
 
-    The same public surface as :class:`fedrecon_fast.FedRecon`: ``fit``, ``evaluate``,
-    ``history``, ``train_seconds``, ``eval_seconds``, ``broadcasted_bits``,
-    ``aggregated_bits``, ``model``, ``config``, ``round``. The trained model equals
-    ``FedRecon``'s for the same config and data (see the module docstring).
+    Each ``fit`` writes the data and the current state (a checkpoint) to a temporary folder,
+    starts a local ``flower-superlink --simulation``, runs ``flwr run`` with ``num_nodes``
+    simulated SuperNodes (each holding a partition of the users), and takes the state back from
+    the run's final checkpoint. The model equals :class:`fedrecon_fast.FedRecon`'s bit for bit.
+    The same public surface: ``fit``, ``evaluate``, ``history``, ``train_seconds``,
+    ``eval_seconds``, ``broadcasted_bits``, ``aggregated_bits``, ``model``, ``config``, ``round``.
 
     Parameters
     ----------
     config : FedReconConfig, optional
     model : GlobalModel, optional
         Start from this model.
+    num_nodes : int, optional
+        Simulated SuperNodes (default: the CPUs, at most the training users).
     num_cpus : int, optional
-        CPUs Ray may use (default: all cores); one ClientApp runs per ``client_cpus``.
-    client_cpus : float
-        CPUs per ClientApp (each client's native step runs on one thread).
+        CPUs the simulation may use (default: all cores); each node's call takes ``client_cpus``.
+    client_cpus : int
+        CPUs per ClientApp call.
     verbose : bool
-        Keep Flower's INFO logs (by default only its errors are shown).
+        Print ``flwr run``'s log stream when the run ends.
+    timeout : float
+        Seconds the whole run may take.
 
     Attributes
     ----------
     startup_seconds : float
-        Per ``fit``: simulation wall time not spent in rounds or validation (Ray start-up,
+        Per ``fit``: wall time not spent in rounds or validation (SuperLink and Ray start-up,
         node discovery, shut-down).
     """
 
     def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                 num_cpus: int | None = None, client_cpus: float = 1.0, verbose: bool = False):
-        self.config = config if config is not None else FedReconConfig()
-        if not isinstance(self.config, FedReconConfig):
-            raise TypeError(f"config must be a FedReconConfig; got {type(self.config).__name__}")
+                 num_nodes: int | None = None, num_cpus: int | None = None, client_cpus: int = 1,
+                 verbose: bool = False, timeout: float = 3600.0):
+        from .training import FedRecon
+
+        config = config if config is not None else FedReconConfig()
+        if not isinstance(config, FedReconConfig):
+            raise TypeError(f"config must be a FedReconConfig; got {type(config).__name__}")
         if model is not None and not isinstance(model, GlobalModel):
             raise TypeError(f"model must be a GlobalModel; got {type(model).__name__}")
+        check_int(num_nodes, "num_nodes", minimum=1, allow_none=True)
         check_int(num_cpus, "num_cpus", minimum=1, allow_none=True)
-        check_float(client_cpus, "client_cpus", minimum=0.0, strict=True)
+        check_int(client_cpus, "client_cpus", minimum=1)
+        check_float(timeout, "timeout", minimum=0.0, strict=True)
+        self.num_nodes = num_nodes
         self.num_cpus = num_cpus
-        self.client_cpus = float(client_cpus)
+        self.client_cpus = int(client_cpus)
         self.verbose = verbose
-        self._initial_model = model
-        self._state: ServerState | None = None
-        self.history: list[dict] = []
-        self.train_seconds = 0.0
-        self.eval_seconds = 0.0
+        self.timeout = float(timeout)
+        self._trainer = FedRecon(config, model=model)
         self.startup_seconds = 0.0
+        self.output = ""
 
-    @property
-    def model(self) -> GlobalModel | None:
-        return self._state.model if self._state is not None else self._initial_model
-
-    @property
-    def round(self) -> int:
-        return self._state.round if self._state is not None else 0
-
-    @property
-    def broadcasted_bits(self) -> int:
-        return self._state.broadcasted_bits if self._state is not None else 0
-
-    @property
-    def aggregated_bits(self) -> int:
-        return self._state.aggregated_bits if self._state is not None else 0
+    config = property(lambda self: self._trainer.config)
+    model = property(lambda self: self._trainer.model)
+    round = property(lambda self: self._trainer.round)
+    history = property(lambda self: self._trainer.history)
+    train_seconds = property(lambda self: self._trainer.train_seconds)
+    eval_seconds = property(lambda self: self._trainer.eval_seconds)
+    broadcasted_bits = property(lambda self: self._trainer.broadcasted_bits)
+    aggregated_bits = property(lambda self: self._trainer.aggregated_bits)
 
     def fit(self, train: ClientData, val: ClientData | None = None, *, rounds: int | None = None,
             progress: bool = False, callback: Callable[[dict], None] | None = None) -> FlowerFedRecon:
-        """Run rounds in a Flower simulation: one SuperNode per user of ``train``.
+        """Run rounds in a Flower simulation; calling ``fit`` again continues.
 
-        Arguments as in :meth:`FedRecon.fit <fedrecon_fast.FedRecon.fit>`; calling ``fit``
-        again continues (in a new simulation).
+        Arguments as in :meth:`FedRecon.fit <fedrecon_fast.FedRecon.fit>`; the rounds run in
+        Flower's processes, so ``callback`` and the progress bar see each round's row when the
+        run ends.
         """
-        cfg = self.config
-        rounds = cfg.rounds if rounds is None else rounds
+        from .training import FedRecon
+
+        rounds = self.config.rounds if rounds is None else rounds
         check_int(rounds, "rounds", minimum=0)
         if not isinstance(train, ClientData):
             raise TypeError(f"train must be a ClientData; got {type(train).__name__}")
         check_training_clients(train)
-        if self._state is None:
-            self._state = server_init(cfg, model=self._initial_model, data=train)
-        model = self._state.model
-        if train.num_items != model.num_items or (val is not None and val.num_items != model.num_items):
-            raise ValueError("train/val must share the model's item indexing (subsets of one ClientData)")
+        before = self._trainer
+        before.fit(train, rounds=0)  # the model, the optimizer state and a calibrated noise
         if rounds == 0:
             return self
-
-        with self._quiet():
-            strategy = FedReconStrategy(self._state, train.num_clients, on_failure="raise")
+        start = time.perf_counter()
+        seconds = before.train_seconds + before.eval_seconds
+        first = len(before.history)
+        with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as tmp:
+            tmp = Path(tmp)
+            ckpt = tmp / "checkpoints"
+            before.save_checkpoint(ckpt)
+            run_config = {"config": json.dumps(before.config.replace(rounds=before.round + rounds).to_dict()),
+                          "train-file": str(save_client_data(train, tmp / "train.npz")),
+                          "checkpoint-dir": str(ckpt), "timeout": self.timeout}
+            if val is not None:
+                run_config["val-file"] = str(save_client_data(val, tmp / "val.npz"))
+            app = write_app(tmp / "app", run_config)
+            nodes = self.num_nodes or min(train.num_clients, os.cpu_count() or 1)
+            cpus = self.num_cpus or os.cpu_count() or 1
+            federation = (f"num-supernodes={nodes} client-resources-num-cpus={self.client_cpus} "
+                          f"init-args-num-cpus={cpus}")
+            with local_superlink(tmp / "flwr-home", simulation=True) as _:
+                self.output = flwr_run(app, tmp / "flwr-home", federation_config=federation, timeout=self.timeout)
+            if self.verbose:
+                print(self.output)
+            after = FedRecon.from_checkpoint(ckpt, before.config.replace(rounds=before.round + rounds))
+        if after.round != before.round + rounds:
+            raise RuntimeError(f"the Flower run ended at round {after.round}, not {before.round + rounds}: "
+                               f"...{self.output[-2000:]}")
+        after.config = before.config
+        after.model.config = before.config
+        self._trainer = after
+        new = after.history[first:]
+        self.startup_seconds = (time.perf_counter() - start
+                                - (after.train_seconds + after.eval_seconds - seconds))
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=rounds, desc="FedRecon (Flower)", unit="round", leave=False)
-
-        def on_round(row: dict) -> None:
-            self.history.append(row)
+        for row in new:
             if callback is not None:
                 callback(row)
             if bar is not None:
-                shown = {"rmse": row["train_rmse"], **({"val_rmse": row["val_rmse"]} if "val_rmse" in row else {})}
-                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
                 bar.update(1)
-
-        evaluate_fn = strategy.evaluate_fn(val, self._state.round + rounds, on_round=on_round)
-        server = ServerApp()
-
-        @server.main()
-        def main(grid: Grid, context: Context) -> None:
-            strategy.start(grid, strategy.arrays(), num_rounds=rounds, evaluate_fn=evaluate_fn)
-
-        start = time.perf_counter()
-        first = len(self.history)
-        try:
-            with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as tmp:
-                path = save_client_data(train, Path(tmp) / "train.npz")
-                self._simulate(server, client_app(str(path)), train.num_clients)
-        finally:
-            if bar is not None:
-                bar.close()
-            self._state = strategy.state
-            new = self.history[first:]
-            rounds_time = sum(h["round_seconds"] for h in new)
-            self.train_seconds += rounds_time
-            self.eval_seconds += strategy.eval_seconds
-            self.startup_seconds = time.perf_counter() - start - rounds_time - strategy.eval_seconds
+        if bar is not None:
+            bar.close()
         return self
-
-    def _simulate(self, server: ServerApp, client: ClientApp, num_nodes: int) -> None:
-        from flwr.simulation import run_simulation
-
-        cpus = self.num_cpus or os.cpu_count() or 1
-        init_args = {"num_cpus": cpus, "include_dashboard": False}
-        if not self.verbose:
-            # Client errors come back in their replies; the workers' logs are noise.
-            init_args["log_to_driver"] = False
-        backend_config = {"client_resources": {"num_cpus": self.client_cpus, "num_gpus": 0.0},
-                          "init_args": init_args}
-        pythonpath = os.environ.get("PYTHONPATH")
-        try:
-            with self._quiet(), warnings.catch_warnings():
-                # Ray announces a future default about GPU environment variables (no GPU is
-                # used here), and leaves its shut-down helper processes and log files to the
-                # garbage collector; collect them now, while those warnings are off.
-                warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-                warnings.filterwarnings("ignore", category=ResourceWarning)
-                try:
-                    run_simulation(server_app=server, client_app=client, num_supernodes=num_nodes,
-                                   backend_name="ray", backend_config=backend_config)
-                finally:
-                    gc.collect()
-        finally:
-            # Flower's Ray backend rewrites PYTHONPATH for its workers; give the caller theirs back.
-            if pythonpath is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = pythonpath
-
-    @contextlib.contextmanager
-    def _quiet(self):
-        """Flower's logger shows only errors (unless verbose) while we drive it."""
-        flwr_logger = logging.getLogger("flwr")
-        level = flwr_logger.level
-        if not self.verbose:
-            flwr_logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            flwr_logger.setLevel(level)
 
     def evaluate(self, data: ClientData, clients=None, *, per_user: bool = False, k: int | None = 10,
                  relevance_threshold: float | None = 4.0) -> dict:

@@ -402,6 +402,9 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
         raise TypeError(f"config must be a FedReconConfig; got {type(config).__name__}")
     if config.learn_user_default:
         raise ValueError("learn_user_default is not supported one client at a time yet: use FedRecon")
+    if config.dp_target_quantile is not None or config.dp_target_epsilon is not None or config.sampling != "fixed":
+        raise ValueError("adaptive clipping, privacy budgets and Poisson sampling keep state between rounds that "
+                         "server_step does not: use FedRecon (or its Flower and Ray backends)")
     if model is None:
         if data is None:
             raise ValueError("give model or data (the training ClientData) to initialise the model")
@@ -541,7 +544,8 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
         "aggregated_bits_total": state.aggregated_bits + aggregated,
         **({"dp_clipped": clipped,
             "dp_clip_fraction": clipped / len(reporting) if reporting else 0.0,
-            "dp_noise_std": cfg.dp_noise * cfg.dp_clip} if cfg.dp_clip is not None else {}),
+            "dp_noise_std": cfg.dp_noise * cfg.dp_clip, "dp_clip": cfg.dp_clip,
+            "dp_noise_multiplier": cfg.dp_noise} if cfg.dp_clip is not None else {}),
         "server_seconds": time.perf_counter() - start,
     }
     return ServerState(model, cfg, opt_state, state.round + 1, state.broadcasted_bits + broadcast,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from ._native import core as _core
 from ._validation import (
     FLOAT32_MAX,
     as_float32_matrix,

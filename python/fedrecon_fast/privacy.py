@@ -22,8 +22,16 @@ Language Models" (ICLR 2018), a round of DP-FedAvg
    noised sum itself is returned.
 
 The noise standard deviation is ``z·C`` on the sum (``z·C / expected_weight`` on the mean).
-Privacy accounting (turning ``z``, ``q`` and the number of rounds into ``(ε, δ)``) is left to an
-accountant such as Google's ``dp_accounting``.
+:mod:`fedrecon_fast.accounting` turns ``z``, the sampling and the number of rounds into
+``(ε, δ)`` with Google's ``dp_accounting``.
+
+**Adaptive clipping** (Andrew, Thakkar, McMahan and Ramaswamy, "Differentially Private Learning
+with Adaptive Clipping", NeurIPS 2021; the semantics of TensorFlow Privacy's
+``QuantileEstimatorQuery`` with geometric updates, as TFF's ``gaussian_adaptive`` uses):
+:func:`adaptive_clip_update` moves ``C`` after each round toward the ``γ`` quantile of the
+update norms, from a noised count of the updates that were not clipped, and
+:func:`value_noise_multiplier` splits a total noise multiplier between the update and that
+count so that both together cost what one Gaussian mechanism with the total multiplier costs.
 
 Noise is reproducible: coordinate ``g`` of round ``round`` is a pure function of
 ``(seed, round, g)`` — SplitMix64 stream ``derive_seed(seed, round, 0, STREAM_PRIVACY)``, pairs of
@@ -43,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from ._native import core as _core
 from ._validation import check_float, check_int
 from .aggregation import (
     _as_f32,
@@ -61,6 +69,8 @@ from .aggregation import (
 __all__ = [
     "STREAM_PRIVACY",
     "DPGaussianSum",
+    "adaptive_clip_update",
+    "value_noise_multiplier",
     "DPResult",
     "capped_weights",
     "clip_by_norm",
@@ -71,7 +81,7 @@ __all__ = [
 ]
 
 #: Random stream of the DP noise (see :mod:`fedrecon_fast._rng` for streams 0-4).
-from ._rng import STREAM_PRIVACY  # noqa: E402  (one table of streams)
+from ._rng import STREAM_CLIP_COUNT, STREAM_PRIVACY, generator  # noqa: E402  (one table of streams)
 
 _UINT64 = 2**64
 
@@ -448,3 +458,82 @@ class DPGaussianSum:
         s = self._acc.summary()
         return (f"DPGaussianSum(shape={self._shape}, clip={s['clip']}, noise_multiplier={s['noise_multiplier']}, "
                 f"num_updates={s['num_updates']}, num_clipped={s['num_clipped']})")
+
+
+def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The update's own noise multiplier when adaptive clipping spends part of the budget.
+
+    Adaptive clipping releases two Gaussian sums per round: the clipped updates (noise
+    multiplier ``z_v`` relative to ``C``) and the count of unclipped updates, each contributing
+    ``±1/2`` (noise std ``σ_b``, so multiplier ``2 σ_b``). Together they are one Gaussian
+    mechanism with ``z = (z_v⁻² + (2 σ_b)⁻²)^(-1/2)`` (Andrew et al. 2021, Theorem 1), so for a
+    total ``z`` the update gets ``z_v = (z⁻² - (2 σ_b)⁻²)^(-1/2)``, as TFF's
+    ``DifferentiallyPrivateFactory.gaussian_adaptive`` computes.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        The total ``z >= 0`` (0: no noise on either).
+    count_stddev : float
+        ``σ_b``; must exceed ``z / 2`` when ``z > 0``.
+    """
+    check_float(noise_multiplier, "noise_multiplier", minimum=0.0)
+    check_float(count_stddev, "count_stddev", minimum=0.0)
+    if noise_multiplier == 0:
+        return 0.0
+    if 2.0 * count_stddev <= noise_multiplier:
+        raise ValueError(f"the clipped-count noise std ({count_stddev:g}) is too small for a total noise "
+                         f"multiplier of {noise_multiplier:g}: it must exceed {noise_multiplier / 2:g} (raise "
+                         "dp_clip_count_stddev or clients_per_round, or lower the noise multiplier)")
+    return (noise_multiplier ** -2 - (2.0 * count_stddev) ** -2) ** -0.5
+
+
+def adaptive_clip_update(clip: float, num_unclipped: int, num_records: int, *, target_quantile: float,
+                         learning_rate: float, count_stddev: float, expected_records: float, seed: int,
+                         round: int) -> tuple[float, float]:
+    """One step of the private quantile estimator that adapts the clip norm (geometric update).
+
+    ``b = clip01((Σ_i (1[||Δ_i|| <= C] - 1/2) + N(0, σ_b²)) / expected_records + 1/2)`` estimates
+    the fraction of unclipped updates, and ``C ← C · exp(-learning_rate · (b - target_quantile))``:
+    the clip norm shrinks while more than ``target_quantile`` of the updates fit under it and
+    grows otherwise, converging to the ``target_quantile`` quantile of the update norms.
+
+    Parameters
+    ----------
+    clip : float
+        The round's clip norm ``C > 0``.
+    num_unclipped, num_records : int
+        Updates of the round with norm ``<= C``, and all updates counted (the reporting clients).
+    target_quantile : float
+        ``γ`` in [0, 1].
+    learning_rate : float
+        ``η >= 0``: the clip moves by a factor of at most ``exp(η)`` per round.
+    count_stddev : float
+        ``σ_b >= 0``, the noise std of the count (0: the exact count).
+    expected_records : float
+        The fixed denominator (the expected cohort size).
+    seed, round : int
+        Key the count's noise: ``derive_seed(seed, round, 0, STREAM_CLIP_COUNT)``.
+
+    Returns
+    -------
+    new_clip : float
+    unclipped_fraction : float
+        The noised estimate ``b``.
+    """
+    check_float(clip, "clip", minimum=0.0, strict=True)
+    check_int(num_records, "num_records", minimum=0)
+    check_int(num_unclipped, "num_unclipped", minimum=0, maximum=num_records)
+    check_float(target_quantile, "target_quantile", minimum=0.0, maximum=1.0)
+    check_float(learning_rate, "learning_rate", minimum=0.0)
+    check_float(count_stddev, "count_stddev", minimum=0.0)
+    check_float(expected_records, "expected_records", minimum=0.0, strict=True)
+    check_int(seed, "seed", minimum=0)
+    check_int(round, "round", minimum=0)
+    # Each record adds ±1/2 (sensitivity 1/2 under add/remove), centred so the noise has
+    # nothing to bias.
+    shifted = num_unclipped - 0.5 * num_records
+    if count_stddev > 0:
+        shifted += count_stddev * float(generator(seed, round, 0, STREAM_CLIP_COUNT).standard_normal())
+    fraction = min(1.0, max(0.0, shifted / expected_records + 0.5))
+    return float(clip) * math.exp(-learning_rate * (fraction - target_quantile)), fraction

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import divergence, kernels, memory, splits
+from . import accounting, divergence, kernels, memory, splits
 from .kernels import sample_clients
 from ._validation import check_int
 from .config import FedReconConfig
@@ -22,8 +22,17 @@ from .evaluation import recon_eval
 from .model import GlobalModel
 from .optimizers import make_optimizer
 from .privacy import privatize_mean
+from .sampling import poisson_rate, poisson_sample_clients
 
 logger = logging.getLogger(__name__)
+
+
+def round_clients(config: FedReconConfig, num_clients: int, round: int) -> np.ndarray:
+    """The cohort of one round as ``config.sampling`` says (fixed-size or Poisson)."""
+    if config.sampling == "poisson":
+        return poisson_sample_clients(num_clients, poisson_rate(num_clients, config.clients_per_round),
+                                      config.seed, round)
+    return sample_clients(num_clients, config.clients_per_round, config.seed, round)
 
 
 def check_training_clients(train) -> None:
@@ -92,6 +101,9 @@ class FedRecon:
         self._optimizer = make_optimizer(self.config.server_optimizer, lr=self.config.server_lr,
                                          **dict(self.config.server_options))
         self._opt_state = None
+        # DP state between rounds (clip norm, accountant), made by fit and kept in checkpoints.
+        self._privacy: accounting.RunPrivacy | None = None
+        self._privacy_state: dict = {}
         # Server SGD inside the native round (see _in_place_step); False forces the dense
         # delta and the optimizer, e.g. to compare the two.
         self.in_place_step = True
@@ -127,6 +139,7 @@ class FedRecon:
         saved = FedReconConfig.from_dict(meta["config"])
         if config is None:
             config = saved
+        config = accounting.resumed_config(config, saved)
         free = {"rounds", "num_threads"}
         differ = sorted(k for k, v in config.to_dict().items() if k not in free and saved.to_dict()[k] != v)
         if differ:
@@ -146,11 +159,24 @@ class FedRecon:
         return trainer
 
     def _extra_arrays(self) -> dict:
-        """Arrays a subclass keeps between rounds (none: FedRecon is stateless)."""
-        return {}
+        """Arrays kept between rounds: the DP state (clients are stateless)."""
+        if self._privacy is not None:
+            return self._privacy.state()
+        return dict(self._privacy_state)
 
     def _restore_extra(self, arrays: dict) -> None:
-        """Take back what :meth:`_extra_arrays` saved."""
+        """Take back what :meth:`_extra_arrays` saved (the DP state waits for ``fit``)."""
+        self._privacy_state = {k: v for k, v in arrays.items() if k.startswith("dp_")}
+
+    def _start_privacy(self, num_clients: int) -> None:
+        """Calibrate the noise to the budget (once) and set up the DP state of the run."""
+        if self.config.dp_clip is None or self._privacy is not None:
+            return
+        self.config = accounting.calibrated_config(self.config, num_clients)
+        if self.model is not None:
+            self.model.config = self.config
+        self._privacy = accounting.RunPrivacy(self.config, num_clients)
+        self._privacy.restore(self._privacy_state)
 
     def _params(self) -> dict:
         params = {"item_factors": self.model.item_factors}
@@ -192,6 +218,8 @@ class FedRecon:
         check_int(checkpoint_every, "checkpoint_every", minimum=0)
         check_training_clients(train)
         memory.check_training(train.num_items, cfg, client_sizes=train.sizes)
+        self._start_privacy(train.num_clients)
+        cfg = self.config
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
             self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean,
@@ -215,6 +243,10 @@ class FedRecon:
         try:
             k = 0
             while k < rounds:
+                if self._privacy is not None and not self._privacy.can_run_round():
+                    logger.warning("stopping before round %d: it would exceed the privacy budget epsilon=%g "
+                                   "(delta=%g)", self.round, cfg.dp_target_epsilon, cfg.dp_delta)
+                    break
                 rows = self._run_chunk(train, self._chunk(rounds - k, checkpoint_every)) if native \
                     else [self._run_round(train, params)]
                 for row in rows:
@@ -246,6 +278,8 @@ class FedRecon:
             shown = {"rmse": row["train_rmse"]}
             if "val_rmse" in row:
                 shown["val_rmse"] = row["val_rmse"]
+            if "dp_epsilon" in row:
+                shown["eps"] = row["dp_epsilon"]
             bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
             bar.update(1)
 
@@ -257,7 +291,7 @@ class FedRecon:
         when no round needs Python, i.e. the server step runs in the native round
         (:meth:`_in_place_step`), no per-round callback, and no per-client state to keep
         (FedRecon is stateless; the FedAvg baseline stores user embeddings)."""
-        return (callback is None and bool(self._in_place_step(params))
+        return (callback is None and bool(self._in_place_step(params)) and self.config.sampling == "fixed"
                 and type(self)._user_state is FedRecon._user_state)
 
     def _chunk(self, remaining: int, checkpoint_every: int) -> int:
@@ -301,14 +335,15 @@ class FedRecon:
         cfg = self.config
         r = self.round
         start = time.perf_counter()
-        clients = sample_clients(train.num_clients, cfg.clients_per_round, cfg.seed, r)
+        clients = round_clients(cfg, train.num_clients, r)
+        dp = self._privacy
         in_place = self._in_place_step(params)
         res = self._executor.train_round(
             self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
             global_mean=self.model.global_mean, seed=cfg.seed, round=r,
             num_threads=cfg.num_threads, check_finite=False, bits=cfg.quantize_bits,
             scaling=cfg.quantize_scaling, hadamard=cfg.hadamard, sparse=cfg.sparse_updates,
-            threshold=cfg.quantize_threshold, clip=cfg.dp_clip, **self.model.default_kwargs(),
+            threshold=cfg.quantize_threshold, clip=None if dp is None else dp.clip, **self.model.default_kwargs(),
             **self._user_state(train, clients), **in_place)
         self._store_users(clients, res)
         if in_place:
@@ -322,10 +357,10 @@ class FedRecon:
                 update["item_bias"] = res.delta_bias
             if "user_default" in params:
                 update.update(self._default_update(res))
-            if cfg.dp_clip is not None:
-                privatize_mean(update, res.summary["total_weight"], clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
-                               expected_clients=cfg.clients_per_round, seed=cfg.seed, round=r,
-                               num_threads=cfg.num_threads)
+            if dp is not None:
+                privatize_mean(update, res.summary["total_weight"], clip=dp.clip,
+                               noise_multiplier=dp.value_noise_multiplier, expected_clients=dp.expected_clients,
+                               seed=cfg.seed, round=r, num_threads=cfg.num_threads)
             # The native round aggregates only finite float32 updates of the right shapes, and V
             # itself is checked just below, so the optimizer's own validation pass is skipped.
             self._optimizer.apply(params, update, self._opt_state, validate=False)
@@ -356,6 +391,7 @@ class FedRecon:
                 f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
                 f"non-finite updates; {divergence.explain(cfg, self.model.item_factors)}")
         n = s["num_examples"]
+        privacy = {} if self._privacy is None else self._privacy.end_round(s, r)
         self.round += 1
         return {
             "round": self.round,
@@ -374,6 +410,7 @@ class FedRecon:
             **({"dp_clipped": s["num_clipped"],
                 "dp_clip_fraction": s["num_clipped"] / s["num_reporting"] if s["num_reporting"] else 0.0,
                 "dp_noise_std": cfg.dp_noise * cfg.dp_clip} if cfg.dp_clip is not None else {}),
+            **privacy,
             "round_seconds": seconds,
         }
 

@@ -18,6 +18,8 @@ enum Stream : std::uint64_t {
   kStreamItemTable = 7,   // centralized baseline's item table (Python)
   kStreamEpochOrder = 8,  // centralized baseline's epoch shuffles (Python)
   kStreamPrivacy = 10,    // DP-FedAvg Gaussian noise
+  kStreamPoisson = 11,    // Poisson client sampling (Python)
+  kStreamClipCount = 12,  // noise on adaptive clipping's unclipped count (Python)
 };
 
 inline std::uint64_t splitmix64_next(std::uint64_t& state) {
