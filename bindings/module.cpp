@@ -14,6 +14,7 @@
 #include "fedrecon/cohort.hpp"
 #include "fedrecon/cpu.hpp"
 #include "fedrecon/loop.hpp"
+#include "fedrecon/parallel.hpp"
 #include "fedrecon/sampling.hpp"
 #include "fedrecon/rng.hpp"
 
@@ -121,7 +122,7 @@ py::dict stats_dict(const std::vector<fedrecon::ClientStats>& s) {
                   "status"_a = column(s, &fedrecon::ClientStats::status));
 }
 
-// What the update kernels (train_round, train_round_partial, client_updates) share.
+// What the update kernels (train_round, client_updates) share.
 struct UpdateCall {
   fedrecon::UpdateCodec codec;
   fedrecon::ModelView model;
@@ -193,40 +194,11 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                         or_none(c.users.users_out), or_none(c.users.user_bias_out));
 }
 
-py::dict train_round_partial(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
-                             float global_mean, const Array<std::int64_t>& indptr,
-                             const Array<std::int32_t>& items, const Array<float>& ratings,
-                             const Array<std::int64_t>& clients, const ClientConfig& config,
-                             std::uint64_t seed, std::uint64_t round, int num_threads,
-                             const std::optional<Array<float>>& users,
-                             const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
-                             const OptionalIds& stream_ids) {
-  auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
-                       user_bias, codec, stream_ids);
-  const auto& model = c.model;
-  const auto n = c.n;
-  std::vector<fedrecon::ClientStats> stats(static_cast<std::size_t>(n));
-  fedrecon::PartialSums p;
-  fedrecon::RoundSummary s;
-  {
-    py::gil_scoped_release release;
-    s = fedrecon::train_round_partial(model, c.data, c.ids, n, config, seed, round, num_threads, p,
-                                      stats.data(), c.users.state, c.codec);
-  }
-  const auto nrows = static_cast<py::ssize_t>(p.rows.size());
-  Array<double> values({nrows, static_cast<py::ssize_t>(model.dim)});
-  std::copy(p.values.begin(), p.values.end(), values.mutable_data());
-  py::object bias = py::none();
-  if (model.has_bias()) bias = Array<double>(nrows, p.bias.data());
-  return py::dict("rows"_a = Array<std::int32_t>(nrows, p.rows.data()), "values"_a = values,
-                  "bias"_a = bias, "touched"_a = Array<std::int32_t>(static_cast<py::ssize_t>(p.touched.size()), p.touched.data()),
-                  "stats"_a = stats_dict(stats), "summary"_a = summary_dict(s),
-                  "users"_a = or_none(c.users.users_out), "user_bias"_a = or_none(c.users.user_bias_out));
-}
-
 py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& values,
                          const std::optional<Array<float>>& bias_values, const Array<std::int64_t>& offsets,
-                         const Array<double>& weights, std::int64_t num_items, int num_threads) {
+                         const Array<double>& weights, std::int64_t num_items, int num_threads,
+                         const std::optional<Array<float>>& noise_lo, const std::optional<Array<float>>& noise_step,
+                         const std::optional<Array<std::uint64_t>>& noise_key, const fedrecon::UpdateCodec& codec) {
   if (values.ndim() != 2 || values.shape(1) < 1) fail("values must be 2-D (entries, dim)");
   if (rows.ndim() != 1 || rows.shape(0) != values.shape(0)) fail("rows must have one entry per row of values");
   if (bias_values && (bias_values->ndim() != 1 || bias_values->shape(0) != rows.shape(0)))
@@ -236,6 +208,19 @@ py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& va
   if (weights.ndim() != 1 || weights.shape(0) != n) fail("weights must have one entry per client");
   if (offsets.at(n) != rows.shape(0)) fail("offsets must end at the number of rows");
   if (num_items < 0) fail("num_items must be >= 0");
+  const bool any_noise = noise_lo || noise_step || noise_key;
+  if (any_noise && !(noise_lo && noise_step && noise_key))
+    fail("noise_lo, noise_step and noise_key go together");
+  if (any_noise && (noise_lo->ndim() != 1 || noise_lo->shape(0) != n || noise_step->ndim() != 1 ||
+                    noise_step->shape(0) != n || noise_key->ndim() != 1 || noise_key->shape(0) != n))
+    fail("noise_lo, noise_step and noise_key must have one entry per client");
+  fedrecon::DenseNoise noise;
+  if (any_noise) {
+    noise.lo = noise_lo->data();
+    noise.step = noise_step->data();
+    noise.key = noise_key->data();
+    noise.codec = codec;
+  }
   const int dim = static_cast<int>(values.shape(1));
   Array<float> delta({static_cast<py::ssize_t>(num_items), static_cast<py::ssize_t>(dim)});
   std::optional<Array<float>> delta_bias;
@@ -247,7 +232,7 @@ py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& va
   {
     py::gil_scoped_release release;
     total = fedrecon::reduce_updates(num_items, dim, offsets.data(), n, rows.data(), values.data(), bv,
-                                     weights.data(), num_threads, d, db);
+                                     weights.data(), num_threads, d, db, any_noise ? &noise : nullptr);
   }
   return py::make_tuple(delta, or_none(delta_bias), total);
 }
@@ -274,9 +259,15 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
   std::copy(u.values.begin(), u.values.end(), values.mutable_data());
   py::object bias = py::none();
   if (model.has_bias()) bias = Array<float>(nrows, u.bias_values.data());
+  py::object noise = py::none();
+  if (!u.noise_key.empty()) {
+    const auto m = static_cast<py::ssize_t>(u.noise_key.size());
+    noise = py::dict("lo"_a = Array<float>(m, u.noise_lo.data()), "step"_a = Array<float>(m, u.noise_step.data()),
+                     "key"_a = Array<std::uint64_t>(m, u.noise_key.data()));
+  }
   return py::dict("offsets"_a = Array<std::int64_t>(static_cast<py::ssize_t>(u.offsets.size()), u.offsets.data()),
                   "rows"_a = Array<std::int32_t>(nrows, u.rows.data()), "values"_a = values,
-                  "bias_values"_a = bias, "stats"_a = stats_dict(u.stats),
+                  "bias_values"_a = bias, "stats"_a = stats_dict(u.stats), "noise"_a = noise,
                   "users"_a = or_none(c.users.users_out), "user_bias"_a = or_none(c.users.user_bias_out));
 }
 
@@ -533,6 +524,7 @@ PYBIND11_MODULE(FEDRECON_MODULE, m) {
 
   m.def("derive_seed", &fedrecon::derive_seed, "seed"_a, "round"_a, "client"_a, "stream"_a);
   m.def("sample_clients", &sample_clients, "num_clients"_a, "clients_per_round"_a, "seed"_a, "round"_a);
+  m.def("max_threads", &fedrecon::max_threads, "Most threads one call uses (4 x the hardware threads).");
 
 #define FEDRECON_COHORT_ARGS                                                                     \
   "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true), "global_mean"_a,           \
@@ -544,16 +536,15 @@ PYBIND11_MODULE(FEDRECON_MODULE, m) {
 #define FEDRECON_STREAM_IDS "stream_ids"_a.noconvert().none(true) = py::none()
   m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS,
         "apply_lr"_a = 0.0);
-  m.def("train_round_partial", &train_round_partial, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS,
-        FEDRECON_STREAM_IDS);
   m.def("train_rounds", &train_rounds, "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true),
         "global_mean"_a, "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(), "config"_a,
         "codec"_a, "seed"_a, "first_round"_a, "num_rounds"_a, "clients_per_round"_a, "lr"_a, "num_threads"_a);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
   m.def("reduce_updates", &reduce_updates, "rows"_a.noconvert(), "values"_a.noconvert(),
         "bias_values"_a.noconvert().none(true), "offsets"_a.noconvert(), "weights"_a.noconvert(),
-        "num_items"_a, "num_threads"_a);
-  m.attr("REDUCE_LEAF") = fedrecon::kReduceLeaf;
+        "num_items"_a, "num_threads"_a, "noise_lo"_a.noconvert().none(true) = py::none(),
+        "noise_step"_a.noconvert().none(true) = py::none(), "noise_key"_a.noconvert().none(true) = py::none(),
+        "codec"_a = fedrecon::UpdateCodec());
 #undef FEDRECON_UPDATE_ARGS
   m.def("reconstruct_users", &users_of<fedrecon::reconstruct_users>, FEDRECON_COHORT_ARGS, FEDRECON_STREAM_IDS);
   m.def("evaluate_users", &evaluate_users, FEDRECON_COHORT_ARGS, "k"_a = 0, "relevance_threshold"_a = 4.0f,

@@ -1,6 +1,6 @@
-"""Sharded rounds: shards of a cohort, reduced anywhere and combined along the native reduction
-tree, give bit for bit the local round — in process here, and on Ray workers when Ray is
-installed."""
+"""Partitioned rounds: users held by partitions, each running its sampled clients anywhere,
+combined in cohort order, give bit for bit the local round — in process here, and on Ray
+workers when Ray is installed."""
 
 import os
 import signal
@@ -12,8 +12,6 @@ import fedrecon_fast as ff
 from fedrecon_fast import distributed as D
 from fedrecon_fast import kernels, partitions
 from fedrecon_fast.baselines import FedAvg, fedavg_config
-
-LEAF = D.REDUCE_LEAF
 
 # Ray's shutdown (at the end of this module) leaves subprocess handles for the garbage collector.
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning",
@@ -47,37 +45,6 @@ def assert_same_round(got, want):
             assert np.array_equal(_bits(g), _bits(w))
 
 
-def sharded(V, data, clients, cfg, num_shards, **kw):
-    ranges = D.shard_ranges(len(clients), num_shards)
-    users, user_bias = kw.pop("users", None), kw.pop("user_bias", None)
-    parts = []
-    for a, b in ranges:
-        state = {} if users is None else {"users": users[a:b]}
-        if user_bias is not None:
-            state["user_bias"] = user_bias[a:b]
-        parts.append(kernels.train_round_partial(V, data, clients[a:b], cfg, **state, **kw))
-    return D.combine_round(ranges, parts, *V.shape)
-
-
-@pytest.mark.parametrize("num_clients", [1, 7, LEAF, LEAF + 1, 150, 3 * LEAF + 5, 480])
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 8, 1000])
-def test_shard_ranges_are_contiguous_nodes_of_the_tree(num_clients, num_shards):
-    ranges = D.shard_ranges(num_clients, num_shards)
-    assert ranges[0][0] == 0 and ranges[-1][1] == num_clients
-    assert all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
-    assert len(ranges) <= num_shards
-    if len(ranges) < num_shards:  # stopped only because every range is a leaf
-        assert all(b - a <= LEAF for a, b in ranges)
-    # Each range is reached from the root by midpoint splits.
-    for a, b in ranges:
-        lo, hi = 0, num_clients
-        while (lo, hi) != (a, b):
-            assert hi - lo > LEAF
-            mid = lo + (hi - lo + 1) // 2
-            lo, hi = (lo, mid) if b <= mid else (mid, hi)
-            assert lo <= a and b <= hi
-
-
 CASES = {
     "paper": dict(),
     "biases": dict(biases=True),
@@ -85,22 +52,6 @@ CASES = {
     "row-quantized-hadamard": dict(codec=dict(bits=4, scaling="row", hadamard=True)),
     "clipped-biases": dict(biases=True, codec=dict(clip=0.05)),
 }
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("num_clients", [5, 2 * LEAF + 1, 300])
-@pytest.mark.parametrize("num_shards", [2, 5, 64])
-def test_sharded_round_is_bit_identical_to_the_local_round(data, case, num_clients, num_shards):
-    spec = CASES[case]
-    cfg = ff.preset("paper", dim=24, biases=spec.get("biases", False))
-    model = ff.GlobalModel.initialize(data.item_ids, cfg, global_mean=3.5)
-    rng = np.random.default_rng(num_clients)
-    clients = rng.choice(data.num_clients, num_clients, replace=False)
-    bias = None if model.item_bias is None else rng.normal(0, 0.1, data.num_items).astype(np.float32)
-    kw = dict(item_bias=bias, global_mean=model.global_mean, seed=4, round=9, **spec.get("codec", {}))
-    want = kernels.train_round(model.item_factors, data, clients, cfg.client, num_threads=2, **kw)
-    got = sharded(model.item_factors, data, clients, cfg.client, num_shards, num_threads=1, **kw)
-    assert_same_round(got, want)
 
 
 def partitioned(V, data, clients, cfg, num_partitions, **kw):
@@ -118,8 +69,8 @@ def partitioned(V, data, clients, cfg, num_partitions, **kw):
     return partitions.combine(routes, ups, len(clients), *V.shape)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "dense-quantized"])
-@pytest.mark.parametrize("num_clients", [1, 2 * LEAF + 1, 300])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("num_clients", [1, 129, 300])
 @pytest.mark.parametrize("num_partitions", [1, 3, 64])
 def test_partitioned_round_is_bit_identical_to_the_local_round(data, case, num_clients, num_partitions):
     spec = CASES[case]
@@ -153,17 +104,6 @@ def test_partitions_cover_the_users_once():
     routes = partitions.route([9, 0, 5, 4, 1], bounds)
     assert [(r.partition, r.positions.tolist(), r.local.tolist()) for r in routes] == [
         (0, [1, 4], [0, 1]), (1, [2, 3], [2, 1]), (3, [0], [1])]
-    assert not partitions.routable(bits=8, sparse=False) and partitions.routable(bits=8, sparse=True)
-
-
-def test_sharded_stateful_round_returns_every_users_embedding(data):
-    cfg = fedavg_config(dim=16)
-    V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
-    clients = np.arange(0, 400, 2)
-    users = np.random.default_rng(1).uniform(-0.05, 0.05, (len(clients), 16)).astype(np.float32)
-    want = kernels.train_round(V, data, clients, cfg.client, users=users, seed=2, round=1)
-    got = sharded(V, data, clients, cfg.client, 4, users=users, seed=2, round=1)
-    assert_same_round(got, want)
 
 
 def test_round_where_nobody_reports_gives_zero_delta(data):
@@ -171,40 +111,34 @@ def test_round_where_nobody_reports_gives_zero_delta(data):
     V = np.full((data.num_items, 8), np.nan, np.float32)  # every client diverges
     clients = np.arange(200)
     want = kernels.train_round(V, data, clients, cfg.client, check_finite=False)
-    got = sharded(V, data, clients, cfg.client, 3, check_finite=False)
+    got = partitioned(V, data, clients, cfg.client, 3, check_finite=False)
     assert want.summary["num_nonfinite"] == 200
     assert_same_round(got, want)
 
 
-def test_combine_round_rejects_parts_that_do_not_fit(data):
+def test_combine_rejects_pieces_that_do_not_fit(data):
     cfg = ff.preset("paper", dim=8)
     V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
-    clients = np.arange(300)
-    ranges = D.shard_ranges(300, 2)
-    parts = [kernels.train_round_partial(V, data, clients[a:b], cfg.client) for a, b in ranges]
-    with pytest.raises(ValueError, match="pair one shard"):
-        D.combine_round(ranges, parts[:1], *V.shape)
-    with pytest.raises(ValueError, match="does not match shard"):
-        D.combine_round(ranges[::-1], parts[::-1], *V.shape)
-    with pytest.raises(TypeError, match="PartialRound"):
-        D.combine_round(ranges, [parts[0], "x"], *V.shape)
-    # Contiguous but not nodes of the tree: the combination would not be the local round.
-    odd = [(0, 100), (100, 300)]
-    odd_parts = [kernels.train_round_partial(V, data, clients[a:b], cfg.client) for a, b in odd]
-    with pytest.raises(ValueError, match="nodes of the reduction tree"):
-        D.combine_round(odd, odd_parts, *V.shape)
-    with pytest.raises(ValueError, match="num_shards"):
-        D.shard_ranges(10, 0)
+    clients = np.arange(0, 300, 2)
+    bounds = partitions.partition_bounds(data.num_clients, 2)
+    routes = partitions.route(clients, bounds)
+    ups = [kernels.client_updates(V, partitions.partition_data(data, int(bounds[r.partition]),
+                                                               int(bounds[r.partition + 1])), r.local, cfg.client)
+           for r in routes]
+    with pytest.raises(ValueError, match="pair one partition"):
+        partitions.combine(routes, ups[:1], len(clients), *V.shape)
+    with pytest.raises(ValueError, match="returned"):
+        partitions.combine(routes[::-1], ups, len(clients), *V.shape)
 
 
-class _InProcessShards:
-    """An executor that runs shards one after another here: the Ray path without Ray."""
+class _InProcessPartitions:
+    """An executor that runs partitions one after another here: the Ray path without Ray."""
 
-    def __init__(self, num_shards):
-        self.num_shards = num_shards
+    def __init__(self, num_partitions):
+        self.num_partitions = num_partitions
 
     def train_round(self, item_factors, data, clients=None, config=None, **kw):
-        return sharded(np.asarray(item_factors), data, np.asarray(clients), config, self.num_shards, **kw)
+        return partitioned(np.asarray(item_factors), data, np.asarray(clients), config, self.num_partitions, **kw)
 
 
 TRAINERS = {
@@ -215,17 +149,17 @@ TRAINERS = {
 
 
 @pytest.mark.parametrize("name", TRAINERS)
-def test_trainer_with_a_sharded_executor_matches_local_training(data, name):
+def test_trainer_with_a_partitioned_executor_matches_local_training(data, name):
     trainer, make_config = TRAINERS[name]
     cfg = make_config().replace(rounds=4, clients_per_round=150, eval_every=2)
     train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
     local = trainer(cfg).fit(train, val)
-    shards = trainer(cfg, backend=_InProcessShards(3)).fit(train, val)
-    assert np.array_equal(_bits(local.model.item_factors), _bits(shards.model.item_factors))
+    parts = trainer(cfg, backend=_InProcessPartitions(3)).fit(train, val)
+    assert np.array_equal(_bits(local.model.item_factors), _bits(parts.model.item_factors))
     if local.model.user_default is not None:
-        assert np.array_equal(_bits(local.model.user_default), _bits(shards.model.user_default))
+        assert np.array_equal(_bits(local.model.user_default), _bits(parts.model.user_default))
     strip = lambda h: {k: v for k, v in h.items() if k != "round_seconds"}  # noqa: E731
-    assert [strip(h) for h in local.history] == [strip(h) for h in shards.history]
+    assert [strip(h) for h in local.history] == [strip(h) for h in parts.history]
 
 
 def test_unknown_backend_is_rejected():
@@ -256,7 +190,7 @@ def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trai
     assert local.history[-1]["val_rmse"] == remote.history[-1]["val_rmse"]
 
 
-def test_ray_executor_shards_a_round_like_the_local_kernel(ray_executor, data):
+def test_ray_executor_runs_a_dense_quantized_round_like_the_local_kernel(ray_executor, data):
     cfg = ff.preset("paper", dim=16)
     V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
     clients = np.arange(1, 500, 2)
@@ -296,8 +230,7 @@ def test_closed_ray_executor_refuses_work(data):
         executor.train_round(np.zeros((data.num_items, 4), np.float32), data, [0], ff.ClientConfig())
 
 
-# A dense update quantized with one scale has no per-client sparse form (client_updates refuses it).
-@pytest.mark.parametrize("case", [c for c in CASES if c != "dense-quantized"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("num_clients", [3, 200])
 def test_reduce_updates_of_client_updates_is_the_fused_round(data, case, num_clients):
     spec = CASES[case]
@@ -308,8 +241,12 @@ def test_reduce_updates_of_client_updates_is_the_fused_round(data, case, num_cli
     kw = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=6, round=2, **codec)
     want = kernels.train_round(model.item_factors, data, clients, cfg.client, **kw)
     ups = kernels.client_updates(model.item_factors, data, clients, cfg.client, **kw)
+    # A dense update quantized with one scale carries its untouched rows' noise (ups.noise).
+    assert (ups.noise is not None) == (codec.get("bits") is not None and not codec.get("sparse", True)
+                                       and codec.get("scaling", "tensor") == "tensor")
     delta, delta_bias, total = kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights,
-                                                      num_items=data.num_items, bias_values=ups.bias_values)
+                                                      num_items=data.num_items, bias_values=ups.bias_values,
+                                                      noise=ups.noise)
     assert np.array_equal(_bits(delta), _bits(want.delta))
     assert (delta_bias is None) == (want.delta_bias is None)
     if delta_bias is not None:

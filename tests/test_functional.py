@@ -36,7 +36,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("cohort", [20, 110])  # 110 > REDUCE_LEAF: the reduction tree splits
+@pytest.mark.parametrize("cohort", [20, 110])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_client_and_server_steps_equal_the_fused_round(train, name, cohort):
     preset, overrides = CONFIGS[name]

@@ -213,3 +213,17 @@ def test_swapped_headerless_columns_warn(tmp_path, shape):
         warnings.simplefilter("error")
         load_ratings(_write_swapped(tmp_path, data, swap=False))  # the right way round: silent
         load_ratings(_write_swapped(tmp_path, data, swap=True), columns="item,user,rating")  # said outright
+
+
+def test_labels_and_titles_survive_save_and_checkpoint(tmp_path):
+    data = ff.ClientData.from_coo(["ann", "ann", "bo", "bo"], ["x", "ü é", "x", "z"], [4.0, 3.0, 5.0, 1.0])
+    config = ff.preset("default", dim=2, rounds=2, clients_per_round=2)
+    trainer = ff.FedRecon(config).fit(data)
+    model = trainer.model
+    assert model.set_titles([0, 2], ["Film \u00e9", ""]) == 2
+    model.save(tmp_path / "model")
+    back = ff.GlobalModel.load(tmp_path / "model")
+    assert back.item_labels.tolist() == ["x", "z", "ü é"] and back.item_titles.tolist() == ["Film \u00e9", "", ""]
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    resumed = ff.FedRecon.from_checkpoint(tmp_path / "ckpt", config)
+    assert resumed.model.item_labels.tolist() == model.item_labels.tolist()

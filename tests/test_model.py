@@ -1,7 +1,5 @@
 """GlobalModel: initialisation, pickle-free save/load, and clear errors on bad files."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -35,19 +33,19 @@ def test_initialization_is_uniform_and_seeded():
 
 
 def test_load_rejects_bad_files(tmp_path):
+    # More in test_bundle.py: every byte verified, the schema, odd file types, old files.
     with pytest.raises(FileNotFoundError, match="not a saved model"):
         ff.GlobalModel.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ff.GlobalModel.load(tmp_path / "nowhere")
     model = ff.GlobalModel.initialize(np.arange(5), ff.preset("paper", dim=2))
     path = model.save(tmp_path / "m")
-    (path / "model.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        ff.GlobalModel.load(path)
-    (path / "model.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="fedrecon_fast.model"):
+    (path / "manifest").write_text("{not json")
+    with pytest.raises(ValueError, match="not a fedrecon_fast manifest"):
         ff.GlobalModel.load(path)
     path = model.save(tmp_path / "m2")
-    (path / "model.npz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unreadable"):
+    (path / "item_factors.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="item_factors.npy has 7 bytes"):
         ff.GlobalModel.load(path)
 
 

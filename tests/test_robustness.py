@@ -206,7 +206,7 @@ def test_cli_zero_rounds_with_outputs(ratings_file, tmp_path, capsys):
                            "--out", tmp_path / "out", "--save", tmp_path / "model"], capsys)
     assert code == 0, err
     assert "no rounds" in out
-    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "model" / "model.json").is_file()
+    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "model" / "manifest").is_file()
 
 
 def test_cli_failed_save_leaves_no_outputs(ratings_file, tmp_path, capsys, monkeypatch):
@@ -442,7 +442,64 @@ def test_recommend_with_a_k_too_large_for_memory_is_a_named_error():
     data = ff.synthetic_ratings(num_users=5, num_items=30, min_ratings=5, seed=0)
     model = ff.GlobalModel.initialize(data.item_ids, ff.preset("paper", dim=4))
     with pytest.raises(ValueError, match="k is too large"):
-        model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=2**31)
+        kernels.recommend_users(model.item_factors, data, [0], k=2**31)
+
+
+def test_recommend_caps_k_at_the_catalogue_size():
+    # Was: recommend(..., k=10**8) padded every user's result to 10**8 slots (1.2 GB).
+    data = ff.synthetic_ratings(num_users=5, num_items=30, min_ratings=5, seed=0)
+    model = ff.GlobalModel.initialize(data.item_ids, ff.preset("paper", dim=4))
+    items, scores = model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=10**8)
+    assert items.shape == scores.shape == (model.num_items,)
+    assert np.isnan(scores[-3:]).all() and (items[-3:] == -1).all()  # the 3 rated items are excluded
+    assert np.array_equal(items[:5], model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=5)[0])
+    with pytest.raises(ValueError, match="k must be <="):
+        model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=10**30)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--threads", str(10**12)],
+    ["train", "--quantize-bits", "8", "--quantize-threshold", str(10**30)],
+    ["train", "--rank-k", str(10**24)],
+    ["train", "--rounds", str(10**20)],
+    ["train", "--dim", str(10**17)],
+    ["train", "--clients-per-round", str(10**22)],
+    ["train", "--eval-every", str(10**23)],
+    ["train", "--checkpoint-every", str(10**21)],
+    ["train", "--seed", str(2**64)],
+    ["recommend", "--model", "m", "--ratings", "r", "--k", str(10**20)],
+    ["paper", "--data", "d", "--threads", str(10**12)],
+], ids=lambda argv: argv[-2])
+def test_cli_integer_options_beyond_their_range_are_one_named_line(argv, capsys):
+    # Was: --threads 10**12 or --quantize-threshold 10**30 printed a 2.7 kB pybind11 "incompatible
+    # function arguments" dump; --rounds 10**20 trained forever; --rank-k failed after training.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {argv[-2]}: expected an integer <= " in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("num_threads", 10**12), ("quantize_threshold", 10**30), ("dim", 10**17),
+                                         ("rounds", 10**20), ("clients_per_round", 10**22), ("eval_every", 10**23),
+                                         ("max_examples", 10**20), ("min_examples", 10**20)])
+def test_config_integer_fields_beyond_the_native_range_are_named(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be <= "):
+        ff.FedReconConfig(**{field: value})
+
+
+def test_kernel_integer_arguments_beyond_the_native_range_are_named(small):
+    data, V = small
+    with pytest.raises(ValueError, match="num_threads must be <= 2147483647"):
+        kernels.train_round(V, data, num_threads=10**12)
+    with pytest.raises(ValueError, match="threshold must be <= "):
+        kernels.train_round(V, data, bits=8, threshold=10**30)
+    with pytest.raises(ValueError, match="k must be <= "):
+        kernels.evaluate_users(V, data, k=10**30)
+    with pytest.raises(ValueError, match="num_threads must be <= "):
+        compression.quantize(np.zeros(4, np.float32), bits=8, num_threads=10**12)
+    with pytest.raises(ValueError, match="num_threads must be <= "):
+        aggregation.weighted_mean(np.zeros((2, 3), np.float32), [1.0, 1.0], num_threads=10**12)
 
 
 @pytest.mark.parametrize("name", ["adam", "yogi", "adagrad"])

@@ -100,5 +100,11 @@ def test_codec_validation(setup):
         ff.train_round(V, d, clients, cfg, bits=8, scaling="col")
     with pytest.raises(ValueError, match="clip"):
         ff.train_round(V, d, clients, cfg, clip=-1.0)
-    with pytest.raises(ValueError, match="dense update quantized"):
-        ff.client_updates(V, d, clients, cfg, bits=8, sparse=False)
+    # A dense update quantized with one scale: rows plus the noise of its untouched rows.
+    ups = ff.client_updates(V, d, clients, cfg, bits=8, sparse=False)
+    assert ups.noise is not None and len(ups.noise.lo) == len(clients)
+    with pytest.raises(TypeError, match="DenseNoise"):
+        ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights, num_items=V.shape[0], noise=(1, 2))
+    with pytest.raises(ValueError, match="noise must describe"):
+        ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights, num_items=V.shape[0],
+                                  noise=ups.noise.take(np.arange(2)))

@@ -35,8 +35,10 @@ def test_every_cohort_kernel_is_reentrant_across_python_threads():
     calls = {
         "train_round": lambda r: ff.train_round(model.item_factors, data, clients, config.client, round=r,
                                                 bits=8, **common).delta,
-        "partial": lambda r: ff.kernels.train_round_partial(model.item_factors, data, clients, config.client,
-                                                            round=r, **common).values,
+        # The native loop updates the model in place: on copies.
+        "rounds": lambda r: ff.kernels.train_rounds(model.item_factors.copy(), data, config.client, first_round=r,
+                                                    num_rounds=2, clients_per_round=40, item_bias=model.item_bias.copy(),
+                                                    global_mean=model.global_mean, num_threads=2)["loss_sum"],
         "updates": lambda r: ff.client_updates(model.item_factors, data, clients, config.client, round=r,
                                                **common).values,
         "reduce": lambda r: ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights * (r + 1),

@@ -109,16 +109,18 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
     enc.group = dense_group(lo, hi, enc.scheme, dim);
     for (std::int64_t k = 0; k < n; ++k)
       roundtrip_row(values + k * K, rows[k], dim, enc.scheme, enc.group, values + k * K, s);
-    enc.noisy_zeros = n < num_items && enc.group.step != 0.0f;
-    if (enc.noisy_zeros) {
-      const ZeroCode z = zero_code(enc.group, enc.scheme.bits);
-      enc.zero_low = dequantize(enc.group, z.low);
-      enc.zero_high = dequantize(enc.group, z.high);
-      enc.zero_threshold = z.threshold;
-      enc.seed_prefix = row_seed_prefix(enc.scheme.key);
-    }
+    if (n < num_items && enc.group.step != 0.0f) set_noisy_zeros(enc);
   }
   return static_cast<std::int64_t>(encoded_size(shape, 2, enc.scheme)) + bias_bytes;
+}
+
+void set_noisy_zeros(EncodedUpdate& enc) {
+  const ZeroCode z = zero_code(enc.group, enc.scheme.bits);
+  enc.noisy_zeros = true;
+  enc.zero_low = dequantize(enc.group, z.low);
+  enc.zero_high = dequantize(enc.group, z.high);
+  enc.zero_threshold = z.threshold;
+  enc.seed_prefix = row_seed_prefix(enc.scheme.key);
 }
 
 void decode_untouched_row(const EncodedUpdate& enc, std::int64_t r, int dim, float* out, CodecScratch& s) {

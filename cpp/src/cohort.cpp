@@ -95,7 +95,7 @@ class WorkerLease {
     Arena arena;
   };
   static std::mutex& mutex() {
-    static std::mutex m;
+    static std::mutex& m = fork_safe_mutex();  // a fork() mid-lease must not leave it held
     return m;
   }
   static std::vector<std::unique_ptr<Slot>>& free_list() {
@@ -296,29 +296,16 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
   return summary;
 }
 
-RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
-                                 const std::int64_t* clients, std::int64_t num_sampled,
-                                 const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                                 int num_threads, PartialSums& out, ClientStats* stats_out,
-                                 const UserState& users, const UpdateCodec& codec) {
-  validate_config(config);
-  check_inputs(model, data, clients, num_sampled, config);
-  WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
-  const CohortUpdates updates =
-      run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec, false);
-  RoundSummary summary = summarize(updates.results, stats_out);
-  summary.rows_aggregated = reduce_partial(model, updates.refs(lease, model), num_threads, out).rows_aggregated;
-  return summary;
-}
-
 double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offsets,
                       std::int64_t num_clients, const std::int32_t* rows, const float* values,
                       const float* bias_values, const double* weights, int num_threads,
-                      float* delta_out, float* delta_bias_out) {
+                      float* delta_out, float* delta_bias_out, const DenseNoise* noise) {
   if (dim < 1 || num_items < 0 || num_clients < 0 || num_clients >= (std::int64_t{1} << 32))
     throw std::invalid_argument("reduce_updates: bad shape");
   if (offsets[0] != 0) throw std::invalid_argument("offsets must start at 0");
   std::vector<UpdateRef> refs(static_cast<std::size_t>(num_clients));
+  std::vector<EncodedUpdate> encs(noise != nullptr ? static_cast<std::size_t>(num_clients) : 0);
+  if (noise != nullptr && noise->codec.bits != 0) check_bits(noise->codec.bits);
   double total = 0.0;
   for (std::int64_t i = 0; i < num_clients; ++i) {
     if (offsets[i + 1] < offsets[i]) throw std::invalid_argument("offsets must be non-decreasing");
@@ -331,6 +318,18 @@ double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offse
     r.bias = bias_values != nullptr ? bias_values + offsets[i] : nullptr;
     r.weight = weights[i];
     if (r.weight > 0.0) total += r.weight;
+    if (noise != nullptr && noise->step[i] != 0.0f) {
+      if (noise->codec.bits == 0 || !std::isfinite(noise->lo[i]) || !(noise->step[i] > 0.0f) ||
+          !std::isfinite(noise->step[i]))
+        throw std::invalid_argument("noise needs quantizing bits and finite scales with step > 0");
+      EncodedUpdate& e = encs[static_cast<std::size_t>(i)];
+      e.scheme.bits = noise->codec.bits;
+      e.scheme.hadamard = noise->codec.hadamard;
+      e.scheme.key = noise->key[i];
+      e.group = {noise->lo[i], noise->step[i]};
+      set_noisy_zeros(e);
+      r.enc = &e;
+    }
   }
   for (std::int64_t e = 0; e < offsets[num_clients]; ++e)
     if (rows[e] < 0 || rows[e] >= num_items)
@@ -347,9 +346,6 @@ SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,
                              const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
                              int num_threads, const UserState& users, const UpdateCodec& codec) {
-  if (codec.quantizes(model.num_items, model.dim) && !codec.sparse && !codec.row_scaling)
-    throw std::invalid_argument("a dense update quantized with one scale decodes to noise on every row; "
-                                "client_updates returns touched rows only: use sparse or row scaling");
   validate_config(config);
   check_inputs(model, data, clients, num_sampled, config);
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
@@ -359,8 +355,15 @@ SparseUpdates client_updates(const ModelView& model, const CsrView& data,
   const bool bias = model.has_bias();
   SparseUpdates out;
   out.offsets.push_back(0);
+  const bool noisy = codec.quantizes(model.num_items, model.dim) && !codec.sparse && !codec.row_scaling;
   for (std::size_t i = 0; i < updates.results.size(); ++i) {
     const ClientResult& r = updates.results[i];
+    if (noisy) {
+      const bool has = r.stats.weight > 0.0 && r.enc.noisy_zeros;
+      out.noise_lo.push_back(has ? r.enc.group.lo : 0.0f);
+      out.noise_step.push_back(has ? r.enc.group.step : 0.0f);
+      out.noise_key.push_back(has ? r.enc.scheme.key : 0);
+    }
     if (r.stats.weight > 0.0) {
       const UpdateRef u = updates.ref(lease, i, model);
       out.rows.insert(out.rows.end(), u.rows, u.rows + r.nrows);

@@ -3,10 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
-#if defined(_WIN32)
-#include <process.h>
-#else
-#include <unistd.h>
+#if !defined(_WIN32)
+#include <pthread.h>
 #endif
 
 namespace fedrecon {
@@ -30,18 +28,64 @@ void spin_until(const Ready& ready) {
   }
 }
 
+// The pool pointer and the fork-safe mutexes, behind one mutex that fork() never splits: the
+// prepare handler takes it (and then every registered mutex), so no other thread is inside
+// them at the instant of the fork; both processes release them afterwards, and the child also
+// drops the pool, whose workers exist only in the parent.
+struct ForkState {
+  std::mutex guard;
+  ThreadPool* pool = nullptr;
+  std::vector<std::mutex*> mutexes;
+};
+
+ForkState& fork_state() {
+  static ForkState* state = new ForkState();  // leaked: workers may outlive static destructors
+  return *state;
+}
+
+#if !defined(_WIN32)
+void before_fork() {
+  ForkState& s = fork_state();
+  s.guard.lock();
+  for (std::mutex* m : s.mutexes) m->lock();
+}
+
+void after_fork_in_parent() {
+  ForkState& s = fork_state();
+  for (auto m = s.mutexes.rbegin(); m != s.mutexes.rend(); ++m) (*m)->unlock();
+  s.guard.unlock();
+}
+
+void after_fork_in_child() {
+  ForkState& s = fork_state();
+  for (auto m = s.mutexes.rbegin(); m != s.mutexes.rend(); ++m) (*m)->unlock();
+  s.pool = nullptr;  // leaked: its threads are gone and its mutexes may be held by them
+  s.guard.unlock();
+}
+
+[[maybe_unused]] const bool fork_handlers_installed =
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) == 0;
+#endif
+
 }  // namespace
 
+int hardware_threads() {
+  static const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return n;
+}
+
+std::mutex& fork_safe_mutex() {
+  ForkState& s = fork_state();
+  std::lock_guard<std::mutex> lock(s.guard);
+  s.mutexes.push_back(new std::mutex());
+  return *s.mutexes.back();
+}
+
 ThreadPool& ThreadPool::instance() {
-  static std::mutex guard;
-  static ThreadPool* pool = nullptr;
-  static long owner = 0;
-  std::lock_guard<std::mutex> lock(guard);
-  if (pool == nullptr || owner != current_pid()) {
-    pool = new ThreadPool();  // intentionally leaked: idle workers may outlive static destructors
-    owner = current_pid();
-  }
-  return *pool;
+  ForkState& s = fork_state();
+  std::lock_guard<std::mutex> lock(s.guard);
+  if (s.pool == nullptr) s.pool = new ThreadPool();  // leaked, as above
+  return *s.pool;
 }
 
 void ThreadPool::run(int n, const std::function<void(int)>& job) {
@@ -58,9 +102,11 @@ void ThreadPool::run(int n, const std::function<void(int)>& job) {
   batch.remaining = n - 1;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    while (static_cast<int>(workers_.size()) < n - 1) workers_.emplace_back([this] { loop(); });
+    // Never more than max_threads() - 1 workers, whatever n a caller asks for.
+    const int wanted = std::min(n, max_threads()) - 1;
+    while (static_cast<int>(workers_.size()) < wanted) workers_.emplace_back([this] { loop(); });
     // More threads than cores: a polling thread would take a core from one with work.
-    spin_.store(workers_.size() < std::max(1u, std::thread::hardware_concurrency()), std::memory_order_relaxed);
+    spin_.store(static_cast<int>(workers_.size()) < hardware_threads(), std::memory_order_relaxed);
     for (int t = 1; t < n; ++t)
       tasks_.push_back([&batch, &job, t] {
         job(t);
@@ -98,14 +144,6 @@ void ThreadPool::loop() {
     }
     task();
   }
-}
-
-long ThreadPool::current_pid() {
-#if defined(_WIN32)
-  return static_cast<long>(_getpid());
-#else
-  return static_cast<long>(getpid());
-#endif
 }
 
 }  // namespace fedrecon

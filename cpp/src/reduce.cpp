@@ -105,53 +105,6 @@ void index_rows(const std::vector<UpdateRef>& updates, std::int64_t num_items, R
   }
 }
 
-// Sums the contributions to a row along the fixed tree (reduce.hpp); a range without
-// contributions is absent, not zero.
-class TreeSum {
- public:
-  TreeSum(std::int64_t num_sampled, std::int64_t dim) : K_(dim) {
-    int depth = 1;
-    for (std::int64_t n = num_sampled; n > kReduceLeaf; n = (n + 1) / 2) ++depth;
-    acc_.resize(static_cast<std::size_t>(depth * dim));
-    bias_.resize(static_cast<std::size_t>(depth));
-  }
-  const double* values() const { return acc_.data(); }
-  double bias() const { return bias_[0]; }
-
-  // leaf(c, n, acc, acc_bias) assigns the sum of the contributions c[0:n) (one leaf range, in
-  // cohort order) to a level's accumulators. The sum of contributions c[0:n) (positions in
-  // [a, b)) lands in level d.
-  template <class Leaf>
-  bool sum(const Contribution* c, std::size_t n, std::int64_t a, std::int64_t b, int d, const Leaf& leaf) {
-    if (n == 0) return false;
-    while (n > 1 && b - a > kReduceLeaf) {
-      const std::int64_t mid = a + (b - a + 1) / 2;
-      const std::size_t nl = static_cast<std::size_t>(
-          std::lower_bound(c, c + n, mid, [](const Contribution& x, std::int64_t p) { return position(x) < p; }) - c);
-      if (nl == n) {
-        b = mid;  // one child holds everything: its sum is this node's, no copy needed
-      } else if (nl == 0) {
-        a = mid;
-      } else {
-        sum(c, nl, a, mid, d, leaf);
-        sum(c + nl, n - nl, mid, b, d + 1, leaf);
-        double* x = level(d);
-        const double* y = level(d + 1);
-        for (std::int64_t k = 0; k < K_; ++k) x[k] += y[k];
-        bias_[static_cast<std::size_t>(d)] += bias_[static_cast<std::size_t>(d) + 1];
-        return true;
-      }
-    }
-    leaf(c, n, level(d), bias_[static_cast<std::size_t>(d)]);
-    return true;
-  }
-
- private:
-  double* level(int d) { return acc_.data() + static_cast<std::size_t>(d) * static_cast<std::size_t>(K_); }
-  std::int64_t K_;
-  std::vector<double> acc_, bias_;
-};
-
 // The scalar form without L2 (x = beta * u, materialize_row's arithmetic): the sum over the
 // contributions c[0:n) of w * x[kb:kb+B), held in registers across the run (B doubles: a few
 // vector registers) and stored once. coef[i] goes with c[i]; U holds the cohort's u's, stride P.
@@ -189,7 +142,6 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
                  int num_threads, const Gap& gap, const Emit& emit) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
-  const std::int64_t num_sampled = static_cast<std::int64_t>(updates.size());
   const std::int64_t num_segments = index.num_segments();
   const std::int64_t rows_per_block = 256;
   const std::int64_t num_blocks = (model.num_items + rows_per_block - 1) / rows_per_block;
@@ -204,13 +156,13 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
     if (updates[i].weight > 0.0) std::copy_n(updates[i].user, K, U.data() + i * static_cast<std::size_t>(P));
   }
   struct Scratch {
-    TreeSum tree;
-    std::vector<float> row;
+    std::vector<double> acc;  // P
+    std::vector<float> row;   // K
     CodecScratch codec;
   };
   std::vector<Scratch> scratch;
   for (int t = 0; t < threads; ++t)
-    scratch.push_back({TreeSum(num_sampled, P), std::vector<float>(static_cast<std::size_t>(K)), {}});
+    scratch.push_back({std::vector<double>(static_cast<std::size_t>(P)), std::vector<float>(static_cast<std::size_t>(K)), {}});
   parallel_for(num_blocks, threads, [&](std::int64_t b, int tid) {
     const std::int64_t lo = b * rows_per_block, hi = std::min(model.num_items, lo + rows_per_block);
     std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
@@ -241,6 +193,7 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       accumulate(x, u.weight, a, first);
       acc_bias = first ? bs : acc_bias + bs;
     };
+    // The sums of a row's contributions c[0:n), in cohort order (the first one assigns).
     const auto leaf_rows = [&](const Contribution* c, std::size_t n, double* a, double& acc_bias) {
       for (std::size_t i = 0; i < n; ++i) add_rows(c[i], a, acc_bias, i == 0);
     };
@@ -315,10 +268,14 @@ void reduce_rows(const std::vector<UpdateRef>& updates, const RowIndex& index, c
       const std::int64_t slot = index.any_noisy ? row : s;
       if (has_seg) ++s;
       current_row = row;
-      if (index.scalar ? sc.tree.sum(c, n, 0, num_sampled, 0, leaf_scalar)
-                       : sc.tree.sum(c, n, 0, num_sampled, 0, leaf_rows)) {
+      if (n > 0) {
+        double bias_sum = 0.0;
+        if (index.scalar)
+          leaf_scalar(c, n, sc.acc.data(), bias_sum);
+        else
+          leaf_rows(c, n, sc.acc.data(), bias_sum);
         if (unwritten < row) gap(unwritten, row);
-        emit(row, slot, sc.tree.values(), sc.tree.bias());
+        emit(row, slot, sc.acc.data(), bias_sum);
         unwritten = row + 1;
       }
     }
@@ -368,47 +325,6 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
         for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(sum[k] * inv_total);
         if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
       });
-  return result;
-}
-
-ReduceResult reduce_partial(const ModelView& model, const std::vector<UpdateRef>& updates,
-                            int num_threads, PartialSums& out) {
-  const std::int64_t K = model.dim;
-  const bool bias = model.has_bias();
-  RowIndex index;
-  index_rows(updates, model.num_items, index);
-  ReduceResult result;
-  result.rows_aggregated = index.num_segments();
-  // Every row (noise) or every touched row has a slot, filled in parallel; rows a subtree left
-  // empty (all its contributions absent) are dropped afterwards.
-  const std::int64_t slots = index.any_noisy ? model.num_items : index.num_segments();
-  out.rows.assign(static_cast<std::size_t>(slots), -1);
-  out.values.assign(static_cast<std::size_t>(slots * K), 0.0);
-  out.bias.assign(bias ? static_cast<std::size_t>(slots) : 0, 0.0);
-  out.touched.resize(static_cast<std::size_t>(index.num_segments()));
-  for (std::int64_t s = 0; s < index.num_segments(); ++s)
-    out.touched[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(index.row_of(s));
-  if (index.reporting.empty()) return result;
-  reduce_rows(
-      updates, index, model, num_threads, [](std::int64_t, std::int64_t) {},
-      [&](std::int64_t row, std::int64_t slot, const double* sum, double bias_sum) {
-        out.rows[static_cast<std::size_t>(slot)] = static_cast<std::int32_t>(row);
-        std::copy_n(sum, K, out.values.data() + slot * K);
-        if (bias) out.bias[static_cast<std::size_t>(slot)] = bias_sum;
-      });
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i < out.rows.size(); ++i) {
-    if (out.rows[i] < 0) continue;
-    if (kept != i) {
-      out.rows[kept] = out.rows[i];
-      std::copy_n(out.values.data() + i * static_cast<std::size_t>(K), K, out.values.data() + kept * static_cast<std::size_t>(K));
-      if (bias) out.bias[kept] = out.bias[i];
-    }
-    ++kept;
-  }
-  out.rows.resize(kept);
-  out.values.resize(kept * static_cast<std::size_t>(K));
-  if (bias) out.bias.resize(kept);
   return result;
 }
 

@@ -93,6 +93,16 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
         raise ValueError(f"{name} must be <= {maximum}; got {value}")
 
 
+#: Largest ``num_threads`` accepted (the native int). More threads than 4 per core are never
+#: started: the native pool caps a call at 4 x the hardware threads (results do not depend on it).
+MAX_NUM_THREADS = 2**31 - 1
+
+
+def check_threads(value, name: str = "num_threads") -> None:
+    """``value`` is a thread count: an integer in [0, MAX_NUM_THREADS] (0: all cores)."""
+    check_int(value, name, minimum=0, maximum=MAX_NUM_THREADS)
+
+
 def check_float(value, name: str, *, minimum: float | None = None, maximum: float | None = None,
                 strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

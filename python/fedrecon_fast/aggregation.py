@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._native import core as _core
-from ._validation import check_int, to_float32
+from ._validation import check_int, check_threads, to_float32
 
 __all__ = ["WeightedMean", "weighted_mean", "weighted_mean_sparse"]
 
@@ -268,7 +268,7 @@ def weighted_mean(updates, weights=None, *, dtype=None, out=None, num_threads: i
     arrays, shape = _dense_updates(updates)
     w = _weights(weights, len(arrays))
     float64, out = _output(out, shape, dtype, arrays)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     result, _ = _core.weighted_mean_dense(arrays, int(np.prod(shape, dtype=np.int64)), w, float64, num_threads,
                                           out=out)
     return result.reshape(shape) if out is None else out
@@ -318,7 +318,7 @@ def weighted_mean_sparse(rows, values, offsets, weights=None, *, num_rows: int, 
     rows, values, offsets, num_rows, row_shape = _sparse_batch(rows, values, offsets, num_rows)
     w = _weights(weights, offsets.shape[0] - 1)
     float64, out = _output(out, (num_rows,) + row_shape, dtype, (values,))
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     result, _ = _core.weighted_mean_sparse(offsets, rows, values, w, num_rows, float64, num_threads, out=out)
     return result.reshape((num_rows,) + row_shape) if out is None else out
 
@@ -349,7 +349,7 @@ class WeightedMean:
 
     def __init__(self, shape, *, num_threads: int = 0):
         self._shape, num_rows, dim = _table_shape(shape)
-        check_int(num_threads, "num_threads", minimum=0)
+        check_threads(num_threads)
         self._num_threads = num_threads
         self._acc = _core.WeightedSum(num_rows, dim)
 

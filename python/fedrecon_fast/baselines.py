@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from ._guards import one_fit_at_a_time
 from ._native import core as _core
 from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
 from ._validation import (
@@ -27,6 +28,7 @@ from ._validation import (
     check_choice,
     check_float,
     check_int,
+    check_threads,
     writable_float32,
 )
 from .config import ClientConfig, FedReconConfig, preset
@@ -169,7 +171,7 @@ class CentralizedConfig:
         check_float(self.als_ridge, "als_ridge", minimum=0.0, strict=True)
         check_float(self.init_scale, "init_scale", minimum=0.0)
         check_int(self.seed, "seed", minimum=0)
-        check_int(self.num_threads, "num_threads", minimum=0)
+        check_threads(self.num_threads)
 
 
 class CentralizedMF:
@@ -185,6 +187,7 @@ class CentralizedMF:
         self.history: list[dict] = []
         self.train_seconds = 0.0
 
+    @one_fit_at_a_time
     def fit(self, data: ClientData, val: ClientData | None = None, *, progress: bool = False) -> CentralizedMF:
         """Train on every rating of ``data``; ``val`` (held-out ratings of the same users) is
         scored by StandardEval after each epoch."""

@@ -1,39 +1,36 @@
 """Checkpoints of a training run: everything needed to continue it bit for bit, no pickle.
 
-A checkpoint is a directory ``ckpt-<round, 8 digits>`` inside the checkpoint folder:
+A checkpoint is a folder ``ckpt-<round, 8 digits>`` inside the checkpoint folder, in the same
+verified format as saved models (:mod:`fedrecon_fast._bundle`): one ``.npy`` file per array
+(the model's, ``model/...``; the server optimizer's state, ``opt/...``; a stateful baseline's
+stored users, ``extra/...``) and a ``manifest`` with the round, configuration, history and
+counters and the SHA-256 of every file and of itself.
 
-- ``model/``: the global model (:meth:`GlobalModel.save` format);
-- ``trainer.npz``: the server optimizer's state and, for stateful baselines, the stored users;
-- ``trainer.json``: round, configuration, history, counters, and the SHA-256 of every other
-  file, written last.
-
-It is written in a temporary directory beside the others and renamed into place, so a process
-killed at any moment leaves either the complete checkpoint or none; older checkpoints are
-deleted only after the new one is in place. Random choices are keyed by (seed, round, client),
-so the round number is the whole random state. Loading checks the format, the checksums and the
-shapes, and :func:`latest` falls back to the newest checkpoint that passes.
+A checkpoint is written beside the others and swapped into place
+(:func:`fedrecon_fast._folders.replace_folder`), so a process killed at any moment leaves
+complete checkpoints only; older ones are renamed aside before they are deleted. Random choices
+are keyed by (seed, round, client), so the round number is the whole random state. Loading
+verifies every byte and the schema, and :func:`latest` falls back to the newest checkpoint that
+verifies, whatever is wrong with the newer ones. While a process trains into a checkpoint folder
+it holds the folder's lock (:func:`fedrecon_fast._folders.locked`): a second one is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ._files import make_temp_dir
+from . import _bundle, _folders
 from .model import GlobalModel
 
-__all__ = ["CheckpointError", "save", "load", "latest", "list_checkpoints"]
+__all__ = ["CheckpointError", "save", "load", "latest", "list_checkpoints", "locked"]
 
 FORMAT = "fedrecon_fast.checkpoint"
-FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})$")
+_INT64_MAX = 2**63 - 1
 logger = logging.getLogger(__name__)
 
 
@@ -41,21 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or does not belong to this run."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")) + [root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def locked(directory):
+    """Context manager: hold the lock of checkpoint folder ``directory`` (created if needed);
+    another process (or thread) gets :class:`fedrecon_fast._folders.FolderLockedError`."""
+    return _folders.locked(directory, what="checkpoint folder")
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -79,71 +65,78 @@ def save(directory, trainer, *, keep: int = 2) -> Path:
         raise ValueError("nothing to checkpoint: the model is not trained yet")
     if not np.isfinite(model.item_factors).all():
         raise FloatingPointError("refusing to checkpoint a non-finite model")
+    model_meta, model_arrays = model._parts()
+    arrays = {f"model/{k}": v for k, v in model_arrays.items()}
+    arrays.update({f"opt/{k}": v for k, v in (trainer._opt_state or {}).items()})
+    arrays.update({f"extra/{k}": v for k, v in trainer._extra_arrays().items()})
+    meta = {
+        "trainer": type(trainer).__name__,
+        "round": trainer.round,
+        "config": trainer.config.to_dict(),
+        "history": trainer.history,
+        "broadcasted_bits": trainer.broadcasted_bits,
+        "aggregated_bits": trainer.aggregated_bits,
+        "train_seconds": trainer.train_seconds,
+        "eval_seconds": trainer.eval_seconds,
+        "model": model_meta,
+    }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{trainer.round:08d}"
-    tmp = make_temp_dir(directory, prefix=".ckpt-tmp-")
-    try:
-        model.save(tmp / "model")
-        arrays = {f"opt:{k}": v for k, v in (trainer._opt_state or {}).items()}
-        arrays.update({f"extra:{k}": v for k, v in trainer._extra_arrays().items()})
-        np.savez(tmp / "trainer.npz", **arrays)
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "trainer": type(trainer).__name__,
-            "round": trainer.round,
-            "config": trainer.config.to_dict(),
-            "history": trainer.history,
-            "broadcasted_bits": trainer.broadcasted_bits,
-            "aggregated_bits": trainer.aggregated_bits,
-            "train_seconds": trainer.train_seconds,
-            "eval_seconds": trainer.eval_seconds,
-            "sha256": {name: _sha256(tmp / name) for name in files},
-        }
-        (tmp / "trainer.json").write_text(json.dumps(meta))
-        _fsync_tree(tmp)
-        if final.exists():  # the same round again (e.g. fit(rounds=0)): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(directory)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    _from_parts(f"checkpoint to save as {final}", meta, arrays)  # write only what loads back
+    with locked(directory):
+        _folders.replace_folder(final, lambda folder: _bundle.write(folder, FORMAT, meta, arrays))
+        for old in list_checkpoints(directory)[keep:]:
+            try:
+                _folders.remove_folder(old)
+            except OSError as e:
+                logger.warning("could not remove old checkpoint %s: %s", old, e)
     return final
 
 
+def _from_parts(where, meta: dict, arrays: dict) -> dict:
+    """The :func:`load` result of a verified manifest's ``meta`` and arrays (strict schema)."""
+    schema = _bundle.Schema(where, meta, arrays)
+    schema.keys({"trainer", "round", "config", "history", "broadcasted_bits", "aggregated_bits",
+                 "train_seconds", "eval_seconds", "model"})
+    trainer = schema.of_type("trainer", str)
+    if not trainer.isidentifier():
+        schema.fail(f"'trainer' must be a class name; got {trainer!r}")
+    schema.integer("round", 0, _INT64_MAX)
+    schema.of_type("config", dict)
+    history = schema.of_type("history", list)
+    if not all(isinstance(row, dict) and all(isinstance(k, str) for k in row) for row in history):
+        schema.fail("'history' must be a list of objects")
+    for key in ("broadcasted_bits", "aggregated_bits"):
+        schema.integer(key, 0, 2**127)
+    for key in ("train_seconds", "eval_seconds"):
+        schema.number(key, 0.0)
+    model_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+    model = GlobalModel._from_parts(_bundle.Schema(where, schema.of_type("model", dict), model_arrays,
+                                                   prefix="model."))
+    groups = ("model/", "opt/", "extra/")
+    schema.no_other_arrays([k for k in arrays if k.startswith(groups)])
+    out = dict(meta)
+    out["model"] = model
+    out["optimizer_state"] = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    out["extra"] = {k[6:]: v for k, v in arrays.items() if k.startswith("extra/")}
+    return out
+
+
 def load(path) -> dict:
-    """Read one checkpoint directory; anything wrong raises :class:`CheckpointError`."""
+    """Read and verify one checkpoint folder; anything wrong raises :class:`CheckpointError`
+    naming the file."""
     path = Path(path)
-    meta_path = path / "trainer.json"
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint (trainer.json missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} file")
-    sums = meta.get("sha256")
-    if not isinstance(sums, dict) or "trainer.npz" not in sums or "model/model.npz" not in sums:
-        raise CheckpointError(f"{meta_path} lists no checksums")
-    for name, digest in sums.items():
-        file = path / name
-        if not file.is_file() or _sha256(file) != digest:
-            raise CheckpointError(f"{file} is missing or corrupted (checksum mismatch)")
-    try:
-        model = GlobalModel.load(path / "model")
-        with np.load(path / "trainer.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    meta["model"] = model
-    meta["optimizer_state"] = {k[4:]: v for k, v in arrays.items() if k.startswith("opt:")}
-    meta["extra"] = {k[6:]: v for k, v in arrays.items() if k.startswith("extra:")}
-    return meta
+        if not _bundle.is_bundle(path) and (path / "trainer.json").exists():
+            raise CheckpointError(f"{path} is a checkpoint of fedrecon_fast 0.1 (trainer.json), whose "
+                                  "files cannot be verified; this release does not resume from it: "
+                                  "start a new checkpoint folder")
+        meta, arrays = _bundle.read(path, FORMAT)
+        return _from_parts(path / _bundle.MANIFEST, meta, arrays)
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 def latest(directory) -> dict | None:
@@ -152,6 +145,7 @@ def latest(directory) -> dict | None:
     A corrupted checkpoint is skipped with a warning and left in place for inspection; if every
     checkpoint is corrupted, :class:`CheckpointError` names the newest.
     """
+    _folders.recover(directory, everything=True)
     errors = []
     for path in list_checkpoints(directory):
         try:

@@ -7,19 +7,20 @@ With ``--json`` the last line on stdout is one JSON object with the run's result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
-import shutil
+import signal
 import sys
 import textwrap
 import time
 import warnings
 from pathlib import Path
 
+from . import _signals
 from ._native import core as _native_core
-from ._files import make_temp_dir
 from .config import PRESETS, preset, preset_help
 from .loaders import SwappedColumnsWarning
 from .memory import MemoryEstimateError
@@ -27,8 +28,13 @@ from .splits import split_ratings
 from .training import FedRecon
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, with a one-line error otherwise."""
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _int_at_least(minimum: int, maximum: int = _INT32_MAX):
+    """An argparse type: an integer in [minimum, maximum], with a one-line error otherwise
+    (the maximum is what the native code takes: a count is a 32-bit int)."""
 
     def parse(text: str) -> int:
         try:
@@ -37,6 +43,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
         return value
 
     return parse
@@ -44,6 +52,7 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_seed = _int_at_least(0, 2**64 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=_with_default("clients sampled per round", "the preset's"))
     model.add_argument("--dim", type=_positive_int, metavar="K",
                        help=_with_default("embedding dimension K", "the preset's"))
-    model.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    model.add_argument("--seed", type=_seed, default=0, metavar="S",
                        help=_with_default("seed of every random choice (user split, sampling, ...)", 0))
     model.add_argument("--threads", type=_non_negative_int, default=0, metavar="T",
-                       help=_with_default("threads of the native kernels; results do not depend on it",
-                                          "0, all cores"))
+                       help=_with_default("threads of the native kernels (at most 4 per core are used); "
+                                          "results do not depend on it", "0, all cores"))
     model.add_argument("--learn-user-default", action="store_true",
                        help=_with_default("learn a global default u federatedly (cold start for users "
                                           "without ratings)", "off"))
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=_with_default("quantize updates to B bits (1..16); dense updates cost a "
                                          "decoding pass over all rows per client (use with --sparse-updates)",
                                          "float32"))
-    comm.add_argument("--quantize-threshold", type=_non_negative_int, default=20000, metavar="N",
+    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000, metavar="N",
                       help=_with_default("only variables with at least N elements are quantized (TFF's value)",
                                          20000))
     comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor",
@@ -199,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model", type=Path, required=True, metavar="DIR",
                      help="model folder written by train --save (required)")
     rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings, '-' for stdin (required)")
-    rec.add_argument("--k", type=_positive_int, default=10, help=_with_default("number of items", 10))
+    rec.add_argument("--k", type=_int_at_least(1, _INT64_MAX), default=10,
+                     help=_with_default("number of items (at most the catalogue)", 10))
     rec.add_argument("--items", type=Path, metavar="FILE",
                      help=_with_default("item titles (MovieLens movies.dat, movies.csv or u.item)",
                                         "the model's, else one beside --ratings"))
@@ -220,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=_HelpFormatter)
         p.add_argument("--data", type=Path, required=True, metavar="PATH",
                        help="MovieLens folder or ratings file (required)")
-        p.add_argument("--seed", type=_non_negative_int, default=0, help=_with_default("seed", 0))
+        p.add_argument("--seed", type=_seed, default=0, help=_with_default("seed", 0))
         p.add_argument("--threads", type=_non_negative_int, default=0,
                        help=_with_default("threads of the native kernels", "0, all cores"))
         p.add_argument("--rounds", type=_positive_int, help=_with_default("federated rounds", "the paper's 500"))
@@ -295,25 +305,16 @@ def _check_output_folder(path: Path | None, option: str) -> None:
 
 
 def _write_atomically(out: Path, write) -> None:
-    """Let ``write(folder)`` fill a temporary folder next to ``out``, then move its files into
-    ``out`` (created if needed). A failure leaves neither ``out`` (when it did not exist) nor a
-    temporary folder behind; an existing ``out`` keeps its other files."""
-    created = []
-    for p in reversed((out, *out.parents)):
-        if not p.exists():
-            created.append(p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """Let ``write(folder)`` fill a new folder and swap it in for ``out`` as a whole
+    (:func:`_folders.replace_folder`; files of an existing ``out`` that ``write`` does not
+    write are carried over). A failure leaves ``out`` as it was, no temporary folder, and none
+    of the parent folders this call created."""
+    from ._folders import replace_folder
+
+    created = [p for p in reversed((out, *out.parents)) if not p.exists()]
     try:
-        write(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-            tmp.rmdir()
+        replace_folder(out, write, keep_other_files=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):  # the parents this call created, deepest first
             if p != out:
                 try:
@@ -321,6 +322,46 @@ def _write_atomically(out: Path, write) -> None:
                 except OSError:
                     break
         raise
+
+
+def _train(args, config, train, val):
+    """The trainer (resumed with --resume), fitted. With --checkpoint-dir the folder is locked
+    from reading its checkpoint to writing the last one. SIGTERM, SIGINT and SIGHUP finish the
+    round, write a final checkpoint and raise :class:`_signals.Stopped`."""
+    from . import checkpoint
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.backend == "flower":
+        if args.checkpoint_dir is not None or args.resume:
+            raise ValueError("checkpoints are not supported with --backend flower")
+        from .flower import FlowerFedRecon
+
+        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
+        try:
+            trainer.fit(train, val, progress=progress)
+        finally:
+            trainer.close()
+        return trainer
+    with contextlib.ExitStack() as stack:
+        fit_args = {}
+        if args.checkpoint_dir is not None:
+            stack.enter_context(checkpoint.locked(args.checkpoint_dir))
+        trainer = _trainer_from_checkpoints(args, config)
+        if args.checkpoint_dir is not None:
+            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
+            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=every)
+        stop = stack.enter_context(_signals.stop_on_signals())
+        try:
+            trainer.fit(train, val, progress=progress, **fit_args)
+        finally:
+            trainer.close()
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        saved = (f"checkpoint of round {trainer.round} in {args.checkpoint_dir}" if args.checkpoint_dir
+                 else "nothing saved (no --checkpoint-dir)")
+        raise _signals.Stopped(stop.signum, f"stopped by {name} after round {trainer.round}; {saved}")
+    return trainer
 
 
 def run_train(args) -> dict:
@@ -349,24 +390,7 @@ def run_train(args) -> dict:
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 
-    fit_args = {}
-    if args.backend == "flower" and (args.checkpoint_dir is not None or args.resume):
-        raise ValueError("checkpoints are not supported with --backend flower")
-    if args.backend == "flower":
-        from .flower import FlowerFedRecon
-
-        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
-    else:
-        trainer = _trainer_from_checkpoints(args, config)
-        if args.checkpoint_dir is not None:
-            every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
-            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=every)
-    try:
-        trainer.fit(train, val, progress=not args.no_progress and sys.stderr.isatty(), **fit_args)
-    finally:
-        if hasattr(trainer, "close"):
-            trainer.close()
+    trainer = _train(args, config, train, val)
     start = time.perf_counter()
     k = args.rank_k
     test_metrics = trainer.evaluate(test, per_user=True, k=k)
@@ -738,6 +762,9 @@ def _run(args) -> int:
             e = f"out of memory ({e or 'MemoryError'})"
         print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _signals.Stopped as e:  # SIGTERM, SIGINT or SIGHUP during training
+        print(f"fedrecon-fast: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("fedrecon-fast: interrupted", file=sys.stderr)
         return 130

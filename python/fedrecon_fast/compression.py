@@ -60,7 +60,7 @@ import numpy as np
 
 from ._native import core as _core
 from ._rng import STREAM_QUANT
-from ._validation import check_float, check_int, to_float32
+from ._validation import check_float, check_int, check_threads, to_float32
 
 __all__ = [
     "FORMAT_VERSION",
@@ -122,7 +122,7 @@ def _check_scaling(scaling) -> bool:
 
 
 def _check_threads(num_threads) -> int:
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     return int(num_threads)
 
 

@@ -13,7 +13,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 from ._native import core as _core
-from ._validation import FLOAT32_MAX, check_choice, check_float, check_int
+from ._validation import FLOAT32_MAX, check_choice, check_float, check_int, check_threads
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}
 _INT32_MAX = 2**31 - 1  # the native config's int fields
@@ -237,13 +237,13 @@ class FedReconConfig:
     sampling: str = "fixed"
 
     def __post_init__(self) -> None:
-        check_int(self.dim, "dim", minimum=1)
+        check_int(self.dim, "dim", minimum=1, maximum=_INT32_MAX)
         if not isinstance(self.client, ClientConfig):
             raise TypeError(f"client must be a ClientConfig; got {type(self.client).__name__}")
         if self.eval_client is not None and not isinstance(self.eval_client, ClientConfig):
             raise TypeError(f"eval_client must be a ClientConfig or None; got {type(self.eval_client).__name__}")
-        check_int(self.rounds, "rounds", minimum=0)
-        check_int(self.clients_per_round, "clients_per_round", minimum=1)
+        check_int(self.rounds, "rounds", minimum=0, maximum=_INT64_MAX)
+        check_int(self.clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
         check_choice(self.server_optimizer, "server_optimizer", SERVER_OPTIMIZERS)
         check_float(self.server_lr, "server_lr", minimum=0.0, strict=True)
         try:
@@ -255,8 +255,8 @@ class FedReconConfig:
         if not isinstance(self.biases, bool):
             raise TypeError(f"biases must be a bool; got {self.biases!r}")
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
-        check_int(self.max_examples, "max_examples", minimum=1, allow_none=True)
-        check_int(self.min_examples, "min_examples", minimum=0)
+        check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX, allow_none=True)
+        check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX)
         if self.max_examples is not None and self.max_examples < self.min_examples:
             raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
                              "would drop every client")
@@ -270,11 +270,11 @@ class FedReconConfig:
                 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"user_split must be 3 non-negative fractions summing to 1; got {self.user_split!r}")
         object.__setattr__(self, "user_split", fractions)
-        check_int(self.eval_every, "eval_every", minimum=0)
+        check_int(self.eval_every, "eval_every", minimum=0, maximum=_INT64_MAX)
         check_int(self.quantize_bits, "quantize_bits", minimum=1, allow_none=True)
         if self.quantize_bits is not None and self.quantize_bits > 16:
             raise ValueError(f"quantize_bits must be in 1..16; got {self.quantize_bits}")
-        check_int(self.quantize_threshold, "quantize_threshold", minimum=0)
+        check_int(self.quantize_threshold, "quantize_threshold", minimum=0, maximum=_INT64_MAX)
         check_choice(self.quantize_scaling, "quantize_scaling", {"tensor", "row"})
         for name in ("hadamard", "sparse_updates", "learn_user_default"):
             if not isinstance(getattr(self, name), bool):
@@ -290,7 +290,7 @@ class FedReconConfig:
             raise ValueError("dp_noise needs dp_clip (the noise is dp_noise * dp_clip)")
         self._check_privacy()
         check_int(self.seed, "seed", minimum=0)
-        check_int(self.num_threads, "num_threads", minimum=0)
+        check_threads(self.num_threads)
         _store_builtin(self, ("dim", "rounds", "clients_per_round", "max_examples", "min_examples",
                               "eval_every", "quantize_bits", "quantize_threshold", "seed", "num_threads"), int)
         _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",

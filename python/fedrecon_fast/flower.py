@@ -67,8 +67,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
 from . import compression
+from ._guards import one_fit_at_a_time
 from ._rng import STREAM_SAMPLE, generator
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, check_threads
 from .config import FedReconConfig
 from .data import ClientData
 from .evaluation import recon_eval, summarize
@@ -294,7 +295,7 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
     """
     if not (isinstance(data, (ClientData, str, os.PathLike)) or callable(data)):
         raise TypeError(f"data must be a ClientData, a path or a callable; got {type(data).__name__}")
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     app = ClientApp()
 
     def user_data(message: Message, context: Context) -> tuple[ClientData, int, int]:
@@ -782,6 +783,7 @@ class FlowerFedRecon:
     broadcasted_bits = property(lambda self: self._trainer.broadcasted_bits)
     aggregated_bits = property(lambda self: self._trainer.aggregated_bits)
 
+    @one_fit_at_a_time
     def fit(self, train: ClientData, val: ClientData | None = None, *, rounds: int | None = None,
             progress: bool = False, callback: Callable[[dict], None] | None = None) -> FlowerFedRecon:
         """Run rounds in a Flower simulation; calling ``fit`` again continues.

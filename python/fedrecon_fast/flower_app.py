@@ -54,8 +54,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import checkpoint, kernels
 from .config import ClientConfig, FedReconConfig, preset
-from .kernels import ClientUpdates, RoundResult
-from .partitions import combine, partition_bounds, partition_data, routable, route
+from .kernels import ClientUpdates, DenseNoise, RoundResult
+from .partitions import combine, partition_bounds, partition_data, route
 
 __all__ = ["FlowerExecutor", "client_app", "server_app", "load_run_data", "run_config_to_config", "run_server"]
 
@@ -180,16 +180,22 @@ def _train(message: Message, context: Context) -> Message:
                                num_threads=int(context.run_config.get("node-threads", 1)), **kwargs)
     out = {"offsets": u.offsets, "rows": u.rows, "values": u.values, "bias-values": u.bias_values,
            "users": u.users, "user-bias": u.user_bias}
+    if u.noise is not None:  # a dense quantized update: what its untouched rows decode to
+        out.update({"noise-lo": u.noise.lo, "noise-step": u.noise.step, "noise-key": u.noise.key})
     out.update({f"stat-{k}": v for k, v in u.client_stats.items()})
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items() if v is not None})
     return Message(RecordDict({"update": record}), reply_to=message)
 
 
-def _updates_from(record: ArrayRecord) -> ClientUpdates:
+def _updates_from(record: ArrayRecord, kwargs: dict) -> ClientUpdates:
     get = lambda name: record[name].numpy() if name in record else None  # noqa: E731
     stats = {k[len("stat-"):]: record[k].numpy() for k in record if k.startswith("stat-")}
+    noise = None
+    if "noise-key" in record:
+        noise = DenseNoise(get("noise-lo"), get("noise-step"), get("noise-key"), int(kwargs["bits"]),
+                           bool(kwargs.get("hadamard", False)))
     return ClientUpdates(get("offsets"), get("rows"), get("values"), get("bias-values"), stats, get("users"),
-                         get("user-bias"))
+                         get("user-bias"), noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +256,6 @@ class FlowerExecutor:
     def train_round(self, item_factors, data, clients=None, config=None, *, item_bias=None, users=None,
                     user_bias=None, num_threads: int = 0, **kwargs) -> RoundResult:
         """:func:`kernels.train_round`, with each node running the sampled users it holds."""
-        if not routable(**kwargs):
-            raise ValueError("dense quantized updates cannot be sent per client: use sparse updates "
-                             "(sparse_updates=True) or no quantization with the Flower App")
         if self.num_users != data.num_clients:
             self.discover(data.num_clients)
         clients = np.arange(data.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
@@ -283,7 +286,8 @@ class FlowerExecutor:
         missing = [r.partition for r in routes if self.node_of_partition[r.partition] not in replies]
         if missing:
             raise RuntimeError(f"no reply from the node(s) of partition(s) {missing} within {self.timeout} s")
-        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content["update"]) for r in routes]
+        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content["update"], kwargs)
+                   for r in routes]
         return combine(routes, updates, len(clients), *V.shape, num_threads=num_threads)
 
 

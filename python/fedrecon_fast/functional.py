@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import compression, kernels
-from ._validation import as_float32_matrix, as_float32_vector, check_float, check_int
+from ._validation import as_float32_matrix, as_float32_vector, check_float, check_int, check_threads
 from .config import ClientConfig, FedReconConfig
 from .evaluation import EVAL_ROUND, summarize
 from .model import GlobalModel
@@ -302,7 +302,7 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
         seed = full.seed if full is not None else 0
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     num_items, K = V.shape
     csr, row, key = _one_client(data, client, client_id, num_items)
     bits = full.quantize_bits if full is not None else None
@@ -477,7 +477,7 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
         raise TypeError(f"state must be a ServerState; got {type(state).__name__}")
     cfg = state.config
     threads = cfg.num_threads if num_threads is None else num_threads
-    check_int(threads, "num_threads", minimum=0)
+    check_threads(threads)
     results = _check_results(results, state.model)
     model = state.model if inplace else _copy_model(state.model)
     opt_state = state.optimizer_state if inplace else {k: v.copy() for k, v in state.optimizer_state.items()}

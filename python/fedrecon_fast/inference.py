@@ -248,7 +248,10 @@ def recommend(model, data, ratings=None, *, k: int = 10, exclude_seen: bool = Tr
     rated are not recommended. Arrays have shape (m, k) (or (k,) for a single-user form):
     ``items`` int64, ``scores`` float32. When a user has fewer than ``k`` candidates the
     remaining slots hold item ``-1`` and score ``NaN`` (test the score: -1 may be a real id).
+    ``k`` is capped at the catalogue size: no user has more candidates than the model has items.
     """
+    check_int(k, "k", minimum=1, maximum=2**63 - 1)
+    k = min(k, max(model.num_items, 1))
     batch = user_ratings(model, data, ratings, ignore_unknown=ignore_unknown)
     config, seed = _settings(model, config, seed)
     rows, scores = kernels.recommend_users(

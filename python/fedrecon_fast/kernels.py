@@ -21,6 +21,7 @@ from ._validation import (
     as_index_array,
     check_float,
     check_int,
+    check_threads,
     writable_float32,
 )
 from .config import ClientConfig
@@ -28,10 +29,9 @@ from .config import ClientConfig
 __all__ = [
     "RoundResult",
     "ClientUpdates",
+    "DenseNoise",
     "train_round",
     "train_rounds",
-    "PartialRound",
-    "train_round_partial",
     "client_updates",
     "reduce_updates",
     "reconstruct_users",
@@ -96,30 +96,31 @@ class RoundResult:
 
 
 @dataclass(frozen=True)
-class PartialRound:
-    """Output of :func:`train_round_partial`: un-normalised sums of one shard of a cohort.
+class DenseNoise:
+    """The noise of dense updates quantized with one scale per client (``sparse=False``,
+    ``scaling="tensor"``): every row a client did not touch decodes to the quantization of zeros.
 
-    Attributes
-    ----------
-    rows : ndarray, shape (r,), int32
-        Rows with a contribution, ascending (every row when a dense quantized update adds
-        noise to untouched rows).
-    values, bias : ndarray, shape (r, dim) and (r,), float64
-        ``Σ w_i Δ_i`` over the shard's clients along the reduction tree (bias None without
-        biases).
-    touched : ndarray, int32
-        Rows some client of the shard actually touched.
-    client_stats, users, user_bias
-        As in :class:`RoundResult`, for the shard's clients.
+    Client ``i``'s noise is a pure function of its scale ``(lo[i], step[i])`` and stream key
+    ``key[i]`` under ``bits`` and ``hadamard`` (``step[i] == 0``: none), so a server adds it in
+    :func:`reduce_updates` from these few numbers instead of receiving ``num_items`` rows.
     """
 
-    rows: np.ndarray
-    values: np.ndarray
-    bias: np.ndarray | None
-    touched: np.ndarray
-    client_stats: dict
-    users: np.ndarray | None = None
-    user_bias: np.ndarray | None = None
+    lo: np.ndarray
+    step: np.ndarray
+    key: np.ndarray
+    bits: int
+    hadamard: bool
+
+    def take(self, index) -> DenseNoise:
+        """The noise of the clients ``index`` (an integer array), in that order."""
+        return DenseNoise(self.lo[index], self.step[index], self.key[index], self.bits, self.hadamard)
+
+    @staticmethod
+    def concat(parts) -> DenseNoise:
+        """The noise of several groups of clients, one after the other."""
+        parts = list(parts)
+        return DenseNoise(np.concatenate([p.lo for p in parts]), np.concatenate([p.step for p in parts]),
+                          np.concatenate([p.key for p in parts]), parts[0].bits, parts[0].hadamard)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class ClientUpdates:
     Client ``k`` touched ``rows[offsets[k]:offsets[k+1]]`` (int32 item indices) and its update
     for them is ``values[offsets[k]:offsets[k+1]]`` (float32, one row of V each); with biases,
     ``bias_values`` holds the item-bias updates the same way. ``weights`` is 0 for a client that
-    did not report (non-finite update or no query data).
+    did not report (non-finite update or no query data). With a dense update quantized with one
+    scale, ``noise`` (:class:`DenseNoise`) describes what each client's untouched rows decode to.
     """
 
     offsets: np.ndarray
@@ -139,6 +141,7 @@ class ClientUpdates:
     client_stats: dict
     users: np.ndarray | None = None
     user_bias: np.ndarray | None = None
+    noise: DenseNoise | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -195,7 +198,7 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
     check_float(global_mean, "global_mean", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     native = config.to_native()
     if user_default is not None:
         native.user_default = as_float32_vector(user_default, "user_default", size=V.shape[1],
@@ -396,28 +399,6 @@ def train_rounds(item_factors, data, config: ClientConfig | None = None, *, item
                               int(num_rounds), int(clients_per_round), in_place["apply_lr"], threads)
 
 
-def train_round_partial(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                        item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                        num_threads: int = 0, check_finite: bool = True, users=None,
-                        user_bias=None, user_default=None, user_bias_default: float = 0.0,
-                        bits: int | None = None, scaling: str = "tensor",
-                        hadamard: bool = False, sparse: bool = True, threshold: int = 0,
-                        clip: float | None = None) -> PartialRound:
-    """The sums of :func:`train_round` before normalisation, for one shard of a cohort.
-
-    Same parameters as :func:`train_round`; ``clients`` is a contiguous slice of the cohort.
-    Shards that are nodes of the reduction tree (:func:`fedrecon_fast.distributed.shard_ranges`)
-    combine, wherever they ran, into exactly the result of one :func:`train_round`
-    (:func:`fedrecon_fast.distributed.combine_round`).
-    """
-    out = _update_call(
-        _core.train_round_partial, item_factors, data, clients, config, item_bias, global_mean, seed, round,
-        num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
-        hadamard, sparse, threshold, clip)
-    return PartialRound(out["rows"], out["values"], out["bias"], out["touched"], out["stats"],
-                        out["users"], out["user_bias"])
-
-
 def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
                    item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
                    num_threads: int = 0, check_finite: bool = True, users=None,
@@ -429,25 +410,30 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
 
     Same parameters as :func:`train_round`; a framework that runs one client at a time passes
     ``clients=[k]``. The values are what the client sends after clipping and quantization
-    (decoded); a dense update quantized with one scale needs :func:`train_round`.
+    (decoded); a dense update quantized with one scale also carries the noise of its untouched
+    rows (``ClientUpdates.noise``), which :func:`reduce_updates` adds.
     """
     out = _update_call(
         _core.client_updates, item_factors, data, clients, config, item_bias, global_mean, seed, round,
         num_threads, check_finite, users, user_bias, user_default, user_bias_default, bits, scaling,
         hadamard, sparse, threshold, clip)
+    noise = None
+    if out["noise"] is not None:
+        noise = DenseNoise(out["noise"]["lo"], out["noise"]["step"], out["noise"]["key"], int(bits), bool(hadamard))
     return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
-                         out["users"], out["user_bias"])
+                         out["users"], out["user_bias"], noise)
 
 
 def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_values=None,
-                   num_threads: int = 0):
+                   num_threads: int = 0, noise: DenseNoise | None = None):
     """The fused round's weighted mean of updates that clients computed one at a time.
 
     Client ``i`` (position ``i`` of the cohort, in the order :func:`train_round` would take
     them) sent ``rows[offsets[i]:offsets[i+1]]`` with ``values`` (and ``bias_values``) for
-    them, and has weight ``weights[i]`` (0 for a client that did not report). The sums follow
-    :func:`train_round`'s reduction tree, so the result equals its ``delta`` (and
-    ``delta_bias``) bit for bit, e.g. for the output of :func:`client_updates`.
+    them, and has weight ``weights[i]`` (0 for a client that did not report); ``noise`` (from
+    :func:`client_updates`) adds the noise of dense quantized updates on untouched rows. Each
+    row sums its clients in cohort order, as :func:`train_round` does, so the result equals its
+    ``delta`` (and ``delta_bias``) bit for bit, e.g. for the output of :func:`client_updates`.
 
     Returns
     -------
@@ -456,7 +442,7 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     total_weight : float
     """
     check_int(num_items, "num_items", minimum=0, maximum=2**31 - 1)  # rows are int32
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     values = as_float32_matrix(values, "values", check_finite=True)
     rows = np.ascontiguousarray(as_index_array(rows, "rows", upper=num_items), dtype=np.int32)
     if len(rows) != len(values):
@@ -476,7 +462,17 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
             raise ValueError("weights must have a finite sum")
         if total > 0 and not np.isfinite(1.0 / total):  # a subnormal total: the mean would be inf
             raise ValueError(f"weights must have a normal sum (1 / sum is finite); got sum {total!r}")
-    return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads)
+    extra = {}
+    if noise is not None:
+        if not isinstance(noise, DenseNoise):
+            raise TypeError(f"noise must be a DenseNoise (ClientUpdates.noise); got {type(noise).__name__}")
+        if not all(np.shape(a) == weights.shape for a in (noise.lo, noise.step, noise.key)):
+            raise ValueError(f"noise must describe {len(weights)} clients, one per weight")
+        extra = {"noise_lo": np.ascontiguousarray(noise.lo, np.float32),
+                 "noise_step": np.ascontiguousarray(noise.step, np.float32),
+                 "noise_key": np.ascontiguousarray(noise.key, np.uint64),
+                 **_codec_args(noise.bits, "tensor", noise.hadamard, False, 0, None)}
+    return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads, **extra)
 
 
 def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
@@ -534,7 +530,7 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    check_int(k, "k", minimum=1, allow_none=True)
+    check_int(k, "k", minimum=1, maximum=2**63 - 1, allow_none=True)
     threshold = _relevance(relevance_threshold)
     if k is None:
         return _core.evaluate_users(*args, **_stream_ids(data))
@@ -589,7 +585,7 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,
                         user_default, user_bias_default)
-    check_int(k, "k", minimum=1)
+    check_int(k, "k", minimum=1, maximum=2**63 - 1)
     needed = len(args[6]) * k * 12  # int64 items + float32 scores
     if needed > _result_budget():
         raise ValueError(f"k is too large: the ({len(args[6])}, {k}) result needs {needed / 2**30:.1f} GiB, "

@@ -3,22 +3,19 @@ inference for new users (reconstruct, predict, recommend; see :mod:`fedrecon_fas
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import inference
-from ._files import make_temp_dir
+from . import _bundle, _folders, inference
 from ._rng import STREAM_MODEL_INIT, generator
 from ._validation import FLOAT32_MAX, as_float32_matrix, as_float32_vector, check_float
 from .config import ClientConfig, FedReconConfig
 
 FORMAT = "fedrecon_fast.model"
-FORMAT_VERSION = 1
+_INT32_MAX = 2**31 - 1  # rows of V are int32 in the kernels
 
 
 @dataclass
@@ -72,6 +69,8 @@ class GlobalModel:
         if ids.shape != (n,) or (ids.size and ids.dtype.kind not in "iu"):
             raise ValueError(f"item_ids must be {n} integer ids, one per row of item_factors")
         self.item_ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if np.unique(self.item_ids).size != n:  # an id must name one row
+            raise ValueError("item_ids must be unique")
         if self.user_default is not None:
             self.user_default = as_float32_vector(self.user_default, "user_default", size=self.dim,
                                                   check_finite=True)
@@ -89,17 +88,6 @@ class GlobalModel:
         if self.item_labels is not None and n and (self.item_ids.min() < 0 or self.item_ids.max() >= self.item_labels.size):
             raise ValueError("item_labels must have a label for every item id (item_ids index it)")
 
-    def item_names(self, rows) -> list:
-        """Display names of model rows: the title if known, else the original id (a label or
-        the integer id)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        ids = self.item_ids[rows]
-        names = self.item_labels[ids] if self.item_labels is not None else ids.astype(str)
-        if self.item_titles is not None:
-            titles = self.item_titles[rows]
-            names = np.where(titles != "", titles, names)
-        return names.tolist()
-
     def set_titles(self, ids, titles) -> int:
         """Attach display titles by original item id (e.g. from
         :func:`fedrecon_fast.movielens.load_titles`); returns how many rows got one."""
@@ -116,6 +104,7 @@ class GlobalModel:
         names[found] = titles[order][pos[found]]
         self.item_titles = names
         return int(np.count_nonzero(found))
+
 
     def default_kwargs(self) -> dict:
         """The kernels' ``user_default``/``user_bias_default`` arguments for this model."""
@@ -184,8 +173,8 @@ class GlobalModel:
         ``data``/``ratings`` as for :meth:`reconstruct`. Items are ranked by predicted rating,
         best first, ties to the lower model row; with ``exclude_seen`` a user's rated items are
         skipped. Returns int64 ``items`` and float32 ``scores`` of shape (m, k) ((k,) for one
-        user); slots beyond a user's candidates hold item -1 and score NaN. One native call,
-        parallel over users.
+        user), ``k`` capped at ``num_items``; slots beyond a user's candidates hold item -1 and
+        score NaN. One native call, parallel over users.
         """
         return inference.recommend(self, data, ratings, k=k, exclude_seen=exclude_seen,
                                    ignore_unknown=ignore_unknown, config=config, seed=seed,
@@ -208,67 +197,132 @@ class GlobalModel:
         return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0, item_labels=item_labels)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to directory ``path`` (``model.npz`` + ``model.json``, no pickle).
+        """Write the model to folder ``path``, replacing it atomically (no pickle).
 
-        The directory is written next to its destination and renamed into place, so a crash
-        never leaves a half-written model behind.
+        The folder holds one ``.npy`` file per array and a ``manifest`` with every file's
+        SHA-256 and its own (:mod:`fedrecon_fast._bundle`). It is written beside ``path`` and
+        swapped in (:mod:`fedrecon_fast._folders`): at every instant ``path`` holds the old or
+        the new model, each complete, even if the process is killed. A model that would not
+        load back (non-finite values, a configuration that disagrees with the arrays) is
+        refused with ``ValueError`` before anything is written; OS errors name ``path``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
+        meta, arrays = self._parts()
+        self._from_parts(_bundle.Schema(f"model to save as {path}", meta, arrays))
+        return _folders.replace_folder(path, lambda folder: _bundle.write(folder, FORMAT, meta, arrays))
+
+    def _parts(self) -> tuple[dict, dict]:
+        """The format's ``meta`` and arrays of this model (shared with checkpoints)."""
+        arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
+        if self.item_bias is not None:
+            arrays["item_bias"] = self.item_bias
+        if self.user_default is not None:
+            arrays["user_default"] = self.user_default
+        meta = {
+            "num_items": self.num_items,
+            "dim": self.dim,
+            "biases": self.item_bias is not None,
+            "global_mean": self.global_mean,
+            "user_bias_default": self.user_bias_default,
+            "config": None if self.config is None else self.config.to_dict(),
+        }
+        for name in ("item_labels", "item_titles"):
+            if getattr(self, name) is not None:
+                arrays[f"{name}_chars"], arrays[f"{name}_offsets"] = _strings_to_arrays(getattr(self, name))
+        return meta, arrays
+
+    @classmethod
+    def _from_parts(cls, schema: _bundle.Schema) -> GlobalModel:
+        """The model of verified ``meta`` and arrays, checked against the strict schema."""
+        schema.keys({"num_items", "dim", "biases", "global_mean", "user_bias_default", "config"})
+        n = schema.integer("num_items", 0, _INT32_MAX)
+        dim = schema.integer("dim", 1, _INT32_MAX)
+        biases = schema.boolean("biases")
+        global_mean = schema.number("global_mean", -FLOAT32_MAX, FLOAT32_MAX)
+        user_bias_default = schema.number("user_bias_default", -FLOAT32_MAX, FLOAT32_MAX)
+        config = schema.of_type("config", dict, allow_none=True)
+        V = schema.array("item_factors", "<f4", (n, dim), finite=True)
+        ids = schema.array("item_ids", "<i8", (n,))
+        if np.unique(ids).size != n:
+            schema.fail("array 'item_ids' has duplicate ids")
+        bias = schema.array("item_bias", "<f4", (n,), finite=True, optional=not biases)
+        if bias is not None and not biases:
+            schema.fail("array 'item_bias' is present but 'biases' is false")
+        u0 = schema.array("user_default", "<f4", (dim,), finite=True, optional=True)
+        strings = {name: _strings_of(schema, name) for name in ("item_labels", "item_titles")}
+        schema.no_other_arrays(("item_factors", "item_ids", "item_bias", "user_default")
+                               + tuple(f"{name}_{part}" for name in strings for part in ("chars", "offsets")))
+        if config is not None:
+            try:
+                config = FedReconConfig.from_dict(config)
+            except Exception as e:  # any malformed field: a TypeError, KeyError, ValueError, ...
+                schema.fail(f"'config' is invalid: {type(e).__name__}: {e}")
+            if (config.dim, config.biases, config.learn_user_default) != (dim, biases, u0 is not None):
+                schema.fail(f"'config' (dim {config.dim}, biases {config.biases}, learn_user_default "
+                            f"{config.learn_user_default}) disagrees with the arrays (dim {dim}, biases "
+                            f"{biases}, user_default {'present' if u0 is not None else 'absent'})")
         try:
-            arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
-            if self.item_bias is not None:
-                arrays["item_bias"] = self.item_bias
-            if self.user_default is not None:
-                arrays["user_default"] = self.user_default
-            for name in ("item_labels", "item_titles"):
-                if getattr(self, name) is not None:
-                    arrays[name] = getattr(self, name)
-            np.savez(tmp / "model.npz", **arrays)
-            meta = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "num_items": self.num_items,
-                "dim": self.dim,
-                "biases": self.item_bias is not None,
-                "global_mean": self.global_mean,
-                "user_bias_default": self.user_bias_default,
-                "config": None if self.config is None else self.config.to_dict(),
-            }
-            (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+            return cls(V, bias, global_mean, ids, config, u0, user_bias_default, **strings)
+        except (TypeError, ValueError) as e:
+            schema.fail(str(e))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GlobalModel:
-        """Read a model written by :meth:`save`; malformed files raise ``ValueError``."""
+        """Read a model written by :meth:`save`, verifying every byte.
+
+        Anything wrong with the files (corrupted, edited, truncated, not regular files, a
+        schema violation) raises ``ValueError`` naming the file; a folder that holds no model
+        raises ``FileNotFoundError``. An interrupted :meth:`save` is finished first. Models
+        saved by fedrecon_fast 0.1 (``model.json`` + ``model.npz``, which carry no checksums)
+        still load, checked against the same schema; save them again to protect them.
+        """
         path = Path(path)
-        if not (path / "model.json").is_file() or not (path / "model.npz").is_file():
-            raise FileNotFoundError(f"{path} is not a saved model (model.json and model.npz expected)")
-        try:
-            meta = json.loads((path / "model.json").read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path / 'model.json'} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path / 'model.json'} is not a {FORMAT} v{FORMAT_VERSION} file")
-        try:
-            with np.load(path / "model.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{path / 'model.npz'} is unreadable: {e}") from None
-        missing = {"item_factors", "item_ids"} - set(arrays)
-        if missing or bool(meta["biases"]) != ("item_bias" in arrays):
-            raise ValueError(f"{path / 'model.npz'} lacks arrays {sorted(missing) or ['item_bias']}")
-        config = None if meta.get("config") is None else FedReconConfig.from_dict(meta["config"])
-        model = cls(arrays["item_factors"], arrays.get("item_bias"), meta["global_mean"],
-                    arrays["item_ids"], config, arrays.get("user_default"),
-                    meta.get("user_bias_default", 0.0), arrays.get("item_labels"), arrays.get("item_titles"))
-        if model.num_items != meta["num_items"] or model.dim != meta["dim"]:
-            raise ValueError(f"{path} is inconsistent: model.json and model.npz disagree on shape")
-        return model
+        _folders.recover(path)
+        if _bundle.is_bundle(path):
+            meta, arrays = _bundle.read(path, FORMAT)
+            return cls._from_parts(_bundle.Schema(path / _bundle.MANIFEST, meta, arrays))
+        if os.path.lexists(path / "model.json"):
+            return cls._load_version_1(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} is not a saved model (no {_bundle.MANIFEST} file)")
+
+    @classmethod
+    def _load_version_1(cls, path: Path) -> GlobalModel:
+        """A model saved by fedrecon_fast 0.1: strict schema, bounded reads, no checksums."""
+        meta, arrays = _bundle.read_version_1(path, "model.json", "model.npz")
+        schema = _bundle.Schema(path / "model.json", meta, arrays)
+        if meta.get("format") != FORMAT or meta.get("version") != 1:
+            schema.fail(f"not a {FORMAT} file of version 1")
+        meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
+        return cls._from_parts(_bundle.Schema(path / "model.json", meta, arrays))
+
+
+def _strings_to_arrays(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as the format stores them: their code points (int32) one after another, and
+    where each string starts (int64, n + 1 offsets)."""
+    strings = np.ascontiguousarray(strings, dtype=str)
+    lengths = np.char.str_len(strings).astype(np.int64)
+    width = max(strings.dtype.itemsize // 4, 1)
+    grid = np.ascontiguousarray(strings.astype(f"<U{width}")).view("<i4").reshape(strings.size, width)
+    chars = grid[np.arange(width) < lengths[:, None]].astype("<i4")
+    return chars, np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+
+
+def _strings_of(schema, name: str) -> np.ndarray | None:
+    """The strings ``name`` stored by :func:`_strings_to_arrays`, validated, or None."""
+    chars = schema.array(f"{name}_chars", "<i4", (None,), optional=True)
+    offsets = schema.array(f"{name}_offsets", "<i8", (None,), optional=chars is None)
+    if chars is None:
+        if offsets is not None:
+            schema.fail(f"array '{name}_offsets' is present without '{name}_chars'")
+        return None
+    lengths = np.diff(offsets)
+    if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != chars.size or (lengths < 0).any():
+        schema.fail(f"array '{name}_offsets' must rise from 0 to the number of characters")
+    if chars.size and (chars.min() < 1 or chars.max() > 0x10FFFF):
+        schema.fail(f"array '{name}_chars' holds values that are not characters")
+    width = max(int(lengths.max()) if lengths.size else 1, 1)
+    grid = np.zeros((lengths.size, width), dtype="<i4")
+    inside = np.arange(width) < lengths[:, None]
+    grid[inside] = chars[(offsets[:-1, None] + np.arange(width))[inside]]
+    return grid.view(f"<U{width}").reshape(lengths.size)

@@ -4,13 +4,12 @@ updates combined in cohort order into exactly the local round.
 A partition is a contiguous block of training users (:func:`partition_bounds`). Each holder
 keeps its block's ratings once; a round sends it only the ids of its sampled users and V. It
 runs :func:`kernels.client_updates` on them (each user keyed by its global id, so its random
-streams are those of the fused round) and returns the sparse updates. :func:`combine` puts
-the pieces back in cohort order and reduces them with the native
-:func:`kernels.reduce_updates`, which follows :func:`kernels.train_round`'s reduction tree:
-the result is the local round's, bit for bit, wherever the partitions ran.
-
-The one codec this cannot carry is a dense update quantized with one scale per client (its
-untouched rows carry quantization noise); :func:`routable` says so and callers fall back.
+streams are those of the fused round) and returns the sparse updates (and, for dense updates
+quantized with one scale, the few numbers their untouched rows' noise derives from).
+:func:`combine` puts the pieces back in cohort order and reduces them with the native
+:func:`kernels.reduce_updates`, which sums each row's clients in cohort order as
+:func:`kernels.train_round` does: the result is the local round's, bit for bit, wherever the
+partitions ran.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ import numpy as np
 
 from . import kernels
 from ._validation import check_int
-from .kernels import ClientUpdates, RoundResult
+from .kernels import ClientUpdates, DenseNoise, RoundResult
 
-__all__ = ["Route", "partition_bounds", "partition_data", "route", "routable", "combine"]
+__all__ = ["Route", "partition_bounds", "partition_data", "route", "combine"]
 
 _NONFINITE = 1  # ClientStats status of a diverged client
 
@@ -72,11 +71,6 @@ def route(clients, bounds: np.ndarray) -> list[Route]:
     for p, positions in zip(parts, np.split(order, starts[1:])):
         out.append(Route(int(p), positions, clients[positions] - bounds[p]))
     return out
-
-
-def routable(bits=None, sparse: bool = True, **_) -> bool:
-    """Whether :func:`combine` reproduces the round: everything but dense quantized updates."""
-    return bits is None or bool(sparse)
 
 
 def _scatter(pieces, total: int, get):
@@ -132,8 +126,12 @@ def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int,
     stats = {key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key])
              for key in pieces[0][1].client_stats}
     weights = stats["weight"]
+    noise = None
+    if pieces[0][1].noise is not None:  # dense quantized updates: each client's untouched-row noise
+        order = np.argsort(np.concatenate([r.positions for r, _ in pieces]), kind="stable")
+        noise = DenseNoise.concat(u.noise for _, u in pieces).take(order)
     delta, delta_bias, _ = kernels.reduce_updates(rows, values, offsets, weights, num_items=num_items,
-                                                  bias_values=bias, num_threads=num_threads)
+                                                  bias_values=bias, num_threads=num_threads, noise=noise)
     reporting = np.repeat(weights > 0, lengths)
     summary = round_summary(stats, int(np.unique(rows[reporting]).size))
     users = _scatter(pieces, num_clients, lambda u: u.users)

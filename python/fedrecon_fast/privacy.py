@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._native import core as _core
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, check_threads
 from .aggregation import (
     _as_f32,
     _dense_updates,
@@ -217,7 +217,7 @@ def clip_by_norm(update, clip: float, *, num_threads: int = 0) -> tuple[np.ndarr
     """
     x = _as_f32(_real_array(update, "update"), "update")
     check_float(clip, "clip", minimum=0.0, strict=True)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     clipped, norm = _core.clip_by_norm(x, float(clip), num_threads)
     return clipped, bool(norm > clip), float(norm)
 
@@ -245,7 +245,7 @@ def gaussian_noise(shape, std: float, *, seed: int, round: int = 0, num_threads:
     check_float(std, "std", minimum=0.0)
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     out = _core.gaussian_noise(num_rows * dim, float(std), int(seed) % _UINT64, int(round) % _UINT64, num_threads)
     return out.reshape(shape)
 
@@ -310,7 +310,7 @@ def dp_sum(updates, weights=None, *, clip: float, noise_multiplier: float, seed:
     arrays, shape = _dense_updates(updates)
     w = _weights(weights, len(arrays), dp=True)
     float64, out = _output(out, shape, dtype, arrays)
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     value, norms, summary = _core.dp_sum_dense(arrays, int(np.prod(shape, dtype=np.int64)), w, clip, z, seed,
                                                round, denominator, float64, num_threads, out=out)
     return _result(value.reshape(shape) if out is None else out, norms, summary, denominator)
@@ -337,7 +337,7 @@ def dp_sum_sparse(rows, values, offsets, weights=None, *, num_rows: int, clip: f
     w = _weights(weights, offsets.shape[0] - 1, dp=True)
     shape = (num_rows,) + row_shape
     float64, out = _output(out, shape, dtype, (values,))
-    check_int(num_threads, "num_threads", minimum=0)
+    check_threads(num_threads)
     value, norms, summary = _core.dp_sum_sparse(offsets, rows, values, w, num_rows, clip, z, seed, round,
                                                 denominator, float64, num_threads, out=out)
     return _result(value.reshape(shape) if out is None else out, norms, summary, denominator)
@@ -372,7 +372,7 @@ class DPGaussianSum:
         self._shape, num_rows, dim = _table_shape(shape)
         clip, z, seed, round, self._denominator = _dp_params(clip, noise_multiplier, seed, round,
                                                              expected_weight)
-        check_int(num_threads, "num_threads", minimum=0)
+        check_threads(num_threads)
         self._num_threads = num_threads
         self._acc = _core.GaussianSum(num_rows, dim, clip, z, seed, round)
         self._norms: list[float] = []

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 
 from . import accounting, divergence, kernels, memory, splits
+from ._guards import one_fit_at_a_time
+from ._signals import stop_requested
 from .kernels import sample_clients
 from ._validation import check_int
 from .config import FedReconConfig
@@ -188,6 +190,7 @@ class FedRecon:
                 params["user_bias_default"] = np.array([self.model.user_bias_default], np.float32)
         return params
 
+    @one_fit_at_a_time
     def fit(self, train, val=None, *, rounds: int | None = None, progress: bool = False,
             callback: Callable[[dict], None] | None = None, checkpoint_dir=None,
             checkpoint_every: int = 0, keep: int = 2) -> FedRecon:
@@ -209,7 +212,13 @@ class FedRecon:
         checkpoint_dir : path, optional
             Write a checkpoint (:mod:`fedrecon_fast.checkpoint`) here every ``checkpoint_every``
             rounds (0: only at the end) and when ``fit`` returns, keeping the newest ``keep``.
-            :meth:`from_checkpoint` continues from it with bit-identical results.
+            :meth:`from_checkpoint` continues from it with bit-identical results. The folder
+            is locked while ``fit`` runs: another process (or thread) is refused.
+
+        Raises
+        ------
+        RuntimeError
+            ``fit`` is already running on this trainer (one trainer per thread).
         """
         cfg = self.config
         train, val = splits.unpack(train, val)
@@ -256,7 +265,10 @@ class FedRecon:
                     if checkpoint_dir is not None and checkpoint_every and row["round"] % checkpoint_every == 0 \
                             and k < rounds:
                         self.save_checkpoint(checkpoint_dir, keep=keep)
-            if val is not None and val.num_clients and self.history and "val_rmse" not in self.history[-1]:
+                if stop_requested():  # SIGTERM/SIGINT/SIGHUP under the CLI: checkpoint and return
+                    break  # (at a round, or a native chunk's, boundary: the model is consistent)
+            if val is not None and val.num_clients and self.history and "val_rmse" not in self.history[-1] \
+                    and not stop_requested():
                 self.history[-1].update(self._validate(val))
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir, keep=keep)

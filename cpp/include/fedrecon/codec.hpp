@@ -48,6 +48,11 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
                            const std::int32_t* rows, std::int64_t n, float* values, float* bias,
                            std::uint64_t key, EncodedUpdate& enc, bool& clipped, CodecScratch& scratch);
 
+/// Marks `enc` (scheme and group set) as a dense update whose untouched rows decode to noise,
+/// and prepares that decoding (its ZeroCode and row-seed prefix). encode_update calls it; so does
+/// a caller that rebuilds an update from its scale and key alone (reduce_updates' DenseNoise).
+void set_noisy_zeros(EncodedUpdate& enc);
+
 /// The decoded value (dim floats) of row r of a dense update that did not touch it: what
 /// quantizing and decoding its zeros gives, computed from the ZeroCode of encode_update.
 void decode_untouched_row(const EncodedUpdate& enc, std::int64_t r, int dim, float* out,

@@ -52,33 +52,40 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
                          const UserState& users = UserState(), const UpdateCodec& codec = UpdateCodec(),
                          const InPlaceStep& step = InPlaceStep());
 
-/// The fused round's un-normalised sums for one cohort (a shard of a larger one; reduce.hpp).
-RoundSummary train_round_partial(const ModelView& model, const CsrView& data,
-                                 const std::int64_t* clients, std::int64_t num_sampled,
-                                 const ClientConfig& config, std::uint64_t seed, std::uint64_t round,
-                                 int num_threads, PartialSums& out, ClientStats* stats_out,
-                                 const UserState& users = UserState(),
-                                 const UpdateCodec& codec = UpdateCodec());
+/// The noise of dense updates quantized with one scale per client: client i's untouched rows
+/// decode to the quantization of zeros with scale (lo[i], step[i]) and key[i] (step 0: none),
+/// under the scheme of `codec` (bits, hadamard). What client_updates reports, so a server can add
+/// it without receiving num_items rows per client.
+struct DenseNoise {
+  const float* lo = nullptr;
+  const float* step = nullptr;
+  const std::uint64_t* key = nullptr;
+  UpdateCodec codec;
+};
 
 /// The fused round's reduction of updates computed one client at a time (client_updates, other
 /// frameworks): client i (cohort position i) sent rows[offsets[i]:offsets[i+1]] with values
 /// (rows x dim) and, when bias_values is not null, item-bias values; weights[i] (0: did not
-/// report). Writes the weighted mean as train_round does, bit for bit, and returns the total
-/// weight (summed in cohort order).
+/// report); `noise` (optional) the noise of its dense quantized update. Writes the weighted
+/// mean as train_round does, bit for bit, and returns the total weight (summed in cohort order).
 double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offsets,
                       std::int64_t num_clients, const std::int32_t* rows, const float* values,
                       const float* bias_values, const double* weights, int num_threads,
-                      float* delta_out, float* delta_bias_out);
+                      float* delta_out, float* delta_bias_out, const DenseNoise* noise = nullptr);
 
 /// Unfused form for frameworks that run clients one at a time: each client's sparse update
-/// (clipped and quantized as `codec` says; a dense quantized codec needs train_round).
-/// Client k's rows are rows[offsets[k]:offsets[k+1]], values the matching (rows x dim) block.
+/// (clipped and quantized as `codec` says). Client k's rows are rows[offsets[k]:offsets[k+1]],
+/// values the matching (rows x dim) block. A dense update quantized with one scale also puts
+/// noise on every row the client did not touch: noise_lo/noise_step/noise_key describe it
+/// (DenseNoise; step 0 for a client without), else they are empty.
 struct SparseUpdates {
   std::vector<std::int64_t> offsets;
   std::vector<std::int32_t> rows;
   std::vector<float> values;
   std::vector<float> bias_values;  // empty without biases
   std::vector<ClientStats> stats;
+  std::vector<float> noise_lo, noise_step;
+  std::vector<std::uint64_t> noise_key;
 };
 SparseUpdates client_updates(const ModelView& model, const CsrView& data,
                              const std::int64_t* clients, std::int64_t num_sampled,

@@ -17,16 +17,36 @@
 
 namespace fedrecon {
 
-/// Threads to use for n work items: num_threads <= 0 means all hardware threads.
+/// Hardware threads of this machine (at least 1), read once.
+int hardware_threads();
+
+/// Most threads one call uses: kThreadsPerCore x hardware_threads(). Larger requests are
+/// capped (results never depend on the thread count), so no num_threads can start thousands
+/// of threads, and the pool never holds more than max_threads() - 1 workers.
+constexpr int kThreadsPerCore = 4;
+inline int max_threads() { return kThreadsPerCore * hardware_threads(); }
+
+/// Threads to use for n work items: num_threads <= 0 means all hardware threads; at most
+/// max_threads() and n.
 inline int resolve_threads(int num_threads, std::int64_t n) {
-  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (num_threads <= 0) num_threads = hardware_threads();
+  num_threads = std::min(num_threads, max_threads());
   return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, n)));
 }
+
+/// A new process-wide mutex that fork() never leaves locked in the child: pthread_atfork
+/// handlers take every such mutex before fork() and release them in parent and child, so a
+/// child does not inherit one held by a thread that does not exist there (the parent's other
+/// threads may be inside the kernels). For short critical sections on process-wide registries
+/// (free lists); never destroyed.
+std::mutex& fork_safe_mutex();
 
 /// A process-wide pool of worker threads, so a round does not pay for thread start-up. Work
 /// is submitted as `n` jobs job(0..n-1); the caller runs job(0) itself and waits for the rest.
 /// Concurrent callers (several Python threads) share the workers; jobs never block on each
-/// other. After fork() the child builds a fresh pool (the parent's threads do not exist there).
+/// other. The pool starts at most max_threads() - 1 workers (jobs beyond them queue). After
+/// fork() the child builds a fresh pool (the parent's threads do not exist there; an atfork
+/// handler drops the parent's pool, whose mutexes may have been held at the fork).
 /// An idle thread polls briefly before it blocks (parallel.cpp says why), unless oversubscribed.
 class ThreadPool {
  public:
@@ -35,7 +55,6 @@ class ThreadPool {
   void run(int n, const std::function<void(int)>& job);
 
  private:
-  static long current_pid();
   static bool& in_worker();
   void loop();
 

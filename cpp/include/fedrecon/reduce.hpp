@@ -1,12 +1,11 @@
 // The cohort's reduction: the weighted mean of the clients' sparse updates, row by row, and the
 // server's SGD step fused into it. No Python here.
 //
-// Order: each row sums its clients along a fixed binary tree over cohort positions (a range of
-// more than kReduceLeaf positions splits at its midpoint, rounded up; a smaller range is summed
-// in cohort order), in float64, each step rounded as "acc += w * x" (no fused multiply-add).
-// Threads only split the set of rows, so results are bit-identical for any thread count, and a
-// range's tree depends only on its length, so partial sums of cohort shards combined pairwise
-// along the same tree reproduce the whole cohort's sums exactly.
+// Order: each row sums its clients' contributions in cohort order, in float64, starting from the
+// first contribution and rounding each step as "acc += w * x" (no fused multiply-add). Threads
+// only split the set of rows, so results are bit-identical for any thread count; and any
+// process that holds the clients' updates in cohort order (reduce_updates: Ray, Flower, the
+// functional API) reproduces the fused round exactly.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +15,6 @@
 #include "fedrecon/types.hpp"
 
 namespace fedrecon {
-
-constexpr std::int64_t kReduceLeaf = 64;
 
 /// One client's update as the reduction reads it: its touched rows (distinct, any order) and,
 /// for touched row e, either materialised values (values + e * dim) or, with values == nullptr,
@@ -62,17 +59,6 @@ struct ReduceResult {
 ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& updates,
                          double total_weight, int num_threads, float* delta_out,
                          float* delta_bias_out, const InPlaceStep& step = InPlaceStep());
-
-/// Un-normalised float64 sums sum_i w_i x_i of one cohort (a shard of a larger one), for rows
-/// the cohort touched (every row with a dense quantized update), ascending.
-struct PartialSums {
-  std::vector<std::int32_t> rows;
-  std::vector<double> values;         // rows x dim
-  std::vector<double> bias;           // rows, empty without biases
-  std::vector<std::int32_t> touched;  // rows some client touched (fewer than rows with noise)
-};
-ReduceResult reduce_partial(const ModelView& model, const std::vector<UpdateRef>& updates,
-                            int num_threads, PartialSums& out);
 
 /// Server SGD on one row of a weighted sum, in place: v[k] += float32(mean[k] * lr) with the
 /// float32 mean = float32(sum[k] * inv_total), the roundings of NumPy's `p += mean * float32(lr)`
