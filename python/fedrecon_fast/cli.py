@@ -336,12 +336,8 @@ def _train(args, config, train, val):
             raise ValueError("checkpoints are not supported with --backend flower")
         from .flower import FlowerFedRecon
 
-        trainer = FlowerFedRecon(config, num_cpus=args.threads or None)
-        try:
-            trainer.fit(train, val, progress=progress)
-        finally:
-            trainer.close()
-        return trainer
+        # Each fit starts and stops its own SuperLink: nothing to close afterwards.
+        return FlowerFedRecon(config, num_cpus=args.threads or None).fit(train, val, progress=progress)
     with contextlib.ExitStack() as stack:
         fit_args = {}
         if args.checkpoint_dir is not None:
