@@ -311,31 +311,42 @@ py::dict evaluate_users(const Array<float>& item_factors, const std::optional<Ar
   if (std::isnan(relevance_threshold)) fail("relevance_threshold must not be NaN");
   std::vector<fedrecon::EvalStats> stats(static_cast<std::size_t>(n));
   std::vector<fedrecon::RankStats> ranks(static_cast<std::size_t>(k > 0 ? n : 0));
+  // Each client's top items (for catalogue coverage): no more columns than items.
+  const std::int64_t width = std::min<std::int64_t>(k, std::max<std::int64_t>(model.num_items, 1));
+  Array<std::int64_t> top({k > 0 ? n : 0, static_cast<py::ssize_t>(k > 0 ? width : 0)});
   {
     py::gil_scoped_release release;
     fedrecon::evaluate_users(model, data, ids, n, config, seed, round, num_threads, stats.data(), k,
-                             relevance_threshold, k > 0 ? ranks.data() : nullptr);
+                             relevance_threshold, k > 0 ? ranks.data() : nullptr,
+                             k > 0 ? top.mutable_data() : nullptr);
   }
-  Array<double> sq(n);
+  Array<double> sq(n), abs_err(n);
   Array<std::int64_t> count(n), correct(n);
   for (py::ssize_t i = 0; i < n; ++i) {
     sq.mutable_data()[i] = stats[static_cast<std::size_t>(i)].sq_err_sum;
+    abs_err.mutable_data()[i] = stats[static_cast<std::size_t>(i)].abs_err_sum;
     count.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_examples;
     correct.mutable_data()[i] = stats[static_cast<std::size_t>(i)].num_correct;
   }
-  py::dict out("sq_err_sum"_a = sq, "num_examples"_a = count, "num_correct"_a = correct);
+  py::dict out("sq_err_sum"_a = sq, "abs_err_sum"_a = abs_err, "num_examples"_a = count,
+               "num_correct"_a = correct);
   if (k > 0) {
     Array<std::int64_t> relevant(n), hits(n);
-    Array<double> ndcg(n);
+    Array<double> ndcg(n), ap(n), rr(n);
     for (py::ssize_t i = 0; i < n; ++i) {
       const auto& r = ranks[static_cast<std::size_t>(i)];
       relevant.mutable_data()[i] = r.num_relevant;
       hits.mutable_data()[i] = r.hits;
       ndcg.mutable_data()[i] = r.ndcg;
+      ap.mutable_data()[i] = r.ap;
+      rr.mutable_data()[i] = r.rr;
     }
     out["num_relevant"] = relevant;
     out["hits"] = hits;
     out["ndcg"] = ndcg;
+    out["ap"] = ap;
+    out["rr"] = rr;
+    out["top_items"] = top;
   }
   return out;
 }

@@ -371,16 +371,17 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
 def evaluate_client(model: Model, items, ratings, query, u, bu) -> dict:
     """ReconEval of one client: squared error (float64 sum), count and ``|err| <= 0.5`` over
     the whole query set, with V as given (not updated)."""
-    sq, correct, count = 0.0, 0, 0
+    sq, absolute, correct, count = 0.0, 0.0, 0, 0
     for batch in query:
         for p in batch:
             item = items[p]
             bi = model.item_bias[item] if model.has_bias else F32(0.0)
             err = predict(u, bu, model.item_factors[item], bi, model) - ratings[p]
             sq += float(err) * float(err)
+            absolute += abs(float(err))
             correct += int(abs(err) <= F32(0.5))
             count += 1
-    return dict(sq_err_sum=sq, num_examples=count, num_correct=correct)
+    return dict(sq_err_sum=sq, abs_err_sum=absolute, num_examples=count, num_correct=correct)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,8 +568,9 @@ def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bia
 def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=None,
                    global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
                    user_bias_default=0.0, k=None, relevance_threshold=4.0):
-    """ReconEval per client: dict of arrays ``sq_err_sum``, ``num_examples``, ``num_correct``;
-    with ``k`` also ``num_relevant``, ``hits`` and ``ndcg`` (:func:`rank_client`)."""
+    """ReconEval per client: dict of arrays ``sq_err_sum``, ``abs_err_sum``, ``num_examples``,
+    ``num_correct``; with ``k`` also ``num_relevant``, ``hits``, ``ndcg``, ``ap``, ``rr`` and
+    ``top_items`` (:func:`rank_client`)."""
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
                               user_bias_default)
     per_client = []
@@ -582,6 +584,7 @@ def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=N
         per_client.append(stats)
     out = dict(
         sq_err_sum=np.array([s["sq_err_sum"] for s in per_client], dtype=np.float64),
+        abs_err_sum=np.array([s["abs_err_sum"] for s in per_client], dtype=np.float64),
         num_examples=np.array([s["num_examples"] for s in per_client], dtype=np.int64),
         num_correct=np.array([s["num_correct"] for s in per_client], dtype=np.int64),
     )
@@ -590,6 +593,10 @@ def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=N
             num_relevant=np.array([s["num_relevant"] for s in per_client], dtype=np.int64),
             hits=np.array([s["hits"] for s in per_client], dtype=np.int64),
             ndcg=np.array([s["ndcg"] for s in per_client], dtype=np.float64),
+            ap=np.array([s["ap"] for s in per_client], dtype=np.float64),
+            rr=np.array([s["rr"] for s in per_client], dtype=np.float64),
+            top_items=np.array([s["top_items"] for s in per_client], dtype=np.int64).reshape(
+                len(per_client), min(k, max(model.item_factors.shape[0], 1))),
         )
     return out
 
@@ -630,19 +637,28 @@ def rank_client(model: Model, items, ratings, support, query, u, bu, k: int, rel
     Candidates: every item not in the support set. Relevant: the distinct query items rated
     >= ``relevance_threshold`` (None: all query items) that are candidates. ``hits`` = relevant
     items in the top k; ``ndcg`` = Σ_hits 1/log2(rank + 1) over Σ_{r=1..min(k, |relevant|)}
-    1/log2(r + 1) (ranks from 1), NaN without relevant items.
+    1/log2(r + 1) (ranks from 1); ``ap`` = Σ_hits precision@rank / min(k, |relevant|); ``rr`` =
+    1 / rank of the first hit (0 without one); all three NaN without relevant items.
+    ``top_items``: the ranked items, min(k, num_items) of them, padded with -1.
     """
     sup = {int(items[p]) for b in support for p in b}
-    top, _ = top_k(score_items(model, u, bu), k, sup)
+    width = min(k, max(model.item_factors.shape[0], 1))
+    top, _ = top_k(score_items(model, u, bu), width, sup)
     threshold = -np.inf if relevance_threshold is None else float(F32(relevance_threshold))
     relevant = {int(items[p]) for b in query for p in b if float(ratings[p]) >= threshold} - sup
     if not relevant:
-        return dict(num_relevant=0, hits=0, ndcg=float("nan"))
+        nan = float("nan")
+        return dict(num_relevant=0, hits=0, ndcg=nan, ap=nan, rr=nan, top_items=top)
     gains = np.array([1.0 if int(i) in relevant else 0.0 for i in top if i >= 0])
-    discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
-    dcg = float((gains * discounts[:len(gains)]).sum())
-    idcg = float(discounts[:min(k, len(relevant))].sum())
-    return dict(num_relevant=len(relevant), hits=int(gains.sum()), ndcg=dcg / idcg)
+    ranks = np.arange(1, len(gains) + 1, dtype=np.float64)
+    dcg = float((gains / np.log2(ranks + 1)).sum())
+    ideal = min(k, len(relevant))
+    idcg = float((1.0 / np.log2(np.arange(2, ideal + 2, dtype=np.float64))).sum())
+    ap = float((np.cumsum(gains) / ranks * gains).sum()) / ideal
+    first = np.flatnonzero(gains)
+    rr = 1.0 / (first[0] + 1) if first.size else 0.0
+    return dict(num_relevant=len(relevant), hits=int(gains.sum()), ndcg=dcg / idcg, ap=ap, rr=rr,
+                top_items=top)
 
 
 def _inference_config(config):

@@ -234,7 +234,7 @@ def test_from_dataframe_errors_name_the_column():
     with pytest.raises(TypeError, match="user_id"):
         ClientData.from_dataframe(df.assign(user_id=[1.5, 2.0]))
     with pytest.raises(TypeError, match="item_id"):
-        ClientData.from_dataframe(df.assign(item_id=["a", "b"]))
+        ClientData.from_dataframe(df.assign(item_id=[1, "b"]))  # neither integers nor strings
     with pytest.raises(TypeError, match="DataFrame"):
         ClientData.from_dataframe({"user_id": [1]})
 

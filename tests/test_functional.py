@@ -130,7 +130,8 @@ def test_client_evaluate_equals_recon_eval(train):
     model = ff.GlobalModel.initialize(train.item_ids, config, global_mean=3.5)
     users = [F.client_evaluate(model, train, config, client=k) for k in range(train.num_clients)]
     pooled = ff.evaluation.summarize([u["sq_err_sum"] for u in users], [u["num_examples"] for u in users],
-                                     [u["num_correct"] for u in users])
+                                     [u["num_correct"] for u in users],
+                                     abs_err_sum=[u["abs_err_sum"] for u in users])
     expected = ff.recon_eval(model, train, config=config.evaluation, seed=config.seed, k=None)
     assert pooled == expected
     assert users[3]["rmse"] == ff.recon_eval(model, train, [3], config.evaluation, seed=config.seed)["rmse"]

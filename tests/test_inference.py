@@ -198,8 +198,10 @@ def test_ranking_metrics_match_reference(case, num_items, dim, batch_size, num_t
         expected = ref.evaluate_users(V, data, clients, config, k=k, relevance_threshold=thr, **kwargs)
         assert_array_equal(out["num_relevant"], expected["num_relevant"])
         assert_array_equal(out["hits"], expected["hits"])
-        assert_allclose(out["ndcg"], expected["ndcg"], rtol=1e-12, equal_nan=True)
-        assert_array_equal(np.isnan(out["ndcg"]), out["num_relevant"] == 0)
+        for name in ("ndcg", "ap", "rr"):
+            assert_allclose(out[name], expected[name], rtol=1e-12, equal_nan=True, err_msg=name)
+            assert_array_equal(np.isnan(out[name]), out["num_relevant"] == 0)
+        assert_array_equal(out["top_items"], expected["top_items"])
         assert np.all(out["hits"] <= np.minimum(k, out["num_relevant"]))
 
 
@@ -207,8 +209,8 @@ def test_ranking_does_not_change_the_rating_metrics():
     V, data, clients, config, kwargs = problem("sgd-bias", 30, 16, 5, seed=1)
     plain = evaluate_users(V, data, clients, config, num_threads=2, **kwargs)
     ranked = evaluate_users(V, data, clients, config, num_threads=3, k=5, **kwargs)
-    assert set(plain) == {"sq_err_sum", "num_examples", "num_correct"}
-    assert set(ranked) == set(plain) | {"num_relevant", "hits", "ndcg"}
+    assert set(plain) == {"sq_err_sum", "abs_err_sum", "num_examples", "num_correct"}
+    assert set(ranked) == set(plain) | {"num_relevant", "hits", "ndcg", "ap", "rr", "top_items"}
     for name in plain:
         assert_array_equal(ranked[name], plain[name])
 

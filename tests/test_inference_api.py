@@ -203,7 +203,7 @@ def test_bad_inputs_name_the_argument(trained):
         (lambda: model.recommend(ids, ratings, config="paper"), TypeError, "config"),
         (lambda: model.recommend(ids, ratings, seed=-2), ValueError, "seed"),
         (lambda: model.recommend(ids, ratings, num_threads=-1), ValueError, "num_threads"),
-        (lambda: model.recommend(pd.DataFrame({"user": [1], "item_id": [1], "rating": [1.0]})), ValueError, "user_id"),
+        (lambda: model.recommend(pd.DataFrame({"person": [1], "item_id": [1], "rating": [1.0]})), ValueError, "user_id"),
         (lambda: model.predict(u[:-1], ids, b), ValueError, "users"),
         (lambda: model.predict(u, ids.reshape(1, -1), b), ValueError, "items"),
         (lambda: model.predict(np.stack([u, u]), np.stack([ids, ids, ids]), b), ValueError, "items"),

@@ -230,6 +230,7 @@ def test_evaluate_users_matches_reference(case, num_items, dim, batch_size, num_
     assert_array_equal(out["num_examples"], expected["num_examples"])
     assert_array_equal(out["num_correct"], expected["num_correct"])
     assert_allclose(out["sq_err_sum"], expected["sq_err_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    assert_allclose(out["abs_err_sum"], expected["abs_err_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
 
 # ------------------------------------------------------------------------------- properties

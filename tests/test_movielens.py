@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrecon_fast import movielens
+from fedrecon_fast import movielens, textparse
 from fedrecon_fast.movielens import download_movielens, load_movielens
 
 # (user, item, rating, timestamp); user 7 rates item 30 twice over time, ids unsorted
@@ -132,7 +132,7 @@ def test_many_blocks_match_one_block(tmp_path, monkeypatch):
         rng.integers(9 * 10**8, 10**9, 3000))]
     path = write(tmp_path / "ratings.dat", ratings_dat(rows))
     whole = load_movielens(path)
-    monkeypatch.setattr(movielens, "_BLOCK_BYTES", 97)
+    monkeypatch.setattr(textparse, "BLOCK_BYTES", 97)
     blocks = load_movielens(path)
     for name in ("indptr", "items", "ratings", "timestamps", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(whole, name), getattr(blocks, name))
@@ -185,7 +185,7 @@ def test_error_line_number_in_a_later_block(tmp_path, monkeypatch):
     lines = [f"{u}::{u + 1}::3::{10**9 + u}" for u in range(1, 200)]
     lines[150] = "151::152::three::1000000151"
     path = write(tmp_path / "ratings.dat", "\n".join(lines) + "\n")
-    monkeypatch.setattr(movielens, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(textparse, "BLOCK_BYTES", 256)
     with pytest.raises(ValueError, match="line 151: rating"):
         load_movielens(path)
     lines[150] = "151::152::3"

@@ -110,3 +110,21 @@ def test_edge_parameters():
 def test_argument_validation_names_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         synthetic_ratings(**kwargs)
+
+
+def test_half_stars_and_a_long_popularity_tail():
+    d = synthetic_ratings(400, 2000, mean_ratings=30, popularity=1.0, half_stars=True, seed=2)
+    r = np.asarray(d.ratings)
+    np.testing.assert_array_equal(2 * r, np.rint(2 * r))
+    assert r.min() == 0.5 and r.max() == 5.0 and (r != np.rint(r)).mean() > 0.3
+    counts = np.bincount(d.items, minlength=d.num_items)
+    flat = np.bincount(synthetic_ratings(400, 2000, mean_ratings=30, seed=2).items, minlength=d.num_items)
+    # Zipf exponent 1 leaves most of the catalogue rated at most twice; the default 0.4 does not.
+    assert (counts <= 2).mean() > 0.5 > (flat <= 2).mean()
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [({"popularity": -1.0}, ValueError),
+                                               ({"half_stars": 1}, TypeError)])
+def test_bad_shape_arguments_name_themselves(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        synthetic_ratings(10, 30, **kwargs)

@@ -568,6 +568,7 @@ EvalStats ClientWorker::evaluate() const {
     const float err = predict_row(model_.item_factors + static_cast<std::int64_t>(item) * dim_,
                                   bias ? model_.item_bias[item] : 0.0f) - ratings_[p];
     stats.sq_err_sum += static_cast<double>(err) * err;
+    stats.abs_err_sum += std::fabs(static_cast<double>(err));
     stats.num_correct += std::fabs(err) <= 0.5f ? 1 : 0;
   }
   stats.num_examples = num_query();
@@ -617,13 +618,14 @@ std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t
   return found;
 }
 
-RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold) {
+RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold, std::int64_t* top_out) {
   // At most num_items items can be ranked, so a larger k only changes the scratch size (and
   // num_relevant <= num_items keeps the ideal DCG below the same): rank with the smaller one.
   const std::int64_t ranked = std::min(k, std::max<std::int64_t>(model_.num_items, 1));
   top_items_.resize(static_cast<std::size_t>(ranked));
   top_scores_.resize(static_cast<std::size_t>(ranked));
   const std::int64_t found = top_k(ranked, true, top_items_.data(), top_scores_.data());
+  if (top_out != nullptr) std::copy_n(top_items_.data(), ranked, top_out);  // padded with -1
   // Relevant: distinct liked query items that are candidates (excluded_ holds the support).
   relevant_.clear();
   for (const std::int64_t p : qry_pos_)
@@ -638,21 +640,25 @@ RankStats ClientWorker::rank_query(std::int64_t k, float relevance_threshold) {
   RankStats stats;
   stats.num_relevant = static_cast<std::int64_t>(relevant_.size());
   if (stats.num_relevant == 0) {
-    stats.ndcg = std::numeric_limits<double>::quiet_NaN();
+    stats.ndcg = stats.ap = stats.rr = std::numeric_limits<double>::quiet_NaN();
     return stats;
   }
   // Binary gains: rank r (0-based) is worth 1 / log2(r + 2); the ideal list puts a relevant
   // item at each of the first min(k, num_relevant) ranks.
-  double dcg = 0.0, idcg = 0.0;
+  // Average precision adds precision@(r + 1) at each hit; the reciprocal rank is the first hit's.
+  double dcg = 0.0, idcg = 0.0, precision_sum = 0.0;
   for (std::int64_t r = 0; r < found; ++r) {
     if (std::binary_search(relevant_.begin(), relevant_.end(), top_items_[static_cast<std::size_t>(r)])) {
       stats.hits += 1;
       dcg += 1.0 / std::log2(static_cast<double>(r + 2));
+      precision_sum += static_cast<double>(stats.hits) / static_cast<double>(r + 1);
+      if (stats.hits == 1) stats.rr = 1.0 / static_cast<double>(r + 1);
     }
   }
-  for (std::int64_t r = 0; r < std::min(k, stats.num_relevant); ++r)
-    idcg += 1.0 / std::log2(static_cast<double>(r + 2));
+  const std::int64_t ideal = std::min(k, stats.num_relevant);
+  for (std::int64_t r = 0; r < ideal; ++r) idcg += 1.0 / std::log2(static_cast<double>(r + 2));
   stats.ndcg = dcg / idcg;
+  stats.ap = precision_sum / static_cast<double>(ideal);
   return stats;
 }
 

@@ -11,14 +11,14 @@ namespace fedrecon {
 
 namespace {
 
-// Row r of a dense update (`src` = its dim values, or nullptr for a zero row) quantized and
-// decoded into out, exactly as the wire format's dense encode/decode would.
+// Row r of a dense update (`src`: its dim values) quantized and decoded into out, exactly as the
+// wire format's dense encode/decode would.
 void roundtrip_row(const float* src, std::int64_t r, int dim, const QuantScheme& scheme,
                    const QuantGroup& group, float* out, CodecScratch& s) {
   const std::int64_t pc = scheme.hadamard ? next_pow2(dim) : dim;
   s.row.assign(static_cast<std::size_t>(pc), 0.0f);
   s.indices.resize(static_cast<std::size_t>(pc));
-  if (src != nullptr) std::copy_n(src, dim, s.row.data());
+  std::copy_n(src, dim, s.row.data());
   if (scheme.hadamard) hadamard_forward(s.row.data(), pc, sign_seed(scheme.key, r));
   quantize_row(s.row.data(), pc, r, scheme, group, s.indices.data());
   for (std::int64_t j = 0; j < pc; ++j)
@@ -109,9 +109,18 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
     enc.group = dense_group(lo, hi, enc.scheme, dim);
     for (std::int64_t k = 0; k < n; ++k)
       roundtrip_row(values + k * K, rows[k], dim, enc.scheme, enc.group, values + k * K, s);
-    enc.noisy_zeros = n < num_items && enc.group.step != 0.0f;
+    if (n < num_items && enc.group.step != 0.0f) set_noisy_zeros(enc);
   }
   return static_cast<std::int64_t>(encoded_size(shape, 2, enc.scheme)) + bias_bytes;
+}
+
+void set_noisy_zeros(EncodedUpdate& enc) {
+  const ZeroCode z = zero_code(enc.group, enc.scheme.bits);
+  enc.noisy_zeros = true;
+  enc.zero_low = dequantize(enc.group, z.low);
+  enc.zero_high = dequantize(enc.group, z.high);
+  enc.zero_threshold = z.threshold;
+  enc.seed_prefix = row_seed_prefix(enc.scheme.key);
 }
 
 void decode_untouched_row(const EncodedUpdate& enc, std::int64_t r, int dim, float* out, CodecScratch& s) {
@@ -119,7 +128,18 @@ void decode_untouched_row(const EncodedUpdate& enc, std::int64_t r, int dim, flo
     std::fill_n(out, dim, 0.0f);
     return;
   }
-  roundtrip_row(nullptr, r, dim, enc.scheme, enc.group, out, s);
+  const RowSeeds seeds = row_seeds(enc.seed_prefix, r);  // noise_seed and sign_seed of row r
+  if (!enc.scheme.hadamard) {
+    decode_zero_run(dim, seeds.noise, enc.zero_threshold, enc.zero_low, enc.zero_high, out);
+    return;
+  }
+  // A rotated row of zeros is zeros (padding included): decode the quantized zeros of the padded
+  // row, then rotate back. The forward rotation and the divisions of quantizing are skipped.
+  const std::int64_t pc = next_pow2(dim);
+  s.row.resize(static_cast<std::size_t>(pc));
+  decode_zero_run(pc, seeds.noise, enc.zero_threshold, enc.zero_low, enc.zero_high, s.row.data());
+  hadamard_inverse(s.row.data(), pc, seeds.sign);
+  std::copy_n(s.row.data(), dim, out);
 }
 
 }  // namespace fedrecon

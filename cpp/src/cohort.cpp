@@ -327,7 +327,7 @@ double reduce_updates(std::int64_t num_items, int dim, const std::int64_t* offse
       e.scheme.hadamard = noise->codec.hadamard;
       e.scheme.key = noise->key[i];
       e.group = {noise->lo[i], noise->step[i]};
-      e.noisy_zeros = true;
+      set_noisy_zeros(e);
       r.enc = &e;
     }
   }
@@ -396,20 +396,21 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
 void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                     std::uint64_t round, int num_threads, EvalStats* stats_out, std::int64_t k,
-                    float relevance_threshold, RankStats* rank_out) {
+                    float relevance_threshold, RankStats* rank_out, std::int64_t* top_out) {
   validate_config(config);
   check_inputs(model, data, clients, num_sampled, config);
   if (k < 0) throw std::invalid_argument("k must be >= 0");
   if (k > 0 && rank_out == nullptr) throw std::invalid_argument("ranking needs rank_out");
   if (std::isnan(relevance_threshold)) throw std::invalid_argument("relevance_threshold must not be NaN");
   const int threads = resolve_threads(num_threads, num_sampled);
+  const std::int64_t width = std::min(k, std::max<std::int64_t>(model.num_items, 1));  // of top_out
   WorkerLease workers(model, threads);
   parallel_for(num_sampled, threads, [&](std::int64_t i, int tid) {
     ClientWorker& w = workers[static_cast<std::size_t>(tid)];
     w.split(data, clients[i], config, seed, round);
     w.reconstruct(config, seed, round, static_cast<std::int64_t>(data.stream_id(clients[i])));
     stats_out[i] = w.evaluate();
-    if (k > 0) rank_out[i] = w.rank_query(k, relevance_threshold);
+    if (k > 0) rank_out[i] = w.rank_query(k, relevance_threshold, top_out != nullptr ? top_out + i * width : nullptr);
   });
 }
 

@@ -209,6 +209,14 @@ void hadamard_inverse(float* row, std::int64_t n, std::uint64_t signs_seed) {
 
 namespace {
 
+// The index of value x in group g (step > 0) with the 24 random bits `bits24`: floor((x - lo) /
+// step + u), u = bits24 * 2^-24, at most `levels`; in double precision.
+inline std::uint32_t quant_index(float x, double lo, double step, double levels, std::uint32_t bits24) {
+  const double u = static_cast<double>(static_cast<std::int32_t>(bits24)) * 0x1p-24;
+  const double t = (static_cast<double>(x) - lo) / step + u;  // >= 0 since x >= lo
+  return static_cast<std::uint32_t>(static_cast<std::int32_t>(std::min(t, levels)));
+}
+
 // Indices of values v[0, n) of one row, starting at column j0, with the row's group and noise
 // stream. Value j of a row draws 24 bits of stream output j / 2: its top 24 bits for even j,
 // bits 16..39 for odd j.
@@ -221,11 +229,7 @@ void quantize_run(const float* v, std::int64_t n, std::int64_t j0, const QuantGr
   const double levels = static_cast<double>((std::uint32_t{1} << bits) - 1U);
   const double lo = g.lo;
   const double step = g.step;
-  auto index = [&](float x, std::uint32_t bits24) {
-    const double u = static_cast<double>(static_cast<std::int32_t>(bits24)) * 0x1p-24;
-    const double t = (static_cast<double>(x) - lo) / step + u;  // >= 0 since x >= lo
-    return static_cast<std::uint32_t>(static_cast<std::int32_t>(std::min(t, levels)));
-  };
+  auto index = [&](float x, std::uint32_t bits24) { return quant_index(x, lo, step, levels, bits24); };
   std::int64_t k = 0;
   if (j0 & 1) {
     const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>(j0 >> 1));
@@ -249,6 +253,42 @@ void quantize_run(const float* v, std::int64_t n, std::int64_t j0, const QuantGr
 }
 
 }  // namespace
+
+ZeroCode zero_code(const QuantGroup& g, int bits) {
+  check_bits(bits);
+  ZeroCode z;
+  if (g.step == 0.0f) return z;  // every value is index 0
+  const double levels = static_cast<double>((std::uint32_t{1} << bits) - 1U);
+  const auto index = [&](std::uint32_t bits24) { return quant_index(0.0f, g.lo, g.step, levels, bits24); };
+  // index() is non-decreasing in the draw and spans less than one step over all draws (see
+  // quantize.hpp), so it takes at most two values: find where it leaves the first.
+  z.low = index(0);
+  z.high = index((std::uint32_t{1} << 24) - 1U);
+  if (z.high == z.low) return z;
+  std::uint32_t a = 0, b = (std::uint32_t{1} << 24) - 1U;  // index(a) == low, index(b) == high
+  while (b - a > 1) {
+    const std::uint32_t mid = a + (b - a) / 2;
+    (index(mid) == z.low ? a : b) = mid;
+  }
+  z.threshold = b;
+  return z;
+}
+
+void decode_zero_run(std::int64_t n, std::uint64_t seed, std::uint32_t threshold, float low_value,
+                     float high_value, float* out) {
+  // One stream output serves two columns (bits 40..63, then 16..39): a branch-free select
+  // per value, which the compiler vectorises.
+  const std::int64_t pairs = n / 2;
+  for (std::int64_t p = 0; p < pairs; ++p) {
+    const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>(p));
+    out[2 * p] = static_cast<std::uint32_t>(z >> 40) >= threshold ? high_value : low_value;
+    out[2 * p + 1] = (static_cast<std::uint32_t>(z >> 16) & 0xFFFFFFU) >= threshold ? high_value : low_value;
+  }
+  if (n & 1) {
+    const std::uint64_t z = stream_output(seed, static_cast<std::uint64_t>(pairs));
+    out[n - 1] = static_cast<std::uint32_t>(z >> 40) >= threshold ? high_value : low_value;
+  }
+}
 
 void quantize_span(const float* values, const QuantLayout& l, const QuantScheme& scheme, const QuantGroup* groups,
                    std::int64_t begin, std::int64_t end, std::uint32_t* indices) {

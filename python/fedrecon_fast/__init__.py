@@ -13,7 +13,7 @@ from ._native import show_config
 __version__ = _core.__version__
 from .config import PRESETS, ClientConfig, FedReconConfig, preset
 from .data import ClientData, split_by_time, split_users
-from .evaluation import recon_eval
+from .evaluation import leave_one_out, recon_eval
 from .functional import ClientResult, ClientUpdate, ServerState, client_step, server_init, server_step
 from .kernels import (
     ClientUpdates,
@@ -29,6 +29,7 @@ from .kernels import (
 from .model import GlobalModel
 from .movielens import download_movielens, load_movielens
 from .optimizers import make_optimizer
+from .splits import ClientSplits, split_ratings
 from .synthetic import synthetic_ratings
 from .training import FedRecon, sample_clients
 
@@ -46,6 +47,7 @@ __all__ = [
     "ClientConfig",
     "ClientData",
     "ClientResult",
+    "ClientSplits",
     "ClientUpdate",
     "ClientUpdates",
     "FedRecon",
@@ -59,6 +61,7 @@ __all__ = [
     "download_movielens",
     "evaluate_users",
     "infer_users",
+    "leave_one_out",
     "load_movielens",
     "make_optimizer",
     "preset",
@@ -70,6 +73,7 @@ __all__ = [
     "show_config",
     "server_step",
     "split_by_time",
+    "split_ratings",
     "split_users",
     "synthetic_ratings",
     "train_round",

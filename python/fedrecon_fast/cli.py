@@ -14,12 +14,17 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
+import warnings
 from pathlib import Path
 
 from . import _signals
-from .config import PRESETS, preset
-from .data import split_users
+from ._native import core as _native_core
+from .config import PRESETS, preset, preset_help
+from .loaders import SwappedColumnsWarning
+from .memory import MemoryEstimateError
+from .splits import split_ratings
 from .training import FedRecon
 
 
@@ -61,102 +66,208 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _with_default(text: str, default) -> str:
+    return f"{text} (default: {default})"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks (the preset table), wraps the rest."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+_DESCRIPTION = """\
+Federated Reconstruction (Singhal et al., NeurIPS 2021) for matrix-factorization recommenders:
+train on a ratings file, evaluate on users never seen in training, recommend for new users.
+
+  fedrecon-fast train --data ratings.csv --save model/
+  printf 'item,rating\\n2858,5\\n260,4\\n' | fedrecon-fast recommend --model model/ --ratings -
+
+Without --data, train uses a seeded synthetic data set with MovieLens-like statistics."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedrecon-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users")
-    train.add_argument("--data", type=Path, help="MovieLens folder or ratings file (default: synthetic)")
-    train.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    train.add_argument("--rounds", type=_non_negative_int)
-    train.add_argument("--clients-per-round", type=_positive_int)
-    train.add_argument("--dim", type=_positive_int)
-    train.add_argument("--seed", type=_seed, default=0)
-    train.add_argument("--threads", type=_non_negative_int, default=0,
-                       help="0: all cores (at most 4 threads per core are used)")
-    train.add_argument("--learn-user-default", action="store_true",
-                       help="learn a global default u federatedly (cold start for users without ratings)")
-    train.add_argument("--eval-every", type=_non_negative_int, default=None,
-                       help="validate every N rounds (default: 10 evaluations per run)")
-    train.add_argument("--rank-k", type=_positive_int, default=10,
-                       help="cut-off of the test Recall@k and NDCG@k (liked: rating >= 4)")
+    parser = _Parser(prog="fedrecon-fast", description=_DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_native_core.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users",
+                           description=textwrap.fill("Train FedRecon on a ratings file (or synthetic data) "
+                                                     "and evaluate it on test users never seen in training "
+                                                     "(ReconEval).", 88),
+                           epilog=preset_help(), formatter_class=_HelpFormatter)
+    data = train.add_argument_group("data")
+    data.add_argument("--data", type=Path, metavar="PATH",
+                      help=_with_default("ratings file (CSV, TSV, '::', ';', whitespace; parquet with pyarrow) "
+                                         "or MovieLens folder", "a synthetic data set"))
+    data.add_argument("--columns", metavar="SPEC",
+                      help=_with_default("which column is which: roles in column order, e.g. 'item,user,rating' "
+                                         "('-' skips one), or 'user=uid,item=iid,rating=stars' by header name",
+                                         "found by name, e.g. userId, movieId, rating; headerless files: "
+                                         "user,item,rating[,timestamp]"))
+    data.add_argument("--sep", metavar="SEP",
+                      help=_with_default("field separator, e.g. ',', ';', '::', 'tab', 'whitespace'", "sniffed"))
+    data.add_argument("--items", type=Path, metavar="FILE",
+                      help=_with_default("item titles to save with the model (MovieLens movies.dat, movies.csv "
+                                         "or u.item)", "one found beside --data"))
+    model = train.add_argument_group("model and training (a preset, then these changes)")
+    model.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                       help=_with_default("named configuration; the list is below", "default"))
+    model.add_argument("--rounds", type=_non_negative_int, metavar="N",
+                       help=_with_default("federated rounds", "the preset's"))
+    model.add_argument("--clients-per-round", type=_positive_int, metavar="M",
+                       help=_with_default("clients sampled per round", "the preset's"))
+    model.add_argument("--dim", type=_positive_int, metavar="K",
+                       help=_with_default("embedding dimension K", "the preset's"))
+    model.add_argument("--seed", type=_seed, default=0, metavar="S",
+                       help=_with_default("seed of every random choice (user split, sampling, ...)", 0))
+    model.add_argument("--threads", type=_non_negative_int, default=0, metavar="T",
+                       help=_with_default("threads of the native kernels (at most 4 per core are used); "
+                                          "results do not depend on it", "0, all cores"))
+    model.add_argument("--learn-user-default", action="store_true",
+                       help=_with_default("learn a global default u federatedly (cold start for users "
+                                          "without ratings)", "off"))
+    model.add_argument("--backend", choices=["local", "ray", "flower"], default="local",
+                       help=_with_default("local: in-process; ray: shards of each round on Ray workers "
+                                          "(RAY_ADDRESS or a local Ray; [ray] extra; same results as local); "
+                                          "flower: a Flower simulation on Ray, one node per user ([flower] "
+                                          "extra)", "local"))
+    evaluation = train.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=_non_negative_int, default=None, metavar="N",
+                            help=_with_default("validate every N rounds", "10 validations per run"))
+    evaluation.add_argument("--rank-k", type=_positive_int, default=10, metavar="K",
+                            help=_with_default("cut-off of the test ranking metrics (Recall, Precision, HR, "
+                                               "NDCG, MAP, MRR, coverage; liked: rating >= 4)", 10))
+    evaluation.add_argument("--leave-one-out", action="store_true",
+                            help=_with_default("also report leave-one-out HR@K and NDCG@K on the test users "
+                                               "(each user's most recent rating held out)", "off"))
     comm = train.add_argument_group("communication and privacy of client updates")
-    comm.add_argument("--quantize-bits", type=_positive_int, help="quantize updates to B bits (1..16)")
-    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000,
-                      help="only variables with at least N elements are quantized (TFF: 20000)")
-    comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor")
-    comm.add_argument("--hadamard", action="store_true", help="randomized Hadamard rotation before quantizing")
-    comm.add_argument("--sparse-updates", action="store_true", help="send only touched rows (ids + values)")
-    comm.add_argument("--dp-clip", type=float, help="DP-FedAvg: clip each update to this L2 norm "
-                      "(switches to uniform client weighting)")
-    comm.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z")
-    comm.add_argument("--dp-delta", type=float, help="report the run's epsilon at this delta after every round "
-                      "([dp] extra)")
-    comm.add_argument("--dp-target-epsilon", type=float, help="privacy budget: calibrate the noise multiplier "
-                      "so the run costs at most this epsilon (unless --dp-noise is given) and stop before a round "
-                      "would exceed it; needs --dp-clip and --dp-delta")
-    comm.add_argument("--dp-target-quantile", type=float, help="adaptive clipping: move the clip norm (starting "
-                      "at --dp-clip) toward this quantile of the update norms")
-    comm.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate")
-    comm.add_argument("--dp-clip-count-stddev", type=float,
-                      help="noise std of adaptive clipping's clipped count (default 0.05 x clients per round)")
+    comm.add_argument("--quantize-bits", type=_positive_int, metavar="B",
+                      help=_with_default("quantize updates to B bits (1..16); dense updates cost a "
+                                         "decoding pass over all rows per client (use with --sparse-updates)",
+                                         "float32"))
+    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000, metavar="N",
+                      help=_with_default("only variables with at least N elements are quantized (TFF's value)",
+                                         20000))
+    comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor",
+                      help=_with_default("one scale per update or per row", "tensor"))
+    comm.add_argument("--hadamard", action="store_true",
+                      help=_with_default("randomized Hadamard rotation before quantizing", "off"))
+    comm.add_argument("--sparse-updates", action="store_true",
+                      help=_with_default("send only touched rows (ids + values)", "off: dense updates, as TFF"))
+    comm.add_argument("--dp-clip", type=float, metavar="C",
+                      help=_with_default("DP-FedAvg: clip each update to this L2 norm (switches to uniform "
+                                         "client weighting)", "no clipping"))
+    comm.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
+                      help=_with_default("DP-FedAvg noise multiplier z (needs --dp-clip)", 0.0))
+    comm.add_argument("--dp-delta", type=float, metavar="DELTA",
+                      help=_with_default("report the run's epsilon at this delta after every round ([dp] extra)",
+                                         "no accounting"))
+    comm.add_argument("--dp-target-epsilon", type=float, metavar="EPS",
+                      help=_with_default("privacy budget: calibrate the noise multiplier so the run costs at most "
+                                         "this epsilon (unless --dp-noise is given) and stop before a round would "
+                                         "exceed it; needs --dp-clip and --dp-delta", "no budget"))
+    comm.add_argument("--dp-target-quantile", type=float, metavar="Q",
+                      help=_with_default("adaptive clipping: move the clip norm (starting at --dp-clip) toward "
+                                         "this quantile of the update norms", "a fixed clip norm"))
+    comm.add_argument("--dp-clip-lr", type=float, default=0.2, metavar="LR",
+                      help=_with_default("adaptive clipping's learning rate", 0.2))
+    comm.add_argument("--dp-clip-count-stddev", type=float, metavar="S",
+                      help=_with_default("noise std of adaptive clipping's clipped count",
+                                         "0.05 x clients per round"))
     comm.add_argument("--sampling", choices=["fixed", "poisson"], default="fixed",
-                      help="each round's cohort: a fixed number of distinct clients, or each client "
-                      "independently with probability clients-per-round / users (Poisson)")
+                      help=_with_default("each round's cohort: a fixed number of distinct clients, or each client "
+                                         "independently with probability clients-per-round / users (Poisson)",
+                                         "fixed"))
     ckpt = train.add_argument_group("checkpoints")
-    ckpt.add_argument("--checkpoint-dir", type=Path, help="write checkpoints of the whole training state here")
-    ckpt.add_argument("--checkpoint-every", type=_positive_int,
-                      help="rounds between checkpoints (default: a tenth of the rounds)")
+    ckpt.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                      help=_with_default("write checkpoints of the whole training state here", "none"))
+    ckpt.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                      help=_with_default("rounds between checkpoints", "a tenth of the rounds"))
     ckpt.add_argument("--resume", action="store_true",
-                      help="continue from the newest valid checkpoint in --checkpoint-dir (if any); "
-                      "the result is the uninterrupted run's")
-    train.add_argument("--out", type=Path, help="write metrics (CSV, JSON) and a learning curve (PNG) here")
-    train.add_argument("--save", type=Path, help="save the trained global model to this folder")
-    train.add_argument("--json", action="store_true", help="print the results as one JSON line last")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--backend", choices=["local", "ray", "flower"], default="local",
-                       help="local: in-process; ray: shards of each round on Ray workers (RAY_ADDRESS "
-                       "or a local Ray; [ray] extra; same results as local); flower: a Flower "
-                       "simulation on Ray, one node per user ([flower] extra)")
+                      help=_with_default("continue from the newest valid checkpoint in --checkpoint-dir (if "
+                                         "any); the result is the uninterrupted run's", "off"))
+    output = train.add_argument_group("output")
+    output.add_argument("--out", type=Path, metavar="DIR",
+                        help=_with_default("write metrics.csv, metrics.json and learning_curve.png here", "none"))
+    output.add_argument("--save", type=Path, metavar="DIR",
+                        help=_with_default("save the trained model here (for recommend)", "none"))
+    output.add_argument("--json", action="store_true",
+                        help=_with_default("print the results as one JSON line last", "off"))
+    output.add_argument("--no-progress", action="store_true",
+                        help=_with_default("hide the progress bar", "shown on a terminal"))
 
     rec = sub.add_parser("recommend", help="top-k unseen items for a new user, from a saved model",
-                         description="Reconstruct a new user from its ratings and print the top-k "
-                                     "items it has not rated. FILE holds one 'item,rating' per line "
-                                     "(item ids as in the training data); blank lines and lines "
-                                     "starting with '#' are skipped, and the first line may be a "
-                                     "header (its first field not a number, e.g. 'item,rating').")
-    rec.add_argument("--model", type=Path, required=True, help="model folder written by train --save")
-    rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings ('-': stdin)")
+                         formatter_class=_HelpFormatter,
+                         description=textwrap.fill("Reconstruct a new user from its ratings and print the "
+                                                   "top-k items it has not rated, with titles when known.", 88)
+                         + "\n\n" + textwrap.fill("FILE holds one 'item,rating' per line (item ids as in the "
+                                                   "training data); blank lines and lines starting with '#' are "
+                                                   "skipped, and the first line may be a header (its first field "
+                                                   "not a number, e.g. 'item,rating').", 88))
+    rec.add_argument("--model", type=Path, required=True, metavar="DIR",
+                     help="model folder written by train --save (required)")
+    rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings, '-' for stdin (required)")
     rec.add_argument("--k", type=_int_at_least(1, _INT64_MAX), default=10,
-                     help="number of items (default 10; at most the catalogue)")
-    rec.add_argument("--include-seen", action="store_true", help="also recommend items the user rated")
+                     help=_with_default("number of items (at most the catalogue)", 10))
+    rec.add_argument("--items", type=Path, metavar="FILE",
+                     help=_with_default("item titles (MovieLens movies.dat, movies.csv or u.item)",
+                                        "the model's, else one beside --ratings"))
+    rec.add_argument("--include-seen", action="store_true",
+                     help=_with_default("also recommend items the user rated", "off"))
     rec.add_argument("--ignore-unknown", action="store_true",
-                     help="drop ratings of items the model does not know (default: error)")
+                     help=_with_default("drop ratings of items the model does not know", "off: an error"))
     rec.add_argument("--json", action="store_true",
-                     help='print {"items": [...], "scores": [...]} as the last line')
+                     help=_with_default('print {"items": [...], "scores": [...], "titles": [...]} as the last '
+                                        "line (titles when known)", "off"))
 
-    for name, helptext in (("paper", "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)"),
-                           ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--data", type=Path, required=True, help="MovieLens folder or ratings file")
-        p.add_argument("--seed", type=_seed, default=0)
-        p.add_argument("--threads", type=_non_negative_int, default=0, help="0: all cores")
-        p.add_argument("--rounds", type=_positive_int, help="federated rounds (default: the paper's 500)")
-        p.add_argument("--out", type=Path, help="write the table as Markdown and JSON (and a PNG) here")
-        p.add_argument("--json", action="store_true", help="print the results as one JSON line last")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for name, helptext, out_help in (
+            ("paper", "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)",
+             "write table1.md and table1.json here"),
+            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku",
+             "write ablation.md, ablation.json and ablation.png here")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".",
+                           formatter_class=_HelpFormatter)
+        p.add_argument("--data", type=Path, required=True, metavar="PATH",
+                       help="MovieLens folder or ratings file (required)")
+        p.add_argument("--seed", type=_seed, default=0, help=_with_default("seed", 0))
+        p.add_argument("--threads", type=_non_negative_int, default=0,
+                       help=_with_default("threads of the native kernels", "0, all cores"))
+        p.add_argument("--rounds", type=_positive_int, help=_with_default("federated rounds", "the paper's 500"))
+        p.add_argument("--out", type=Path, metavar="DIR", help=_with_default(out_help, "none"))
+        p.add_argument("--json", action="store_true",
+                       help=_with_default("print the results as one JSON line last", "off"))
+        p.add_argument("--no-progress", action="store_true",
+                       help=_with_default("hide progress bars", "shown on a terminal"))
     return parser
 
 
 def _load(args) -> tuple:
-    from .movielens import load_movielens
+    from .loaders import load_ratings
     from .synthetic import synthetic_ratings
 
     start = time.perf_counter()
     if args.data is None:
+        if args.columns is not None or args.sep is not None:
+            raise ValueError("--columns and --sep describe a --data file; without --data the data are synthetic")
         data, source = synthetic_ratings(seed=args.seed), "synthetic"
     else:
-        data, source = load_movielens(args.data), str(args.data)
+        data, source = load_ratings(args.data, columns=args.columns, sep=args.sep), str(args.data)
     return data, source, time.perf_counter() - start
+
+
+def _titles(args, model) -> str | None:
+    """Attach item titles to ``model`` (--items, or a MovieLens title file beside --data);
+    returns the file used, or None."""
+    from .movielens import find_titles, load_titles
+
+    path = args.items
+    if path is None and args.data is not None:
+        path = find_titles(args.data)
+    if path is None or model.item_labels is not None:  # string ids are their own names
+        return None
+    ids, titles = load_titles(path)
+    return str(path) if model.set_titles(ids, titles) else None
 
 
 def _trainer_from_checkpoints(args, config) -> FedRecon:
@@ -270,18 +381,19 @@ def run_train(args) -> dict:
     config = config.replace(eval_every=eval_every)
 
     data, source, load_seconds = _load(args)
-    data = data.prepare(max_examples=config.max_examples, min_examples=config.min_examples,
-                        shuffle_seed=config.seed)
-    train_idx, val_idx, test_idx = split_users(data.num_clients, config.user_split, seed=config.seed)
-    train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
-    if train.num_clients == 0:
-        raise ValueError(f"{source}: {data.num_clients} users with at least {config.min_examples} rating(s) "
-                         f"leave no training users after the {config.user_split} user split")
+    try:
+        train, val, test = split_ratings(data, config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
     trainer = _train(args, config, train, val)
     start = time.perf_counter()
     k = args.rank_k
     test_metrics = trainer.evaluate(test, per_user=True, k=k)
+    if args.leave_one_out:
+        from .evaluation import leave_one_out
+
+        test_metrics.update(leave_one_out(trainer.model, test, k=k, num_threads=config.num_threads))
     test_seconds = time.perf_counter() - start
 
     round_times = sorted(h["round_seconds"] for h in trainer.history)
@@ -300,13 +412,14 @@ def run_train(args) -> dict:
         "test_users": test_metrics["users"],
         "test_ratings": test_metrics["ratings"],
         "test_rmse": test_metrics["rmse"],
+        "test_mae": test_metrics["mae"],
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
         "test_user_rmse": test_metrics.get("user_rmse"),
         "rank_k": k,
-        f"test_recall_at_{k}": test_metrics[f"recall_at_{k}"],
-        f"test_ndcg_at_{k}": test_metrics[f"ndcg_at_{k}"],
+        **{f"test_{name}_at_{k}": test_metrics[f"{name}_at_{k}"] for name in _RANKING},
         "test_ranking_users": test_metrics["ranking_users"],
+        **{f"test_{key}": value for key, value in test_metrics.items() if key.startswith("loo_")},
         "val_rmse": last_val.get("val_rmse"),
         "val_accuracy": last_val.get("val_accuracy"),
         "train_seconds": trainer.train_seconds,
@@ -323,6 +436,13 @@ def run_train(args) -> dict:
         "sampling": config.sampling,
         **_privacy_result(trainer),
     }
+    written = []
+    if args.save is not None:
+        result["titles"] = _titles(args, trainer.model)
+        written.append(str(args.save))
+    if args.out is not None:
+        written += [str(args.out / name) for name in _OUT_FILES if name != "learning_curve.png" or trainer.history]
+    result["written"] = written
     # Both outputs are complete or absent: --out is committed only after --save succeeded.
     if args.out is None:
         if args.save is not None:
@@ -335,6 +455,10 @@ def run_train(args) -> dict:
 
         _write_atomically(args.out, write)
     return result
+
+
+_OUT_FILES = ("metrics.csv", "metrics.json", "learning_curve.png")
+_RANKING = ("recall", "precision", "hit_rate", "ndcg", "map", "mrr", "coverage")
 
 
 def _privacy_overrides(args) -> dict:
@@ -378,10 +502,16 @@ def _print_human(result: dict) -> None:
     print(f"data: {result['data']}  preset: {result['preset']}  K={result['dim']}  "
           f"rounds: {result['rounds']} x {result['clients_per_round']} clients  threads: {result['threads']}")
     print(f"test (ReconEval, {result['test_users']} unseen users, {result['test_ratings']} ratings): "
-          f"RMSE {result['test_rmse']:.4f}  accuracy {100 * result['test_accuracy']:.2f}%")
+          f"RMSE {result['test_rmse']:.4f}  MAE {result['test_mae']:.4f}  "
+          f"accuracy {100 * result['test_accuracy']:.2f}%")
     k = result["rank_k"]
-    print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one): "
-          f"Recall@{k} {result[f'test_recall_at_{k}']:.4f}  NDCG@{k} {result[f'test_ndcg_at_{k}']:.4f}")
+    print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one):")
+    shown = {"recall": "Recall", "precision": "Precision", "hit_rate": "HR", "ndcg": "NDCG", "map": "MAP",
+             "mrr": "MRR", "coverage": "coverage"}
+    print("  " + "  ".join(f"{label}@{k} {result[f'test_{name}_at_{k}']:.4f}" for name, label in shown.items()))
+    if f"test_loo_hit_rate_at_{k}" in result:
+        print(f"leave-one-out ({result['test_loo_users']} users, most recent rating held out): "
+              f"HR@{k} {result[f'test_loo_hit_rate_at_{k}']:.4f}  NDCG@{k} {result[f'test_loo_ndcg_at_{k}']:.4f}")
     median = result["round_ms_median"]
     median = "no rounds" if median is None else f"median round {median:.2f} ms"
     print(f"train {result['train_seconds']:.2f} s ({median}), "
@@ -389,16 +519,26 @@ def _print_human(result: dict) -> None:
     if result.get("dp_epsilon") is not None:
         print(f"privacy: ({result['dp_epsilon']:.3f}, {result['dp_delta']:g})-DP, {result['dp_guarantee']}; "
               f"noise multiplier {result['dp_noise']:.4g}, {result['rounds_run']} rounds")
+    _print_written(result)
 
 
-def read_user_ratings(source: str, drop_out_of_range: bool = False) -> tuple[list[int], list[float]]:
+def _print_written(result: dict) -> None:
+    for path in result.get("written", []):
+        print(f"wrote {path}")
+    if result.get("titles"):
+        print(f"item titles from {result['titles']} are saved with the model")
+
+
+def read_user_ratings(source: str, drop_out_of_range: bool = False, *,
+                      string_ids: bool = False) -> tuple[list, list[float]]:
     """One user's ratings from ``item,rating`` lines (``-``: stdin).
 
     Blank lines and lines starting with ``#`` are skipped; the first remaining line is a header
     when its first field is not a number. Anything else that is not an integer item id and a
     finite rating raises ValueError naming the file and line. An item id beyond 64 bits (no
     model knows it) is an error too, unless ``drop_out_of_range`` (``--ignore-unknown``) drops
-    its line like any unknown id.
+    its line like any unknown id. With ``string_ids`` (a model trained on string item ids) the
+    ids are kept as text, and the first line is a header when its rating is not a number.
     """
     name = "<stdin>" if source == "-" else source
     try:
@@ -421,16 +561,21 @@ def read_user_ratings(source: str, drop_out_of_range: bool = False) -> tuple[lis
         if first:
             first = False
             try:
-                float(fields[0])
+                float(fields[-1 if string_ids else 0])
             except ValueError:
                 continue  # a header such as "item,rating"
         if len(fields) != 2:
             raise ValueError(f"{name}:{number}: expected 'item,rating', got {stripped!r}")
-        try:
-            item = int(fields[0])
-        except ValueError:
-            raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
-        out_of_range = not -2**63 <= item < 2**63
+        if string_ids:
+            item, out_of_range = fields[0], False
+            if not item:
+                raise ValueError(f"{name}:{number}: empty item id in {stripped!r}")
+        else:
+            try:
+                item = int(fields[0])
+            except ValueError:
+                raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
+            out_of_range = not -2**63 <= item < 2**63
         if out_of_range and not drop_out_of_range:
             raise ValueError(f"{name}:{number}: item id {item} is out of range (64-bit ids)")
         try:
@@ -455,10 +600,17 @@ def run_recommend(args) -> dict:
     from .model import GlobalModel
 
     model = GlobalModel.load(args.model)
-    items, ratings = read_user_ratings(args.ratings, drop_out_of_range=args.ignore_unknown)
+    labels = model.item_labels
+    items, ratings = read_user_ratings(args.ratings, drop_out_of_range=args.ignore_unknown,
+                                       string_ids=labels is not None)
+    names = items
+    if labels is not None:  # string ids: their codes are the model's item ids
+        pos = np.minimum(np.searchsorted(labels, np.asarray(items, dtype=str)), max(labels.size - 1, 0))
+        items = np.where(labels[pos] == np.asarray(items, dtype=str), pos, -1).tolist() if labels.size else \
+            [-1] * len(items)
     known = item_rows(model, items, ignore_unknown=True) >= 0
     if not known.all() and not args.ignore_unknown:
-        unknown = sorted(set(np.asarray(items)[~known].tolist()))
+        unknown = sorted(set(np.asarray(names)[~known].tolist()))
         shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
         name = "<stdin>" if args.ratings == "-" else args.ratings
         raise ValueError(f"{name}: item ids unknown to the model: {shown} (use --ignore-unknown to drop them)")
@@ -467,17 +619,37 @@ def run_recommend(args) -> dict:
     top, scores = model.recommend(items, ratings, k=k, exclude_seen=not args.include_seen,
                                   ignore_unknown=True, num_threads=1)
     found = ~np.isnan(scores)  # fewer candidates than k: the padded slots are left out
+    rows = item_rows(model, top[found])
+    shown = labels[top[found]].tolist() if labels is not None else top[found].tolist()
     # str() of a float32 is its shortest round-trip form: 4.709937, not 4.709936618804932.
-    return {"items": top[found].tolist(), "scores": [float(str(x)) for x in scores[found]],
-            "num_ratings": int(known.sum())}
+    result = {"items": shown, "scores": [float(str(x)) for x in scores[found]], "num_ratings": int(known.sum())}
+    titles = _recommend_titles(args, model)
+    if titles is not None:
+        result["titles"] = titles[rows].tolist()
+    return result
+
+
+def _recommend_titles(args, model):
+    """Titles of the model's rows (from --items, the model, or a MovieLens file beside
+    --ratings), or None when there are none."""
+    from .movielens import find_titles, load_titles
+
+    path = args.items
+    if path is None and model.item_titles is None and args.ratings != "-":
+        path = find_titles(Path(args.ratings).parent)
+    if path is not None and model.item_labels is None:
+        model.set_titles(*load_titles(path))
+    return model.item_titles
 
 
 def _print_recommendations(result: dict, k: int) -> None:
     n = len(result["items"])
     short = f" ({k} requested, only {n} candidates)" if n < k else ""
     print(f"top {n} items for a user with {result['num_ratings']} known ratings{short}:")
-    for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
-        print(f"{rank:4d}. item {item}  predicted rating {score:.3f}")
+    titles = result.get("titles") or [""] * n
+    for rank, (item, score, title) in enumerate(zip(result["items"], result["scores"], titles), start=1):
+        name = f"{title} (item {item})" if title else f"item {item}"
+        print(f"{rank:4d}. {name}  predicted rating {score:.3f}")
 
 
 def run_paper(args) -> dict:
@@ -499,6 +671,7 @@ def run_paper(args) -> dict:
             (folder / "table1.json").write_text(json.dumps(result, indent=1))
 
         _write_atomically(args.out, write)
+        _print_written({"written": [str(args.out / name) for name in ("table1.md", "table1.json")]})
     return result
 
 
@@ -521,6 +694,8 @@ def run_ablation(args) -> dict:
             paper.plot_ablation(result, folder / "ablation.png")
 
         _write_atomically(args.out, write)
+        _print_written({"written": [str(args.out / name) for name in ("ablation.md", "ablation.json",
+                                                                         "ablation.png")]})
     return result
 
 
@@ -528,10 +703,36 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input or options, 1 internal error).
 
     Every failure is one line on stderr, without a traceback (``FEDRECON_TRACEBACK=1`` shows
-    the traceback of an internal error).
+    the traceback of an internal error); so is a warning about the data. A reader that closes
+    the pipe early (``| head``) ends the command quietly.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", SwappedColumnsWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return _run(args)
+        except BrokenPipeError:
+            _silence_stdout()
+            return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fedrecon-fast: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: send what is left in stdout's buffer (and Python's final flush)
+    to /dev/null instead of raising again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. captured by a test)
+        pass
+
+
+def _run(args) -> int:
     if args.command in ("paper", "ablation"):
         try:
             _check_output_folder(args.out, "--out")
@@ -545,13 +746,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "recommend":
             result = run_recommend(args)
             _print_recommendations(result, args.k)
-            result = {"items": result["items"], "scores": result["scores"]}
+            result = {key: result[key] for key in ("items", "scores", "titles") if key in result}
         elif args.command == "paper":
             result = run_paper(args)
         else:
             result = run_ablation(args)
+    except BrokenPipeError:
+        raise
     except (ValueError, TypeError, OSError, FloatingPointError, ImportError, MemoryError) as e:
-        if isinstance(e, MemoryError):
+        if isinstance(e, MemoryError) and not isinstance(e, MemoryEstimateError):
             e = f"out of memory ({e or 'MemoryError'})"
         print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2

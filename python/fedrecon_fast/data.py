@@ -64,6 +64,42 @@ def _integer_1d(values, name: str, dtype=np.int64) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def _ids_1d(values, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Integer ids as int64 (labels None), or string ids as codes into their sorted labels.
+
+    Strings (``str``/``bytes`` arrays, or objects that are all strings) become codes
+    ``0..n-1`` in sorted order of the distinct labels, returned with the labels.
+    """
+    arr = _as_1d(values, name)
+    if arr.dtype.kind == "O" and arr.size:
+        kinds = {type(v) for v in arr.tolist()}
+        if kinds <= {str}:
+            arr = arr.astype(str)
+        elif kinds <= {int} or all(issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_))
+                                   for k in kinds):
+            arr = np.array(arr.tolist())
+    if arr.dtype.kind == "S":
+        arr = np.char.decode(arr, "utf-8", "replace")
+    if arr.dtype.kind == "U":
+        labels, codes = np.unique(arr, return_inverse=True)
+        return codes.reshape(-1).astype(np.int64), labels
+    return _integer_1d(arr, name, np.int64), None
+
+
+def _labels_1d(values, name: str, ids: np.ndarray) -> Optional[np.ndarray]:
+    """A table of unique string labels that every id in ``ids`` indexes (None passes)."""
+    if values is None:
+        return None
+    arr = _as_1d(values, name)
+    if arr.dtype.kind != "U":
+        raise TypeError(f"{name} must hold strings (the original ids), got dtype {arr.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= arr.size):
+        raise ValueError(f"{name} has {arr.size} labels; the ids must index it (0..{arr.size - 1})")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{name} must be unique")
+    return arr
+
+
 def _timestamps_1d(values, name: str) -> np.ndarray:
     """Timestamps as int64: integers as given, ``datetime64`` as seconds since the epoch."""
     arr = _as_1d(values, name)
@@ -210,6 +246,10 @@ class ClientData:
     item_ids : array_like of int, shape (num_items,), optional
         Original id of each internal item index, unique.  Defaults to
         ``arange(max(items) + 1)``.
+    user_labels, item_labels : array_like of str, optional
+        For data with string ids: the original id of user (item) id ``j`` is
+        ``user_labels[j]`` (``item_labels[j]``); the integer ids are then
+        codes in sorted order of the labels.  ``None`` for integer ids.
 
     Raises
     ------
@@ -231,6 +271,8 @@ class ClientData:
     timestamps: Optional[np.ndarray] = None
     user_ids: Optional[np.ndarray] = None
     item_ids: Optional[np.ndarray] = None
+    user_labels: Optional[np.ndarray] = None
+    item_labels: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         indptr = _integer_1d(self.indptr, "indptr", np.int64)
@@ -291,8 +333,13 @@ class ClientData:
         object.__setattr__(self, "items", _readonly(items))
         object.__setattr__(self, "ratings", _readonly(ratings))
         object.__setattr__(self, "timestamps", None if timestamps is None else _readonly(timestamps))
+        user_labels = _labels_1d(self.user_labels, "user_labels", user_ids)
+        item_labels = _labels_1d(self.item_labels, "item_labels", item_ids)
+
         object.__setattr__(self, "user_ids", _readonly(user_ids))
         object.__setattr__(self, "item_ids", _readonly(item_ids))
+        object.__setattr__(self, "user_labels", None if user_labels is None else _readonly(user_labels))
+        object.__setattr__(self, "item_labels", None if item_labels is None else _readonly(item_labels))
 
     # ------------------------------------------------------------------ properties
 
@@ -333,6 +380,8 @@ class ClientData:
             timestamps=None if self.timestamps is None else self.timestamps[positions],
             user_ids=user_ids,
             item_ids=self.item_ids,
+            user_labels=self.user_labels,
+            item_labels=self.item_labels,
         )
 
     # ------------------------------------------------------------------ constructors
@@ -343,10 +392,10 @@ class ClientData:
 
         Parameters
         ----------
-        users : array_like of int, shape (n,)
-            Original user id of each rating (any integers).
-        items : array_like of int, shape (n,)
-            Original item id of each rating (any integers).
+        users : array_like of int or str, shape (n,)
+            Original user id of each rating (any integers, or strings).
+        items : array_like of int or str, shape (n,)
+            Original item id of each rating (any integers, or strings).
         ratings : array_like of float, shape (n,)
             Rating values, finite.
         timestamps : array_like of int or datetime64, shape (n,), optional
@@ -360,7 +409,9 @@ class ClientData:
             Within a client, ratings are ordered by timestamp (ties keep input
             order) when timestamps are given, else in input order.  Duplicate
             (user, item) pairs are kept as separate ratings.  Empty input
-            gives a ClientData with 0 clients and 0 items.
+            gives a ClientData with 0 clients and 0 items.  String ids become
+            codes in sorted order of the strings, kept as ``user_labels`` /
+            ``item_labels``.
 
         Raises
         ------
@@ -369,8 +420,8 @@ class ClientData:
         ValueError
             If lengths differ or a rating is NaN/inf (message names ``ratings``).
         """
-        users = _integer_1d(users, "users", np.int64)
-        items = _integer_1d(items, "items", np.int64)
+        users, user_labels = _ids_1d(users, "users")
+        items, item_labels = _ids_1d(items, "items")
         ratings = _ratings_1d(ratings, "ratings")
         n = users.size
         if items.size != n or ratings.size != n:
@@ -396,23 +447,32 @@ class ClientData:
             timestamps=None if timestamps is None else timestamps[order],
             user_ids=user_ids,
             item_ids=item_ids,
+            user_labels=user_labels,
+            item_labels=item_labels,
         )
 
     @classmethod
-    def from_dataframe(cls, df, user_col: str = "user_id", item_col: str = "item_id",
-                       rating_col: str = "rating",
-                       timestamp_col: Optional[str] = "timestamp") -> "ClientData":
+    def from_dataframe(cls, df, user_col: Optional[str] = None, item_col: Optional[str] = None,
+                       rating_col: Optional[str] = None, timestamp_col: Optional[str] = "auto",
+                       *, columns=None) -> "ClientData":
         """Build from a pandas DataFrame with one row per rating.
 
         Parameters
         ----------
         df : pandas.DataFrame
             The ratings.
-        user_col, item_col, rating_col : str
-            Required columns: integer user ids, integer item ids, numeric ratings.
-        timestamp_col : str or None
-            Optional column of integer or datetime timestamps; used only if
-            present in ``df`` (pass ``None`` to ignore it).
+        user_col, item_col, rating_col : str, optional
+            The user id, item id and rating columns. By default they are found by
+            common names in any order (``user``, ``userId``, ``user_id``, ``item``,
+            ``movieId``, ``item_id``, ``rating``, ``score``, ...; see
+            :data:`fedrecon_fast.columns.COMMON_NAMES`). Ids may be integers or strings.
+        timestamp_col : str or None, default "auto"
+            The integer or datetime timestamp column: ``"auto"`` finds one by common name
+            (``timestamp``, ``time``, ``date``, ...) if there is one; ``None`` ignores
+            timestamps.
+        columns : str, sequence or mapping, optional
+            Instead of the ``*_col`` arguments: the roles as
+            :func:`fedrecon_fast.columns.resolve_columns` takes them.
 
         Returns
         -------
@@ -429,16 +489,31 @@ class ClientData:
         """
         import pandas as pd  # lazy: pandas is optional
 
+        from .columns import EXAMPLES, find_by_name, resolve_columns
+
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-        for col in (user_col, item_col, rating_col):
-            if col not in df.columns:
-                raise ValueError(f"column {col!r} not found in the DataFrame "
-                                 f"(columns: {list(df.columns)})")
-        cols = [user_col, item_col, rating_col]
-        use_ts = timestamp_col is not None and timestamp_col in df.columns
-        if use_ts:
-            cols.append(timestamp_col)
+        names = [str(c) for c in df.columns]
+        explicit = {"user": user_col, "item": item_col, "rating": rating_col}
+        if timestamp_col not in (None, "auto"):
+            explicit["timestamp"] = timestamp_col
+        if columns is None and any(v is not None for v in explicit.values()):
+            found = find_by_name(names)
+            for role, col in explicit.items():
+                if col is None:
+                    if role not in found:
+                        raise ValueError(f"no {role} column in the DataFrame (columns: {names}; names "
+                                         f"recognised: {EXAMPLES[role]}, ...): pass {role}_col")
+                    continue
+                if str(col) not in names:
+                    raise ValueError(f"column {col!r} not found in the DataFrame (columns: {names})")
+                found[role] = names.index(str(col))
+        else:
+            found = resolve_columns(names, len(names), columns, where="the DataFrame")
+        if timestamp_col is None:
+            found.pop("timestamp", None)
+        roles = [r for r in ("user", "item", "rating", "timestamp") if r in found]
+        cols = [df.columns[found[r]] for r in roles]
         arrays = []
         for col in cols:
             series = df[col]
@@ -447,19 +522,21 @@ class ClientData:
             if isinstance(series.dtype, pd.DatetimeTZDtype):
                 series = series.dt.tz_convert("UTC").dt.tz_localize(None)
             arr = series.to_numpy()
-            if arr.dtype.kind == "O":
+            if arr.dtype.kind == "O" and not isinstance(series.dtype, pd.StringDtype):
                 try:
                     arr = series.to_numpy(dtype=series.dtype.numpy_dtype)  # nullable dtypes
                 except (AttributeError, TypeError, ValueError):
-                    raise TypeError(f"column {col!r} has non-numeric dtype {series.dtype}") from None
+                    pass  # e.g. string ids: from_coo decides
+            elif isinstance(series.dtype, pd.StringDtype):
+                arr = series.to_numpy(dtype=str)
             arrays.append(arr)
-        names = ("users", "items", "ratings", "timestamps")
+        names = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
         try:
             return cls.from_coo(*arrays)
         except (TypeError, ValueError) as exc:
             msg = str(exc)
-            for name, col in zip(names, cols):
-                if msg.startswith(name + " "):
+            for role, col in zip(roles, cols):
+                if msg.startswith(names[role] + " "):
                     raise type(exc)(f"column {col!r}: {msg}") from None
             raise
 

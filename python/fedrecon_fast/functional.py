@@ -348,7 +348,8 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
     Arguments as in :func:`client_step` (``config.evaluation`` is used with a FedReconConfig).
     The random streams are those of :func:`~fedrecon_fast.recon_eval` for a client at index
     ``client_id``. Returns the pooled metrics of :func:`~fedrecon_fast.recon_eval` plus the
-    sums ``sq_err_sum``, ``num_examples``, ``num_correct`` (for pooling across clients).
+    sums ``sq_err_sum``, ``num_examples``, ``num_correct``, ``abs_err_sum`` (for pooling across
+    clients).
     """
     V, bias, mean, model_config = _model_arrays(model)
     if config is None:
@@ -362,8 +363,8 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
     stats = kernels.evaluate_users(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
                                    round=EVAL_ROUND, num_threads=num_threads)
     sums = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),
-            "num_correct": int(stats["num_correct"][0])}
-    return {**summarize(*sums.values()), **sums}
+            "num_correct": int(stats["num_correct"][0]), "abs_err_sum": float(stats["abs_err_sum"][0])}
+    return {**summarize(**sums), **sums}
 
 
 # --------------------------------------------------------------------------------------------

@@ -517,11 +517,15 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     Returns
     -------
     dict of ndarray, shape (m,)
-        ``sq_err_sum`` (float64), ``num_examples`` and ``num_correct`` (int64; a rating is
-        correct when ``|r - r_hat| <= 0.5``). With ``k`` also ``num_relevant`` and ``hits``
-        (relevant items in the top k; int64) and ``ndcg`` (float64, binary gains
-        ``1 / log2(rank + 1)``, ideal DCG over ``min(k, num_relevant)`` ranks; NaN for a client
-        without relevant items). Recall@k is ``hits / min(k, num_relevant)``.
+        ``sq_err_sum`` and ``abs_err_sum`` (float64), ``num_examples`` and ``num_correct``
+        (int64; a rating is correct when ``|r - r_hat| <= 0.5``). With ``k`` also
+        ``num_relevant`` and ``hits`` (relevant items in the top k; int64), ``ndcg`` (float64,
+        binary gains ``1 / log2(rank + 1)``, ideal DCG over ``min(k, num_relevant)`` ranks),
+        ``ap`` (average precision: the sum of Precision@rank at each hit's rank, divided by
+        ``min(k, num_relevant)``) and ``rr`` (1 / rank of the first hit, 0 without one), all
+        NaN for a client without relevant items, and ``top_items`` (int64, shape
+        ``(m, min(k, num_items))``: each client's ranked items, best first, padded with -1).
+        Recall@k is ``hits / min(k, num_relevant)``.
     """
     args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
                         global_mean, seed, round, num_threads, check_finite,

@@ -39,6 +39,11 @@ class GlobalModel:
         starts from it, and a user without ratings (cold start) gets it.
     user_bias_default : float
         The same for the user bias.
+    item_labels : ndarray of str, or None
+        For data with string item ids: ``item_labels[j]`` is the original id of item id ``j``
+        (``item_ids`` are then codes; see :class:`~fedrecon_fast.ClientData`).
+    item_titles : ndarray of str, shape (num_items,), or None
+        A display name per row ("" when unknown), e.g. MovieLens movie titles.
     """
 
     item_factors: np.ndarray
@@ -48,6 +53,8 @@ class GlobalModel:
     config: FedReconConfig | None = None
     user_default: np.ndarray | None = None
     user_bias_default: float = 0.0
+    item_labels: np.ndarray | None = None
+    item_titles: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_factors = as_float32_matrix(self.item_factors, "item_factors")
@@ -69,6 +76,35 @@ class GlobalModel:
                                                   check_finite=True)
         check_float(self.user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         self.user_bias_default = float(self.user_bias_default)
+        for name in ("item_labels", "item_titles"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value)
+                if value.ndim != 1 or (value.size and value.dtype.kind != "U"):
+                    raise ValueError(f"{name} must be a 1-D array of strings")
+                setattr(self, name, value.astype(str))
+        if self.item_titles is not None and self.item_titles.shape != (n,):
+            raise ValueError(f"item_titles must have one title per row of item_factors ({n})")
+        if self.item_labels is not None and n and (self.item_ids.min() < 0 or self.item_ids.max() >= self.item_labels.size):
+            raise ValueError("item_labels must have a label for every item id (item_ids index it)")
+
+    def set_titles(self, ids, titles) -> int:
+        """Attach display titles by original item id (e.g. from
+        :func:`fedrecon_fast.movielens.load_titles`); returns how many rows got one."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        titles = np.asarray(titles, dtype=str).reshape(-1)
+        if ids.size != titles.size:
+            raise ValueError(f"ids and titles must have the same length; got {ids.size} and {titles.size}")
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        pos = np.searchsorted(sorted_ids, self.item_ids)
+        found = pos < ids.size
+        found[found] = sorted_ids[pos[found]] == self.item_ids[found]
+        names = np.full(self.num_items, "", dtype=titles.dtype if titles.size else "U1")
+        names[found] = titles[order][pos[found]]
+        self.item_titles = names
+        return int(np.count_nonzero(found))
+
 
     def default_kwargs(self) -> dict:
         """The kernels' ``user_default``/``user_bias_default`` arguments for this model."""
@@ -145,8 +181,10 @@ class GlobalModel:
                                    num_threads=num_threads)
 
     @classmethod
-    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0) -> GlobalModel:
-        """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0."""
+    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0, *,
+                   item_labels=None) -> GlobalModel:
+        """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0; ``item_labels``
+        as the data's (string item ids)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         rng = generator(config.seed, 0, 0, STREAM_MODEL_INIT)
         a = config.item_init_scale
@@ -156,7 +194,7 @@ class GlobalModel:
         if config.learn_user_default:  # like a fresh u: U(-a, a), a = the clients' init_scale
             a = config.client.init_scale
             u0 = generator(config.seed, 0, 1, STREAM_MODEL_INIT).uniform(-a, a, config.dim).astype(np.float32)
-        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0)
+        return cls(V, bias, global_mean if config.biases else 0.0, item_ids, config, u0, item_labels=item_labels)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to folder ``path``, replacing it atomically (no pickle).
@@ -187,6 +225,9 @@ class GlobalModel:
             "user_bias_default": self.user_bias_default,
             "config": None if self.config is None else self.config.to_dict(),
         }
+        for name in ("item_labels", "item_titles"):
+            if getattr(self, name) is not None:
+                arrays[f"{name}_chars"], arrays[f"{name}_offsets"] = _strings_to_arrays(getattr(self, name))
         return meta, arrays
 
     @classmethod
@@ -207,7 +248,9 @@ class GlobalModel:
         if bias is not None and not biases:
             schema.fail("array 'item_bias' is present but 'biases' is false")
         u0 = schema.array("user_default", "<f4", (dim,), finite=True, optional=True)
-        schema.no_other_arrays(("item_factors", "item_ids", "item_bias", "user_default"))
+        strings = {name: _strings_of(schema, name) for name in ("item_labels", "item_titles")}
+        schema.no_other_arrays(("item_factors", "item_ids", "item_bias", "user_default")
+                               + tuple(f"{name}_{part}" for name in strings for part in ("chars", "offsets")))
         if config is not None:
             try:
                 config = FedReconConfig.from_dict(config)
@@ -218,7 +261,7 @@ class GlobalModel:
                             f"{config.learn_user_default}) disagrees with the arrays (dim {dim}, biases "
                             f"{biases}, user_default {'present' if u0 is not None else 'absent'})")
         try:
-            return cls(V, bias, global_mean, ids, config, u0, user_bias_default)
+            return cls(V, bias, global_mean, ids, config, u0, user_bias_default, **strings)
         except (TypeError, ValueError) as e:
             schema.fail(str(e))
 
@@ -252,3 +295,34 @@ class GlobalModel:
             schema.fail(f"not a {FORMAT} file of version 1")
         meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
         return cls._from_parts(_bundle.Schema(path / "model.json", meta, arrays))
+
+
+def _strings_to_arrays(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as the format stores them: their code points (int32) one after another, and
+    where each string starts (int64, n + 1 offsets)."""
+    strings = np.ascontiguousarray(strings, dtype=str)
+    lengths = np.char.str_len(strings).astype(np.int64)
+    width = max(strings.dtype.itemsize // 4, 1)
+    grid = np.ascontiguousarray(strings.astype(f"<U{width}")).view("<i4").reshape(strings.size, width)
+    chars = grid[np.arange(width) < lengths[:, None]].astype("<i4")
+    return chars, np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+
+
+def _strings_of(schema, name: str) -> np.ndarray | None:
+    """The strings ``name`` stored by :func:`_strings_to_arrays`, validated, or None."""
+    chars = schema.array(f"{name}_chars", "<i4", (None,), optional=True)
+    offsets = schema.array(f"{name}_offsets", "<i8", (None,), optional=chars is None)
+    if chars is None:
+        if offsets is not None:
+            schema.fail(f"array '{name}_offsets' is present without '{name}_chars'")
+        return None
+    lengths = np.diff(offsets)
+    if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != chars.size or (lengths < 0).any():
+        schema.fail(f"array '{name}_offsets' must rise from 0 to the number of characters")
+    if chars.size and (chars.min() < 1 or chars.max() > 0x10FFFF):
+        schema.fail(f"array '{name}_chars' holds values that are not characters")
+    width = max(int(lengths.max()) if lengths.size else 1, 1)
+    grid = np.zeros((lengths.size, width), dtype="<i4")
+    inside = np.arange(width) < lengths[:, None]
+    grid[inside] = chars[(offsets[:-1, None] + np.arange(width))[inside]]
+    return grid.view(f"<U{width}").reshape(lengths.size)

@@ -38,14 +38,18 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from .data import ClientData
+from .textparse import line_error, parse_table
 
-__all__ = ["load_movielens", "download_movielens", "MOVIELENS_URLS", "MOVIELENS_CHECKSUMS",
-           "RATINGS_FILES"]
+__all__ = ["load_movielens", "download_movielens", "load_titles", "find_titles", "MOVIELENS_URLS",
+           "MOVIELENS_CHECKSUMS", "RATINGS_FILES", "TITLE_FILES"]
 
 PathLike = Union[str, os.PathLike]
 
 #: Rating file names, in order of preference when a folder holds several.
 RATINGS_FILES = ("u.data", "ratings.dat", "ratings.csv")
+
+#: Item title files (100K ``u.item``, 1M/10M ``movies.dat``, 20M and later ``movies.csv``).
+TITLE_FILES = ("u.item", "movies.dat", "movies.csv")
 
 _FILE_FORMATS = {"u.data": b"\t", "ratings.dat": b"::", "ratings.csv": b","}
 _CSV_HEADER = ["userid", "movieid", "rating", "timestamp"]
@@ -90,11 +94,6 @@ MOVIELENS_CHECKSUMS: Dict[str, Dict[str, str]] = {
         "sha256": "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
     },
 }
-
-_BLOCK_BYTES = 1 << 26  # 64 MiB of text per parsing block bounds the temporaries
-_MAX_INT_DIGITS = 18  # every 18-digit decimal fits int64
-_MAX_RATING_CHARS = 32
-_RATING_RE = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 # --------------------------------------------------------------------------- loading
@@ -156,13 +155,6 @@ def _resolve_ratings_file(path: PathLike) -> Tuple[Path, bytes]:
     raise ValueError(f"{str(p)!r}: unrecognised ratings format; expected {expected}")
 
 
-def _line_error(file: Path, line_no: int, reason: str, line: bytes) -> ValueError:
-    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    if len(text) > 120:
-        text = text[:117] + "..."
-    return ValueError(f"{str(file)!r}, line {line_no}: {reason}: {text!r}")
-
-
 def _csv_header_lines(file: Path, first_line: bytes, delim: bytes) -> int:
     """Number of header lines (0 or 1) at the top of a csv ratings file."""
     if delim != b",":
@@ -172,207 +164,83 @@ def _csv_header_lines(file: Path, first_line: bytes, delim: bytes) -> int:
         return 0
     names = [f.strip().lower() for f in first_line.strip().decode("utf-8", "replace").split(",")]
     if names != _CSV_HEADER:
-        raise _line_error(file, 1, "unexpected csv header (expected userId,movieId,rating,timestamp)",
-                          first_line)
+        raise line_error(file, 1, "unexpected csv header (expected userId,movieId,rating,timestamp)",
+                         first_line)
     return 1
 
 
 def _parse_numpy(file: Path, delim: bytes):
-    """Parse a ratings file with the vectorised NumPy parser, block by block."""
-    parts = []
-    line_no = 1  # 1-based number of the first line of the next block
-    carry = b""
-    first = True
+    """Parse a ratings file with the vectorised NumPy parser (:mod:`fedrecon_fast.textparse`)."""
     with open(file, "rb") as fh:
-        while True:
-            block = fh.read(_BLOCK_BYTES)
-            if first:
-                first = False
-                if block.startswith(b"\xef\xbb\xbf"):
-                    block = block[3:]
-                end = block.find(b"\n")
-                first_line = block if end < 0 else block[:end + 1]
-                if _csv_header_lines(file, first_line, delim):
-                    block = block[len(first_line):]
-                    line_no += 1
-            data = carry + block if carry else block
-            if not block:
-                if data:
-                    parts.append(_parse_block(data, delim, line_no, file)[0])
-                break
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry = data
-                continue
-            columns, n_lines = _parse_block(data[:cut + 1], delim, line_no, file)
-            parts.append(columns)
-            line_no += n_lines
-            carry = data[cut + 1:]
-    if not parts:
-        empty = np.zeros(0, np.int64)
-        return empty, empty.copy(), np.zeros(0, np.float64), empty.copy()
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+        first_line = fh.readline()
+    if first_line.startswith(b"\xef\xbb\xbf"):
+        first_line = first_line[3:]
+    header = _csv_header_lines(file, first_line, delim)
+    return tuple(parse_table(file, delim, ("uint", "uint", "real", "uint"), _FIELDS, skip_lines=header))
 
 
-def _parse_block(raw: bytes, delim: bytes, first_line_no: int, file: Path):
-    """Parse whole lines of text.
+# --------------------------------------------------------------------------- titles
 
-    Returns ``((users, items, ratings, timestamps), number of lines)``.
 
-    Structure is checked vectorised: every non-blank line must hold exactly
-    three separators.  When it does not, :func:`_diagnose_block` finds the
-    first offending line (a slow pass, only on the error path).
+def find_titles(path: PathLike) -> Optional[Path]:
+    """The MovieLens title file in folder ``path`` (or beside file ``path``), or None."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    for name in TITLE_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_titles(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Item ids and titles from a MovieLens ``u.item``, ``movies.dat`` or ``movies.csv``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (its name says the format; another name is read by its first line:
+        ``::`` as movies.dat, ``|`` as u.item, else CSV with a header).
+
+    Returns
+    -------
+    ids : ndarray of int64
+    titles : ndarray of str
+        Same length; the ids in file order.
+
+    Raises
+    ------
+    ValueError
+        A line without an integer id and a title (file and line named).
     """
-    buf = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw  # keeps the line count
-    if buf.endswith(b"\r"):  # a CRLF file cut after its last CR: the line ends there
-        buf = buf[:-1]
-    a = np.frombuffer(buf, dtype=np.uint8)
-    n = a.size
-    ends = np.flatnonzero(a == 10)
-    if n and a[-1] != 10:
-        ends = np.append(ends, n)
-    starts = np.empty_like(ends)
-    if ends.size:
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-    total_lines = ends.size
-    lines = np.flatnonzero(ends > starts)  # non-blank lines
-    n_lines = lines.size
-    starts, ends = starts[lines], ends[lines]
+    import csv
+    import io
 
-    # Separator characters: 3 * len(delim) per line.  If the total matches and
-    # each line's group of separators lies inside the line, every line has
-    # exactly its share; for "::" the colons must also pair up.
-    width = len(delim)
-    per_line = 3 * width
-    pos = np.flatnonzero(a == delim[0])
-    ok = pos.size == per_line * n_lines
-    if ok and n_lines:
-        c = pos.reshape(n_lines, per_line)
-        ok = bool((c[:, 0] >= starts).all() and (c[:, -1] < ends).all())
-        if ok and width == 2:
-            ok = bool((c[:, 1::2] == c[:, 0::2] + 1).all())
-    if not ok:
-        raise _diagnose_block(raw, delim, first_line_no, file)
-    if n_lines == 0:
-        empty = np.zeros(0, np.int64)
-        return (empty, empty.copy(), np.zeros(0, np.float64), empty.copy()), total_lines
-    sep_first = c[:, 0::width]  # (n_lines, 3): end of fields 0..2
-    sep_last = c[:, width - 1::width] + 1  # (n_lines, 3): start of fields 1..3
-
-    users, bad_u = _parse_uints(a, starts, sep_first[:, 0])
-    items, bad_i = _parse_uints(a, sep_last[:, 0], sep_first[:, 1])
-    ratings, bad_r = _parse_ratings(a, sep_last[:, 1], sep_first[:, 2])
-    timestamps, bad_t = _parse_uints(a, sep_last[:, 2], ends)
-    any_bad = bad_u | bad_i | bad_r | bad_t
-    if any_bad.any():
-        k = int(np.argmax(any_bad))
-        field = next(f for f, b in zip(_FIELDS, (bad_u, bad_i, bad_r, bad_t)) if b[k])
-        line_index = int(lines[k])
-        raise _line_error(file, first_line_no + line_index, _field_problem(field),
-                          raw.split(b"\n", line_index + 1)[line_index])
-    return (users, items, ratings, timestamps), total_lines
-
-
-def _field_problem(field: str) -> str:
-    what = "a finite number" if field == "rating" else "a non-negative integer"
-    return f"{field} is not {what}"
-
-
-_UINT_RE = re.compile(rb"\d{1,%d}" % _MAX_INT_DIGITS)
-
-
-def _diagnose_block(raw: bytes, delim: bytes, first_line_no: int, file: Path) -> ValueError:
-    """Error for the first malformed line of a block (slow path, errors only)."""
-    for j, line in enumerate(raw.split(b"\n")):
-        text = line.rstrip(b"\r")
-        if not text:
-            continue
-        fields = text.split(delim)
-        if len(fields) != 4:
-            return _line_error(file, first_line_no + j,
-                               f"expected 4 fields separated by {delim.decode()!r}, found {len(fields)}",
-                               line)
-        for field, value in zip(_FIELDS, fields):
-            if field == "rating":
-                good = (_RATING_RE.fullmatch(value) is not None
-                        and np.isfinite(float(value)))
-            else:
-                good = _UINT_RE.fullmatch(value) is not None
-            if not good:
-                return _line_error(file, first_line_no + j, _field_problem(field), line)
-    return ValueError(f"{str(file)!r}: malformed ratings in the block starting at line {first_line_no}")
-
-
-def _parse_uints(a: np.ndarray, s: np.ndarray, e: np.ndarray):
-    """Decimal integers in byte ranges ``a[s:e]``; returns (int64 values, bad mask)."""
-    w = e - s
-    bad = (w < 1) | (w > _MAX_INT_DIGITS)
-    if s.size == 0:
-        return np.zeros(0, np.int64), bad
-    width = int(min(w.max(), _MAX_INT_DIGITS))
-    full = int(max(w.min(), 0))  # digits present in every field
-    dtype = np.int32 if width <= 9 else np.int64
-    val = np.zeros(s.size, dtype=dtype)
-    idx = s.copy()
-    digit = np.empty(s.size, dtype=np.uint8)
-    for k in range(width):
-        a.take(idx, mode="clip", out=digit)
-        digit -= np.uint8(48)  # wraps for non-digits
-        if k < full:
-            bad |= digit > 9
-            val *= 10
-            val += digit
-        else:
-            active = w > k
-            bad |= active & (digit > 9)
-            np.multiply(val, 10, out=val, where=active)
-            np.add(val, digit, out=val, where=active, casting="unsafe")
-        idx += 1
-    return val.astype(np.int64, copy=False), bad
-
-
-def _parse_ratings(a: np.ndarray, s: np.ndarray, e: np.ndarray):
-    """Decimal numbers in byte ranges; returns (float64 values, bad mask).
-
-    Ratings take few distinct spellings ("4", "3.5", ...), so each distinct
-    token is parsed once: tokens are packed into fixed-width keys, the
-    distinct keys found (from a sample, then from any key the sample
-    missed), validated with a strict regular expression and converted with
-    ``float``.
-    """
-    w = e - s
-    bad = (w < 1) | (w > _MAX_RATING_CHARS)
-    if s.size == 0:
-        return np.zeros(0, np.float64), bad
-    width = int(min(max(int(w.max()), 1), _MAX_RATING_CHARS))
-    key_width = 8 if width <= 8 else width
-    tokens = np.zeros((s.size, key_width), dtype=np.uint8)
-    for k in range(width):
-        column = a.take(s + k, mode="clip")
-        column[w <= k] = 0
-        tokens[:, k] = column
-    bad |= ((tokens[:, :width] == 0) & (np.arange(width) < w[:, None])).any(axis=1)  # NUL bytes
-    if key_width == 8:
-        keys = tokens.view("<u8").reshape(-1)
+    p = Path(path)
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # ML-100K and ML-1M are Latin-1
+        text = raw.decode("latin-1")
+    first = text.split("\n", 1)[0]
+    if p.name == "movies.dat" or (p.name not in TITLE_FILES and "::" in first):
+        rows = (line.split("::") for line in text.splitlines())
+        start = 1
+    elif p.name == "u.item" or (p.name not in TITLE_FILES and "|" in first):
+        rows = (line.split("|") for line in text.splitlines())
+        start = 1
     else:
-        keys = tokens.view(f"S{key_width}").reshape(-1)
-    uniq = np.unique(keys[:4096])
-    index = np.minimum(np.searchsorted(uniq, keys), uniq.size - 1)
-    missed = uniq[index] != keys
-    if missed.any():
-        uniq = np.union1d(uniq, keys[missed])
-        index = np.searchsorted(uniq, keys)
-    values = np.empty(uniq.size, dtype=np.float64)
-    valid = np.ones(uniq.size, dtype=bool)
-    for j, key in enumerate(uniq):  # a handful of distinct spellings
-        text = (np.array(key, dtype="<u8").tobytes() if key_width == 8 else bytes(key)).rstrip(b"\0")
-        ok = _RATING_RE.fullmatch(text) is not None
-        value = float(text) if ok else np.nan
-        valid[j] = ok and bool(np.isfinite(value))
-        values[j] = value if valid[j] else 0.0
-    bad |= ~valid[index]
-    return values[index], bad
+        rows = csv.reader(io.StringIO(text))
+        next(rows, None)  # movieId,title,genres
+        start = 2
+    ids, titles = [], []
+    for number, fields in enumerate(rows, start=start):
+        if not fields or not "".join(fields).strip():
+            continue
+        if len(fields) < 2 or not fields[0].strip().isdigit():
+            raise ValueError(f"{str(p)!r}, line {number}: expected an item id and a title, got {fields[:2]!r}")
+        ids.append(int(fields[0]))
+        titles.append(fields[1].strip())
+    return np.array(ids, dtype=np.int64), np.array(titles, dtype=str)
 
 
 # --------------------------------------------------------------------------- download

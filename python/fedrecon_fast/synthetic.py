@@ -43,6 +43,7 @@ def _check_real(value, name: str, minimum: float) -> float:
 
 def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int = 10,
                       mean_ratings: float = 80, min_ratings: int = 20, noise: float = 0.5,
+                      half_stars: bool = False, popularity: float = _ZIPF_EXPONENT,
                       seed: int = 0) -> ClientData:
     """Generate a seeded synthetic ratings data set that looks like MovieLens.
 
@@ -50,9 +51,10 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     lognormal (heavy right tail, like MovieLens), so ``n_u`` lies in
     ``[min_ratings, num_items]`` with mean close to ``mean_ratings`` (less
     when the cap ``num_items`` bites).  Items are chosen without replacement
-    with Zipf-like popularity weights ``(1 + r)**-0.4`` for popularity rank
-    ``r = 0, 1, ...`` (ranks randomly assigned to item ids).  A rating is
-    ``round(3.6 + b_u + b_i + u . v + noise * N(0, 1))`` clipped to 1..5, with
+    with Zipf-like popularity weights ``(1 + r)**-popularity`` for popularity
+    rank ``r = 0, 1, ...`` (ranks randomly assigned to item ids).  A rating is
+    ``round(3.6 + b_u + b_i + u . v + noise * N(0, 1))`` clipped to 1..5 (or
+    rounded to half stars and clipped to 0.5..5 with ``half_stars``), with
     user/item biases, ``rank``-dimensional Gaussian user/item factors, and
     popular items rated slightly higher.  Each user's timestamps are
     strictly increasing Unix seconds starting in 2000, in a random order of
@@ -73,13 +75,18 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
         Minimum ratings per user, ``1 <= min_ratings <= num_items``.
     noise : float, default 0.5
         Standard deviation of the Gaussian noise added before rounding.
+    half_stars : bool, default False
+        Ratings 0.5, 1, ..., 5 (MovieLens 10M and later) instead of 1..5.
+    popularity : float, default 0.4
+        Zipf exponent of item popularity: 0 is uniform; 1 or more makes a
+        long tail of rarely rated items (a sparse catalogue).
     seed : int, default 0
         Non-negative seed of ``numpy.random.Generator(PCG64(seed))``.
 
     Returns
     -------
     ClientData
-        ``num_users`` clients with integer ratings 1..5 (float32) and
+        ``num_users`` clients with ratings 1..5 (or half stars; float32) and
         timestamps; deterministic given the arguments.
 
     Raises
@@ -103,6 +110,9 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
         raise ValueError(f"min_ratings ({min_ratings}) must be <= num_items ({num_items})")
     mean_ratings = _check_real(mean_ratings, "mean_ratings", float(min_ratings))
     noise = _check_real(noise, "noise", 0.0)
+    popularity = _check_real(popularity, "popularity", 0.0)
+    if not isinstance(half_stars, (bool, np.bool_)):
+        raise TypeError(f"half_stars must be a bool, got {type(half_stars).__name__}")
     seed = _check_int(seed, "seed", 0)
     rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -117,7 +127,7 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
 
     # Zipf-like item popularity, ranks assigned to item ids at random
     popularity_rank = rng.permutation(num_items)
-    log_weight = -_ZIPF_EXPONENT * np.log1p(popularity_rank.astype(np.float64))
+    log_weight = -popularity * np.log1p(popularity_rank.astype(np.float64))
     inv_weight = np.exp(-log_weight).astype(np.float32)
 
     # the low-rank model: biases and factors (u . v has std _INTERACTION_STD)
@@ -168,7 +178,10 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     item_bias += _POPULARITY_BIAS * pop_z
     raw = (_GLOBAL_MEAN + user_bias[user] + item_bias[items] + interaction
            + noise * rng.standard_normal(nnz))
-    ratings = np.clip(np.rint(raw), 1, 5).astype(np.float32)
+    if half_stars:
+        ratings = np.clip(np.rint(2 * raw) / 2, 0.5, 5).astype(np.float32)
+    else:
+        ratings = np.clip(np.rint(raw), 1, 5).astype(np.float32)
 
     # timestamps: per user a start time and positive gaps (strictly increasing)
     start = _T0 + rng.integers(0, 3 * 365 * 86400, size=num_users)

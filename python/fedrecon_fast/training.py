@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import accounting, kernels
+from . import accounting, divergence, kernels, memory, splits
 from ._guards import one_fit_at_a_time
 from ._signals import stop_requested
 from .kernels import sample_clients
@@ -198,8 +198,9 @@ class FedRecon:
 
         Parameters
         ----------
-        train : ClientData
-            Training clients (sampled each round).
+        train : ClientData or ClientSplits
+            Training clients (sampled each round), or the splits of :func:`~fedrecon_fast.split_ratings`
+            (its validation users then validate).
         val : ClientData, optional
             Validation clients for ReconEval every ``config.eval_every`` rounds and at the end.
         rounds : int, optional
@@ -220,15 +221,18 @@ class FedRecon:
             ``fit`` is already running on this trainer (one trainer per thread).
         """
         cfg = self.config
+        train, val = splits.unpack(train, val)
         rounds = cfg.rounds if rounds is None else rounds
         check_int(rounds, "rounds", minimum=0)
         check_int(checkpoint_every, "checkpoint_every", minimum=0)
         check_training_clients(train)
+        memory.check_training(train.num_items, cfg, client_sizes=train.sizes)
         self._start_privacy(train.num_clients)
         cfg = self.config
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
-            self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean)
+            self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean,
+                                                item_labels=getattr(train, "item_labels", None))
         if train.num_items != self.model.num_items or (val is not None and val.num_items != self.model.num_items):
             raise ValueError("train/val must share the model's item indexing (subsets of one ClientData)")
         params = self._params()
@@ -384,7 +388,7 @@ class FedRecon:
         self.train_seconds += seconds
         if not finite:
             raise FloatingPointError(f"the global model became non-finite in round {r}; "
-                                     "lower the learning rates")
+                                     f"{divergence.explain(cfg, self.model.item_factors)}")
         # The server broadcasts the float32 model to every sampled client; clients send their
         # encoded updates (sizes counted by the native codec).
         params = self._params()
@@ -397,7 +401,7 @@ class FedRecon:
         if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
             raise FloatingPointError(
                 f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
-                "non-finite updates; lower client_lr or recon_lr")
+                f"non-finite updates; {divergence.explain(cfg, self.model.item_factors)}")
         n = s["num_examples"]
         privacy = {} if self._privacy is None else self._privacy.end_round(s, r)
         self.round += 1

@@ -90,9 +90,10 @@ class ClientWorker {
   /// score NaN when fewer items qualify; returns the number of items that qualified (<= k).
   std::int64_t top_k(std::int64_t k, bool skip_support, std::int64_t* items_out, float* scores_out);
 
-  /// Recall/NDCG ingredients of the top k over the candidates (all items but the support set)
-  /// against the query items rated >= relevance_threshold (RankStats).
-  RankStats rank_query(std::int64_t k, float relevance_threshold);
+  /// Ranking metrics of the top k over the candidates (all items but the support set) against
+  /// the query items rated >= relevance_threshold (RankStats). With `top_out` also writes the
+  /// top items there: min(k, max(num_items, 1)) entries, best first, padded with -1.
+  RankStats rank_query(std::int64_t k, float relevance_threshold, std::int64_t* top_out = nullptr);
 
   const std::vector<std::int32_t>& rows() const { return rows_; }
   const float* bias_delta() const { return local_bias_.data(); }

@@ -34,6 +34,11 @@ struct EncodedUpdate {
   QuantScheme scheme;
   QuantGroup group;            // the update's scale (per-tensor scaling)
   bool noisy_zeros = false;    // dense, quantized, one scale: untouched rows decode to noise
+  // With noisy_zeros: the two values a zero decodes to, and the draw from which it takes the
+  // higher (ZeroCode), found once per client so that untouched rows cost one draw per two values.
+  float zero_low = 0.0f, zero_high = 0.0f;
+  std::uint32_t zero_threshold = 0;
+  std::uint64_t seed_prefix = 0;  // row_seed_prefix(scheme.key)
 };
 
 /// Clips and quantizes one client's update in place: `values` holds its n touched rows (n x dim,
@@ -43,7 +48,13 @@ std::int64_t encode_update(const UpdateCodec& codec, std::int64_t num_items, int
                            const std::int32_t* rows, std::int64_t n, float* values, float* bias,
                            std::uint64_t key, EncodedUpdate& enc, bool& clipped, CodecScratch& scratch);
 
-/// The decoded value (dim floats) of row r of a dense update that did not touch it.
+/// Marks `enc` (scheme and group set) as a dense update whose untouched rows decode to noise,
+/// and prepares that decoding (its ZeroCode and row-seed prefix). encode_update calls it; so does
+/// a caller that rebuilds an update from its scale and key alone (reduce_updates' DenseNoise).
+void set_noisy_zeros(EncodedUpdate& enc);
+
+/// The decoded value (dim floats) of row r of a dense update that did not touch it: what
+/// quantizing and decoding its zeros gives, computed from the ZeroCode of encode_update.
 void decode_untouched_row(const EncodedUpdate& enc, std::int64_t r, int dim, float* out,
                           CodecScratch& scratch);
 

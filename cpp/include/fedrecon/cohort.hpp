@@ -103,12 +103,14 @@ void reconstruct_users(const ModelView& model, const CsrView& data, const std::i
 /// ReconEval: reconstruct on support, score every query rating once. With k > 0 each client
 /// is also ranked (rank_out[num_sampled], RankStats): every item but its support items is
 /// scored, and its top k are checked against its query items rated >= relevance_threshold
-/// (-inf: every query item). k = 0 skips the ranking and its cost entirely.
+/// (-inf: every query item). k = 0 skips the ranking and its cost entirely. With `top_out`
+/// (num_sampled x min(k, max(num_items, 1))) each client's top items are written too (padded
+/// with -1), e.g. for catalogue coverage.
 void evaluate_users(const ModelView& model, const CsrView& data, const std::int64_t* clients,
                     std::int64_t num_sampled, const ClientConfig& config, std::uint64_t seed,
                     std::uint64_t round, int num_threads, EvalStats* stats_out,
                     std::int64_t k = 0, float relevance_threshold = 4.0f,
-                    RankStats* rank_out = nullptr);
+                    RankStats* rank_out = nullptr, std::int64_t* top_out = nullptr);
 
 /// Inference for users the model never saw: u (num_sampled x dim) and, with biases, b_u
 /// (num_sampled) reconstructed from ALL of each user's ratings (config.split is ignored: the

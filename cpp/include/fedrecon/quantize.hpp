@@ -22,6 +22,8 @@
 #include <functional>
 #include <vector>
 
+#include "fedrecon/rng.hpp"
+
 namespace fedrecon {
 
 constexpr int kMinQuantBits = 1;
@@ -70,6 +72,18 @@ void shape_rows_cols(const std::int64_t* shape, int ndim, std::int64_t& rows, st
 std::uint64_t noise_seed(std::uint64_t key, std::int64_t row);
 std::uint64_t sign_seed(std::uint64_t key, std::int64_t row);
 
+/// The same seeds in two steps, for callers that visit many rows of one key: the key's part
+/// once (derive_seed's seed and round steps), then each row's noise and sign seeds from it.
+struct RowSeeds {
+  std::uint64_t noise = 0;
+  std::uint64_t sign = 0;
+};
+inline std::uint64_t row_seed_prefix(std::uint64_t key) { return mix64(mix64(key) ^ 0U); }
+inline RowSeeds row_seeds(std::uint64_t prefix, std::int64_t row) {
+  const std::uint64_t h = mix64(prefix ^ static_cast<std::uint64_t>(row));
+  return RowSeeds{mix64(h ^ 0U), mix64(h ^ 1U)};
+}
+
 /// The scale of a group whose values lie in [lo, hi]; throws std::invalid_argument if the
 /// decoded range would not be finite in float32.
 QuantGroup make_group(float lo, float hi, int bits);
@@ -84,6 +98,23 @@ inline float dequantize(const QuantGroup& g, std::uint32_t index) {
   return static_cast<float>(static_cast<double>(g.lo) +
                             static_cast<double>(index) * static_cast<double>(g.step));
 }
+
+/// What a zero (a row of a dense update that the client did not touch) quantizes to in a group:
+/// stochastic rounding leaves only two indices, `low` when the value's 24 random bits are below
+/// `threshold` and `high` otherwise (threshold 2^24: always `low`). Found once per group by a
+/// binary search over the 2^24 draws with the quantizer's own arithmetic, so it is exact.
+struct ZeroCode {
+  std::uint32_t low = 0;
+  std::uint32_t high = 0;
+  std::uint32_t threshold = std::uint32_t{1} << 24;
+};
+ZeroCode zero_code(const QuantGroup& g, int bits);
+
+/// Decoded values of the first n columns of a row of zeros whose noise stream is `seed`
+/// (noise_seed(key, row)): `low_value` or `high_value` by the rule of ZeroCode, one stream output
+/// per two values. Equals quantize_row on zeros followed by dequantize.
+void decode_zero_run(std::int64_t n, std::uint64_t seed, std::uint32_t threshold, float low_value,
+                     float high_value, float* out);
 
 /// In-place orthonormal randomized Hadamard transform of one padded row of length n (a power of
 /// two): forward x <- H D x / sqrt(n), inverse x <- D H x / sqrt(n), D = diag(signs).

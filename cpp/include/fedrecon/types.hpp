@@ -95,6 +95,7 @@ struct ClientStats {
 /// Per-client outcome of reconstruction evaluation (ReconEval).
 struct EvalStats {
   double sq_err_sum = 0.0;
+  double abs_err_sum = 0.0;  // for MAE
   std::int64_t num_examples = 0;
   std::int64_t num_correct = 0;
 };
@@ -106,6 +107,8 @@ struct RankStats {
   std::int64_t num_relevant = 0;
   std::int64_t hits = 0;  // relevant items among the top k
   double ndcg = 0.0;      // binary gains, IDCG over min(k, num_relevant) ranks; NaN if none relevant
+  double ap = 0.0;        // average precision: sum of precision@r at each hit r, / min(k, num_relevant)
+  double rr = 0.0;        // reciprocal rank of the first hit (0 without a hit in the top k)
 };
 
 }  // namespace fedrecon
