@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "fedrecon/cache.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace fedrecon {
@@ -224,6 +225,10 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   // Reset the whole padded vector: a previous client's overflow (inf * 0 = NaN) must not leak
   // into this one through the padding.
   std::fill(u_.begin(), u_.end(), 0.0f);
+  // The prefetch request is for this call only (the worker outlives the data it points into).
+  const std::int32_t* next_items = next_items_;
+  const std::int64_t next_n = next_n_;
+  next_n_ = 0;
   VecMap u(u_.data(), dim_);
   bu_ = 0.0f;
   const bool bias = model_.has_bias();
@@ -293,6 +298,8 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     gather_padded(V + item * K, dim_, sup_rows_.data() + k * P);
     sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
   }
+  for (std::int64_t k = 0; k < next_n; ++k)
+    prefetch_bytes(V + static_cast<std::int64_t>(next_items[k]) * K, static_cast<std::size_t>(K) * sizeof(float));
   with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
 }
 

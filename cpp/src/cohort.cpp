@@ -164,6 +164,10 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
   const int threads = resolve_threads(num_threads, n);
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
+  // A table this large does not stay in a core's caches from one client to the next: the next
+  // client's rows are requested while the current client's SGD chain runs (measured: 1 M x 64
+  // rounds ~30% faster; on a table that fits, the requests only cost time).
+  const bool large_table = model.num_items * K * static_cast<std::int64_t>(sizeof(float)) > kLargeTableBytes;
   CohortUpdates out;
   out.results.resize(static_cast<std::size_t>(n));
   const bool compact = !config.joint;
@@ -190,6 +194,7 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
       const std::int64_t b = data.indptr[nc], len = data.indptr[nc + 1] - b;
       prefetch_bytes(data.items + b, static_cast<std::size_t>(len) * sizeof(std::int32_t));
       prefetch_bytes(data.ratings + b, static_cast<std::size_t>(len) * sizeof(float));
+      if (large_table) w.prefetch_during_chain(data.items + b, len);
     }
     w.split(data, c, config, seed, round);
     const float* init_u = users.users_in ? users.users_in + i * K : nullptr;

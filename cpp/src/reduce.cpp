@@ -89,6 +89,7 @@ struct Cohort {
 struct ChunkIndex {
   std::vector<std::int64_t> start;
   UninitVector<Entry> entries;
+  std::vector<std::int64_t> touched;  // the rows with entries, ascending
 
   void build(const Cohort& cohort, const std::vector<UpdateRef>& updates, std::int64_t lo, std::int64_t hi) {
     start.assign(static_cast<std::size_t>(hi - lo) + 1, 0);
@@ -99,7 +100,11 @@ struct ChunkIndex {
         if (r >= lo && r < hi) ++start[static_cast<std::size_t>(r - lo) + 1];
       }
     }
-    for (std::size_t r = 1; r < start.size(); ++r) start[r] += start[r - 1];
+    touched.clear();
+    for (std::size_t r = 1; r < start.size(); ++r) {
+      if (start[r] > 0) touched.push_back(lo + static_cast<std::int64_t>(r) - 1);
+      start[r] += start[r - 1];
+    }
     entries.resize(static_cast<std::size_t>(start.back()));
     for (const std::uint32_t i : cohort.reporting) {
       const UpdateRef& u = updates[i];
@@ -250,12 +255,20 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
                        static_cast<std::size_t>(K) * sizeof(float));
       }
     };
-    std::int64_t unwritten = lo, rows_here = 0;  // rows [unwritten, row) were skipped
-    for (std::int64_t row = lo; row < hi; ++row) {
+    // Without noise only the touched rows are visited; with it, every row. The model's rows
+    // (read by the scalar form and by an in-place step) are requested a few rows ahead: a
+    // large table is visited at scattered rows the hardware cannot predict.
+    const std::vector<std::int64_t>& touched_rows = sc.index.touched;
+    const std::int64_t visits = cohort.any_noisy ? hi - lo : static_cast<std::int64_t>(touched_rows.size());
+    constexpr std::int64_t kRowsAhead = 8;
+    std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
+    for (std::int64_t v = 0; v < visits; ++v) {
+      const std::int64_t row = cohort.any_noisy ? lo + v : touched_rows[static_cast<std::size_t>(v)];
+      if (!cohort.any_noisy && model.item_factors != nullptr && v + kRowsAhead < visits)
+        prefetch_bytes(model.item_factors + touched_rows[static_cast<std::size_t>(v + kRowsAhead)] * K,
+                       static_cast<std::size_t>(K) * sizeof(float));
       const std::size_t b = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo)]);
       const std::size_t b_end = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo) + 1]);
-      if (b == b_end && !cohort.any_noisy) continue;
-      rows_here += b < b_end ? 1 : 0;
       if (!cohort.scalar) prefetch_ahead(b_end + kPrefetchEntries);
       const Entry* e = entries + b;
       std::size_t n = b_end - b;
@@ -283,7 +296,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
       unwritten = row + 1;
     }
     if (unwritten < hi) gap(unwritten, hi);
-    touched.fetch_add(rows_here, std::memory_order_relaxed);
+    touched.fetch_add(static_cast<std::int64_t>(touched_rows.size()), std::memory_order_relaxed);
   });
   return touched.load();
 }

@@ -95,6 +95,13 @@ class ClientWorker {
   /// top items there: min(k, max(num_items, 1)) entries, best first, padded with -1.
   RankStats rank_query(std::int64_t k, float relevance_threshold, std::int64_t* top_out = nullptr);
 
+  /// Rows of V to request from memory while the next SGD reconstruction's chain runs (its
+  /// latency leaves the memory system idle): the item ids of the client taken next. Used once.
+  void prefetch_during_chain(const std::int32_t* items, std::int64_t n) {
+    next_items_ = items;
+    next_n_ = n;
+  }
+
   const std::vector<std::int32_t>& rows() const { return rows_; }
   const float* bias_delta() const { return local_bias_.data(); }
   const float* beta() const { return beta_.data(); }
@@ -119,6 +126,8 @@ class ClientWorker {
   void finish_update(const ClientConfig& config, std::int64_t steps, bool finite, ClientStats& stats);
 
   ModelView model_;
+  const std::int32_t* next_items_ = nullptr;
+  std::int64_t next_n_ = 0;
   int dim_;
   int pdim_;  // dim rounded up to a multiple of 8: the stride of the padded working rows
   // The current client: its entries in the CSR arrays, and positions relative to `base_`.
