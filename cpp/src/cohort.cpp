@@ -48,12 +48,14 @@ struct Arena {
   std::vector<std::int32_t> rows;
   UninitVector<float> values;
   std::vector<float> beta, gamma, bias;
+  std::vector<std::int32_t> chunks;  // the scalar form's bucket bounds by reduction chunk
   void clear() {
     rows.clear();
     values.clear();
     beta.clear();
     gamma.clear();
     bias.clear();
+    chunks.clear();
   }
 };
 
@@ -110,6 +112,7 @@ struct ClientResult {
   int arena = 0;            // thread whose arena holds the update
   std::size_t offset = 0;   // first row in that arena
   std::size_t nrows = 0;
+  std::size_t chunk_offset = 0;  // its bucket bounds in the arena's chunks (scalar form, several chunks)
   ClientStats stats;
   EncodedUpdate enc;
 };
@@ -126,6 +129,7 @@ struct CohortUpdates {
   std::vector<ClientResult> results;
   std::vector<float> users;  // scalar form: each client's u (num_sampled x dim)
   bool materialised = true;
+  bool bucketed = false;     // the scalar form's rows are bucketed by reduction chunk
 
   // The reduction's view of client i's update.
   UpdateRef ref(const WorkerLease& lease, std::size_t i, const ModelView& model) const {
@@ -140,6 +144,7 @@ struct CohortUpdates {
       u.beta = a.beta.data() + r.offset;
       u.gamma = a.gamma.empty() ? nullptr : a.gamma.data() + r.offset;
       u.user = users.data() + i * static_cast<std::size_t>(model.dim);
+      if (bucketed) u.chunk_start = a.chunks.data() + r.chunk_offset;
     }
     u.bias = model.has_bias() ? a.bias.data() + r.offset : nullptr;
     u.weight = r.stats.weight;
@@ -173,10 +178,19 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
   const bool compact = !config.joint;
   out.materialised = !compact || want_rows || codec.quantizes(model.num_items, model.dim);
   if (compact && !out.materialised) out.users.resize(static_cast<std::size_t>(n * K));
+  // The fused round's scalar form is stored bucketed by the reduction's chunks, so each chunk
+  // takes its rows without scanning every client's (a counting sort over a few buckets here,
+  // in the parallel client phase).
+  const ReduceChunks chunks(model.num_items, num_threads);
+  out.bucketed = compact && !out.materialised && chunks.count > 1;
   // The scalar form is clipped before it is encoded.
   UpdateCodec encoding = codec;
   if (compact) encoding.clip = 0.0;
-  std::vector<CodecScratch> scratch(static_cast<std::size_t>(threads));
+  struct ThreadScratch {
+    CodecScratch codec;
+    std::vector<std::int32_t> place;
+  };
+  std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
   // Largest clients first, so the threads finish together (each result is stored by cohort
   // position, so the order of work never changes a result).
   std::vector<std::int64_t> order(static_cast<std::size_t>(threads > 1 ? n : 0));
@@ -236,9 +250,30 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
                         model.item_factors + static_cast<std::int64_t>(w.rows()[r]) * K, w.user(),
                         model.dim, dst + r * static_cast<std::size_t>(K));
     } else if (compact) {
-      a.beta.insert(a.beta.end(), w.beta(), w.beta() + nrows);
-      if (w.gamma() != nullptr) a.gamma.insert(a.gamma.end(), w.gamma(), w.gamma() + nrows);
+      a.beta.resize(a.beta.size() + nrows);
+      if (w.gamma() != nullptr) a.gamma.resize(a.gamma.size() + nrows);
       std::copy_n(w.user(), K, out.users.data() + i * K);
+      if (!out.bucketed) {
+        std::copy_n(w.beta(), nrows, a.beta.data() + res.offset);
+        if (w.gamma() != nullptr) std::copy_n(w.gamma(), nrows, a.gamma.data() + res.offset);
+      } else {
+        // Rows, scalars and bias deltas rewritten in chunk order (stable within a chunk).
+        res.chunk_offset = a.chunks.size();
+        a.chunks.resize(a.chunks.size() + static_cast<std::size_t>(chunks.count) + 1, 0);
+        std::int32_t* bounds = a.chunks.data() + res.chunk_offset;
+        const std::int32_t* rows = w.rows().data();
+        for (std::size_t r = 0; r < nrows; ++r) ++bounds[chunks.of(rows[r]) + 1];
+        for (std::int64_t c = 0; c < chunks.count; ++c) bounds[c + 1] += bounds[c];
+        std::vector<std::int32_t>& place = scratch[static_cast<std::size_t>(tid)].place;
+        place.assign(bounds, bounds + chunks.count);
+        for (std::size_t r = 0; r < nrows; ++r) {
+          const std::size_t to = res.offset + static_cast<std::size_t>(place[static_cast<std::size_t>(chunks.of(rows[r]))]++);
+          a.rows[to] = rows[r];
+          a.beta[to] = w.beta()[r];
+          if (w.gamma() != nullptr) a.gamma[to] = w.gamma()[r];
+          if (bias) a.bias[to] = w.bias_delta()[r];
+        }
+      }
     }
     bool encode_clipped = false;
     res.stats.bytes = encode_update(encoding, model.num_items, model.dim, a.rows.data() + res.offset,
@@ -246,7 +281,7 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
                                     out.materialised ? a.values.data() + res.offset * static_cast<std::size_t>(K) : nullptr,
                                     bias ? a.bias.data() + res.offset : nullptr,
                                     derive_seed(seed, round, data.stream_id(c), kStreamQuant),
-                                    res.enc, encode_clipped, scratch[static_cast<std::size_t>(tid)]);
+                                    res.enc, encode_clipped, scratch[static_cast<std::size_t>(tid)].codec);
     res.stats.clipped = (clipped || encode_clipped) ? 1 : 0;
   });
   return out;

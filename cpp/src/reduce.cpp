@@ -38,6 +38,12 @@ bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::
   return bad == 0;
 }
 
+ReduceChunks::ReduceChunks(std::int64_t num_items, int num_threads) {
+  const int threads = resolve_threads(num_threads, std::max<std::int64_t>(1, num_items / 64));
+  count = threads > 1 ? std::min<std::int64_t>(2 * threads, std::max<std::int64_t>(num_items, 1)) : 1;
+  rows_per_chunk = std::max<std::int64_t>(1, (num_items + count - 1) / count);
+}
+
 namespace {
 
 // One client's contribution to one row, in a chunk's index: the client's cohort position, the
@@ -91,36 +97,44 @@ struct ChunkIndex {
   UninitVector<Entry> entries;
   std::vector<std::int64_t> touched;  // the rows with entries, ascending
 
-  void build(const Cohort& cohort, const std::vector<UpdateRef>& updates, std::int64_t lo, std::int64_t hi) {
-    start.assign(static_cast<std::size_t>(hi - lo) + 1, 0);
+  // The entries of chunk c (rows [lo, hi)), from each reporting client in cohort order: its
+  // bucket for the chunk when the client bucketed its rows, else a scan of all of them.
+  template <class F>
+  static void each_entry(const Cohort& cohort, const std::vector<UpdateRef>& updates, std::int64_t c,
+                         std::int64_t lo, std::int64_t hi, const F& f) {
     for (const std::uint32_t i : cohort.reporting) {
       const UpdateRef& u = updates[i];
-      for (std::int64_t l = 0; l < u.nrows; ++l) {
-        const std::int64_t r = u.rows[l];
-        if (r >= lo && r < hi) ++start[static_cast<std::size_t>(r - lo) + 1];
+      if (u.chunk_start != nullptr) {
+        for (std::int64_t l = u.chunk_start[c]; l < u.chunk_start[c + 1]; ++l) f(u, i, l);
+      } else {
+        for (std::int64_t l = 0; l < u.nrows; ++l)
+          if (u.rows[l] >= lo && u.rows[l] < hi) f(u, i, l);
       }
     }
+  }
+
+  void build(const Cohort& cohort, const std::vector<UpdateRef>& updates, std::int64_t c, std::int64_t lo,
+             std::int64_t hi) {
+    start.assign(static_cast<std::size_t>(hi - lo) + 1, 0);
+    each_entry(cohort, updates, c, lo, hi, [&](const UpdateRef& u, std::uint32_t, std::int64_t l) {
+      ++start[static_cast<std::size_t>(u.rows[l] - lo) + 1];
+    });
     touched.clear();
     for (std::size_t r = 1; r < start.size(); ++r) {
       if (start[r] > 0) touched.push_back(lo + static_cast<std::int64_t>(r) - 1);
       start[r] += start[r - 1];
     }
     entries.resize(static_cast<std::size_t>(start.back()));
-    for (const std::uint32_t i : cohort.reporting) {
-      const UpdateRef& u = updates[i];
-      for (std::int64_t l = 0; l < u.nrows; ++l) {
-        const std::int64_t r = u.rows[l];
-        if (r < lo || r >= hi) continue;
-        Entry& e = entries[static_cast<std::size_t>(start[static_cast<std::size_t>(r - lo)]++)];
-        e.pos = i;
-        e.local = static_cast<std::int32_t>(l);
-        if (cohort.scalar) {
-          e.beta = u.beta[l];
-          e.gamma = u.gamma != nullptr ? u.gamma[l] : 0.0f;
-          e.bias = u.bias != nullptr ? u.bias[l] : 0.0f;
-        }
+    each_entry(cohort, updates, c, lo, hi, [&](const UpdateRef& u, std::uint32_t i, std::int64_t l) {
+      Entry& e = entries[static_cast<std::size_t>(start[static_cast<std::size_t>(u.rows[l] - lo)]++)];
+      e.pos = i;
+      e.local = static_cast<std::int32_t>(l);
+      if (cohort.scalar) {
+        e.beta = u.beta[l];
+        e.gamma = u.gamma != nullptr ? u.gamma[l] : 0.0f;
+        e.bias = u.bias != nullptr ? u.bias[l] : 0.0f;
       }
-    }
+    });
     // The placement advanced each start to the next row's: shift back.
     for (std::size_t r = start.size() - 1; r > 0; --r) start[r] = start[r - 1];
     start[0] = 0;
@@ -177,16 +191,14 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
   const bool bias = model.has_bias();
   const Cohort cohort(updates, model.dim);
   const std::int64_t P = cohort.P;
-  // Each chunk scans every entry to index its own rows: a few chunks per thread balance the
-  // work without multiplying the scans.
-  const int threads = resolve_threads(num_threads, std::max<std::int64_t>(1, model.num_items / 64));
-  const std::int64_t num_chunks = threads > 1 ? std::min<std::int64_t>(2 * threads, model.num_items) : 1;
+  const ReduceChunks chunks(model.num_items, num_threads);
+  const int threads = resolve_threads(num_threads, chunks.count);
   std::atomic<std::int64_t> touched{0};
-  parallel_for(num_chunks, threads, [&](std::int64_t chunk, int) {
-    const std::int64_t lo = model.num_items * chunk / num_chunks;
-    const std::int64_t hi = model.num_items * (chunk + 1) / num_chunks;
+  parallel_for(chunks.count, threads, [&](std::int64_t chunk, int) {
+    const std::int64_t lo = std::min(model.num_items, chunk * chunks.rows_per_chunk);
+    const std::int64_t hi = std::min(model.num_items, lo + chunks.rows_per_chunk);
     ReduceScratch& sc = reduce_scratch();
-    sc.index.build(cohort, updates, lo, hi);
+    sc.index.build(cohort, updates, chunk, lo, hi);
     const std::vector<std::int64_t>& start = sc.index.start;
     const Entry* entries = sc.index.entries.data();
     sc.acc.resize(static_cast<std::size_t>(P));

@@ -30,6 +30,20 @@ struct UpdateRef {
   const float* bias = nullptr;    // item-bias deltas (nrows), nullptr for a model without biases
   double weight = 0.0;            // > 0: the client reports
   const EncodedUpdate* enc = nullptr;  // a dense quantized update: untouched rows decode to noise
+  // Optional: the rows already bucketed by reduction chunk (ReduceChunks for the same
+  // num_threads), chunk c holding rows[chunk_start[c]:chunk_start[c+1]]. Lets each chunk take
+  // its entries without scanning every client's rows.
+  const std::int32_t* chunk_start = nullptr;
+};
+
+/// How the reduction splits the model's rows among threads: chunk c holds rows
+/// [c * rows_per_chunk, min((c + 1) * rows_per_chunk, num_items)). Several chunks per thread
+/// balance the work; one chunk on one thread.
+struct ReduceChunks {
+  std::int64_t count = 1;
+  std::int64_t rows_per_chunk = 1;
+  ReduceChunks(std::int64_t num_items, int num_threads);
+  std::int64_t of(std::int64_t row) const { return row / rows_per_chunk; }
 };
 
 /// A scalar-form row: out = g * v + beta * u in float32 (each product rounded, then the sum; just
