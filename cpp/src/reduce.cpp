@@ -152,14 +152,47 @@ inline void scalar_block(const Entry* e, std::size_t n, const Cohort& cohort, st
     const double w = cohort.weights[e[i].pos];
     const float* u = cohort.U.data() + static_cast<std::int64_t>(e[i].pos) * cohort.P + kb;
     if (i == 0) {
-#pragma GCC unroll 32
+#pragma GCC unroll 64
       for (int j = 0; j < B; ++j) acc[j] = w * static_cast<double>(beta * u[j]);
     } else {
-#pragma GCC unroll 32
+#pragma GCC unroll 64
       for (int j = 0; j < B; ++j) acc[j] += w * static_cast<double>(beta * u[j]);
     }
   }
   for (int j = 0; j < B; ++j) out[kb + j] = acc[j];
+}
+
+// Accumulators the target's vector registers hold at once (8 registers' worth: the others
+// keep the operands): one pass over a row's entries covers this many doubles.
+#if defined(__AVX512F__)
+constexpr int kRegisterDoubles = 64;
+#elif defined(__AVX__)
+constexpr int kRegisterDoubles = 32;
+#else
+constexpr int kRegisterDoubles = 16;
+#endif
+
+// The row's P doubles in as few passes over its entries as the registers allow.
+template <int Rem>
+inline void scalar_blocks(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb, double* out) {
+  if constexpr (Rem > 0) {
+    constexpr int W = Rem < kRegisterDoubles ? Rem : kRegisterDoubles;
+    scalar_block<W>(e, n, cohort, kb, out);
+    scalar_blocks<Rem - W>(e, n, cohort, kb + W, out);
+  }
+}
+
+// scalar_blocks<P> for the padded size P (a multiple of 8) known at run time.
+template <int P = 8>
+inline void scalar_sum(const Entry* e, std::size_t n, const Cohort& cohort, double* out) {
+  if constexpr (P > 128) {
+    std::int64_t kb = 0;  // wide rows: blocks of 16 with a tail of 8
+    for (; kb + 16 <= cohort.P; kb += 16) scalar_block<16>(e, n, cohort, kb, out);
+    if (kb < cohort.P) scalar_block<8>(e, n, cohort, kb, out);
+  } else {
+    if (cohort.P == P) return scalar_blocks<P>(e, n, cohort, 0, out);
+    scalar_sum<P + 8>(e, n, cohort, out);
+  }
 }
 
 // Per-thread buffers of the reduction, kept across calls (pool threads live on).
@@ -233,9 +266,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
     // ... or the scalar form.
     const auto sum_scalar = [&](const Entry* e, std::size_t n, double& acc_bias) {
       if (!cohort.gamma) {
-        std::int64_t kb = 0;
-        for (; kb + 16 <= P; kb += 16) scalar_block<16>(e, n, cohort, kb, acc);
-        if (kb < P) scalar_block<8>(e, n, cohort, kb, acc);
+        scalar_sum(e, n, cohort, acc);
       } else {
         // With L2: x = g * v + beta * u, materialize_row's arithmetic, one contribution at a time.
         const float* v = model.item_factors + current_row * K;
@@ -267,16 +298,18 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
                        static_cast<std::size_t>(K) * sizeof(float));
       }
     };
-    // Without noise only the touched rows are visited; with it, every row. The model's rows
-    // (read by the scalar form and by an in-place step) are requested a few rows ahead: a
-    // large table is visited at scattered rows the hardware cannot predict.
+    // Without noise only the touched rows are visited; with it, every row. A large table's rows
+    // (read by the scalar form and by an in-place step) are requested a few rows ahead: they
+    // are scattered where the hardware cannot predict them, and not in cache (cache.hpp).
     const std::vector<std::int64_t>& touched_rows = sc.index.touched;
+    const bool large_table = !cohort.any_noisy && model.item_factors != nullptr &&
+                             model.num_items * K * static_cast<std::int64_t>(sizeof(float)) > kLargeTableBytes;
     const std::int64_t visits = cohort.any_noisy ? hi - lo : static_cast<std::int64_t>(touched_rows.size());
     constexpr std::int64_t kRowsAhead = 8;
     std::int64_t unwritten = lo;  // rows [unwritten, row) were skipped
     for (std::int64_t v = 0; v < visits; ++v) {
       const std::int64_t row = cohort.any_noisy ? lo + v : touched_rows[static_cast<std::size_t>(v)];
-      if (!cohort.any_noisy && model.item_factors != nullptr && v + kRowsAhead < visits)
+      if (large_table && v + kRowsAhead < visits)
         prefetch_bytes(model.item_factors + touched_rows[static_cast<std::size_t>(v + kRowsAhead)] * K,
                        static_cast<std::size_t>(K) * sizeof(float));
       const std::size_t b = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo)]);
