@@ -22,22 +22,6 @@ void materialize_row(float g, float beta, const float* v, const float* u, int di
   }
 }
 
-bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim) {
-  // This file is compiled without FMA contraction, so mean * lr is rounded before the add.
-  // Non-finite means all exponent bits set; OR-ing that test vectorises, a float probe sum
-  // (a serial dependency chain) would not.
-  std::uint32_t bad = 0;
-  for (std::int64_t k = 0; k < dim; ++k) {
-    const float mean = static_cast<float>(sum[k] * inv_total);
-    const float x = v[k] + mean * lr;
-    v[k] = x;
-    std::uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
-
 ReduceChunks::ReduceChunks(std::int64_t num_items, int num_threads) {
   const int threads = resolve_threads(num_threads, std::max<std::int64_t>(1, num_items / 64));
   count = threads > 1 ? std::min<std::int64_t>(2 * threads, std::max<std::int64_t>(num_items, 1)) : 1;
@@ -45,6 +29,24 @@ ReduceChunks::ReduceChunks(std::int64_t num_items, int num_threads) {
 }
 
 namespace {
+
+// Server SGD on columns [0, n) of a row from their float64 sums: v[k] += float32(mean[k] * lr)
+// with the float32 mean = float32(sum[k] * inv_total), the roundings of NumPy's
+// `p += mean * float32(lr)` (optimizers.SGD) on the delta (this file is compiled without FMA
+// contraction). Returns non-zero if a result is non-finite: all exponent bits set, a test
+// that vectorises when OR-ed (a float probe sum, a serial dependency chain, would not).
+inline std::uint32_t step_columns(float* v, const double* sum, std::int64_t n, double inv_total, float lr) {
+  std::uint32_t bad = 0;
+  for (std::int64_t k = 0; k < n; ++k) {
+    const float mean = static_cast<float>(sum[k] * inv_total);
+    const float x = v[k] + mean * lr;
+    v[k] = x;
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad;
+}
 
 // One client's contribution to one row, in a chunk's index: the client's cohort position, the
 // row of its update (-1: the quantization noise of a row it did not touch) and, for the scalar
@@ -143,9 +145,11 @@ struct ChunkIndex {
 
 // The scalar form without L2 (x = beta * u, materialize_row's arithmetic): the sum over the
 // entries e[0:n) of w * x[kb:kb+B), held in registers across the run (B doubles: a few
-// vector registers) and stored once.
-template <int B>
-inline void scalar_block(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb, double* out) {
+// vector registers) and handed to the sink for columns [kb, min(kb + B, K)), which finishes
+// it there (an in-place step, or the mean) without a store and reload of the sums.
+template <int B, class Sink>
+inline std::uint32_t scalar_block(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb,
+                                  std::int64_t K, std::int64_t row, const Sink& sink) {
   double acc[B];
   for (std::size_t i = 0; i < n; ++i) {
     const float beta = e[i].beta;
@@ -159,7 +163,7 @@ inline void scalar_block(const Entry* e, std::size_t n, const Cohort& cohort, st
       for (int j = 0; j < B; ++j) acc[j] += w * static_cast<double>(beta * u[j]);
     }
   }
-  for (int j = 0; j < B; ++j) out[kb + j] = acc[j];
+  return kb < K ? sink.block(row, kb, acc, std::min<std::int64_t>(B, K - kb)) : 0;
 }
 
 // Accumulators the target's vector registers hold at once (8 registers' worth: the others
@@ -173,25 +177,31 @@ constexpr int kRegisterDoubles = 16;
 #endif
 
 // The row's P doubles in as few passes over its entries as the registers allow.
-template <int Rem>
-inline void scalar_blocks(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb, double* out) {
+template <int Rem, class Sink>
+inline std::uint32_t scalar_blocks(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t kb,
+                                   std::int64_t K, std::int64_t row, const Sink& sink) {
   if constexpr (Rem > 0) {
     constexpr int W = Rem < kRegisterDoubles ? Rem : kRegisterDoubles;
-    scalar_block<W>(e, n, cohort, kb, out);
-    scalar_blocks<Rem - W>(e, n, cohort, kb + W, out);
+    return scalar_block<W>(e, n, cohort, kb, K, row, sink) |
+           scalar_blocks<Rem - W>(e, n, cohort, kb + W, K, row, sink);
+  } else {
+    return 0;
   }
 }
 
 // scalar_blocks<P> for the padded size P (a multiple of 8) known at run time.
-template <int P = 8>
-inline void scalar_sum(const Entry* e, std::size_t n, const Cohort& cohort, double* out) {
+template <int P = 8, class Sink>
+inline std::uint32_t scalar_sum(const Entry* e, std::size_t n, const Cohort& cohort, std::int64_t K,
+                                std::int64_t row, const Sink& sink) {
   if constexpr (P > 128) {
-    std::int64_t kb = 0;  // wide rows: blocks of 16 with a tail of 8
-    for (; kb + 16 <= cohort.P; kb += 16) scalar_block<16>(e, n, cohort, kb, out);
-    if (kb < cohort.P) scalar_block<8>(e, n, cohort, kb, out);
+    std::uint32_t bad = 0;  // wide rows: blocks of 16 with a tail of 8
+    std::int64_t kb = 0;
+    for (; kb + 16 <= cohort.P; kb += 16) bad |= scalar_block<16>(e, n, cohort, kb, K, row, sink);
+    if (kb < cohort.P) bad |= scalar_block<8>(e, n, cohort, kb, K, row, sink);
+    return bad;
   } else {
-    if (cohort.P == P) return scalar_blocks<P>(e, n, cohort, 0, out);
-    scalar_sum<P + 8>(e, n, cohort, out);
+    if (cohort.P == P) return scalar_blocks<P>(e, n, cohort, 0, K, row, sink);
+    return scalar_sum<P + 8>(e, n, cohort, K, row, sink);
   }
 }
 
@@ -211,15 +221,18 @@ ReduceScratch& reduce_scratch() {
 // How many update rows the reduction requests ahead of the one it sums.
 constexpr std::size_t kPrefetchEntries = 16;
 
-// Reduces every touched row (with noise: every row) of the cohort: emit(row, sum, bias_sum)
-// gets the un-normalised float64 weighted sums, each row's clients summed in cohort order (the
-// first contribution assigns). Parallel over chunks of consecutive rows, each indexed by the
-// thread that reduces it; gap(lo, hi) gets each run of rows [lo, hi) that emit skipped, so a
-// dense output writes every row once. A row's scalar-form contributions read the model's row,
-// so emit may overwrite that row (and only that row). Returns the number of touched rows.
-template <class Gap, class Emit>
+// Reduces every touched row (with noise: every row) of the cohort: the sink gets the
+// un-normalised float64 weighted sums, each row's clients summed in cohort order (the first
+// contribution assigns), as sink.block(row, kb, sums, n) for columns [kb, kb + n) (one or more
+// blocks per row, returning non-zero when it left a non-finite value) and then
+// sink.row_done(row, bias_sum, bad) with the blocks' results OR-ed. Parallel over chunks of
+// consecutive rows, each indexed by the thread that reduces it; gap(lo, hi) gets each run of
+// rows [lo, hi) the sink skipped, so a dense output writes every row once. A row's scalar-form
+// contributions read the model's row, so the sink may overwrite that row (and only that row).
+// Returns the number of touched rows.
+template <class Gap, class Sink>
 std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView& model, int num_threads,
-                         const Gap& gap, const Emit& emit) {
+                         const Gap& gap, const Sink& sink) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
   const Cohort cohort(updates, model.dim);
@@ -263,10 +276,11 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
         acc_bias = i == 0 ? bs : acc_bias + bs;
       }
     };
-    // ... or the scalar form.
-    const auto sum_scalar = [&](const Entry* e, std::size_t n, double& acc_bias) {
+    // ... or the scalar form. Returns the sink's verdict on the row's blocks.
+    const auto sum_scalar = [&](const Entry* e, std::size_t n, double& acc_bias) -> std::uint32_t {
+      std::uint32_t bad = 0;
       if (!cohort.gamma) {
-        scalar_sum(e, n, cohort, acc);
+        bad = scalar_sum(e, n, cohort, K, current_row, sink);
       } else {
         // With L2: x = g * v + beta * u, materialize_row's arithmetic, one contribution at a time.
         const float* v = model.item_factors + current_row * K;
@@ -279,6 +293,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
           }
           accumulate(row_buf, cohort.weights[e[i].pos], acc, i == 0);
         }
+        bad = sink.block(current_row, 0, acc, K);
       }
       double bs = 0.0;
       for (std::size_t i = 0; i < n && bias; ++i) {
@@ -286,6 +301,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
         bs = i == 0 ? b : bs + b;
       }
       acc_bias = bs;
+      return bad;
     };
     // Row order reads materialised updates at scattered places, one update row per entry:
     // without prefetching, every entry waited for its own cache misses.
@@ -332,12 +348,16 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
       if (n == 0) continue;
       current_row = row;
       double bias_sum = 0.0;
-      if (cohort.scalar)
-        sum_scalar(e, n, bias_sum);
-      else
-        sum_rows(e, n, bias_sum);
+      // Rows skipped before this one are written first (a sink may write this row's blocks).
       if (unwritten < row) gap(unwritten, row);
-      emit(row, acc, bias_sum);
+      std::uint32_t bad;
+      if (cohort.scalar) {
+        bad = sum_scalar(e, n, bias_sum);
+      } else {
+        sum_rows(e, n, bias_sum);
+        bad = sink.block(row, 0, acc, K);
+      }
+      sink.row_done(row, bias_sum, bad);
       unwritten = row + 1;
     }
     if (unwritten < hi) gap(unwritten, hi);
@@ -353,33 +373,52 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
                          float* delta_bias_out, const InPlaceStep& step) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
+  // Nobody reports: nothing is reduced, and the model (or the zero delta) stays as it is.
+  const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
   ReduceResult result;
   if (step.item_factors != nullptr) {
-    // Nobody reports: the model stays as it is (the touched rows are still counted).
-    const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
     std::atomic<std::int64_t> nonfinite{0};
-    result.rows_aggregated = reduce_rows(
-        updates, model, num_threads, [](std::int64_t, std::int64_t) {},
-        [&](std::int64_t row, const double* sum, double bias_sum) {
-          bool ok = sgd_step_row(step.item_factors + row * K, sum, inv_total, step.lr, K);
-          if (bias) ok = sgd_step_row(step.item_bias + row, &bias_sum, inv_total, step.lr, 1) && ok;
-          if (!ok) nonfinite.fetch_add(1, std::memory_order_relaxed);
-        });
+    struct StepSink {
+      const InPlaceStep& step;
+      std::int64_t K;
+      bool bias;
+      double inv_total;
+      std::atomic<std::int64_t>& nonfinite;
+      std::uint32_t block(std::int64_t row, std::int64_t kb, const double* sums, std::int64_t n) const {
+        return step_columns(step.item_factors + row * K + kb, sums, n, inv_total, step.lr);
+      }
+      void row_done(std::int64_t row, double bias_sum, std::uint32_t bad) const {
+        if (bias) bad |= step_columns(step.item_bias + row, &bias_sum, 1, inv_total, step.lr);
+        if (bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
+      }
+    };
+    result.rows_aggregated = reduce_rows(updates, model, num_threads, [](std::int64_t, std::int64_t) {},
+                                         StepSink{step, K, bias, inv_total, nonfinite});
     result.nonfinite_rows = nonfinite.load();
     return result;
   }
-  const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
+  struct MeanSink {
+    float* delta_out;
+    float* delta_bias_out;
+    std::int64_t K;
+    bool bias;
+    double inv_total;
+    std::uint32_t block(std::int64_t row, std::int64_t kb, const double* sums, std::int64_t n) const {
+      float* out = delta_out + row * K + kb;
+      for (std::int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(sums[k] * inv_total);
+      return 0;
+    }
+    void row_done(std::int64_t row, double bias_sum, std::uint32_t) const {
+      if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
+    }
+  };
   result.rows_aggregated = reduce_rows(
       updates, model, num_threads,
       [&](std::int64_t lo, std::int64_t hi) {  // untouched rows are 0, written once
         std::fill(delta_out + lo * K, delta_out + hi * K, 0.0f);
         if (bias) std::fill(delta_bias_out + lo, delta_bias_out + hi, 0.0f);
       },
-      [&](std::int64_t row, const double* sum, double bias_sum) {
-        float* out = delta_out + row * K;
-        for (std::int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(sum[k] * inv_total);
-        if (bias) delta_bias_out[row] = static_cast<float>(bias_sum * inv_total);
-      });
+      MeanSink{delta_out, delta_bias_out, K, bias, inv_total});
   return result;
 }
 

@@ -53,7 +53,7 @@ void materialize_row(float g, float beta, const float* v, const float* u, int di
 
 /// Server SGD applied by the reduction instead of writing a dense delta: V[r] += lr * mean[r]
 /// (and the item biases) for every row the round reduced, on the thread that reduced it, in
-/// the float32 arithmetic of optimizers.SGD on the delta (sgd_step_row). Untouched rows are
+/// the float32 arithmetic of optimizers.SGD on the delta (reduce.cpp, step_columns). Untouched rows are
 /// neither read nor written. The pointers are the model's own arrays (ModelView's memory).
 struct InPlaceStep {
   float* item_factors = nullptr;  // nullptr: no step, write delta_out
@@ -73,10 +73,5 @@ struct ReduceResult {
 ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& updates,
                          double total_weight, int num_threads, float* delta_out,
                          float* delta_bias_out, const InPlaceStep& step = InPlaceStep());
-
-/// Server SGD on one row of a weighted sum, in place: v[k] += float32(mean[k] * lr) with the
-/// float32 mean = float32(sum[k] * inv_total), the roundings of NumPy's `p += mean * float32(lr)`
-/// (optimizers.SGD) on train_round's delta. Returns whether the row is finite afterwards.
-bool sgd_step_row(float* v, const double* sum, double inv_total, float lr, std::int64_t dim);
 
 }  // namespace fedrecon
