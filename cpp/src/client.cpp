@@ -176,10 +176,13 @@ void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientC
   for (std::int64_t k = 0; k < n; ++k) perm_[static_cast<std::size_t>(k)] = k;
   if (config.reshuffle || config.split == SplitMode::Random) {
     // Fisher-Yates with the client's own stream: a pure function of (seed, round, client).
-    Rng rng(derive_seed(seed, round, stream_client, kStreamSplit));
-    for (std::int64_t k = n - 1; k > 0; --k) {
-      const auto j = static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(k + 1)));
-      std::swap(perm_[static_cast<std::size_t>(k)], perm_[static_cast<std::size_t>(j)]);
+    // Position k = n-1 .. 1 swaps with Rng.below(k + 1), the draws taken up front (below_descending).
+    if (n > 1) {
+      draws_.resize(static_cast<std::size_t>(n - 1));
+      below_descending(derive_seed(seed, round, stream_client, kStreamSplit), static_cast<std::uint64_t>(n), n - 1,
+                       draws_.data());
+      for (std::int64_t k = n - 1; k > 0; --k)
+        std::swap(perm_[static_cast<std::size_t>(k)], perm_[draws_[static_cast<std::size_t>(n - 1 - k)]]);
     }
   }
 

@@ -134,6 +134,7 @@ class ClientWorker {
   const std::int32_t* items_ = nullptr;
   const float* ratings_ = nullptr;
   std::vector<std::int64_t> perm_;
+  std::vector<std::uint32_t> draws_;  // the shuffle's draws
   std::vector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
   std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
   // The support rows gathered once per client (padded, in batch order) and their targets
