@@ -97,7 +97,7 @@ def test_cli_flower_history_has_the_local_rows(cli_runs):
 def test_cli_flower_backend_without_flower_is_a_clean_error(monkeypatch, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "fedrecon_fast.flower", None)  # as if flwr were missing
+    monkeypatch.setitem(sys.modules, "fedrecon_fast.integrations.flower", None)  # as if flwr were missing
     code = main(["train", "--backend", "flower", "--rounds", "1", "--dim", "4", "--no-progress"])
     assert code == 2 and "flower" in capsys.readouterr().err
 

@@ -129,7 +129,8 @@ def test_example_app_is_a_valid_flower_app():
 
     config, _ = load_and_validate(EXAMPLE / "pyproject.toml")
     assert config["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedrecon_fast.flower_app:server_app", "clientapp": "fedrecon_fast.flower_app:client_app"}
+        "serverapp": "fedrecon_fast.integrations.flower_app:server_app",
+        "clientapp": "fedrecon_fast.integrations.flower_app:client_app"}
     # Its options make a configuration.
     assert APP.run_config_to_config(config["tool"]["flwr"]["app"]["config"]).dim == 16
 

@@ -58,6 +58,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import fedrecon_fast as ff  # noqa: E402
+from fedrecon_fast._native.structs import client_config  # noqa: E402
 from fedrecon_fast import aggregation, compression, kernels, privacy  # noqa: E402
 from fedrecon_fast.cli import main as cli_main  # noqa: E402
 from fedrecon_fast.movielens import load_movielens  # noqa: E402
@@ -999,8 +1000,7 @@ def test_fuzz_privacy_helpers(x, clip, shape, std, seed, counts, cap):
 
 _KERNEL_NAMES = ("item_factors", "item_bias", "global_mean", "data", "indptr", "items", "ratings", "clients",
                  "client", "config", "seed", "round", "num_threads", "check_finite", "users", "user_bias",
-                 "user_default", "user_bias_default", "bits", "scaling", "hadamard", "sparse", "threshold",
-                 "clip", "k", "relevance_threshold", "exclude_seen", "item id", "num_items", "rows",
+                 "user_default", "user_bias_default", "codec", "k", "relevance_threshold", "exclude_seen", "item id", "num_items", "rows",
                  "values", "offsets", "weights", "dense update")
 
 
@@ -1083,11 +1083,18 @@ def cohort_args(draw):
     return data, V, clients, m, dim, kw
 
 
+_CODEC_FIELDS = ("bits", "row_scaling", "hadamard", "sparse", "threshold", "clip")
+
+
 @st.composite
 def codec_args(draw, m: int, dim: int, biased: bool):
-    kw = dict(bits=draw(st.one_of(st.none(), bits_args)), scaling=draw(scalings),
-              hadamard=draw(bools), sparse=draw(bools), threshold=draw(mostly(st.integers(0, 40), ints())),
-              clip=draw(st.one_of(st.none(), reals)))
+    fields = dict(bits=draw(st.one_of(st.just(0), bits_args)), row_scaling=draw(bools), hadamard=draw(bools),
+                  sparse=draw(bools), threshold=draw(mostly(st.integers(0, 40), ints())),
+                  clip=draw(mostly(st.floats(0, 5), reals)))
+    # The codec validates its own fields; a kernel takes only a codec (or None).
+    with contract(*_CODEC_FIELDS) as c:
+        codec = ff.UpdateCodec(**fields)
+    kw = dict(codec=codec if c.ok else draw(st.sampled_from([None, fields, "8"])))
     if _chance(draw, 0.2):
         kw["users"] = draw(arrays(shape=(m, dim), odd=0.05)) if not _chance(draw, 0.2) else draw(arrays())
         if biased or _chance(draw, 0.2):
@@ -1900,7 +1907,7 @@ def test_fuzz_configs(client_kw, run_kw, dp, preset_name):
         return
     again = ff.FedReconConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    native = cfg.client.to_native()
+    native = client_config(cfg.client)
     assert native.batch_size == cfg.client.batch_size
 
 

@@ -14,6 +14,7 @@ import fedrecon_fast as ff
 from fedrecon_fast.config import ClientConfig
 from fedrecon_fast.evaluation import summarize_ranking
 from fedrecon_fast.kernels import evaluate_users, infer_users, recommend_users
+from fedrecon_fast._native.structs import client_config
 
 # Same layout as test_kernels.CASES: (ClientConfig overrides, with biases?, global mean).
 # Inference ignores the split (every rating reconstructs), so the split cases must agree with
@@ -312,7 +313,7 @@ def test_native_functions_reject_bad_k_and_items():
 
     V = np.ones((4, 2), np.float32)
     args = (V, None, 0.0, np.array([0, 2], np.int64), np.array([0, 4], np.int32),
-            np.ones(2, np.float32), np.array([0], np.int64), ClientConfig().to_native(), 0, 0, 1)
+            np.ones(2, np.float32), np.array([0], np.int64), client_config(ClientConfig()), 0, 0, 1)
     with pytest.raises(ValueError, match="k must be"):
         _core.recommend_users(*args[:6], np.array([0], np.int64), args[7], 0, 0, 1, k=0)
     with pytest.raises(ValueError, match="k must be"):

@@ -16,6 +16,7 @@ from fedrecon_fast import aggregation, cli, compression, kernels, privacy
 from fedrecon_fast._native import core as _core
 from fedrecon_fast._validation import check_choice, check_float
 from fedrecon_fast.cli import main
+from fedrecon_fast._native.structs import client_config
 
 
 @pytest.fixture
@@ -44,9 +45,9 @@ def test_numpy_integer_seeds_are_taken_modulo_2_64():
 
 def test_kernels_take_numpy_integer_seeds_and_bools(small):
     data, V = small
-    a = kernels.train_round(V, data, seed=np.int64(5), round=np.uint64(1), hadamard=np.bool_(False),
-                            sparse=np.bool_(True))
-    b = kernels.train_round(V, data, seed=5, round=1)
+    a = kernels.train_round(V, data, seed=np.int64(5), round=np.uint64(1),
+                            codec=ff.UpdateCodec(bits=np.int64(8), hadamard=np.bool_(False), sparse=np.bool_(True)))
+    b = kernels.train_round(V, data, seed=5, round=1, codec=ff.UpdateCodec(bits=8))
     assert np.array_equal(a.delta, b.delta)
 
 
@@ -493,7 +494,7 @@ def test_kernel_integer_arguments_beyond_the_native_range_are_named(small):
     with pytest.raises(ValueError, match="num_threads must be <= 2147483647"):
         kernels.train_round(V, data, num_threads=10**12)
     with pytest.raises(ValueError, match="threshold must be <= "):
-        kernels.train_round(V, data, bits=8, threshold=10**30)
+        ff.UpdateCodec(bits=8, threshold=10**30)
     with pytest.raises(ValueError, match="k must be <= "):
         kernels.evaluate_users(V, data, k=10**30)
     with pytest.raises(ValueError, match="num_threads must be <= "):
@@ -587,4 +588,4 @@ def test_apply_lr_that_rounds_to_zero_in_float32_is_named():
         kernels.train_round(V, data, [0], apply_lr=5e-324)
     with pytest.raises(ValueError, match="apply_lr must be a finite float32 > 0"):
         _core.train_round(V, None, 0.0, data.indptr, data.items, data.ratings,
-                          np.array([0]), ff.ClientConfig().to_native(), 0, 0, 1, apply_lr=5e-324)
+                          np.array([0]), client_config(ff.ClientConfig()), 0, 0, 1, apply_lr=5e-324)

@@ -34,7 +34,7 @@ def test_every_cohort_kernel_is_reentrant_across_python_threads():
     ups = ff.client_updates(model.item_factors, data, clients, config.client, **common)
     calls = {
         "train_round": lambda r: ff.train_round(model.item_factors, data, clients, config.client, round=r,
-                                                bits=8, **common).delta,
+                                                codec=ff.UpdateCodec(bits=8), **common).delta,
         # The native loop updates the model in place: on copies.
         "rounds": lambda r: ff.kernels.train_rounds(model.item_factors.copy(), data, config.client, first_round=r,
                                                     num_rounds=2, clients_per_round=40, item_bias=model.item_bias.copy(),

@@ -14,6 +14,7 @@ from conftest import csr, random_client_data
 
 from fedrecon_fast._native import core as _core
 from fedrecon_fast.config import ClientConfig
+from fedrecon_fast._native.structs import client_config
 from fedrecon_fast.kernels import (
     client_updates,
     evaluate_users,
@@ -205,7 +206,7 @@ def test_client_config_accepts_boundaries():
     config = ClientConfig(batch_size=1, support_fraction=0.0, init_scale=0.0, recon_epochs=0,
                           update_epochs=0, recon_lr=0.0, client_lr=0.0, recon_steps_max=1,
                           ridge=1e-6)
-    native = config.to_native()
+    native = client_config(config)
     assert (native.batch_size, native.recon_steps_max, native.update_steps_max) == (1, 1, 0)
 
 
@@ -222,7 +223,7 @@ def core_args(**changes):
         items=np.array([0, 1, 2, 3, 1], dtype=np.int32),
         ratings=np.array([1, 2, 3, 4, 5], dtype=np.float32),
         clients=np.array([0, 1], dtype=np.int64),
-        config=ClientConfig(batch_size=1).to_native(),
+        config=client_config(ClientConfig(batch_size=1)),
         seed=0,
         round=0,
         num_threads=2,
@@ -242,7 +243,7 @@ def test_core_valid_call_runs(fn):
 
 
 def _native_config(**fields):
-    c = ClientConfig().to_native()
+    c = client_config(ClientConfig())
     for name, value in fields.items():
         setattr(c, name, value)
     return c
@@ -303,12 +304,13 @@ def test_core_rejects_indptr_outside_the_ratings(case):
     code = textwrap.dedent(f"""
         import numpy as np
         from fedrecon_fast._native import core as _core
+        from fedrecon_fast._native.structs import client_config
         from fedrecon_fast.config import ClientConfig
         try:
             _core.evaluate_users(
                 np.ones((4, 2), np.float32), None, 0.0, np.array({indptr}, np.int64),
                 np.zeros(5, np.int32), np.ones(5, np.float32), np.array({clients}, np.int64),
-                ClientConfig(batch_size=1).to_native(), 0, 0, 1)
+                client_config(ClientConfig(batch_size=1)), 0, 0, 1)
         except ValueError as e:
             print("ValueError:", e)
     """)

@@ -56,6 +56,10 @@ def list_checkpoints(directory) -> list[Path]:
 def save(directory, trainer, *, keep: int = 2) -> Path:
     """Write ``trainer``'s state as a new checkpoint in ``directory``; keep the newest ``keep``.
 
+    ``trainer`` is a :class:`fedrecon_fast.FedRecon` (or subclass): its server ``state``
+    (model, optimizer state, round, bits), ``config``, ``history``, time counters and
+    ``extra_state()`` (what else its rounds keep) are written.
+
     Refuses a non-finite model: the last good checkpoint stays the newest.
     """
     if keep < 1:
@@ -65,10 +69,10 @@ def save(directory, trainer, *, keep: int = 2) -> Path:
         raise ValueError("nothing to checkpoint: the model is not trained yet")
     if not np.isfinite(model.item_factors).all():
         raise FloatingPointError("refusing to checkpoint a non-finite model")
-    model_meta, model_arrays = model._parts()
+    model_meta, model_arrays = model.to_parts()
     arrays = {f"model/{k}": v for k, v in model_arrays.items()}
-    arrays.update({f"opt/{k}": v for k, v in (trainer._opt_state or {}).items()})
-    arrays.update({f"extra/{k}": v for k, v in trainer._extra_arrays().items()})
+    arrays.update({f"opt/{k}": v for k, v in (trainer.state.optimizer_state or {}).items()})
+    arrays.update({f"extra/{k}": v for k, v in trainer.extra_state().items()})
     meta = {
         "trainer": type(trainer).__name__,
         "round": trainer.round,
@@ -111,7 +115,7 @@ def _from_parts(where, meta: dict, arrays: dict) -> dict:
     for key in ("train_seconds", "eval_seconds"):
         schema.number(key, 0.0)
     model_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
-    model = GlobalModel._from_parts(_bundle.Schema(where, schema.of_type("model", dict), model_arrays,
+    model = GlobalModel.from_parts(_bundle.Schema(where, schema.of_type("model", dict), model_arrays,
                                                    prefix="model."))
     groups = ("model/", "opt/", "extra/")
     schema.no_other_arrays([k for k in arrays if k.startswith(groups)])

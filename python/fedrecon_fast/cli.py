@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from . import _signals
-from ._native import core as _native_core
+from . import __version__
 from .config import PRESETS, preset, preset_help
 from .loaders import SwappedColumnsWarning
 from .memory import MemoryEstimateError
@@ -89,7 +89,7 @@ Without --data, train uses a seeded synthetic data set with MovieLens-like stati
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedrecon-fast", description=_DESCRIPTION, formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_native_core.__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users",
                            description=textwrap.fill("Train FedRecon on a ratings file (or synthetic data) "
@@ -334,7 +334,7 @@ def _train(args, config, train, val):
     if args.backend == "flower":
         if args.checkpoint_dir is not None or args.resume:
             raise ValueError("checkpoints are not supported with --backend flower")
-        from .flower import FlowerFedRecon
+        from .integrations.flower import FlowerFedRecon
 
         # Each fit starts and stops its own SuperLink: nothing to close afterwards.
         return FlowerFedRecon(config, num_cpus=args.threads or None).fit(train, val, progress=progress)
@@ -485,7 +485,7 @@ def _privacy_result(trainer) -> dict:
 
 
 def _write_outputs(out: Path, trainer: FedRecon, result: dict) -> None:
-    from .plots import plot_learning_curve
+    from .experiments.plots import plot_learning_curve
 
     keys = list(dict.fromkeys(k for h in trainer.history for k in h))
     with open(out / "metrics.csv", "w", newline="") as f:
@@ -653,7 +653,7 @@ def _print_recommendations(result: dict, k: int) -> None:
 
 
 def run_paper(args) -> dict:
-    from . import paper
+    from .experiments import paper
     from .movielens import load_movielens
 
     data = load_movielens(args.data)
@@ -676,7 +676,7 @@ def run_paper(args) -> dict:
 
 
 def run_ablation(args) -> dict:
-    from . import paper
+    from .experiments import paper
     from .movielens import load_movielens
 
     data = load_movielens(args.data)

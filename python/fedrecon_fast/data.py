@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ._rng import STREAM_DATA, derive_seed_array, generator, mix64_array
+from ._validation import check_fractions, check_int
 
 __all__ = ["ClientData", "split_users", "split_by_time"]
 
@@ -184,34 +185,9 @@ def _indptr_from_sizes(sizes: np.ndarray) -> np.ndarray:
     return indptr
 
 
-def _check_fractions(fractions) -> Tuple[float, float, float]:
-    if isinstance(fractions, (str, bytes)):
-        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}")
-    try:
-        fr = tuple(float(f) for f in fractions)
-    except (TypeError, ValueError):
-        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}") from None
-    if len(fr) != 3:
-        raise ValueError(f"fractions must have three entries (train, val, test), got {len(fr)}")
-    if not all(math.isfinite(f) and f >= 0.0 for f in fr):
-        raise ValueError(f"fractions must be finite and non-negative, got {fr}")
-    if abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must sum to 1, got {fr} (sum {sum(fr)})")
-    return fr
-
-
 def _floor_count(fraction: float, n):
     """``floor(fraction * n)`` robust to rounding error (0.1 * 6040 -> 604)."""
     return np.floor(fraction * np.asarray(n, dtype=np.float64) + 1e-9).astype(np.int64)
-
-
-def _check_int(value, name: str, minimum: Optional[int] = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------- ClientData
@@ -680,13 +656,13 @@ class ClientData:
             min_examples`` (which would drop every client).
         """
         if max_examples is not None:
-            max_examples = _check_int(max_examples, "max_examples", 1)
-        min_examples = _check_int(min_examples, "min_examples", 0)
+            max_examples = check_int(max_examples, "max_examples", minimum=1)
+        min_examples = check_int(min_examples, "min_examples", minimum=0)
         if max_examples is not None and max_examples < min_examples:
             raise ValueError(f"max_examples ({max_examples}) < min_examples ({min_examples}) "
                              "would drop every client")
         if shuffle_seed is not None:
-            shuffle_seed = _check_int(shuffle_seed, "shuffle_seed")
+            shuffle_seed = check_int(shuffle_seed, "shuffle_seed")
 
         data = self
         sizes = data.sizes
@@ -746,9 +722,9 @@ def split_users(num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
     ValueError
         If ``num_clients < 0`` or the fractions are invalid.
     """
-    n = _check_int(num_clients, "num_clients", 0)
-    f_train, f_val, _ = _check_fractions(fractions)
-    seed = _check_int(seed, "seed")
+    n = check_int(num_clients, "num_clients", minimum=0)
+    f_train, f_val, _ = check_fractions(fractions, "fractions")
+    seed = check_int(seed, "seed")
     n_train = int(_floor_count(f_train, n))
     n_val = min(int(_floor_count(f_val, n)), n - n_train)
     perm = generator(seed, 0, 0, STREAM_DATA).permutation(n).astype(np.int64)
@@ -786,7 +762,7 @@ def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
         raise TypeError(f"data must be a ClientData, got {type(data).__name__}")
     if data.timestamps is None:
         raise ValueError("split_by_time needs timestamps; data.timestamps is None")
-    f_train, f_val, _ = _check_fractions(fractions)
+    f_train, f_val, _ = check_fractions(fractions, "fractions")
     sizes = data.sizes
     row = data._row_index()
     order = _sort_by_group_then_key(row, data.timestamps, data.num_clients)
@@ -800,3 +776,49 @@ def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
         positions = order[part == k]  # grouped by client, in time order
         out.append(data._take(positions, _indptr_from_sizes(part_sizes), data.user_ids))
     return out[0], out[1], out[2]
+
+
+# --------------------------------------------------------------------------- preparation settings
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a ratings table becomes FedRecon's clients (the preparation of
+    :meth:`ClientData.prepare` and the user split of :func:`split_users`).
+
+    :func:`fedrecon_fast.split_ratings` applies it; a :class:`~fedrecon_fast.FedReconConfig`
+    carries one (``config.data``, from its ``max_examples``, ``min_examples`` and
+    ``user_split``) so that a preset names its data recipe too.
+
+    Parameters
+    ----------
+    max_examples : int, optional
+        Keep at most this many ratings per user (the most recent); None: no cap.
+    min_examples : int
+        Drop users with fewer ratings (the default 1 drops users without ratings).
+    user_split : sequence of 3 floats
+        Train/validation/test fractions of users.
+    """
+
+    max_examples: Optional[int] = None
+    min_examples: int = 1
+    user_split: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_examples",
+                           check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX,
+                                     allow_none=True))
+        object.__setattr__(self, "min_examples",
+                           check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX))
+        if self.max_examples is not None and self.max_examples < self.min_examples:
+            raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
+                             "would drop every client")
+        object.__setattr__(self, "user_split", check_fractions(self.user_split, "user_split"))
+
+    def prepare(self, data: ClientData, seed: int) -> ClientData:
+        """``data`` capped, filtered and shuffled per user with ``seed`` (:meth:`ClientData.prepare`)."""
+        return data.prepare(max_examples=self.max_examples, min_examples=self.min_examples, shuffle_seed=seed)
+
+    def split(self, data: ClientData, seed: int) -> Tuple[ClientData, ClientData, ClientData]:
+        """The train, validation and test users of prepared ``data`` (:func:`split_users`)."""
+        return tuple(data.subset(i) for i in split_users(data.num_clients, self.user_split, seed=seed))

@@ -206,11 +206,11 @@ class GlobalModel:
         load back (non-finite values, a configuration that disagrees with the arrays) is
         refused with ``ValueError`` before anything is written; OS errors name ``path``.
         """
-        meta, arrays = self._parts()
-        self._from_parts(_bundle.Schema(f"model to save as {path}", meta, arrays))
+        meta, arrays = self.to_parts()
+        self.from_parts(_bundle.Schema(f"model to save as {path}", meta, arrays))
         return _folders.replace_folder(path, lambda folder: _bundle.write(folder, FORMAT, meta, arrays))
 
-    def _parts(self) -> tuple[dict, dict]:
+    def to_parts(self) -> tuple[dict, dict]:
         """The format's ``meta`` and arrays of this model (shared with checkpoints)."""
         arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
         if self.item_bias is not None:
@@ -231,7 +231,7 @@ class GlobalModel:
         return meta, arrays
 
     @classmethod
-    def _from_parts(cls, schema: _bundle.Schema) -> GlobalModel:
+    def from_parts(cls, schema: _bundle.Schema) -> GlobalModel:
         """The model of verified ``meta`` and arrays, checked against the strict schema."""
         schema.keys({"num_items", "dim", "biases", "global_mean", "user_bias_default", "config"})
         n = schema.integer("num_items", 0, _INT32_MAX)
@@ -279,7 +279,7 @@ class GlobalModel:
         _folders.recover(path)
         if _bundle.is_bundle(path):
             meta, arrays = _bundle.read(path, FORMAT)
-            return cls._from_parts(_bundle.Schema(path / _bundle.MANIFEST, meta, arrays))
+            return cls.from_parts(_bundle.Schema(path / _bundle.MANIFEST, meta, arrays))
         if os.path.lexists(path / "model.json"):
             return cls._load_version_1(path)
         if not path.exists():
@@ -294,7 +294,7 @@ class GlobalModel:
         if meta.get("format") != FORMAT or meta.get("version") != 1:
             schema.fail(f"not a {FORMAT} file of version 1")
         meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
-        return cls._from_parts(_bundle.Schema(path / "model.json", meta, arrays))
+        return cls.from_parts(_bundle.Schema(path / "model.json", meta, arrays))
 
 
 def _strings_to_arrays(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

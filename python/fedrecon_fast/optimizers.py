@@ -67,10 +67,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar, Dict, Mapping, Protocol, Tuple, runtime_checkable
 
 import numpy as np
+
+from ._validation import check_bool, check_float
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -128,40 +129,23 @@ class ServerOptimizer(Protocol):
 # --------------------------------------------------------------------------
 
 
-def _as_float(arg: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{arg} must be a real number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{arg} must be finite, got {value!r}")
-    return out
-
-
 def _positive(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if out <= 0.0:
-        raise ValueError(f"{arg} must be > 0, got {value!r}")
-    return out
+    return check_float(value, arg, minimum=0.0, strict=True)
 
 
 def _non_negative(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if out < 0.0:
-        raise ValueError(f"{arg} must be >= 0, got {value!r}")
-    return out
+    return check_float(value, arg, minimum=0.0)
 
 
 def _unit_interval(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if not 0.0 <= out < 1.0:
-        raise ValueError(f"{arg} must be in [0, 1), got {value!r}")
+    out = check_float(value, arg, minimum=0.0)
+    if out >= 1.0:
+        raise ValueError(f"{arg} must be in [0, 1); got {value!r}")
     return out
 
 
 def _boolean(arg: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{arg} must be a bool, got {value!r}")
-    return bool(value)
+    return check_bool(value, arg)
 
 
 # --------------------------------------------------------------------------
@@ -171,13 +155,13 @@ def _boolean(arg: str, value: Any) -> bool:
 
 def _check_params(params: Mapping[str, np.ndarray]) -> None:
     if not isinstance(params, Mapping):
-        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     for key, p in params.items():
         if not isinstance(key, str):
-            raise ValueError(f"parameter names must be str, got {key!r}")
+            raise TypeError(f"parameter names must be str, got {key!r}")
         if not isinstance(p, np.ndarray) or p.dtype != _DTYPE:
             dtype = getattr(p, "dtype", type(p).__name__)
-            raise ValueError(f"parameter {key!r} must be a float32 numpy array, got {dtype}")
+            raise TypeError(f"parameter {key!r} must be a float32 numpy array, got {dtype}")
         if not p.flags.writeable:
             raise ValueError(f"parameter {key!r} is read-only; it must be updated in place")
 
@@ -187,7 +171,7 @@ def _check_update(
 ) -> Dict[str, np.ndarray]:
     """Validate ``update`` against ``params``; return it as float32 arrays."""
     if not isinstance(update, Mapping):
-        raise ValueError(f"update must be a dict of arrays, got {type(update).__name__}")
+        raise TypeError(f"update must be a dict of arrays, got {type(update).__name__}")
     missing = [k for k in params if k not in update]
     extra = [k for k in update if k not in params]
     if missing or extra:
@@ -198,7 +182,7 @@ def _check_update(
     for key, p in params.items():
         u = np.asarray(update[key])
         if not np.issubdtype(u.dtype, np.floating):
-            raise ValueError(f"update {key!r} must be a floating-point array, got {u.dtype}")
+            raise TypeError(f"update {key!r} must be a floating-point array, got {u.dtype}")
         if u.shape != p.shape:
             raise ValueError(f"update {key!r} has shape {u.shape}, expected {p.shape}")
         with np.errstate(over="ignore"):  # overflow -> inf, rejected just below
@@ -215,7 +199,7 @@ def _check_state(
     slots: Tuple[str, ...],
 ) -> None:
     if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a dict of arrays, got {type(state).__name__}")
+        raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
     expected = {_STEP_KEY} | {f"{k}/{s}" for k in params for s in slots}
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
@@ -687,7 +671,9 @@ def optimizer_from_config(cfg: Mapping[str, Any]) -> ServerOptimizer:
     ValueError
         If ``cfg`` has no ``"name"`` or :func:`make_optimizer` rejects it.
     """
-    if not isinstance(cfg, Mapping) or "name" not in cfg:
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"optimizer config must be a dict with a 'name' entry; got {type(cfg).__name__}")
+    if "name" not in cfg:
         raise ValueError("optimizer config must be a dict with a 'name' entry")
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     return make_optimizer(cfg["name"], **kwargs)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from ._validation import check_bool, check_float, check_int
 from .data import ClientData
 
 __all__ = ["synthetic_ratings"]
@@ -22,23 +23,6 @@ _ZIPF_EXPONENT = 0.4  # top item rated by ~40% of users (ML-1M: 50%); steeper ma
 _COUNT_SIGMA = 1.0  # lognormal shape of the ratings-per-user tail (ML-1M: mean/median ~ 1.7)
 _T0 = 956_700_000  # 2000-04-26, the first day of the MovieLens 1M data
 _KEY_BUDGET = 1 << 22  # random sort keys materialised at once (users x items per chunk)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name: str, minimum: float) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be finite and >= {minimum}, got {value}")
-    return value
 
 
 def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int = 10,
@@ -102,18 +86,17 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     chunks of users; about 0.2 s for the defaults, a few seconds for
     20 000 users x 5 000 items).
     """
-    num_users = _check_int(num_users, "num_users", 1)
-    num_items = _check_int(num_items, "num_items", 1)
-    rank = _check_int(rank, "rank", 1)
-    min_ratings = _check_int(min_ratings, "min_ratings", 1)
+    num_users = check_int(num_users, "num_users", minimum=1)
+    num_items = check_int(num_items, "num_items", minimum=1)
+    rank = check_int(rank, "rank", minimum=1)
+    min_ratings = check_int(min_ratings, "min_ratings", minimum=1)
     if min_ratings > num_items:
         raise ValueError(f"min_ratings ({min_ratings}) must be <= num_items ({num_items})")
-    mean_ratings = _check_real(mean_ratings, "mean_ratings", float(min_ratings))
-    noise = _check_real(noise, "noise", 0.0)
-    popularity = _check_real(popularity, "popularity", 0.0)
-    if not isinstance(half_stars, (bool, np.bool_)):
-        raise TypeError(f"half_stars must be a bool, got {type(half_stars).__name__}")
-    seed = _check_int(seed, "seed", 0)
+    mean_ratings = check_float(mean_ratings, "mean_ratings", minimum=float(min_ratings))
+    noise = check_float(noise, "noise", minimum=0.0)
+    popularity = check_float(popularity, "popularity", minimum=0.0)
+    check_bool(half_stars, "half_stars")
+    seed = check_int(seed, "seed", minimum=0)
     rng = np.random.Generator(np.random.PCG64(seed))
 
     # ratings per user: min_ratings + lognormal excess with the requested mean

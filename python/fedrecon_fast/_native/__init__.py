@@ -21,7 +21,7 @@ import importlib.util
 import os
 import sys
 
-__all__ = ["core", "TARGETS", "compiled_targets", "show_config"]
+__all__ = ["core", "TARGETS", "compiled_targets", "show_config", "__version__"]
 
 # Preference order: the widest target first.
 TARGETS = ("native", "avx512", "avx2", "baseline")
@@ -51,6 +51,7 @@ def _load():
 
 
 core, _compiled, _runnable = _load()
+__version__: str = core.__version__
 
 
 def show_config(file=None) -> None:

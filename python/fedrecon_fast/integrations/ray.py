@@ -4,7 +4,7 @@
 :class:`fedrecon_fast.FedRecon`) gives each Ray actor one partition of the users, put once
 per data set. A round sends each actor V and the ids of its sampled users; the actor runs the
 native client updates and returns them, and the driver combines them in cohort order with the
-native reduction (:mod:`fedrecon_fast.partitions`). Actors restart and calls are retried when a
+native reduction (:mod:`fedrecon_fast.integrations.partitions`). Actors restart and calls are retried when a
 worker dies: a round is a pure function of (V, seed, round, clients), so a retried call returns
 the same bits.
 """
@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 
-from . import kernels
-from ._validation import as_index_array, check_int
-from .kernels import RoundResult
+from .. import kernels
+from .._validation import as_index_array, check_int
+from ..kernels import RoundResult
 from .partitions import combine, partition_bounds, partition_data, route
 
 __all__ = ["RayExecutor"]

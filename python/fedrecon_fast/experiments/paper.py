@@ -16,10 +16,10 @@ from dataclasses import replace
 
 
 from .baselines import CentralizedConfig, CentralizedMF, FedAvg, fedavg_config
-from .config import preset
-from .data import ClientData, split_by_time, split_users
-from .evaluation import recon_eval
-from .training import FedRecon
+from ..config import preset
+from ..data import ClientData, split_by_time
+from ..evaluation import recon_eval
+from ..training import FedRecon
 
 ROWS = ("centralized_standard", "centralized_recon", "fedavg_standard", "fedavg_recon", "fedrecon")
 
@@ -54,8 +54,7 @@ FEDAVG_CLIENT_LR = {"fedavg_standard": 0.1, "fedavg_recon": 0.3}
 
 
 def _prepare(data: ClientData, seed: int) -> ClientData:
-    base = preset("paper", seed=seed)
-    return data.prepare(max_examples=base.max_examples, min_examples=1, shuffle_seed=seed)
+    return preset("paper").data.prepare(data, seed)
 
 
 def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
@@ -73,7 +72,7 @@ def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
         paper = paper.replace(rounds=rounds)
     recon_cfg = paper.client  # every ReconEval row reconstructs with the paper's schedule
     by_time = split_by_time(data)
-    train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
+    train_u, _, test_u = paper.data.split(data, seed)
     centralized = replace(CENTRALIZED, seed=seed, num_threads=num_threads)
     fedavg = {row: fedavg_config(client_lr=lr, seed=seed, num_threads=num_threads, rounds=paper.rounds)
               for row, lr in FEDAVG_CLIENT_LR.items()}
@@ -128,7 +127,7 @@ def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku
     paper = preset("paper", seed=seed, num_threads=num_threads)
     if rounds is not None:
         paper = paper.replace(rounds=rounds)
-    train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
+    train_u, _, test_u = paper.data.split(data, seed)
 
     def run(config):
         start = time.perf_counter()

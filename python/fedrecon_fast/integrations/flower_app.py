@@ -4,7 +4,7 @@ Run it with ``flwr run`` (``examples/flower`` is a ready app directory whose
 ``[tool.flwr.app.components]`` name :data:`server_app` and :data:`client_app`), in Flower's
 simulation runtime or deployed on a SuperLink with SuperNodes. Every SuperNode holds one
 partition of the training users (node config ``partition-id`` of ``num-partitions``; the
-simulation runtime sets both): a contiguous block, :func:`fedrecon_fast.partitions.partition_bounds`.
+simulation runtime sets both): a contiguous block, :func:`fedrecon_fast.integrations.partitions.partition_bounds`.
 
 The ServerApp runs :class:`fedrecon_fast.FedRecon` itself, with a :class:`FlowerExecutor`
 as its backend: each round it sends every node that holds sampled users V and their ids, the
@@ -28,7 +28,7 @@ Run config (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config
     train/validation users as ``fedrecon-fast train`` does.
 ``train-file``, ``val-file``
     Instead of ``data``: training (and validation) users saved by
-    :func:`fedrecon_fast.flower.save_client_data`.
+    :func:`fedrecon_fast.integrations.flower.save_client_data`.
 ``checkpoint-dir``
     Continue from the newest checkpoint there, and leave the final state there.
 ``output``
@@ -52,9 +52,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from . import checkpoint, kernels
-from .config import ClientConfig, FedReconConfig, preset
-from .kernels import ClientUpdates, DenseNoise, RoundResult
+from .. import checkpoint, kernels
+from ..config import ClientConfig, FedReconConfig, UpdateCodec, preset
+from ..kernels import ClientUpdates, DenseNoise, RoundResult
 from .partitions import combine, partition_bounds, partition_data, route
 
 __all__ = ["FlowerExecutor", "client_app", "server_app", "load_run_data", "run_config_to_config", "run_server"]
@@ -93,13 +93,12 @@ _data_lock = threading.Lock()
 
 def load_run_data(run_config, config: FedReconConfig):
     """``(train, val)``: the run's training and validation users (cached per process)."""
-    from .data import split_users
     from .flower import load_client_data
 
     run_config = dict(run_config)
     key = (json.dumps({k: run_config.get(k) for k in ("data", "synthetic-users", "synthetic-items", "train-file",
                                                     "val-file")}, sort_keys=True),
-           config.max_examples, config.min_examples, config.seed, config.user_split)
+           config.data, config.seed)
     with _data_lock:
         if key not in _data_cache:
             if run_config.get("train-file"):
@@ -107,18 +106,15 @@ def load_run_data(run_config, config: FedReconConfig):
                 val = load_client_data(run_config["val-file"]) if run_config.get("val-file") else None
             else:
                 if run_config.get("data"):
-                    from .movielens import load_movielens
+                    from ..movielens import load_movielens
 
                     data = load_movielens(run_config["data"])
                 else:
-                    from .synthetic import synthetic_ratings
+                    from ..synthetic import synthetic_ratings
 
                     data = synthetic_ratings(num_users=int(run_config.get("synthetic-users", 2000)),
                                              num_items=int(run_config.get("synthetic-items", 1000)), seed=config.seed)
-                data = data.prepare(max_examples=config.max_examples, min_examples=config.min_examples,
-                                    shuffle_seed=config.seed)
-                train_idx, val_idx, _ = split_users(data.num_clients, config.user_split, seed=config.seed)
-                train, val = data.subset(train_idx), data.subset(val_idx)
+                train, val, _ = config.data.split(config.data.prepare(data, config.seed), config.seed)
             _data_cache[key] = (train, val)
         return _data_cache[key]
 
@@ -172,6 +168,7 @@ def _train(message: Message, context: Context) -> Message:
                          f"partition {p} of {num_users} users")
     get = lambda name: arrays[name].numpy() if name in arrays else None  # noqa: E731
     kwargs = json.loads(cfg["kwargs"])
+    kwargs["codec"] = UpdateCodec(**json.loads(cfg["codec"]))
     if "user-default" in arrays:
         kwargs["user_default"] = get("user-default")
     u = kernels.client_updates(get("item-factors"), held, get("clients"),
@@ -187,13 +184,12 @@ def _train(message: Message, context: Context) -> Message:
     return Message(RecordDict({"update": record}), reply_to=message)
 
 
-def _updates_from(record: ArrayRecord, kwargs: dict) -> ClientUpdates:
+def _updates_from(record: ArrayRecord, codec: UpdateCodec) -> ClientUpdates:
     get = lambda name: record[name].numpy() if name in record else None  # noqa: E731
     stats = {k[len("stat-"):]: record[k].numpy() for k in record if k.startswith("stat-")}
     noise = None
     if "noise-key" in record:
-        noise = DenseNoise(get("noise-lo"), get("noise-step"), get("noise-key"), int(kwargs["bits"]),
-                           bool(kwargs.get("hadamard", False)))
+        noise = DenseNoise(get("noise-lo"), get("noise-step"), get("noise-key"), codec.bits, codec.hadamard)
     return ClientUpdates(get("offsets"), get("rows"), get("values"), get("bias-values"), stats, get("users"),
                          get("user-bias"), noise)
 
@@ -263,6 +259,7 @@ class FlowerExecutor:
         if len(clients) == 0:
             return kernels.train_round(V, data, clients, config, item_bias=item_bias, users=users,
                                        user_bias=user_bias, num_threads=num_threads, **kwargs)
+        codec = kwargs.pop("codec", None) or UpdateCodec()
         scalars = {k: v for k, v in kwargs.items() if not isinstance(v, np.ndarray)}
         text = json.dumps(scalars)
         client_config = json.dumps(dataclasses.asdict(config or ClientConfig()))
@@ -275,7 +272,7 @@ class FlowerExecutor:
                       "user-bias": None if user_bias is None else user_bias[r.positions]}
             record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items() if v is not None})
             cfg = ConfigRecord({PARTITION_ID: r.partition, "num-users": self.num_users, "kwargs": text,
-                                "client-config": client_config})
+                                "client-config": client_config, "codec": json.dumps(dataclasses.asdict(codec))})
             messages.append(Message(RecordDict({"arrays": record, "config": cfg}), message_type=MessageType.TRAIN,
                                     dst_node_id=self.node_of_partition[r.partition]))
         replies = {}
@@ -286,7 +283,7 @@ class FlowerExecutor:
         missing = [r.partition for r in routes if self.node_of_partition[r.partition] not in replies]
         if missing:
             raise RuntimeError(f"no reply from the node(s) of partition(s) {missing} within {self.timeout} s")
-        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content["update"], kwargs)
+        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content["update"], codec)
                    for r in routes]
         return combine(routes, updates, len(clients), *V.shape, num_threads=num_threads)
 
@@ -297,7 +294,7 @@ class FlowerExecutor:
 
 def run_server(grid: Grid, run_config):
     """Train as the run config says, on the grid's nodes; returns the trainer."""
-    from .training import FedRecon
+    from ..training import FedRecon
 
     run_config = dict(run_config)
     config = run_config_to_config(run_config)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
-from ._guards import one_fit_at_a_time
-from ._native import core as _core
-from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
-from ._validation import (
+from .. import kernels
+from ..kernels import mf_sgd_epoch
+from .._guards import one_fit_at_a_time
+from .._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
+from .._validation import (
     as_float32_matrix,
     as_float32_vector,
     as_index_array,
@@ -31,61 +31,16 @@ from ._validation import (
     check_threads,
     writable_float32,
 )
-from .config import ClientConfig, FedReconConfig, preset
-from .data import ClientData
-from .evaluation import summarize
-from .model import GlobalModel
-from .training import FedRecon
+from ..config import ClientConfig, FedReconConfig, preset
+from ..data import ClientData
+from ..evaluation import summarize
+from ..model import GlobalModel
+from ..training import FedRecon
 
 
 def _uniform(shape, scale: float, seed: int, stream: int) -> np.ndarray:
     rng = generator(seed, 0, 0, stream)
     return rng.uniform(-scale, scale, size=shape).astype(np.float32)
-
-
-def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, item_bias=None,
-                 global_mean: float = 0.0, batch_size: int = 32, lr: float = 0.1,
-                 l2: float = 0.0) -> float:
-    """One pass of minibatch SGD over ratings in the given order, updating the tables in place.
-
-    Parameters
-    ----------
-    users : ndarray, shape (num_users, dim), float32, writeable
-    items : ndarray, shape (num_items, dim), float32, writeable
-    user_ids, item_ids : array_like of int, shape (n,)
-        The rating's user row and item row, in the order the batches are cut.
-    ratings : array_like, shape (n,)
-    user_bias, item_bias : ndarray, float32, writeable, optional
-        Given together: the model adds ``global_mean + b_u + b_i``.
-    batch_size, lr, l2
-        Loss per batch = mean squared error + ``l2`` (|u|² + |v|²) over the batch's rows.
-
-    Returns
-    -------
-    float
-        Sum of squared errors of the pre-step predictions.
-    """
-    users = writable_float32(users, "users", 2)
-    items = writable_float32(items, "items", 2)
-    if users.shape[1] != items.shape[1] or users.shape[1] < 1:
-        raise ValueError(f"users and items must have the same dim >= 1; got {users.shape} and {items.shape}")
-    if (user_bias is None) != (item_bias is None):
-        raise ValueError("user_bias and item_bias must be given together")
-    if user_bias is not None:
-        user_bias = writable_float32(user_bias, "user_bias", 1)
-        item_bias = writable_float32(item_bias, "item_bias", 1)
-    user_ids = as_index_array(user_ids, "user_ids", upper=users.shape[0])
-    item_ids = as_index_array(item_ids, "item_ids", upper=items.shape[0]).astype(np.int32)
-    ratings = as_float32_vector(ratings, "ratings", size=len(user_ids))
-    if len(item_ids) != len(user_ids):
-        raise ValueError("user_ids, item_ids and ratings must have the same length")
-    check_int(batch_size, "batch_size", minimum=1)
-    batch_size = min(batch_size, max(len(ratings), 1))  # a batch never exceeds the data
-    check_float(lr, "lr", minimum=0.0)
-    check_float(l2, "l2", minimum=0.0)
-    check_float(global_mean, "global_mean")
-    return _core.mf_sgd_epoch(users, user_bias, items, item_bias, float(global_mean), user_ids,
-                              item_ids, ratings, batch_size, lr, l2)
 
 
 def transpose(data: ClientData) -> ClientData:
@@ -291,8 +246,8 @@ class FedAvg(FedRecon):
             state["user_bias"] = self.user_bias[clients]
         return state
 
-    def _extra_arrays(self) -> dict:
-        out = super()._extra_arrays()
+    def extra_state(self) -> dict:
+        out = super().extra_state()
         if self.users is not None:
             out["users"] = self.users
         if self.user_bias is not None:

@@ -19,14 +19,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import kernels
-from ._validation import check_int
-from .kernels import ClientUpdates, DenseNoise, RoundResult
+from .. import kernels
+from .._validation import check_int
+from ..kernels import ClientUpdates, DenseNoise, RoundResult
+from ..server import round_summary
 
 __all__ = ["Route", "partition_bounds", "partition_data", "route", "combine"]
-
-_NONFINITE = 1  # ClientStats status of a diverged client
-
 
 def partition_bounds(num_clients: int, num_partitions: int) -> np.ndarray:
     """Block boundaries: partition ``p`` holds users ``[bounds[p], bounds[p+1])`` (sizes differ
@@ -137,27 +135,3 @@ def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int,
     users = _scatter(pieces, num_clients, lambda u: u.users)
     user_bias = _scatter(pieces, num_clients, lambda u: u.user_bias)
     return RoundResult(delta, delta_bias, stats, summary, users, user_bias)
-
-
-def _sequential_sum(x: np.ndarray) -> float:
-    # cumsum adds left to right, as the native round totals its clients.
-    return float(np.cumsum(x, dtype=np.float64)[-1]) if len(x) else 0.0
-
-
-def round_summary(stats: dict, rows_aggregated: int) -> dict:
-    """The native round's totals from its per-client statistics (same order, same sums)."""
-    ok = stats["status"] != _NONFINITE
-    reporting = ok & (stats["weight"] > 0)
-    total = lambda key, mask: int(stats[key][mask].sum())  # noqa: E731  (exact integer sums)
-    return {
-        "total_weight": _sequential_sum(np.where(reporting, stats["weight"], 0.0)),
-        "loss_sum": _sequential_sum(np.where(ok, stats["loss_sum"], 0.0)),
-        "num_examples": total("num_examples", ok),
-        "num_correct": total("num_correct", ok),
-        "num_reporting": int(reporting.sum()),
-        "num_nonfinite": int((~ok).sum()),
-        "rows_sent": total("rows", reporting),
-        "rows_aggregated": rows_aggregated,
-        "bytes_sent": total("bytes", reporting),
-        "num_clipped": total("clipped", reporting),
-    }

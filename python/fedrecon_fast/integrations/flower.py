@@ -2,7 +2,7 @@
 
 Install with ``pip install "fedrecon_fast[flower]"``. Two ways to use Flower:
 
-* **The Flower App** (:mod:`fedrecon_fast.flower_app`; ``examples/flower`` is its app folder):
+* **The Flower App** (:mod:`fedrecon_fast.integrations.flower_app`; ``examples/flower`` is its app folder):
   ``flwr run`` it in Flower's simulation runtime or on a SuperLink with SuperNodes, each node
   holding a partition of the users. The ServerApp runs :class:`fedrecon_fast.FedRecon` with the
   nodes as its backend, so the model is the local trainer's bit for bit. :class:`FlowerFedRecon`
@@ -33,7 +33,7 @@ again bit-identical to the local trainer's.
 Example
 -------
 >>> import fedrecon_fast as ff
->>> from fedrecon_fast.flower import FlowerFedRecon
+>>> from fedrecon_fast.integrations.flower import FlowerFedRecon
 >>> data = ff.synthetic_ratings(num_users=60, num_items=50, seed=0)
 >>> train, val, test = (data.subset(ix) for ix in ff.split_users(data.num_clients, seed=0))
 >>> trainer = FlowerFedRecon(ff.preset("paper", dim=8, rounds=3, clients_per_round=5))
@@ -64,16 +64,16 @@ try:
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
+    raise ImportError("fedrecon_fast.integrations.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
-from . import compression
-from ._guards import one_fit_at_a_time
-from ._rng import STREAM_SAMPLE, generator
-from ._validation import check_float, check_int, check_threads
-from .config import FedReconConfig
-from .data import ClientData
-from .evaluation import recon_eval, summarize
-from .functional import (
+from .. import compression
+from .._guards import one_fit_at_a_time
+from .._rng import STREAM_SAMPLE, generator
+from .._validation import check_float, check_int, check_threads
+from ..config import FedReconConfig
+from ..data import ClientData
+from ..evaluation import recon_eval, summarize
+from ..functional import (
     ClientResult,
     ClientUpdate,
     ServerState,
@@ -81,8 +81,8 @@ from .functional import (
     client_step,
     server_step,
 )
-from .model import GlobalModel
-from .training import check_training_clients, sample_clients
+from ..model import GlobalModel
+from ..training import check_training_clients, sample_clients
 
 __all__ = [
     "FedReconStrategy",
@@ -698,7 +698,7 @@ def flwr_run(app: str | os.PathLike, home: str | os.PathLike, *, run_config: str
 
 
 def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
-    """A Flower App folder whose components are this package's :mod:`fedrecon_fast.flower_app`,
+    """A Flower App folder whose components are this package's :mod:`fedrecon_fast.integrations.flower_app`,
     with ``run_config`` as its ``[tool.flwr.app.config]``."""
     import tomli_w
 
@@ -709,8 +709,8 @@ def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
         "project": {"name": "fedrecon-run", "version": "1.0.0", "license": "Apache-2.0",
                     "description": "A FedRecon run of fedrecon_fast.FlowerFedRecon", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "fedrecon-fast",
-                                  "components": {"serverapp": "fedrecon_fast.flower_app:server_app",
-                                                 "clientapp": "fedrecon_fast.flower_app:client_app"},
+                                  "components": {"serverapp": "fedrecon_fast.integrations.flower_app:server_app",
+                                                 "clientapp": "fedrecon_fast.integrations.flower_app:client_app"},
                                   "config": run_config}}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
@@ -718,7 +718,7 @@ def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
 
 
 class FlowerFedRecon:
-    """FedRecon trained by the Flower App (:mod:`fedrecon_fast.flower_app`) through ``flwr run``
+    """FedRecon trained by the Flower App (:mod:`fedrecon_fast.integrations.flower_app`) through ``flwr run``
     in Flower's simulation runtime, on a SuperLink started here for the run.
 
     Each ``fit`` writes the data and the current state (a checkpoint) to a temporary folder,
@@ -754,7 +754,7 @@ class FlowerFedRecon:
     def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
                  num_nodes: int | None = None, num_cpus: int | None = None, client_cpus: int = 1,
                  verbose: bool = False, timeout: float = 3600.0):
-        from .training import FedRecon
+        from ..training import FedRecon
 
         config = config if config is not None else FedReconConfig()
         if not isinstance(config, FedReconConfig):
@@ -792,7 +792,7 @@ class FlowerFedRecon:
         Flower's processes, so ``callback`` and the progress bar see each round's row when the
         run ends.
         """
-        from .training import FedRecon
+        from ..training import FedRecon
 
         rounds = self.config.rounds if rounds is None else rounds
         check_int(rounds, "rounds", minimum=0)
