@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,9 +56,26 @@ def test_streams_and_coordinates_give_distinct_seeds():
     assert len(seeds) == 45
 
 
-def test_stream_constants():
-    assert (_rng.STREAM_SPLIT, _rng.STREAM_INIT, _rng.STREAM_QUANT, _rng.STREAM_SAMPLE,
-            _rng.STREAM_DATA) == (0, 1, 2, 3, 4)
+RNG_HEADER = Path(__file__).resolve().parents[1] / "cpp" / "include" / "fedrecon" / "rng.hpp"
+
+
+def _cpp_streams() -> dict:
+    """``{"STREAM_SPLIT": 0, ...}`` from the C++ ``enum Stream`` (kStreamSplit = 0, ...)."""
+    enum = re.search(r"enum Stream\b[^{]*\{(.*?)\};", RNG_HEADER.read_text(), re.S).group(1)
+    found = {}
+    for name, value in re.findall(r"kStream(\w+)\s*=\s*(\d+)", enum):
+        found["STREAM_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()] = int(value)
+    return found
+
+
+def test_stream_numbers_are_the_cpp_enum_number_by_number():
+    """One table of streams: every stream of the C++ core has the Python constant of the same
+    name and number, and Python has no stream the core does not know."""
+    cpp = _cpp_streams()
+    python = {name: getattr(_rng, name) for name in _rng.__all__ if name.startswith("STREAM_")}
+    assert len(cpp) >= 12  # the parse found the enum
+    assert python == cpp
+    assert len(set(cpp.values())) == len(cpp)  # no two streams share a number
 
 
 def test_mix64_array_matches_scalar_elementwise():
