@@ -3,6 +3,7 @@ and in the private native functions (which must never crash, whatever they are g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -44,11 +45,33 @@ def V():
 # ------------------------------------------------------------------------------- public kernels
 
 
+def result_arrays(out) -> list:
+    """The arrays of a kernel's result (a dataclass, dict, tuple or array), in a fixed order."""
+    if out is None:
+        return []
+    if dataclasses.is_dataclass(out):
+        return [a for f in dataclasses.fields(out) for a in result_arrays(getattr(out, f.name))]
+    if isinstance(out, dict):
+        return [a for key in sorted(out) for a in result_arrays(out[key])]
+    if isinstance(out, (tuple, list)):
+        return [a for item in out for a in result_arrays(item)]
+    return [np.asarray(out)]
+
+
+def assert_same_result(a, b):
+    arrays_a, arrays_b = result_arrays(a), result_arrays(b)
+    assert len(arrays_a) == len(arrays_b)
+    for x, y in zip(arrays_a, arrays_b):
+        np.testing.assert_array_equal(x, y)
+
+
 @parametrize_kernels
 def test_valid_call_runs(kernel, data, V):
-    # The baseline every other test in this file perturbs by one argument.
+    # The baseline every other test in this file perturbs by one argument: float64 inputs are
+    # converted once, to exactly what float32 inputs give, and the call computes something.
     out = kernel(V.astype(np.float64), data, [0, 2, 3], ClientConfig(), item_bias=np.zeros(NUM_ITEMS))
-    assert out is not None
+    assert_same_result(out, kernel(V, data, [0, 2, 3], ClientConfig(), item_bias=np.zeros(NUM_ITEMS, np.float32)))
+    assert any(np.isfinite(a).any() for a in result_arrays(out) if a.dtype.kind == "f")
 
 
 @parametrize_kernels
@@ -136,8 +159,9 @@ def test_item_id_beyond_item_factors(kernel, V):
     bad = csr([0, 2, 3], [1, 9, 2], [3.0, 4.0, 5.0], NUM_ITEMS)
     with pytest.raises(IndexError, match="item id 9"):
         kernel(V, bad)
-    # Only the sampled clients are read.
-    assert kernel(V, bad, [1]) is not None
+    # Only the sampled clients are read: client 1 gives what it gives beside a valid client 0.
+    good = csr([0, 2, 3], [1, 4, 2], [3.0, 4.0, 5.0], NUM_ITEMS)
+    assert_same_result(kernel(V, bad, [1]), kernel(V, good, [1]))
 
 
 @parametrize_kernels
@@ -239,7 +263,11 @@ parametrize_core = pytest.mark.parametrize("fn", CORE_FUNCTIONS, ids=kernel_ids)
 
 @parametrize_core
 def test_core_valid_call_runs(fn):
-    assert fn(**core_args()) is not None
+    # The baseline the core tests perturb: a result for each of the 2 clients, the same again.
+    out = fn(**core_args())
+    arrays = result_arrays(out)
+    assert arrays and any(a.ndim and a.shape[0] == 2 for a in arrays)
+    assert_same_result(out, fn(**core_args()))
 
 
 def _native_config(**fields):
