@@ -255,6 +255,10 @@ def test_sigkilled_cli_run_resumes_to_the_same_json(uninterrupted, tmp_path, kil
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The kill ended the run (it did not finish first), before the last round's checkpoint.
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed: it exited with {proc.returncode}"
+    written = checkpoint.list_checkpoints(tmp_path)
+    assert not written or written[0].name < f"ckpt-{int(ARGS[ARGS.index('--rounds') + 1]):08d}"
     resumed = _cli(*ARGS, "--checkpoint-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _result(resumed.stdout) == uninterrupted
