@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import zipfile
+from typing import Any, Literal, NoReturn, overload
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,8 @@ def write(folder, kind: str, meta: dict, arrays: dict) -> None:
     does that for the whole folder).
     """
     folder = Path(folder)
-    files, layout = {}, {}
+    files: dict[str, dict] = {}
+    layout: dict[str, Any] = {}
     for key, value in arrays.items():
         arr = np.asarray(value, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         if arr.dtype.str not in DTYPES:
@@ -278,7 +280,7 @@ class Schema:
     def __init__(self, where, meta: dict, arrays: dict | None = None, prefix: str = ""):
         self.where, self.meta, self.arrays, self.prefix = where, meta, arrays or {}, prefix
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise ValueError(f"{self.where}: {message}")
 
     def _get(self, key: str):
@@ -286,7 +288,7 @@ class Schema:
             self.fail(f"'{self.prefix}{key}' is missing")
         return self.meta[key]
 
-    def keys(self, required: set, optional: set = frozenset()) -> None:
+    def keys(self, required: set, optional: frozenset | set = frozenset()) -> None:
         """The meta has these keys and no others."""
         present = set(self.meta)
         if not required <= present or not present <= required | optional:
@@ -317,6 +319,14 @@ class Schema:
         if not (isinstance(value, kind) or (allow_none and value is None)):
             self.fail(f"'{self.prefix}{key}' must be a {getattr(kind, '__name__', kind)}; got {type(value).__name__}")
         return value
+
+    @overload
+    def array(self, key: str, dtype: str, shape: tuple, *, finite: bool = ...,
+              optional: Literal[False] = ...) -> np.ndarray: ...
+
+    @overload
+    def array(self, key: str, dtype: str, shape: tuple, *, finite: bool = ...,
+              optional: bool) -> np.ndarray | None: ...
 
     def array(self, key: str, dtype: str, shape: tuple, *, finite: bool = False,
               optional: bool = False) -> np.ndarray | None:

@@ -258,7 +258,7 @@ def locked(folder, *, what: str = "folder"):
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
-        fcntl = None
+        fcntl = None  # type: ignore[assignment]
     fd = None
     try:
         if fcntl is not None:

@@ -108,11 +108,12 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r}")
-    if minimum is not None and value < minimum:
+    number = int(value)
+    if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be <= {maximum}; got {value}")
-    return int(value)
+    return number
 
 
 def check_bool(value, name: str) -> bool:
@@ -171,11 +172,12 @@ def check_float(value, name: str, *, minimum: float | None = None, maximum: floa
         finite = False
     if not finite:
         raise ValueError(f"{name} must be finite; got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
+    number = float(value)
+    if minimum is not None and (number <= minimum if strict else number < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be <= {maximum}; got {value}")
-    return float(value)
+    return number
 
 
 def check_choice(value, name: str, choices) -> None:

@@ -306,11 +306,12 @@ class RunPrivacy:
         self.expected_clients = min(config.clients_per_round, num_clients)
         self.clip = float(config.dp_clip)
         self.adaptive = config.dp_target_quantile is not None
-        self.count_stddev = count_stddev(config.clients_per_round, config.dp_clip_count_stddev) \
-            if self.adaptive else None
+        self.count_stddev: float | None = None
         self.noise_multiplier = config.dp_noise
-        self.value_noise_multiplier = value_noise_multiplier(config.dp_noise, self.count_stddev) \
-            if self.adaptive else config.dp_noise
+        self.value_noise_multiplier = config.dp_noise
+        if self.adaptive:  # the update and the clipped count share the noise
+            self.count_stddev = count_stddev(config.clients_per_round, config.dp_clip_count_stddev)
+            self.value_noise_multiplier = value_noise_multiplier(config.dp_noise, self.count_stddev)
         self.accountant = PrivacyAccountant(num_clients=num_clients, clients_per_round=config.clients_per_round,
                                             sampling=config.sampling, clip_count_stddev=self.count_stddev)
 
@@ -331,7 +332,7 @@ class RunPrivacy:
         self.accountant.compose(self.noise_multiplier)
         row = {"dp_clip": used, "dp_noise_multiplier": self.noise_multiplier,
                "dp_noise_std": self.value_noise_multiplier * used}
-        if self.adaptive:
+        if self.count_stddev is not None:  # adaptive clipping
             reporting = int(summary["num_reporting"])
             self.clip, fraction = adaptive_clip_update(
                 used, reporting - int(summary["num_clipped"]), reporting, target_quantile=cfg.dp_target_quantile,

@@ -62,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
-def _one_line(message: str) -> str:
+def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
@@ -397,7 +397,7 @@ def run_train(args) -> dict:
     test_seconds = time.perf_counter() - start
 
     round_times = sorted(h["round_seconds"] for h in trainer.history)
-    last_val = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
+    last_val: dict = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
     result = {
         "data": source,
         "backend": args.backend,
@@ -475,7 +475,7 @@ def _privacy_result(trainer) -> dict:
     cfg = trainer.config
     if cfg.dp_clip is None:
         return {}
-    last = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
+    last: dict = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
     clips = [h["dp_clip"] for h in trainer.history if "dp_clip" in h]
     return {"dp_delta": cfg.dp_delta, "dp_epsilon": last.get("dp_epsilon"),
             "dp_target_epsilon": cfg.dp_target_epsilon, "dp_clip_last": clips[-1] if clips else cfg.dp_clip,
@@ -754,9 +754,9 @@ def _run(args) -> int:
     except BrokenPipeError:
         raise
     except (ValueError, TypeError, OSError, FloatingPointError, ImportError, MemoryError) as e:
-        if isinstance(e, MemoryError) and not isinstance(e, MemoryEstimateError):
-            e = f"out of memory ({e or 'MemoryError'})"
-        print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
+        message = f"out of memory ({e or 'MemoryError'})" \
+            if isinstance(e, MemoryError) and not isinstance(e, MemoryEstimateError) else e
+        print(f"fedrecon-fast: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except _signals.Stopped as e:  # SIGTERM, SIGINT or SIGHUP during training
         print(f"fedrecon-fast: {e}", file=sys.stderr)

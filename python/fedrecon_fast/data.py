@@ -245,8 +245,9 @@ class ClientData:
     items: np.ndarray
     ratings: np.ndarray
     timestamps: Optional[np.ndarray] = None
-    user_ids: Optional[np.ndarray] = None
-    item_ids: Optional[np.ndarray] = None
+    # Optional when made; __post_init__ always fills them in.
+    user_ids: np.ndarray = None  # type: ignore[assignment]
+    item_ids: np.ndarray = None  # type: ignore[assignment]
     user_labels: Optional[np.ndarray] = None
     item_labels: Optional[np.ndarray] = None
 
@@ -506,13 +507,13 @@ class ClientData:
             elif isinstance(series.dtype, pd.StringDtype):
                 arr = series.to_numpy(dtype=str)
             arrays.append(arr)
-        names = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
+        plural = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
         try:
             return cls.from_coo(*arrays)
         except (TypeError, ValueError) as exc:
             msg = str(exc)
             for role, col in zip(roles, cols):
-                if msg.startswith(names[role] + " "):
+                if msg.startswith(plural[role] + " "):
                     raise type(exc)(f"column {col!r}: {msg}") from None
             raise
 
@@ -821,4 +822,5 @@ class DataConfig:
 
     def split(self, data: ClientData, seed: int) -> Tuple[ClientData, ClientData, ClientData]:
         """The train, validation and test users of prepared ``data`` (:func:`split_users`)."""
-        return tuple(data.subset(i) for i in split_users(data.num_clients, self.user_split, seed=seed))
+        train, val, test = split_users(data.num_clients, self.user_split, seed=seed)
+        return data.subset(train), data.subset(val), data.subset(test)

@@ -29,6 +29,8 @@ one held-out rating per user).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import kernels
@@ -51,7 +53,7 @@ def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False,
     correct = np.asarray(num_correct, dtype=np.int64)
     total = int(n.sum())
     mse = float(sq.sum() / total) if total else float("nan")
-    out = {
+    out: dict[str, Any] = {
         "loss": mse,
         "rmse": float(np.sqrt(mse)) if total else float("nan"),
         "accuracy": float(correct.sum() / total) if total else float("nan"),
@@ -103,10 +105,13 @@ def summarize_ranking(hits, num_relevant, ndcg, k: int, *, per_user: bool = Fals
         per_user_values["map"] = np.asarray(ap, dtype=np.float64)[ranked]
     if rr is not None:
         per_user_values["mrr"] = np.asarray(rr, dtype=np.float64)[ranked]
-    out = {f"{name}_at_{k}": float(v.mean()) if v.size else float("nan") for name, v in per_user_values.items()}
+    out: dict[str, Any] = {f"{name}_at_{k}": float(v.mean()) if v.size else float("nan")
+                           for name, v in per_user_values.items()}
     out["ranking_users"] = int(ranked.sum())
     out["ranking_users_without_relevant"] = int((~ranked).sum())
     if top_items is not None:
+        if num_items is None:
+            raise ValueError("num_items is needed with top_items (coverage is over the catalogue)")
         out[f"coverage_at_{k}"] = coverage(top_items, num_items)
     if per_user and ranked.any():
         out[f"user_recall_at_{k}"] = _distribution(per_user_values["recall"])

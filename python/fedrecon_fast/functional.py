@@ -39,6 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -327,7 +328,7 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
     csr, row, _ = _one_client(data, client, client_id, V.shape[0])
     stats = kernels.evaluate_users(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
                                    round=EVAL_ROUND, num_threads=num_threads)
-    sums = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),
+    sums: dict[str, Any] = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),
             "num_correct": int(stats["num_correct"][0]), "abs_err_sum": float(stats["abs_err_sum"][0])}
     return {**summarize(**sums), **sums}
 
@@ -434,7 +435,7 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
     check_threads(threads)
     results = _check_results(results, state.model)
     # A new state; its model and optimizer arrays are the old ones (updated) with ``inplace``.
-    model, opt_state = state.model, state.optimizer_state
+    model, opt_state = state.model, state.optimizer_state or {}
     if not inplace:
         model, opt_state = _copy_model(model), {k: v.copy() for k, v in opt_state.items()}
     state = dataclasses.replace(state, model=model, optimizer_state=opt_state, metrics={})

@@ -229,7 +229,7 @@ def load_titles(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
         rows = (line.split("|") for line in text.splitlines())
         start = 1
     else:
-        rows = csv.reader(io.StringIO(text))
+        rows = csv.reader(io.StringIO(text))  # type: ignore[assignment]  # an iterator of lists too
         next(rows, None)  # movieId,title,genres
         start = 2
     ids, titles = [], []

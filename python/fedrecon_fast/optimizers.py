@@ -103,9 +103,14 @@ class ServerOptimizer(Protocol):
     """
 
     name: str
+    lr: float
 
     def init(self, params: Mapping[str, np.ndarray]) -> State:
         """Allocate the optimizer state for ``params``."""
+        ...
+
+    def count_step(self, state: Mapping[str, np.ndarray]) -> int:
+        """Count one applied update in ``state`` (``state["step"] += 1``); returns the new step."""
         ...
 
     def apply(
@@ -329,7 +334,7 @@ class _Base:
             deltas = _check_update(params, update)
             _check_state(params, state, slot_names)
         else:
-            deltas = update
+            deltas = dict(update)
         t = self.count_step(state)
         for key, p in params.items():
             slots = {s: state[f"{key}/{s}"] for s in slot_names}
@@ -436,6 +441,10 @@ class MomentumSGD(_Base):
 class _Moments(_Base):
     """Shared by Adam and Yogi: ``m = b1 m + (1 - b1) g``, a second-moment rule for ``v``, and
     ``p -= step_size(t) * m / (sqrt(v) + eps)``."""
+
+    lr: float
+    beta1: float
+    beta2: float
 
     def _second_moment(self, v, g2) -> None:
         raise NotImplementedError

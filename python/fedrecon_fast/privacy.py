@@ -100,7 +100,7 @@ def capped_weights(num_examples, cap: float) -> np.ndarray:
 
 
 def privatize_mean(update: dict, total_weight: float, *, clip: float, noise_multiplier: float,
-                   expected_clients: int, seed: int, round: int = 0, num_threads: int = 0) -> None:
+                   expected_clients: float, seed: int, round: int = 0, num_threads: int = 0) -> None:
     """DP-FedAvg's server step on a round's weighted mean of clipped updates, in place.
 
     Each array of ``update`` (a dict of float32 means) becomes ``(mean · total_weight + noise) /

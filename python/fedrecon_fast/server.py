@@ -174,6 +174,7 @@ class Server:
         self.params = model_params(state.model)
         if state.optimizer_state is None:
             state.optimizer_state = self.optimizer.init(self.params)
+        self.optimizer_state: dict = state.optimizer_state
 
     def in_place_lr(self) -> float | None:
         """Server SGD's learning rate when a native round can take the step itself
@@ -186,7 +187,7 @@ class Server:
 
     def stepped_in_place(self) -> None:
         """Count a step that the native round took itself (``apply_lr``)."""
-        self.optimizer.count_step(self.state.optimizer_state)
+        self.optimizer.count_step(self.optimizer_state)
 
     def apply(self, result, *, privacy: RoundPrivacy | None = None, num_threads: int = 0) -> bool:
         """Apply a round's aggregate (``result.delta``, ``result.delta_bias``; with a learned
@@ -206,7 +207,7 @@ class Server:
             privatize_mean(update, result.summary["total_weight"], clip=privacy.clip,
                            noise_multiplier=privacy.value_noise_multiplier, expected_clients=privacy.expected_clients,
                            seed=state.config.seed, round=state.round, num_threads=num_threads)
-        self.optimizer.apply(self.params, update, state.optimizer_state, validate=False)
+        self.optimizer.apply(self.params, update, self.optimizer_state, validate=False)
         if "user_bias_default" in self.params:
             state.model.user_bias_default = float(self.params["user_bias_default"][0])
         return bool(np.isfinite(state.model.item_factors).all())
@@ -267,7 +268,7 @@ class Server:
             # numbers (an adapted clip, the update's share of the noise) replace it.
             dp = {"dp_clipped": s["num_clipped"],
                   "dp_clip_fraction": s["num_clipped"] / s["num_reporting"] if s["num_reporting"] else 0.0,
-                  "dp_noise_std": cfg.dp_noise * cfg.dp_clip}
+                  "dp_noise_std": cfg.dp_noise * (cfg.dp_clip or 0.0)}
             dp.update(privacy.end_round(s, r))
         state.round += 1
         state.metrics = {

@@ -137,12 +137,14 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     buf = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw  # keeps the line count
     if buf.endswith(b"\r"):  # a CRLF file cut after its last CR: the line ends there
         buf = buf[:-1]
-    delim = sep
+    delim: bytes
     if sep is None:  # runs of blanks become one space, none at either end of a line
         buf = _EDGE_SPACE.sub(b"", _WHITESPACE.sub(b" ", buf))
         delim = b" "
-    elif strip_spaces and b" " in buf:  # line numbers stay: only spaces go
-        buf = _EDGE_SPACES.sub(b"", re.sub(rb" *" + re.escape(sep) + rb" *", sep.replace(b"\\", b"\\\\"), buf))
+    else:
+        delim = sep
+        if strip_spaces and b" " in buf:  # line numbers stay: only spaces go
+            buf = _EDGE_SPACES.sub(b"", re.sub(rb" *" + re.escape(sep) + rb" *", sep.replace(b"\\", b"\\\\"), buf))
     a = np.frombuffer(buf, dtype=np.uint8)
     n = a.size
     ends = np.flatnonzero(a == 10)
@@ -165,7 +167,7 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     per_line = (num_fields - 1) * width
     pos = np.flatnonzero(a == delim[0]) if per_line else np.zeros(0, np.int64)
     ok = pos.size == per_line * n_lines
-    c = pos.reshape(n_lines, per_line) if ok else None
+    c = pos.reshape(n_lines, per_line) if ok else np.zeros((0, 0), np.int64)
     if ok and n_lines and per_line:
         ok = bool((c[:, 0] >= starts).all() and (c[:, -1] < ends).all())
         for j in range(1, width):
@@ -178,7 +180,8 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     field_start = np.column_stack([starts] + [c[:, width * f + width - 1] + 1 for f in range(num_fields - 1)])
     field_end = np.column_stack([c[:, width * f] for f in range(num_fields - 1)] + [ends])
 
-    out, bad = [], np.zeros(n_lines, dtype=bool)
+    out: list = []
+    bad = np.zeros(n_lines, dtype=bool)
     bad_field = np.full(n_lines, -1)
     for f, kind in enumerate(kinds):
         if kind is None:

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING
 
 __all__ = ["core", "TARGETS", "compiled_targets", "show_config", "__version__"]
 
@@ -50,7 +51,13 @@ def _load():
     return importlib.import_module(f"{__name__}._core_{chosen}"), compiled, runnable
 
 
-core, _compiled, _runnable = _load()
+if TYPE_CHECKING:  # every _core_<target> has the interface of the stub _core.pyi
+    from . import _core as core
+
+    _compiled: list[str]
+    _runnable: list[str]
+else:
+    core, _compiled, _runnable = _load()
 __version__: str = core.__version__
 
 

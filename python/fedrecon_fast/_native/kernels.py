@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -176,8 +177,14 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: i
                                 int(round) % _UINT64)
 
 
+# The native cohort kernels' leading arguments: item_factors, item_bias, global_mean, indptr,
+# items, ratings, clients, config, seed, round, num_threads.
+_CohortArgs = tuple[np.ndarray, Optional[np.ndarray], float, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                    "_core.ClientConfig", int, int, int]
+
+
 def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
-                 num_threads, check_finite, user_default=None, user_bias_default=0.0):
+                 num_threads, check_finite, user_default=None, user_bias_default=0.0) -> _CohortArgs:
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
     bias = None if item_bias is None else as_float32_vector(
         item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)

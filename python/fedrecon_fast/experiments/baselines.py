@@ -138,7 +138,10 @@ class CentralizedMF:
 
     def __init__(self, config: CentralizedConfig | None = None):
         self.config = config or CentralizedConfig()
-        self.users = self.user_bias = self.model = None
+        # Filled in by fit: the stored users (and biases) and the item side as a model.
+        self.users: np.ndarray = None  # type: ignore[assignment]
+        self.user_bias: np.ndarray | None = None
+        self.model: GlobalModel = None  # type: ignore[assignment]
         self.history: list[dict] = []
         self.train_seconds = 0.0
 
@@ -157,7 +160,7 @@ class CentralizedMF:
         # GlobalModel keeps these float32 arrays without copying: training updates the model.
         self.model = GlobalModel(items, item_bias, mean, data.item_ids)
         user_index, item_index, ratings = data.to_coo()
-        by_item = transpose(data) if cfg.method == "als" else None
+        by_item = transpose(data) if cfg.method == "als" else data
         rng = generator(cfg.seed, 0, 0, STREAM_EPOCH_ORDER)
         bar = None
         if progress:
@@ -195,13 +198,13 @@ class CentralizedMF:
             m.item_factors, data, None, solve, item_bias=m.item_bias, global_mean=m.global_mean,
             num_threads=cfg.num_threads)
         self.users[...] = users
-        if user_bias is not None:
+        if user_bias is not None and self.user_bias is not None:
             self.user_bias[...] = user_bias
         items, item_bias = kernels.reconstruct_users(
             self.users, by_item, None, solve, item_bias=self.user_bias, global_mean=m.global_mean,
             num_threads=cfg.num_threads)
         m.item_factors[...] = items
-        if item_bias is not None:
+        if item_bias is not None and m.item_bias is not None:
             m.item_bias[...] = item_bias
 
     def standard_eval(self, data: ClientData, **kw) -> dict:
@@ -232,7 +235,9 @@ class FedAvg(FedRecon):
         super().__init__(config if config is not None else fedavg_config(), model=model, backend=backend)
         if self.config.learn_user_default:
             raise ValueError("FedAvg stores every user's embedding; learn_user_default is for FedRecon")
-        self.users = self.user_bias = None
+        # Filled in by the first round: one stored embedding (and bias) per training client.
+        self.users: np.ndarray = None  # type: ignore[assignment]
+        self.user_bias: np.ndarray | None = None
 
     def _user_state(self, train, clients) -> dict:
         if self.users is None:
@@ -256,12 +261,12 @@ class FedAvg(FedRecon):
 
     def _restore_extra(self, arrays: dict) -> None:
         super()._restore_extra(arrays)
-        self.users = arrays.get("users")
+        self.users = arrays.get("users")  # type: ignore[assignment]  # None until the first round
         self.user_bias = arrays.get("user_bias")
 
     def _store_users(self, clients, result) -> None:
         self.users[clients] = result.users
-        if result.user_bias is not None:
+        if result.user_bias is not None and self.user_bias is not None:
             self.user_bias[clients] = result.user_bias
 
     def standard_eval(self, data: ClientData, **kw) -> dict:

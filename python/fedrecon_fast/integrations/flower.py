@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fedrecon_fast.integrations.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
 from .. import compression
+from . import _records as records
 from .._guards import one_fit_at_a_time
 from .._rng import STREAM_SAMPLE, generator
 from .._validation import check_float, check_int, check_threads
@@ -110,8 +112,8 @@ def save_client_data(data: ClientData, path: str | os.PathLike) -> Path:
     if not isinstance(data, ClientData):
         raise TypeError(f"data must be a ClientData; got {type(data).__name__}")
     path = Path(path)
-    arrays = {"indptr": data.indptr, "items": data.items, "ratings": data.ratings,
-              "user_ids": data.user_ids, "item_ids": data.item_ids}
+    arrays: dict[str, Any] = {"indptr": data.indptr, "items": data.items, "ratings": data.ratings,
+                              "user_ids": data.user_ids, "item_ids": data.item_ids}
     if data.timestamps is not None:
         arrays["timestamps"] = data.timestamps
     with open(path, "wb") as f:
@@ -176,9 +178,9 @@ def _model_record(model: GlobalModel) -> ArrayRecord:
 
 def _model_from(message: Message) -> dict:
     """The broadcast model as the dict client_step takes."""
-    arrays = message.content["arrays"]
-    cfg = message.content["config"]
-    model = {"item_factors": arrays["item_factors"].numpy(), "global_mean": float(cfg["global-mean"])}
+    arrays = message.content.array_records["arrays"]
+    cfg = message.content.config_records["config"]
+    model = {"item_factors": arrays["item_factors"].numpy(), "global_mean": records.number(cfg, "global-mean")}
     if "item_bias" in arrays:
         model["item_bias"] = arrays["item_bias"].numpy()
     return model
@@ -188,7 +190,7 @@ _config_cache: dict[str, FedReconConfig] = {}
 
 
 def _config_from(message: Message) -> FedReconConfig:
-    text = message.content["config"][_CONFIG_KEY]
+    text = records.text(message.content.config_records["config"], _CONFIG_KEY)
     if text not in _config_cache:
         _config_cache[text] = FedReconConfig.from_dict(json.loads(text))
     return _config_cache[text]
@@ -223,8 +225,8 @@ def _update_record(result: ClientResult, config: FedReconConfig) -> ArrayRecord:
 
 def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> ClientResult:
     """Rebuild a client's ClientResult from its reply (decoding a wire buffer)."""
-    arrays = content["update"]
-    metrics = dict(content["metrics"])
+    arrays = content.array_records["update"]
+    metrics = dict(content.metric_records["metrics"])
     N, K = model.item_factors.shape
     bias = arrays["item-bias"].numpy() if "item-bias" in arrays else None
     encoded = None
@@ -255,7 +257,8 @@ def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> C
         raise ValueError("a reply's item-bias values do not match its rows or the model")
     if not (np.isfinite(values).all() and (bias is None or np.isfinite(bias).all())):
         raise ValueError("a reply's update is not finite")
-    weight = float(metrics.pop("weight"))
+    weight = records.number(metrics, "weight")
+    del metrics["weight"]
     metrics = {k.replace("-", "_"): v for k, v in metrics.items()}
     update = ClientUpdate(rows, values, bias, N, dense="rows" not in arrays, encoded=encoded)
     return ClientResult(update, weight, metrics)
@@ -300,9 +303,9 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
 
     def user_data(message: Message, context: Context) -> tuple[ClientData, int, int]:
         user = _partition(context)
-        expected = message.content["config"].get("user") if "config" in message.content else None
-        if expected is not None and int(expected) != user:
-            raise ValueError(f"a message for user {expected} reached the node of user {user}")
+        expected = message.content.config_records["config"].get("user") if "config" in message.content else None
+        if expected is not None and records.integer({"user": expected}, "user") != user:
+            raise ValueError(f"a message for user {expected!r} reached the node of user {user}")
         node_data = _node_data(data, context)
         return node_data, _row(node_data, user), user
 
@@ -317,7 +320,7 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
         node_data, row, user = user_data(message, context)
         config = _config_from(message)
         result = client_step(_model_from(message), node_data, config, client=row, client_id=user,
-                             seed=config.seed, round=int(message.content["config"]["round"]),
+                             seed=config.seed, round=records.integer(message.content.config_records["config"], "round"),
                              num_threads=num_threads)
         m = result.metrics
         metrics = MetricRecord({
@@ -440,7 +443,8 @@ class FedReconStrategy(FedAvg):
             reason = failed[0].error.reason if failed else "no reply"
             raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did "
                                f"not say their partition id ({reason})")
-        users = {m.metadata.src_node_id: int(m.content["metrics"][PARTITION_ID]) for m in replies}
+        users = {m.metadata.src_node_id: records.integer(m.content.metric_records["metrics"], PARTITION_ID)
+                 for m in replies}
         self.node_of_user = {u: n for n, u in users.items() if u < self.num_users}
         missing = sorted(set(range(self.num_users)) - set(self.node_of_user))
         if missing or len(self.node_of_user) != sum(u < self.num_users for u in users.values()):
@@ -482,7 +486,7 @@ class FedReconStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate in cohort order with the native kernel; apply the server optimizer."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=True)
-        reasons = [m.error.reason for m in failed]
+        reasons = [str(m.error.reason) for m in failed]
         results, bytes_up = [], 0
         for m in valid:
             user = self._user_of_node.get(m.metadata.src_node_id)
@@ -494,7 +498,7 @@ class FedReconStrategy(FedAvg):
                 reasons.append(f"unusable reply: {e}")
                 continue
             results.append((self._cohort[user], result))
-            bytes_up += m.content["update"].count_bytes()
+            bytes_up += m.content.array_records["update"].count_bytes()
         self._failures(reasons, "training")
         if not results:
             raise RuntimeError(f"no client replied usefully in round {server_round}")
@@ -504,7 +508,7 @@ class FedReconStrategy(FedAvg):
         row.update(round_seconds=time.perf_counter() - self._round_start, failures=len(reasons),
                    flower_bytes_down=self._bytes_down, flower_bytes_up=bytes_up)
         self.history.append(row)
-        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric: dict[str, Any] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return self.arrays(), MetricRecord(numeric)
 
     def _failures(self, reasons: list[str], what: str) -> None:
@@ -534,11 +538,11 @@ class FedReconStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         """Pool the users' ReconEval sums (example-weighted, as recon_eval)."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=False)
-        self._failures([m.error.reason for m in failed], "evaluation")
+        self._failures([str(m.error.reason) for m in failed], "evaluation")
         if not valid:
             return None
-        sums = [(m.content["metrics"]["sq-err-sum"], m.content["metrics"]["num-examples"],
-                 m.content["metrics"]["num-correct"]) for m in valid]
+        sums = [(m.content.metric_records["metrics"]["sq-err-sum"], m.content.metric_records["metrics"]["num-examples"],
+                 m.content.metric_records["metrics"]["num-correct"]) for m in valid]
         pooled = summarize(*zip(*sums))
         if self.history:
             self.history[-1].update(fed_loss=pooled["loss"], fed_rmse=pooled["rmse"], fed_accuracy=pooled["accuracy"])
@@ -806,8 +810,8 @@ class FlowerFedRecon:
         start = time.perf_counter()
         seconds = before.train_seconds + before.eval_seconds
         first = len(before.history)
-        with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as folder:
+            tmp = Path(folder)
             ckpt = tmp / "checkpoints"
             before.save_checkpoint(ckpt)
             run_config = {"config": json.dumps(before.config.replace(rounds=before.round + rounds).to_dict()),

@@ -55,6 +55,7 @@ from flwr.serverapp import Grid, ServerApp
 from .. import checkpoint, kernels
 from ..config import ClientConfig, FedReconConfig, UpdateCodec, preset
 from ..kernels import ClientUpdates, DenseNoise, RoundResult
+from . import _records as records
 from .partitions import combine, partition_bounds, partition_data, route
 
 __all__ = ["FlowerExecutor", "client_app", "server_app", "load_run_data", "run_config_to_config", "run_server"]
@@ -161,18 +162,19 @@ def _query(message: Message, context: Context) -> Message:
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
     p, parts, num_users, held = _cached_partition(context)
-    arrays = message.content["arrays"]
-    cfg = message.content["config"]
-    if int(cfg[PARTITION_ID]) != p or int(cfg["num-users"]) != num_users:
-        raise ValueError(f"a message for partition {cfg[PARTITION_ID]} of {cfg['num-users']} users reached "
+    arrays = message.content.array_records["arrays"]
+    cfg = message.content.config_records["config"]
+    to, of = records.integer(cfg, PARTITION_ID), records.integer(cfg, "num-users")
+    if to != p or of != num_users:
+        raise ValueError(f"a message for partition {to} of {of} users reached "
                          f"partition {p} of {num_users} users")
     get = lambda name: arrays[name].numpy() if name in arrays else None  # noqa: E731
-    kwargs = json.loads(cfg["kwargs"])
-    kwargs["codec"] = UpdateCodec(**json.loads(cfg["codec"]))
+    kwargs = json.loads(records.text(cfg, "kwargs"))
+    kwargs["codec"] = UpdateCodec(**json.loads(records.text(cfg, "codec")))
     if "user-default" in arrays:
         kwargs["user_default"] = get("user-default")
     u = kernels.client_updates(get("item-factors"), held, get("clients"),
-                               ClientConfig(**json.loads(cfg["client-config"])), item_bias=get("item-bias"),
+                               ClientConfig(**json.loads(records.text(cfg, "client-config"))), item_bias=get("item-bias"),
                                users=get("users"), user_bias=get("user-bias"),
                                num_threads=int(context.run_config.get("node-threads", 1)), **kwargs)
     out = {"offsets": u.offsets, "rows": u.rows, "values": u.values, "bias-values": u.bias_values,
@@ -185,13 +187,16 @@ def _train(message: Message, context: Context) -> Message:
 
 
 def _updates_from(record: ArrayRecord, codec: UpdateCodec) -> ClientUpdates:
-    get = lambda name: record[name].numpy() if name in record else None  # noqa: E731
-    stats = {k[len("stat-"):]: record[k].numpy() for k in record if k.startswith("stat-")}
+    def get(name):
+        return records.optional_array(record, name)
+
+    stats = {k[len("stat-"):]: records.array(record, k) for k in record if k.startswith("stat-")}
     noise = None
     if "noise-key" in record:
-        noise = DenseNoise(get("noise-lo"), get("noise-step"), get("noise-key"), codec.bits, codec.hadamard)
-    return ClientUpdates(get("offsets"), get("rows"), get("values"), get("bias-values"), stats, get("users"),
-                         get("user-bias"), noise)
+        noise = DenseNoise(records.array(record, "noise-lo"), records.array(record, "noise-step"),
+                           records.array(record, "noise-key"), codec.bits, codec.hadamard)
+    return ClientUpdates(records.array(record, "offsets"), records.array(record, "rows"), records.array(record, "values"),
+                         get("bias-values"), stats, get("users"), get("user-bias"), noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,8 +217,8 @@ class FlowerExecutor:
         self.grid = grid
         self.timeout = timeout
         self.node_of_partition: dict[int, int] = {}
-        self.num_users = None
-        self._bounds = None
+        self.num_users: int | None = None
+        self._bounds: np.ndarray = np.zeros(1, np.int64)
 
     def discover(self, num_users: int) -> dict[int, int]:
         """Wait until every partition has a node; check they all hold the same training users."""
@@ -228,7 +233,7 @@ class FlowerExecutor:
                     if reply.has_error():
                         raise RuntimeError(f"node {reply.metadata.src_node_id} failed to say its partition: "
                                            f"{reply.error.reason}")
-                    seen[reply.metadata.src_node_id] = dict(reply.content["metrics"])
+                    seen[reply.metadata.src_node_id] = dict(reply.content.metric_records["metrics"])
             parts = {int(m[NUM_PARTITIONS]) for m in seen.values()}
             if len(parts) > 1:
                 raise RuntimeError(f"the nodes disagree on {NUM_PARTITIONS}: {sorted(parts)}")
@@ -238,12 +243,13 @@ class FlowerExecutor:
                 raise RuntimeError(f"only {len(seen)} node(s) connected within {self.timeout:g} s")
             time.sleep(0.2)
         for node, m in seen.items():
-            if int(m["num-users"]) != num_users:
-                raise RuntimeError(f"node {node} holds a training set of {int(m['num-users'])} users; the server "
+            held, partition = records.integer(m, "num-users"), records.integer(m, PARTITION_ID)
+            if held != num_users:
+                raise RuntimeError(f"node {node} holds a training set of {held} users; the server "
                                    f"has {num_users} (the run config must name the same data everywhere)")
-            if int(m[PARTITION_ID]) in self.node_of_partition:
-                raise RuntimeError(f"two nodes hold partition {int(m[PARTITION_ID])}")
-            self.node_of_partition[int(m[PARTITION_ID])] = node
+            if partition in self.node_of_partition:
+                raise RuntimeError(f"two nodes hold partition {partition}")
+            self.node_of_partition[partition] = node
         self.num_users = num_users
         self._bounds = partition_bounds(num_users, len(self.node_of_partition))
         log(INFO, "FedRecon on %d SuperNodes, %d training users", len(self.node_of_partition), num_users)
@@ -264,6 +270,7 @@ class FlowerExecutor:
         text = json.dumps(scalars)
         client_config = json.dumps(dataclasses.asdict(config or ClientConfig()))
         routes = route(clients, self._bounds)
+        assert self.num_users is not None  # discovered above
         messages = []
         for r in routes:
             arrays = {"item-factors": V, "clients": r.local, "item-bias": item_bias,
@@ -283,7 +290,7 @@ class FlowerExecutor:
         missing = [r.partition for r in routes if self.node_of_partition[r.partition] not in replies]
         if missing:
             raise RuntimeError(f"no reply from the node(s) of partition(s) {missing} within {self.timeout} s")
-        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content["update"], codec)
+        updates = [_updates_from(replies[self.node_of_partition[r.partition]].content.array_records["update"], codec)
                    for r in routes]
         return combine(routes, updates, len(clients), *V.shape, num_threads=num_threads)
 

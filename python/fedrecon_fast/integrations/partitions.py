@@ -111,15 +111,14 @@ def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int,
     entries = int(offsets[-1])
     rows = np.empty(entries, dtype=np.int32)
     values = np.empty((entries, dim), dtype=np.float32)
-    biased = pieces[0][1].bias_values is not None
-    bias = np.empty(entries, dtype=np.float32) if biased else None
+    bias = np.empty(entries, dtype=np.float32) if pieces[0][1].bias_values is not None else None
     for r, u in pieces:
         counts = np.diff(u.offsets)
         # Entry j of a client goes to its cohort position's segment, at the same offset.
         dst = np.repeat(offsets[r.positions] - u.offsets[:-1], counts) + np.arange(len(u.rows))
         rows[dst] = u.rows
         values[dst] = u.values
-        if biased:
+        if bias is not None:
             bias[dst] = u.bias_values
     stats = {key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key])
              for key in pieces[0][1].client_stats}

@@ -12,6 +12,7 @@ the same bits.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,8 @@ class RayExecutor:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             address = address or os.environ.get("RAY_ADDRESS")
-            local = {} if address else {"num_cpus": num_workers * threads_per_worker if num_workers else None}
+            local: dict[str, Any] = {} if address else \
+                {"num_cpus": num_workers * threads_per_worker if num_workers else None}
             # We use no accelerators; this opts in to Ray's future default (and silences its warning).
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -91,7 +93,7 @@ class RayExecutor:
         self.threads_per_worker = threads_per_worker
         self._workers: list | None = []
         self._partition_refs: list = []
-        self._bounds = None
+        self._bounds = np.zeros(1, np.int64)
         self._data = None
 
     @property
@@ -127,7 +129,8 @@ class RayExecutor:
         V_ref = ray.put(V)  # once per round, shared by every call
         bias_ref = None if item_bias is None else ray.put(np.asarray(item_bias))
         routes = route(clients, self._bounds)
-        futures = [self._workers[r.partition].updates.remote(
+        workers = self.workers
+        futures = [workers[r.partition].updates.remote(
             V_ref, bias_ref, r.local, config, None if users is None else users[r.positions],
             None if user_bias is None else user_bias[r.positions], kwargs) for r in routes]
         return combine(routes, ray.get(futures), len(clients), *V.shape, num_threads=num_threads)
