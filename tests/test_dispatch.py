@@ -42,8 +42,14 @@ print(json.dumps({"target": core.TARGET, "threads_equal": bool(np.array_equal(on
 
 def run_child(target: str, prefix=()) -> dict:
     env = dict(os.environ, FEDRECON_TARGET=target)
-    out = subprocess.run([*prefix, sys.executable, "-c", CHILD, str(HERE)], env=env, capture_output=True,
-                         text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", CHILD, str(HERE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,8 +78,9 @@ def test_every_runnable_target_matches_the_reference():
 
 def test_an_unknown_or_unrunnable_target_is_refused():
     env = dict(os.environ, FEDRECON_TARGET="sse9")
-    out = subprocess.run([sys.executable, "-c", "import fedrecon_fast"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fedrecon_fast"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0
     assert "FEDRECON_TARGET='sse9' is not a compiled target this CPU runs" in out.stderr
     assert "compiled: [" in out.stderr
@@ -90,9 +97,10 @@ def test_the_default_build_runs_on_an_old_cpu():
     # QEMU's emulated CPU and picks AVX kernels: OPENBLAS_CORETYPE keeps it on SSE ones.)
     env = dict(os.environ, OPENBLAS_CORETYPE="Nehalem")
     env.pop("FEDRECON_TARGET", None)
-    code = CHILD.replace('sys.argv[1]', repr(str(HERE)))
-    out = subprocess.run([QEMU, "-cpu", "Westmere", sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=900)
+    code = CHILD.replace("sys.argv[1]", repr(str(HERE)))
+    out = subprocess.run(
+        [QEMU, "-cpu", "Westmere", sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["target"] == "baseline"
@@ -110,12 +118,14 @@ def test_the_baseline_module_holds_no_avx_instructions():
     import importlib
 
     path = importlib.import_module("fedrecon_fast._native._core_baseline").__file__
-    asm = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    asm = subprocess.run(
+        [OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     wide = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line]
     assert wide == [], wide[:5]
     if "avx512" in _native.compiled_targets():  # the check itself can see wide registers
         path = importlib.import_module("fedrecon_fast._native._core_avx512").__file__
-        asm = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
-                             check=True, timeout=300).stdout
+        asm = subprocess.run(
+            [OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
         assert "%zmm" in asm

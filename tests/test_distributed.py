@@ -14,14 +14,14 @@ from fedrecon_fast import kernels, partitions
 from fedrecon_fast.baselines import FedAvg, fedavg_config
 
 # Ray's shutdown (at the end of this module) leaves subprocess handles for the garbage collector.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning",
-                                        "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
 def data():
     return ff.synthetic_ratings(num_users=500, num_items=160, seed=11).prepare(
-        max_examples=300, min_examples=1, shuffle_seed=11)
+        max_examples=300, min_examples=1, shuffle_seed=11
+    )
 
 
 def _bits(a):
@@ -103,7 +103,10 @@ def test_partitions_cover_the_users_once():
     assert bounds.tolist() == [0, 3, 6, 8, 10]
     routes = partitions.route([9, 0, 5, 4, 1], bounds)
     assert [(r.partition, r.positions.tolist(), r.local.tolist()) for r in routes] == [
-        (0, [1, 4], [0, 1]), (1, [2, 3], [2, 1]), (3, [0], [1])]
+        (0, [1, 4], [0, 1]),
+        (1, [2, 3], [2, 1]),
+        (3, [0], [1]),
+    ]
 
 
 def test_round_where_nobody_reports_gives_zero_delta(data):
@@ -122,9 +125,15 @@ def test_combine_rejects_pieces_that_do_not_fit(data):
     clients = np.arange(0, 300, 2)
     bounds = partitions.partition_bounds(data.num_clients, 2)
     routes = partitions.route(clients, bounds)
-    ups = [kernels.client_updates(V, partitions.partition_data(data, int(bounds[r.partition]),
-                                                               int(bounds[r.partition + 1])), r.local, cfg.client)
-           for r in routes]
+    ups = [
+        kernels.client_updates(
+            V,
+            partitions.partition_data(data, int(bounds[r.partition]), int(bounds[r.partition + 1])),
+            r.local,
+            cfg.client,
+        )
+        for r in routes
+    ]
     with pytest.raises(ValueError, match="pair one partition"):
         partitions.combine(routes, ups[:1], len(clients), *V.shape)
     with pytest.raises(ValueError, match="returned"):
@@ -179,9 +188,9 @@ def ray_executor():
 
 @pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
 def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trainer):
-    cfg = (ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon
-           else fedavg_config(dim=16, client_lr=0.1)).replace(
-        rounds=3, clients_per_round=200, eval_every=3)
+    cfg = (
+        ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon else fedavg_config(dim=16, client_lr=0.1)
+    ).replace(rounds=3, clients_per_round=200, eval_every=3)
     train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
     local = trainer(cfg).fit(train, val)
     remote = trainer(cfg, backend=ray_executor).fit(train, val)
@@ -244,9 +253,15 @@ def test_reduce_updates_of_client_updates_is_the_fused_round(data, case, num_cli
     ups = kernels.client_updates(model.item_factors, data, clients, cfg.client, **kw)
     # A dense update quantized with one scale carries its untouched rows' noise (ups.noise).
     assert (ups.noise is not None) == (codec.bits > 0 and not codec.sparse and not codec.row_scaling)
-    delta, delta_bias, total = kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights,
-                                                      num_items=data.num_items, bias_values=ups.bias_values,
-                                                      noise=ups.noise)
+    delta, delta_bias, total = kernels.reduce_updates(
+        ups.rows,
+        ups.values,
+        ups.offsets,
+        ups.weights,
+        num_items=data.num_items,
+        bias_values=ups.bias_values,
+        noise=ups.noise,
+    )
     assert np.array_equal(_bits(delta), _bits(want.delta))
     assert (delta_bias is None) == (want.delta_bias is None)
     if delta_bias is not None:

@@ -29,8 +29,12 @@ def sgd_reference(V, delta, lr):
     return out
 
 
-CODECS = [ff.UpdateCodec(), ff.UpdateCodec(bits=8, sparse=True), ff.UpdateCodec(bits=4, sparse=True, row_scaling=True),
-          ff.UpdateCodec(bits=6, sparse=False)]  # the last: every row gets quantization noise
+CODECS = [
+    ff.UpdateCodec(),
+    ff.UpdateCodec(bits=8, sparse=True),
+    ff.UpdateCodec(bits=4, sparse=True, row_scaling=True),
+    ff.UpdateCodec(bits=6, sparse=False),
+]  # the last: every row gets quantization noise
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=["plain", "q8-sparse", "q4-row", "q6-dense"])
@@ -135,10 +139,18 @@ def _without_timing(history):
     return [{k: v for k, v in row.items() if not any(t in k for t in TIMING)} for row in history]
 
 
-@pytest.mark.parametrize(("trainer_class", "kw"), [
-    (ff.FedRecon, dict()), (ff.FedRecon, dict(server_lr=0.6)), (ff.FedRecon, dict(biases=True)),
-    (ff.FedRecon, dict(num_threads=2)), (ff.FedRecon, dict(quantize_bits=4, quantize_threshold=0)),
-    (baselines.FedAvg, dict(biases=True))], ids=["paper", "lr0.6", "bias", "2threads", "q4-dense", "fedavg"])
+@pytest.mark.parametrize(
+    ("trainer_class", "kw"),
+    [
+        (ff.FedRecon, dict()),
+        (ff.FedRecon, dict(server_lr=0.6)),
+        (ff.FedRecon, dict(biases=True)),
+        (ff.FedRecon, dict(num_threads=2)),
+        (ff.FedRecon, dict(quantize_bits=4, quantize_threshold=0)),
+        (baselines.FedAvg, dict(biases=True)),
+    ],
+    ids=["paper", "lr0.6", "bias", "2threads", "q4-dense", "fedavg"],
+)
 def test_fit_with_the_in_place_step_is_bit_identical(problem, trainer_class, kw):
     data, _, _ = problem
     a, calls_a = _fit(data, True, trainer_class, **kw)
@@ -157,8 +169,7 @@ def test_fit_with_the_in_place_step_is_bit_identical(problem, trainer_class, kw)
 
 def test_fit_keeps_the_dense_step_where_the_kernel_cannot_take_it(problem):
     data, _, _ = problem
-    for kw in (dict(server_optimizer="adam", server_lr=0.01),
-               dict(dp_clip=1.0, dp_noise=0.0, weighting="uniform")):
+    for kw in (dict(server_optimizer="adam", server_lr=0.01), dict(dp_clip=1.0, dp_noise=0.0, weighting="uniform")):
         _, calls = _fit(data, True, **kw)
         assert calls and not any(calls), kw
 
@@ -176,8 +187,7 @@ def test_in_place_divergence_is_the_same_clear_error(problem):
     data, _, _ = problem
     messages = []
     for in_place in (True, False):
-        trainer = ff.FedRecon(ff.preset("paper", rounds=3, clients_per_round=30, dim=8,
-                                        client_lr=3.0, server_lr=3e38))
+        trainer = ff.FedRecon(ff.preset("paper", rounds=3, clients_per_round=30, dim=8, client_lr=3.0, server_lr=3e38))
         trainer.in_place_step = in_place
         with pytest.raises(FloatingPointError) as err:
             with np.errstate(over="ignore"):

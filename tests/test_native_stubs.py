@@ -39,8 +39,11 @@ def _stub() -> tuple[dict, dict, set]:
         if isinstance(node, ast.FunctionDef):
             functions[node.name] = node
         elif isinstance(node, ast.ClassDef):
-            classes[node.name] = {n.name if isinstance(n, ast.FunctionDef) else n.target.id: n
-                                  for n in node.body if isinstance(n, (ast.FunctionDef, ast.AnnAssign))}
+            classes[node.name] = {
+                n.name if isinstance(n, ast.FunctionDef) else n.target.id: n
+                for n in node.body
+                if isinstance(n, (ast.FunctionDef, ast.AnnAssign))
+            }
         elif isinstance(node, ast.AnnAssign):
             constants.add(node.target.id)
     return functions, classes, constants
@@ -98,9 +101,11 @@ def test_every_class_has_the_stub_members(module):
         cls = getattr(module, cls_name)
         assert _public(dir(cls)) == _public(members) - {"__init__"}, cls_name
         for name, node in members.items():
-            if isinstance(node, ast.FunctionDef) and not any(
-                    isinstance(d, ast.Attribute) and d.attr == "setter" for d in node.decorator_list) \
-                    and not any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list):
+            if (
+                isinstance(node, ast.FunctionDef)
+                and not any(isinstance(d, ast.Attribute) and d.attr == "setter" for d in node.decorator_list)
+                and not any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
+            ):
                 assert _bound_parameters(getattr(cls, name)) == _stub_parameters(node), f"{cls_name}.{name}"
 
 
@@ -113,5 +118,6 @@ def test_configuration_dataclasses_have_the_native_structs_fields():
         return {n for n in dir(struct) if not n.startswith("_")}
 
     assert {f.name for f in dataclasses.fields(ff.UpdateCodec)} == fields(core.UpdateCodec())
-    assert {f.name for f in dataclasses.fields(ff.ClientConfig)} | {"user_default", "user_bias_default"} \
-        == fields(core.ClientConfig())
+    assert {f.name for f in dataclasses.fields(ff.ClientConfig)} | {"user_default", "user_bias_default"} == fields(
+        core.ClientConfig()
+    )

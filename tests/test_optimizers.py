@@ -497,7 +497,9 @@ def test_bad_hyperparameters_raise_naming_the_argument(name, kwargs, arg):
     # A value of the wrong kind (a string, a bool for a number, a number for a bool) is a
     # TypeError, a bad value of the right kind a ValueError: the package's one rule.
     value = next(iter(kwargs.values()))
-    wrong_kind = isinstance(value, (str, bool)) or (arg in ("nesterov", "bias_correction") and not isinstance(value, bool))
+    wrong_kind = isinstance(value, (str, bool)) or (
+        arg in ("nesterov", "bias_correction") and not isinstance(value, bool)
+    )
     with pytest.raises(TypeError if wrong_kind else ValueError, match=rf"^{arg} must"):
         make_optimizer(name, **kwargs)
 

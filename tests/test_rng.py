@@ -33,8 +33,7 @@ def test_mix64_of_zero_is_the_splitmix64_reference_output():
     assert _rng.mix64(0) == 0xE220A8397B1DCDAF
 
 
-@pytest.mark.parametrize("args", [(0, 0, 0, 0), (1, 2, 3, 4), (2**64 - 1, 500, 6040, 4),
-                                  (123456789, 0, 2**63, 1)])
+@pytest.mark.parametrize("args", [(0, 0, 0, 0), (1, 2, 3, 4), (2**64 - 1, 500, 6040, 4), (123456789, 0, 2**63, 1)])
 def test_derive_seed_matches_hand_coded_steps(args):
     assert _rng.derive_seed(*args) == reference_derive_seed(*args)
 
@@ -46,8 +45,7 @@ def test_derive_seed_zero_value():
 
 
 def test_negative_inputs_wrap_modulo_2_64():
-    assert _rng.derive_seed(-1, -2, -3, -4) == _rng.derive_seed(2**64 - 1, 2**64 - 2,
-                                                               2**64 - 3, 2**64 - 4)
+    assert _rng.derive_seed(-1, -2, -3, -4) == _rng.derive_seed(2**64 - 1, 2**64 - 2, 2**64 - 3, 2**64 - 4)
     assert _rng.derive_seed(2**64 + 5, 0, 0, 0) == _rng.derive_seed(5, 0, 0, 0)
 
 
@@ -80,10 +78,12 @@ def test_stream_numbers_are_the_cpp_enum_number_by_number():
 
 def test_mix64_array_matches_scalar_elementwise():
     rng = np.random.default_rng(0)
-    x = np.concatenate([
-        rng.integers(0, 2**64 - 1, size=200, dtype=np.uint64, endpoint=True),
-        np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
-    ])
+    x = np.concatenate(
+        [
+            rng.integers(0, 2**64 - 1, size=200, dtype=np.uint64, endpoint=True),
+            np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
+        ]
+    )
     before = x.copy()
     out = _rng.mix64_array(x)
     assert out.dtype == np.uint64 and out.shape == x.shape
@@ -131,9 +131,9 @@ def test_non_integer_arguments_rejected():
 
 def test_matches_the_cpp_core():
     from fedrecon_fast._native import core
+
     rng = np.random.default_rng(1)
     cases = [(0, 0, 0, 0), (2**64 - 1, 2**64 - 1, 2**64 - 1, 4)]
-    cases += [tuple(int(v) for v in rng.integers(0, 2**64 - 1, 4, dtype=np.uint64, endpoint=True))
-              for _ in range(20)]
+    cases += [tuple(int(v) for v in rng.integers(0, 2**64 - 1, 4, dtype=np.uint64, endpoint=True)) for _ in range(20)]
     for args in cases:
         assert core.derive_seed(*args) == _rng.derive_seed(*args), args

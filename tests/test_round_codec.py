@@ -30,8 +30,13 @@ CODECS = [
 ]
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"b{c.bits}-{'sparse' if c.sparse else 'dense'}"
-                                                        f"{'-row' if c.row_scaling else ''}{'-had' if c.hadamard else ''}")
+@pytest.mark.parametrize(
+    "codec",
+    CODECS,
+    ids=lambda c: (
+        f"b{c.bits}-{'sparse' if c.sparse else 'dense'}{'-row' if c.row_scaling else ''}{'-had' if c.hadamard else ''}"
+    ),
+)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_round_equals_encode_decode_through_the_wire(setup, codec, threads):
     d, cfg, V, clients = setup
@@ -44,8 +49,9 @@ def test_fused_round_equals_encode_decode_through_the_wire(setup, codec, threads
         if w[k] <= 0:
             continue
         rows, vals, _ = raw.client(k)
-        common = dict(scaling="row" if codec.row_scaling else "tensor", hadamard=codec.hadamard,
-                      seed=3, round=7, client=int(c))
+        common = dict(
+            scaling="row" if codec.row_scaling else "tensor", hadamard=codec.hadamard, seed=3, round=7, client=int(c)
+        )
         if codec.sparse:
             buf = C.encode_sparse(rows, vals, codec.bits, num_rows=V.shape[0], **common)
         else:
@@ -109,5 +115,6 @@ def test_codec_validation(setup):
     with pytest.raises(TypeError, match="DenseNoise"):
         ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights, num_items=V.shape[0], noise=(1, 2))
     with pytest.raises(ValueError, match="noise must describe"):
-        ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights, num_items=V.shape[0],
-                                  noise=ups.noise.take(np.arange(2)))
+        ff.kernels.reduce_updates(
+            ups.rows, ups.values, ups.offsets, ups.weights, num_items=V.shape[0], noise=ups.noise.take(np.arange(2))
+        )

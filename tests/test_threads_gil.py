@@ -21,17 +21,20 @@ def busy():
     everyone = np.arange(data.num_clients)
     ups = ff.client_updates(V, data, np.tile(everyone, 10), cfg.client, num_threads=1)
     x = np.random.default_rng(0).normal(size=(16000, 512)).astype(np.float32)
-    return SimpleNamespace(data=data, client=cfg.client, V=V, ups=ups, x=x,
-                           cohort=lambda times: np.tile(everyone, times))
+    return SimpleNamespace(
+        data=data, client=cfg.client, V=V, ups=ups, x=x, cohort=lambda times: np.tile(everyone, times)
+    )
 
 
 GIL_CALLS = {
     "train_round": lambda b: ff.train_round(b.V, b.data, b.cohort(20), b.client, num_threads=1),
-    "train_rounds": lambda b: ff.kernels.train_rounds(b.V.copy(), b.data, b.client, num_rounds=300,
-                                                      clients_per_round=200, num_threads=1),
+    "train_rounds": lambda b: ff.kernels.train_rounds(
+        b.V.copy(), b.data, b.client, num_rounds=300, clients_per_round=200, num_threads=1
+    ),
     "client_updates": lambda b: ff.client_updates(b.V, b.data, b.cohort(5), b.client, num_threads=1),
-    "reduce_updates": lambda b: ff.kernels.reduce_updates(b.ups.rows, b.ups.values, b.ups.offsets, b.ups.weights,
-                                                          num_items=len(b.V), num_threads=1),
+    "reduce_updates": lambda b: ff.kernels.reduce_updates(
+        b.ups.rows, b.ups.values, b.ups.offsets, b.ups.weights, num_items=len(b.V), num_threads=1
+    ),
     "reconstruct_users": lambda b: ff.reconstruct_users(b.V, b.data, b.cohort(60), b.client, num_threads=1),
     "evaluate_users": lambda b: ff.evaluate_users(b.V, b.data, b.cohort(10), b.client, k=10, num_threads=1),
     "infer_users": lambda b: ff.infer_users(b.V, b.data, b.cohort(60), b.client, num_threads=1),
@@ -68,7 +71,8 @@ def test_a_python_thread_runs_while_a_kernel_computes(busy, name):
     longest_pause = float(np.diff([start, *inside, end]).max())
     assert end - start > 0.02, "the call is too short to tell"
     assert longest_pause < 0.5 * (end - start), (
-        f"{name}: Python stood still for {longest_pause * 1e3:.0f} of the call's {(end - start) * 1e3:.0f} ms")
+        f"{name}: Python stood still for {longest_pause * 1e3:.0f} of the call's {(end - start) * 1e3:.0f} ms"
+    )
 
 
 def test_concurrent_calls_from_python_threads_match_serial_results():
@@ -97,23 +101,44 @@ def test_every_cohort_kernel_is_reentrant_across_python_threads():
     clients = np.arange(0, 300, 2)
     ups = ff.client_updates(model.item_factors, data, clients, config.client, **common)
     calls = {
-        "train_round": lambda r: ff.train_round(model.item_factors, data, clients, config.client, round=r,
-                                                codec=ff.UpdateCodec(bits=8), **common).delta,
+        "train_round": lambda r: (
+            ff.train_round(
+                model.item_factors, data, clients, config.client, round=r, codec=ff.UpdateCodec(bits=8), **common
+            ).delta
+        ),
         # The native loop updates the model in place: on copies.
-        "rounds": lambda r: ff.kernels.train_rounds(model.item_factors.copy(), data, config.client, first_round=r,
-                                                    num_rounds=2, clients_per_round=40, item_bias=model.item_bias.copy(),
-                                                    global_mean=model.global_mean, num_threads=2)["loss_sum"],
-        "updates": lambda r: ff.client_updates(model.item_factors, data, clients, config.client, round=r,
-                                               **common).values,
-        "reduce": lambda r: ff.kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights * (r + 1),
-                                                      num_items=data.num_items, bias_values=ups.bias_values,
-                                                      num_threads=2)[0],
-        "reconstruct": lambda r: ff.reconstruct_users(model.item_factors, data, clients, config.client, round=r,
-                                                      **common)[0],
-        "evaluate": lambda r: ff.evaluate_users(model.item_factors, data, clients, config.client, round=r, k=10,
-                                                **common)["ndcg"],
-        "recommend": lambda r: ff.kernels.recommend_users(model.item_factors, data, clients, config.client,
-                                                          round=r, k=5, **common)[0],
+        "rounds": lambda r: ff.kernels.train_rounds(
+            model.item_factors.copy(),
+            data,
+            config.client,
+            first_round=r,
+            num_rounds=2,
+            clients_per_round=40,
+            item_bias=model.item_bias.copy(),
+            global_mean=model.global_mean,
+            num_threads=2,
+        )["loss_sum"],
+        "updates": lambda r: (
+            ff.client_updates(model.item_factors, data, clients, config.client, round=r, **common).values
+        ),
+        "reduce": lambda r: ff.kernels.reduce_updates(
+            ups.rows,
+            ups.values,
+            ups.offsets,
+            ups.weights * (r + 1),
+            num_items=data.num_items,
+            bias_values=ups.bias_values,
+            num_threads=2,
+        )[0],
+        "reconstruct": lambda r: ff.reconstruct_users(
+            model.item_factors, data, clients, config.client, round=r, **common
+        )[0],
+        "evaluate": lambda r: ff.evaluate_users(
+            model.item_factors, data, clients, config.client, round=r, k=10, **common
+        )["ndcg"],
+        "recommend": lambda r: ff.kernels.recommend_users(
+            model.item_factors, data, clients, config.client, round=r, k=5, **common
+        )[0],
     }
     jobs = [(name, r) for name in calls for r in range(3)]
     serial = [calls[name](r) for name, r in jobs]

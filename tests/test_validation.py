@@ -11,17 +11,17 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import csr, random_client_data
 
+from conftest import csr, random_client_data
 from fedrecon_fast._native import core as _core
-from fedrecon_fast.config import ClientConfig
 from fedrecon_fast._native.structs import client_config
+from fedrecon_fast.config import ClientConfig
 from fedrecon_fast.kernels import (
     client_updates,
     evaluate_users,
     infer_users,
-    reconstruct_users,
     recommend_users,
+    reconstruct_users,
     train_round,
 )
 
@@ -77,8 +77,12 @@ def test_valid_call_runs(kernel, data, V):
 @parametrize_kernels
 @pytest.mark.parametrize(
     "bad",
-    [np.ones((NUM_ITEMS, DIM), dtype=np.complex64), np.full((NUM_ITEMS, DIM), None, dtype=object),
-     np.full((NUM_ITEMS, DIM), "a"), np.ones((NUM_ITEMS, DIM), dtype=bool)],
+    [
+        np.ones((NUM_ITEMS, DIM), dtype=np.complex64),
+        np.full((NUM_ITEMS, DIM), None, dtype=object),
+        np.full((NUM_ITEMS, DIM), "a"),
+        np.ones((NUM_ITEMS, DIM), dtype=bool),
+    ],
     ids=["complex", "object", "str", "bool"],
 )
 def test_item_factors_dtype(kernel, data, bad):
@@ -87,9 +91,7 @@ def test_item_factors_dtype(kernel, data, bad):
 
 
 @parametrize_kernels
-@pytest.mark.parametrize(
-    "shape", [(NUM_ITEMS,), (NUM_ITEMS, DIM, 1), ()], ids=["1d", "3d", "0d"]
-)
+@pytest.mark.parametrize("shape", [(NUM_ITEMS,), (NUM_ITEMS, DIM, 1), ()], ids=["1d", "3d", "0d"])
 def test_item_factors_ndim(kernel, data, shape):
     with pytest.raises(ValueError, match="item_factors"):
         kernel(np.zeros(shape, dtype=np.float32), data)
@@ -117,8 +119,13 @@ def test_item_factors_not_finite(kernel, data, V, value):
 
 @parametrize_kernels
 @pytest.mark.parametrize(
-    "bias", [np.zeros(NUM_ITEMS - 1), np.zeros(NUM_ITEMS + 1), np.zeros((NUM_ITEMS, 1)),
-             np.array([0.0] * (NUM_ITEMS - 1) + [np.nan])],
+    "bias",
+    [
+        np.zeros(NUM_ITEMS - 1),
+        np.zeros(NUM_ITEMS + 1),
+        np.zeros((NUM_ITEMS, 1)),
+        np.array([0.0] * (NUM_ITEMS - 1) + [np.nan]),
+    ],
     ids=["short", "long", "2d", "nan"],
 )
 def test_item_bias_mismatch(kernel, data, V, bias):
@@ -179,9 +186,14 @@ def test_config_must_be_a_client_config(kernel, data, V):
 @parametrize_kernels
 @pytest.mark.parametrize(
     ("name", "value", "error"),
-    [("seed", -1, ValueError), ("seed", 1.5, TypeError), ("round", -2, ValueError),
-     ("num_threads", -1, ValueError), ("global_mean", np.nan, ValueError),
-     ("global_mean", "3", TypeError)],
+    [
+        ("seed", -1, ValueError),
+        ("seed", 1.5, TypeError),
+        ("round", -2, ValueError),
+        ("num_threads", -1, ValueError),
+        ("global_mean", np.nan, ValueError),
+        ("global_mean", "3", TypeError),
+    ],
 )
 def test_scalar_arguments(kernel, data, V, name, value, error):
     with pytest.raises(error, match=name):
@@ -204,12 +216,29 @@ def test_check_finite_false_lets_non_finite_values_through(data, V):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 0), ("batch_size", -3), ("split", "even-odd"), ("recon", "newton"),
-     ("init", "normal"), ("weighting", "size"), ("support_fraction", 1.5),
-     ("support_fraction", -0.1), ("init_scale", -0.05), ("recon_epochs", -1),
-     ("update_epochs", -1), ("recon_steps_max", 0), ("update_steps_max", -5),
-     ("recon_lr", -0.1), ("client_lr", -1e-3), ("client_lr", np.inf), ("recon_lr", np.nan),
-     ("recon_l2", -1.0), ("update_l2", -0.5), ("ridge", 0.0), ("ridge", -1.0)],
+    [
+        ("batch_size", 0),
+        ("batch_size", -3),
+        ("split", "even-odd"),
+        ("recon", "newton"),
+        ("init", "normal"),
+        ("weighting", "size"),
+        ("support_fraction", 1.5),
+        ("support_fraction", -0.1),
+        ("init_scale", -0.05),
+        ("recon_epochs", -1),
+        ("update_epochs", -1),
+        ("recon_steps_max", 0),
+        ("update_steps_max", -5),
+        ("recon_lr", -0.1),
+        ("client_lr", -1e-3),
+        ("client_lr", np.inf),
+        ("recon_lr", np.nan),
+        ("recon_l2", -1.0),
+        ("update_l2", -0.5),
+        ("ridge", 0.0),
+        ("ridge", -1.0),
+    ],
 )
 def test_client_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -218,8 +247,14 @@ def test_client_config_rejects_bad_values(field, value):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 2.5), ("batch_size", True), ("recon_epochs", "3"), ("client_lr", "0.1"),
-     ("reshuffle", 1), ("joint", "yes")],
+    [
+        ("batch_size", 2.5),
+        ("batch_size", True),
+        ("recon_epochs", "3"),
+        ("client_lr", "0.1"),
+        ("reshuffle", 1),
+        ("joint", "yes"),
+    ],
 )
 def test_client_config_rejects_bad_types(field, value):
     with pytest.raises(TypeError, match=field):
@@ -227,9 +262,17 @@ def test_client_config_rejects_bad_types(field, value):
 
 
 def test_client_config_accepts_boundaries():
-    config = ClientConfig(batch_size=1, support_fraction=0.0, init_scale=0.0, recon_epochs=0,
-                          update_epochs=0, recon_lr=0.0, client_lr=0.0, recon_steps_max=1,
-                          ridge=1e-6)
+    config = ClientConfig(
+        batch_size=1,
+        support_fraction=0.0,
+        init_scale=0.0,
+        recon_epochs=0,
+        update_epochs=0,
+        recon_lr=0.0,
+        client_lr=0.0,
+        recon_steps_max=1,
+        ridge=1e-6,
+    )
     native = client_config(config)
     assert (native.batch_size, native.recon_steps_max, native.update_steps_max) == (1, 1, 0)
 
@@ -256,8 +299,14 @@ def core_args(**changes):
     return args
 
 
-CORE_FUNCTIONS = [_core.train_round, _core.client_updates, _core.reconstruct_users, _core.evaluate_users,
-                  _core.infer_users, functools.partial(_core.recommend_users, k=3)]
+CORE_FUNCTIONS = [
+    _core.train_round,
+    _core.client_updates,
+    _core.reconstruct_users,
+    _core.evaluate_users,
+    _core.infer_users,
+    functools.partial(_core.recommend_users, k=3),
+]
 parametrize_core = pytest.mark.parametrize("fn", CORE_FUNCTIONS, ids=kernel_ids)
 
 
@@ -366,7 +415,8 @@ def test_valid_stateful_call_runs(kernel, data, V, biases):
 
 @parametrize_stateful
 @pytest.mark.parametrize(
-    "shape", [(2, DIM), (4, DIM), (3, DIM + 1), (3, DIM - 1), (3,), (3 * DIM,), (3, DIM, 1), ()],
+    "shape",
+    [(2, DIM), (4, DIM), (3, DIM + 1), (3, DIM - 1), (3,), (3 * DIM,), (3, DIM, 1), ()],
     ids=["fewer-rows", "more-rows", "wide", "narrow", "1d", "flat", "3d", "0d"],
 )
 def test_users_shape(kernel, data, V, shape):
@@ -385,8 +435,12 @@ def test_users_rows_follow_the_default_cohort(kernel, data, V):
 @parametrize_stateful
 @pytest.mark.parametrize(
     "bad",
-    [np.ones((3, DIM), dtype=np.complex64), np.full((3, DIM), None, dtype=object),
-     np.full((3, DIM), "a"), np.ones((3, DIM), dtype=bool)],
+    [
+        np.ones((3, DIM), dtype=np.complex64),
+        np.full((3, DIM), None, dtype=object),
+        np.full((3, DIM), "a"),
+        np.ones((3, DIM), dtype=bool),
+    ],
     ids=["complex", "object", "str", "bool"],
 )
 def test_users_dtype(kernel, data, V, bad):
@@ -406,10 +460,12 @@ def test_users_not_finite(kernel, data, V, value):
 @parametrize_stateful
 @pytest.mark.parametrize(
     "kw",
-    [dict(users=np.zeros((3, DIM)), user_bias=np.zeros(3)),  # user_bias without item_bias
-     dict(users=np.zeros((3, DIM)), item_bias=np.zeros(NUM_ITEMS)),  # item_bias without user_bias
-     dict(user_bias=np.zeros(3)),  # user_bias without users
-     dict(user_bias=np.zeros(3), item_bias=np.zeros(NUM_ITEMS))],
+    [
+        dict(users=np.zeros((3, DIM)), user_bias=np.zeros(3)),  # user_bias without item_bias
+        dict(users=np.zeros((3, DIM)), item_bias=np.zeros(NUM_ITEMS)),  # item_bias without user_bias
+        dict(user_bias=np.zeros(3)),  # user_bias without users
+        dict(user_bias=np.zeros(3), item_bias=np.zeros(NUM_ITEMS)),
+    ],
     ids=["no-item-bias", "no-user-bias", "no-users", "no-users-with-item-bias"],
 )
 def test_user_bias_goes_with_item_bias_and_users(kernel, data, V, kw):
@@ -420,8 +476,13 @@ def test_user_bias_goes_with_item_bias_and_users(kernel, data, V, kw):
 @parametrize_stateful
 @pytest.mark.parametrize(
     ("bias", "error"),
-    [(np.zeros(2), ValueError), (np.zeros(4), ValueError), (np.zeros((3, 1)), ValueError),
-     (np.array([0.0, np.nan, 0.0]), ValueError), (np.zeros(3, dtype=complex), TypeError)],
+    [
+        (np.zeros(2), ValueError),
+        (np.zeros(4), ValueError),
+        (np.zeros((3, 1)), ValueError),
+        (np.array([0.0, np.nan, 0.0]), ValueError),
+        (np.zeros(3, dtype=complex), TypeError),
+    ],
     ids=["short", "long", "2d", "nan", "complex"],
 )
 def test_user_bias_values(kernel, data, V, bias, error):
@@ -439,20 +500,50 @@ CORE_STATEFUL = [_core.train_round, _core.client_updates]
         ({"users": np.zeros((3, 2), dtype=np.float32)}, ValueError, "users"),
         ({"users": np.zeros((2, 3), dtype=np.float32)}, ValueError, "users"),
         ({"users": np.zeros(4, dtype=np.float32)}, ValueError, "users"),
-        ({"users": np.zeros((2, 2), dtype=np.float32), "user_bias": np.zeros(2, dtype=np.float32)},
-         ValueError, "user_bias"),
+        (
+            {"users": np.zeros((2, 2), dtype=np.float32), "user_bias": np.zeros(2, dtype=np.float32)},
+            ValueError,
+            "user_bias",
+        ),
         ({"user_bias": np.zeros(2, dtype=np.float32)}, ValueError, "user_bias"),
-        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32)},
-         ValueError, "user_bias"),
-        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32),
-          "user_bias": np.zeros(3, dtype=np.float32)}, ValueError, "user_bias"),
-        ({"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32),
-          "user_bias": np.zeros((2, 1), dtype=np.float32)}, ValueError, "user_bias"),
+        (
+            {"users": np.zeros((2, 2), dtype=np.float32), "item_bias": np.zeros(4, dtype=np.float32)},
+            ValueError,
+            "user_bias",
+        ),
+        (
+            {
+                "users": np.zeros((2, 2), dtype=np.float32),
+                "item_bias": np.zeros(4, dtype=np.float32),
+                "user_bias": np.zeros(3, dtype=np.float32),
+            },
+            ValueError,
+            "user_bias",
+        ),
+        (
+            {
+                "users": np.zeros((2, 2), dtype=np.float32),
+                "item_bias": np.zeros(4, dtype=np.float32),
+                "user_bias": np.zeros((2, 1), dtype=np.float32),
+            },
+            ValueError,
+            "user_bias",
+        ),
         ({"users": np.zeros((2, 2))}, TypeError, "incompatible function arguments"),
         ({"users": np.zeros((2, 4), dtype=np.float32)[:, ::2]}, TypeError, "incompatible function arguments"),
     ],
-    ids=["rows", "cols", "1d", "bias-without-item-bias", "bias-without-users", "missing-bias",
-         "bias-length", "bias-2d", "float64", "strided"],
+    ids=[
+        "rows",
+        "cols",
+        "1d",
+        "bias-without-item-bias",
+        "bias-without-users",
+        "missing-bias",
+        "bias-length",
+        "bias-2d",
+        "float64",
+        "strided",
+    ],
 )
 def test_core_rejects_bad_user_state(fn, changes, error, match):
     with pytest.raises(error, match=match):

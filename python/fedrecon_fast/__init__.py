@@ -17,16 +17,12 @@ The package in layers, each depending only on those above it:
   command line, ``cli``.
 """
 
-from . import _moved
+from . import _moved, accounting, aggregation, compression, functional, inference, privacy, sampling
 from ._native import __version__, show_config
-
-_moved.install()
-
-from . import accounting, aggregation, compression, functional, inference, privacy, sampling  # noqa: E402
-from .experiments import baselines  # noqa: E402
 from .config import PRESETS, ClientConfig, DpParams, FedReconConfig, UpdateCodec, preset
 from .data import ClientData, DataConfig, split_by_time, split_users
 from .evaluation import leave_one_out, recon_eval
+from .experiments import baselines
 from .functional import ClientResult, ClientUpdate, ServerState, client_step, server_init, server_step
 from .kernels import (
     ClientUpdates,
@@ -35,8 +31,8 @@ from .kernels import (
     derive_seed,
     evaluate_users,
     infer_users,
-    reconstruct_users,
     recommend_users,
+    reconstruct_users,
     train_round,
 )
 from .model import GlobalModel
@@ -45,6 +41,8 @@ from .optimizers import make_optimizer
 from .splits import ClientSplits, split_ratings
 from .synthetic import synthetic_ratings
 from .training import FedRecon, sample_clients
+
+_moved.install()  # fedrecon_fast.flower, .distributed, .baselines, ... keep importing
 
 __all__ = [
     "__version__",

@@ -77,11 +77,15 @@ def as_float32_vector(x, name: str, *, size: int | None = None, check_finite: bo
 def writable_float32(x, name: str, ndim: int, *, error: type = ValueError) -> np.ndarray:
     """``x`` itself if it is a writeable C-contiguous ``ndim``-D float32 ndarray, for arrays a
     kernel updates in place (a converted copy would silently lose the update); else ``error``."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != ndim \
-            or not x.flags.c_contiguous or not x.flags.writeable:
+    if (
+        not isinstance(x, np.ndarray)
+        or x.dtype != np.float32
+        or x.ndim != ndim
+        or not x.flags.c_contiguous
+        or not x.flags.writeable
+    ):
         got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".rstrip()
-        raise error(f"{name} must be a writeable C-contiguous {ndim}-D float32 ndarray "
-                    f"(updated in place); got {got}")
+        raise error(f"{name} must be a writeable C-contiguous {ndim}-D float32 ndarray (updated in place); got {got}")
     return x
 
 
@@ -100,8 +104,7 @@ def as_index_array(x, name: str, *, upper: int) -> np.ndarray:
     return arr
 
 
-def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
-              allow_none: bool = False):
+def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False):
     """``value`` as a Python int (None passes with ``allow_none``): an integer (NumPy's too, not
     a bool) in ``[minimum, maximum]``."""
     if value is None and allow_none:
@@ -160,8 +163,9 @@ def check_threads(value, name: str = "num_threads") -> int:
     return check_int(value, name, minimum=0, maximum=MAX_NUM_THREADS)
 
 
-def check_float(value, name: str, *, minimum: float | None = None, maximum: float | None = None,
-                strict: bool = False) -> float:
+def check_float(
+    value, name: str, *, minimum: float | None = None, maximum: float | None = None, strict: bool = False
+) -> float:
     """``value`` as a Python float: a finite real number (not a bool) in ``[minimum, maximum]``
     (``(minimum, maximum]`` when ``strict``)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

@@ -16,7 +16,6 @@ description of a run; :attr:`FedReconConfig.codec`, :attr:`FedReconConfig.dp` an
 from __future__ import annotations
 
 import dataclasses
-import math
 import textwrap
 from dataclasses import dataclass, field
 
@@ -104,18 +103,19 @@ class ClientConfig:
         check_float(self.recon_l2, "recon_l2", minimum=0.0, maximum=FLOAT32_MAX)
         check_float(self.ridge, "ridge", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
         check_int(self.update_epochs, "update_epochs", minimum=0, maximum=_INT32_MAX)
-        check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX,
-                  allow_none=True)
+        check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX, allow_none=True)
         check_float(self.client_lr, "client_lr", minimum=0.0, maximum=FLOAT32_MAX)
         check_float(self.update_l2, "update_l2", minimum=0.0, maximum=FLOAT32_MAX)
         check_choice(self.weighting, "weighting", WEIGHTINGS)
         for name in ("reshuffle", "joint"):
             check_bool(getattr(self, name), name)
         # NumPy scalars pass the checks: store Python numbers, so to_dict() is JSON (model files).
-        _store_builtin(self, ("batch_size", "recon_epochs", "recon_steps_max", "update_epochs",
-                              "update_steps_max"), int)
-        _store_builtin(self, ("support_fraction", "init_scale", "recon_lr", "recon_l2", "ridge",
-                              "client_lr", "update_l2"), float)
+        _store_builtin(
+            self, ("batch_size", "recon_epochs", "recon_steps_max", "update_epochs", "update_steps_max"), int
+        )
+        _store_builtin(
+            self, ("support_fraction", "init_scale", "recon_lr", "recon_l2", "ridge", "client_lr", "update_l2"), float
+        )
 
 
 @dataclass(frozen=True)
@@ -306,8 +306,9 @@ class FedReconConfig:
         try:
             options = dict(self.server_options)
         except (TypeError, ValueError):
-            raise TypeError(f"server_options must be a dict (or pairs) of optimizer hyperparameters; "
-                            f"got {self.server_options!r}") from None
+            raise TypeError(
+                f"server_options must be a dict (or pairs) of optimizer hyperparameters; got {self.server_options!r}"
+            ) from None
         object.__setattr__(self, "server_options", tuple(options.items()))
         check_bool(self.biases, "biases")
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
@@ -331,10 +332,37 @@ class FedReconConfig:
         self._check_privacy()
         check_int(self.seed, "seed", minimum=0)
         check_threads(self.num_threads)
-        _store_builtin(self, ("dim", "rounds", "clients_per_round", "max_examples", "min_examples",
-                              "eval_every", "quantize_bits", "quantize_threshold", "seed", "num_threads"), int)
-        _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",
-                              "dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev"), float)
+        _store_builtin(
+            self,
+            (
+                "dim",
+                "rounds",
+                "clients_per_round",
+                "max_examples",
+                "min_examples",
+                "eval_every",
+                "quantize_bits",
+                "quantize_threshold",
+                "seed",
+                "num_threads",
+            ),
+            int,
+        )
+        _store_builtin(
+            self,
+            (
+                "server_lr",
+                "item_init_scale",
+                "dp_clip",
+                "dp_noise",
+                "dp_delta",
+                "dp_target_epsilon",
+                "dp_target_quantile",
+                "dp_clip_lr",
+                "dp_clip_count_stddev",
+            ),
+            float,
+        )
 
     def _check_privacy(self) -> None:
         """The accounting, budget, adaptive clipping and sampling options."""
@@ -356,15 +384,22 @@ class FedReconConfig:
                 raise ValueError("dp_target_quantile (adaptive clipping) needs dp_clip, the initial clip norm")
             stddev = 0.05 * self.clients_per_round if self.dp_clip_count_stddev is None else self.dp_clip_count_stddev
             if self.dp_noise > 0 and 2 * stddev <= self.dp_noise:
-                raise ValueError(f"dp_noise {self.dp_noise:g} needs a clipped-count noise std above "
-                                 f"{self.dp_noise / 2:g} (dp_clip_count_stddev is {stddev:g})")
+                raise ValueError(
+                    f"dp_noise {self.dp_noise:g} needs a clipped-count noise std above "
+                    f"{self.dp_noise / 2:g} (dp_clip_count_stddev is {stddev:g})"
+                )
 
     @property
     def codec(self) -> UpdateCodec:
         """What each client sends: quantization, dense or sparse rows, and the DP clip."""
-        return UpdateCodec(bits=self.quantize_bits or 0, row_scaling=self.quantize_scaling == "row",
-                           hadamard=self.hadamard, sparse=self.sparse_updates,
-                           threshold=self.quantize_threshold, clip=self.dp_clip or 0.0)
+        return UpdateCodec(
+            bits=self.quantize_bits or 0,
+            row_scaling=self.quantize_scaling == "row",
+            hadamard=self.hadamard,
+            sparse=self.sparse_updates,
+            threshold=self.quantize_threshold,
+            clip=self.dp_clip or 0.0,
+        )
 
     @property
     def dp(self) -> DpParams | None:
@@ -415,12 +450,25 @@ PAPER = FedReconConfig(
     # TFF client's seeded order is new each round; on validation users this is worth ~0.012
     # RMSE and matches an independent TFF-faithful run (~.911 test RMSE on ML-1M 1-2999).
     client=ClientConfig(
-        batch_size=5, split="batches", reshuffle=True, recon="sgd", init="uniform", init_scale=0.05,
-        recon_epochs=5, recon_steps_max=50, recon_lr=0.1,
-        update_epochs=1, update_steps_max=50, client_lr=0.5,
+        batch_size=5,
+        split="batches",
+        reshuffle=True,
+        recon="sgd",
+        init="uniform",
+        init_scale=0.05,
+        recon_epochs=5,
+        recon_steps_max=50,
+        recon_lr=0.1,
+        update_epochs=1,
+        update_steps_max=50,
+        client_lr=0.5,
     ),
-    rounds=500, clients_per_round=100, server_optimizer="sgd", server_lr=1.0,
-    biases=False, max_examples=300,
+    rounds=500,
+    clients_per_round=100,
+    server_optimizer="sgd",
+    server_lr=1.0,
+    biases=False,
+    max_examples=300,
 )
 
 # Tuned on validation users of MovieLens 1M (users 1-2999) only, never on test users: exact
@@ -454,20 +502,30 @@ def describe(config: FedReconConfig) -> str:
         recon = f"SGD reconstruction (lr {c.recon_lr:g}, {c.recon_epochs} epochs{steps})"
     steps = f", at most {c.update_steps_max} steps" if c.update_steps_max else ""
     cap = f", at most {config.max_examples} ratings per user" if config.max_examples else ""
-    return (f"K = {config.dim}, {'biases' if config.biases else 'no biases'}, {recon}, client update lr "
-            f"{c.client_lr:g} ({c.update_epochs} epoch{steps}), batch {c.batch_size}, server "
-            f"{config.server_optimizer} lr {config.server_lr:g}, {config.rounds} rounds x "
-            f"{config.clients_per_round} clients{cap}")
+    return (
+        f"K = {config.dim}, {'biases' if config.biases else 'no biases'}, {recon}, client update lr "
+        f"{c.client_lr:g} ({c.update_epochs} epoch{steps}), batch {c.batch_size}, server "
+        f"{config.server_optimizer} lr {config.server_lr:g}, {config.rounds} rounds x "
+        f"{config.clients_per_round} clients{cap}"
+    )
 
 
 def preset_help() -> str:
     """The presets and what each sets (the CLI's ``train --help``)."""
-    notes = {"default": "the default: exact reconstruction with biases, chosen on seven data sets (sparse or "
-                        "dense, stars or half stars)",
-             "paper": "the published MovieLens 1M recipe of Singhal et al. (2021), exactly",
-             "fast": "paper plus exact reconstruction and biases (tuned on MovieLens 1M)"}
+    notes = {
+        "default": "the default: exact reconstruction with biases, chosen on seven data sets (sparse or "
+        "dense, stars or half stars)",
+        "paper": "the published MovieLens 1M recipe of Singhal et al. (2021), exactly",
+        "fast": "paper plus exact reconstruction and biases (tuned on MovieLens 1M)",
+    }
     lines = ["presets (--preset NAME; --rounds, --clients-per-round and --dim override theirs):"]
     for name in PRESETS:
-        lines.append(textwrap.fill(f"{notes.get(name, '')}: {describe(PRESETS[name])}.", width=88,
-                                   initial_indent=f"  {name:8} ", subsequent_indent=" " * 11))
+        lines.append(
+            textwrap.fill(
+                f"{notes.get(name, '')}: {describe(PRESETS[name])}.",
+                width=88,
+                initial_indent=f"  {name:8} ",
+                subsequent_indent=" " * 11,
+            )
+        )
     return "\n".join(lines)

@@ -18,7 +18,6 @@ split_by_time
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -76,8 +75,9 @@ def _ids_1d(values, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         kinds = {type(v) for v in arr.tolist()}
         if kinds <= {str}:
             arr = arr.astype(str)
-        elif kinds <= {int} or all(issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_))
-                                   for k in kinds):
+        elif kinds <= {int} or all(
+            issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_)) for k in kinds
+        ):
             arr = np.array(arr.tolist())
     if arr.dtype.kind == "S":
         arr = np.char.decode(arr, "utf-8", "replace")
@@ -274,7 +274,8 @@ class ClientData:
                 raise ValueError(
                     f"items: the largest index {n_items - 1} implies {n_items} items for {nnz} ratings; "
                     "items are indices 0..num_items-1: pass item_ids (one id per index), or build "
-                    "with ClientData.from_coo, which remaps any ids")
+                    "with ClientData.from_coo, which remaps any ids"
+                )
             item_ids = np.arange(n_items, dtype=np.int64)
         else:
             item_ids = _integer_1d(self.item_ids, "item_ids", np.int64)
@@ -301,8 +302,7 @@ class ClientData:
         else:
             user_ids = _integer_1d(self.user_ids, "user_ids", np.int64)
             if user_ids.size != num_clients:
-                raise ValueError(
-                    f"user_ids has {user_ids.size} entries, indptr describes {num_clients} clients")
+                raise ValueError(f"user_ids has {user_ids.size} entries, indptr describes {num_clients} clients")
             if np.unique(user_ids).size != user_ids.size:
                 raise ValueError("user_ids must be unique")
 
@@ -341,8 +341,10 @@ class ClientData:
         return np.diff(self.indptr)
 
     def __repr__(self) -> str:
-        return (f"ClientData(num_clients={self.num_clients}, num_items={self.num_items}, "
-                f"nnz={self.nnz}, timestamps={'yes' if self.timestamps is not None else 'no'})")
+        return (
+            f"ClientData(num_clients={self.num_clients}, num_items={self.num_items}, "
+            f"nnz={self.nnz}, timestamps={'yes' if self.timestamps is not None else 'no'})"
+        )
 
     def _row_index(self) -> np.ndarray:
         """Client index of every rating, int64 of shape (nnz,)."""
@@ -403,8 +405,8 @@ class ClientData:
         n = users.size
         if items.size != n or ratings.size != n:
             raise ValueError(
-                f"users, items and ratings must have the same length, got "
-                f"{n}, {items.size} and {ratings.size}")
+                f"users, items and ratings must have the same length, got {n}, {items.size} and {ratings.size}"
+            )
         if timestamps is not None:
             timestamps = _timestamps_1d(timestamps, "timestamps")
             if timestamps.size != n:
@@ -429,9 +431,16 @@ class ClientData:
         )
 
     @classmethod
-    def from_dataframe(cls, df, user_col: Optional[str] = None, item_col: Optional[str] = None,
-                       rating_col: Optional[str] = None, timestamp_col: Optional[str] = "auto",
-                       *, columns=None) -> "ClientData":
+    def from_dataframe(
+        cls,
+        df,
+        user_col: Optional[str] = None,
+        item_col: Optional[str] = None,
+        rating_col: Optional[str] = None,
+        timestamp_col: Optional[str] = "auto",
+        *,
+        columns=None,
+    ) -> "ClientData":
         """Build from a pandas DataFrame with one row per rating.
 
         Parameters
@@ -479,8 +488,10 @@ class ClientData:
             for role, col in explicit.items():
                 if col is None:
                     if role not in found:
-                        raise ValueError(f"no {role} column in the DataFrame (columns: {names}; names "
-                                         f"recognised: {EXAMPLES[role]}, ...): pass {role}_col")
+                        raise ValueError(
+                            f"no {role} column in the DataFrame (columns: {names}; names "
+                            f"recognised: {EXAMPLES[role]}, ...): pass {role}_col"
+                        )
                     continue
                 if str(col) not in names:
                     raise ValueError(f"column {col!r} not found in the DataFrame (columns: {names})")
@@ -606,8 +617,7 @@ class ClientData:
         arr = np.asarray(clients)
         if arr.dtype == bool:
             if arr.shape != (self.num_clients,):
-                raise ValueError(f"a boolean clients mask must have shape ({self.num_clients},), "
-                                 f"got {arr.shape}")
+                raise ValueError(f"a boolean clients mask must have shape ({self.num_clients},), got {arr.shape}")
             idx = np.flatnonzero(arr).astype(np.int64)
         else:
             idx = _integer_1d(arr, "clients", np.int64)
@@ -622,8 +632,9 @@ class ClientData:
         positions = _ranges(self.indptr[idx], sizes)
         return self._take(positions, _indptr_from_sizes(sizes), self.user_ids[idx])
 
-    def prepare(self, *, max_examples: Optional[int] = None, min_examples: int = 0,
-                shuffle_seed: Optional[int] = None) -> "ClientData":
+    def prepare(
+        self, *, max_examples: Optional[int] = None, min_examples: int = 0, shuffle_seed: Optional[int] = None
+    ) -> "ClientData":
         """Cap, filter and shuffle each client's ratings (the paper's preprocessing).
 
         Parameters
@@ -660,8 +671,7 @@ class ClientData:
             max_examples = check_int(max_examples, "max_examples", minimum=1)
         min_examples = check_int(min_examples, "min_examples", minimum=0)
         if max_examples is not None and max_examples < min_examples:
-            raise ValueError(f"max_examples ({max_examples}) < min_examples ({min_examples}) "
-                             "would drop every client")
+            raise ValueError(f"max_examples ({max_examples}) < min_examples ({min_examples}) would drop every client")
         if shuffle_seed is not None:
             shuffle_seed = check_int(shuffle_seed, "shuffle_seed")
 
@@ -687,7 +697,7 @@ class ClientData:
         # (3) per-user seeded shuffle
         if shuffle_seed is not None and data.nnz:
             row = data._row_index()
-            position = (np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes))
+            position = np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes)
             user_seed = derive_seed_array(shuffle_seed, 0, data.user_ids, STREAM_DATA)
             keys = mix64_array(user_seed[row] ^ position.astype(np.uint64))
             order = np.lexsort((keys, row))
@@ -698,8 +708,9 @@ class ClientData:
 # --------------------------------------------------------------------------- splits
 
 
-def split_users(num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_users(
+    num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded user-level split of client indices into train / validation / test.
 
     Parameters
@@ -730,13 +741,14 @@ def split_users(num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
     n_val = min(int(_floor_count(f_val, n)), n - n_train)
     perm = generator(seed, 0, 0, STREAM_DATA).permutation(n).astype(np.int64)
     train = np.sort(perm[:n_train])
-    val = np.sort(perm[n_train:n_train + n_val])
-    test = np.sort(perm[n_train + n_val:])
+    val = np.sort(perm[n_train : n_train + n_val])
+    test = np.sort(perm[n_train + n_val :])
     return train, val, test
 
 
-def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
-                  ) -> Tuple[ClientData, ClientData, ClientData]:
+def split_by_time(
+    data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> Tuple[ClientData, ClientData, ClientData]:
     """Per-client split of ratings by time (StandardEval).
 
     Parameters
@@ -770,8 +782,9 @@ def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
     rank = np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes)
     n_train = _floor_count(f_train, sizes)
     n_val = np.minimum(_floor_count(f_val, sizes), sizes - n_train)
-    part = (rank >= np.repeat(n_train, sizes)).astype(np.int8) \
-        + (rank >= np.repeat(n_train + n_val, sizes)).astype(np.int8)  # 0/1/2 in time order
+    part = (rank >= np.repeat(n_train, sizes)).astype(np.int8) + (rank >= np.repeat(n_train + n_val, sizes)).astype(
+        np.int8
+    )  # 0/1/2 in time order
     out = []
     for k, part_sizes in enumerate((n_train, n_val, sizes - n_train - n_val)):
         positions = order[part == k]  # grouped by client, in time order
@@ -806,14 +819,18 @@ class DataConfig:
     user_split: Tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_examples",
-                           check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX,
-                                     allow_none=True))
-        object.__setattr__(self, "min_examples",
-                           check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX))
+        object.__setattr__(
+            self,
+            "max_examples",
+            check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX, allow_none=True),
+        )
+        object.__setattr__(
+            self, "min_examples", check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX)
+        )
         if self.max_examples is not None and self.max_examples < self.min_examples:
-            raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
-                             "would drop every client")
+            raise ValueError(
+                f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) would drop every client"
+            )
         object.__setattr__(self, "user_split", check_fractions(self.user_split, "user_split"))
 
     def prepare(self, data: ClientData, seed: int) -> ClientData:

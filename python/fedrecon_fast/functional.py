@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -60,7 +60,6 @@ __all__ = [
     "server_init",
     "server_step",
 ]
-
 
 
 @dataclass(frozen=True)
@@ -144,8 +143,7 @@ def _model_arrays(model) -> tuple[np.ndarray, np.ndarray | None, float, FedRecon
             raise ValueError("model must hold 'item_factors' (and optionally 'item_bias', 'global_mean')")
         unknown = set(model) - {"item_factors", "item_bias", "global_mean"}
         if unknown:
-            raise ValueError(f"model has unknown keys {sorted(unknown)}; expected item_factors, "
-                             "item_bias, global_mean")
+            raise ValueError(f"model has unknown keys {sorted(unknown)}; expected item_factors, item_bias, global_mean")
         V = as_float32_matrix(model["item_factors"], "item_factors")
         bias = model.get("item_bias")
         if bias is not None:
@@ -206,10 +204,14 @@ def _one_client(data, client, client_id, num_items: int):
     if client_id is None:
         raise ValueError("client_id is required with (items, ratings): it keys the client's random streams")
     check_int(client_id, "client_id", minimum=0, maximum=2**63 - 1)
-    csr = SimpleNamespace(indptr=np.array([0, items.shape[0]], dtype=np.int64),
-                          items=np.ascontiguousarray(items, dtype=np.int32),
-                          ratings=np.ascontiguousarray(ratings, dtype=np.float32),
-                          stream_ids=np.array([client_id], dtype=np.int64), num_clients=1, num_items=num_items)
+    csr = SimpleNamespace(
+        indptr=np.array([0, items.shape[0]], dtype=np.int64),
+        items=np.ascontiguousarray(items, dtype=np.int32),
+        ratings=np.ascontiguousarray(ratings, dtype=np.float32),
+        stream_ids=np.array([client_id], dtype=np.int64),
+        num_clients=1,
+        num_items=num_items,
+    )
     return csr, 0, int(client_id)
 
 
@@ -222,8 +224,17 @@ def _client_metrics(stats: dict, k: int) -> dict:
     return m
 
 
-def client_step(model, data, config=None, *, client: int | None = None, client_id: int | None = None,
-                seed: int | None = None, round: int = 0, num_threads: int = 1) -> ClientResult:
+def client_step(
+    model,
+    data,
+    config=None,
+    *,
+    client: int | None = None,
+    client_id: int | None = None,
+    seed: int | None = None,
+    round: int = 0,
+    num_threads: int = 1,
+) -> ClientResult:
     """One client's FedRecon step with the native kernel; ``u`` stays on the client.
 
     Parameters
@@ -277,8 +288,18 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
 
     # The kernel clips; quantization goes through the real wire format, whose decoding is
     # bit-identical to the fused round's in-kernel codec (same (seed, round, client) key).
-    out = kernels.client_updates(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
-                                 round=round, num_threads=num_threads, codec=dataclasses.replace(codec, bits=0))
+    out = kernels.client_updates(
+        V,
+        csr,
+        [row],
+        client_cfg,
+        item_bias=bias,
+        global_mean=mean,
+        seed=seed,
+        round=round,
+        num_threads=num_threads,
+        codec=dataclasses.replace(codec, bits=0),
+    )
     rows, values, bias_values = out.client(0)
     metrics = _client_metrics(out.client_stats, 0)
     metrics["client_id"] = key
@@ -286,8 +307,14 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
     encoded = None
     if quantize and weight > 0:
         bits = codec.bits
-        common = dict(scaling="row" if codec.row_scaling else "tensor", hadamard=codec.hadamard, seed=seed,
-                      round=round, client=key, num_threads=num_threads)
+        common = dict(
+            scaling="row" if codec.row_scaling else "tensor",
+            hadamard=codec.hadamard,
+            seed=seed,
+            round=round,
+            client=key,
+            num_threads=num_threads,
+        )
         if sparse:
             encoded = compression.encode_sparse(rows, values, bits, num_rows=num_items, **common)
             rows, values = compression.decode_sparse(encoded, num_threads=num_threads)
@@ -307,8 +334,16 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
     return ClientResult(update, weight, metrics)
 
 
-def client_evaluate(model, data, config=None, *, client: int | None = None, client_id: int | None = None,
-                    seed: int | None = None, num_threads: int = 1) -> dict:
+def client_evaluate(
+    model,
+    data,
+    config=None,
+    *,
+    client: int | None = None,
+    client_id: int | None = None,
+    seed: int | None = None,
+    num_threads: int = 1,
+) -> dict:
     """ReconEval of one client: reconstruct ``u`` on its support set, score its query set.
 
     Arguments as in :func:`client_step` (``config.evaluation`` is used with a FedReconConfig).
@@ -326,10 +361,23 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
     client_cfg, _ = _configs(config, None)
     seed = 0 if seed is None else seed
     csr, row, _ = _one_client(data, client, client_id, V.shape[0])
-    stats = kernels.evaluate_users(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
-                                   round=EVAL_ROUND, num_threads=num_threads)
-    sums: dict[str, Any] = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),
-            "num_correct": int(stats["num_correct"][0]), "abs_err_sum": float(stats["abs_err_sum"][0])}
+    stats = kernels.evaluate_users(
+        V,
+        csr,
+        [row],
+        client_cfg,
+        item_bias=bias,
+        global_mean=mean,
+        seed=seed,
+        round=EVAL_ROUND,
+        num_threads=num_threads,
+    )
+    sums: dict[str, Any] = {
+        "sq_err_sum": float(stats["sq_err_sum"][0]),
+        "num_examples": int(stats["num_examples"][0]),
+        "num_correct": int(stats["num_correct"][0]),
+        "abs_err_sum": float(stats["abs_err_sum"][0]),
+    }
     return {**summarize(**sums), **sums}
 
 
@@ -337,8 +385,7 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
 # Server side
 
 
-def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                data=None) -> ServerState:
+def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | None = None, data=None) -> ServerState:
     """The server's state before round 0.
 
     Parameters
@@ -358,8 +405,10 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
     if config.learn_user_default:
         raise ValueError("learn_user_default is not supported one client at a time yet: use FedRecon")
     if config.dp_target_quantile is not None or config.dp_target_epsilon is not None or config.sampling != "fixed":
-        raise ValueError("adaptive clipping, privacy budgets and Poisson sampling keep state between rounds that "
-                         "server_step does not: use FedRecon (or its Flower and Ray backends)")
+        raise ValueError(
+            "adaptive clipping, privacy budgets and Poisson sampling keep state between rounds that "
+            "server_step does not: use FedRecon (or its Flower and Ray backends)"
+        )
     if model is None:
         if data is None:
             raise ValueError("give model or data (the training ClientData) to initialise the model")
@@ -371,8 +420,11 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
 
 
 def _copy_model(model: GlobalModel) -> GlobalModel:
-    return dataclasses.replace(model, item_factors=model.item_factors.copy(),
-                               item_bias=None if model.item_bias is None else model.item_bias.copy())
+    return dataclasses.replace(
+        model,
+        item_factors=model.item_factors.copy(),
+        item_bias=None if model.item_bias is None else model.item_bias.copy(),
+    )
 
 
 def _check_results(results, model: GlobalModel) -> list[ClientResult]:
@@ -386,17 +438,22 @@ def _check_results(results, model: GlobalModel) -> list[ClientResult]:
             raise TypeError(f"results[{k}] must be a ClientResult; got {type(r).__name__}")
         u = r.update
         if u.num_rows != model.num_items or u.values.ndim != 2 or u.values.shape[1] != model.dim:
-            raise ValueError(f"results[{k}] does not fit the model: an update of {u.num_rows} rows x "
-                             f"{u.values.shape[1:]} for V of shape {model.item_factors.shape}")
+            raise ValueError(
+                f"results[{k}] does not fit the model: an update of {u.num_rows} rows x "
+                f"{u.values.shape[1:]} for V of shape {model.item_factors.shape}"
+            )
         if (u.bias_values is not None) != biased:
-            raise ValueError(f"results[{k}] {'lacks' if biased else 'has'} item-bias values but the "
-                             f"model {'has' if biased else 'has no'} item biases")
+            raise ValueError(
+                f"results[{k}] {'lacks' if biased else 'has'} item-bias values but the "
+                f"model {'has' if biased else 'has no'} item biases"
+            )
         check_float(r.weight, f"results[{k}].weight", minimum=0.0)
     return list(results)
 
 
-def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace: bool = False,
-                num_threads: int | None = None) -> ServerState:
+def server_step(
+    state: ServerState, results: Sequence[ClientResult], *, inplace: bool = False, num_threads: int | None = None
+) -> ServerState:
     """Aggregate one round's client results and apply the server optimizer.
 
     The weighted mean ``Δ = Σ w_i Δ_i / Σ w_i`` of the reporting clients (weight > 0) is one
@@ -479,6 +536,7 @@ def _reduce(results: list[ClientResult], model: GlobalModel, num_threads: int) -
     bias = np.concatenate([u.bias_values for u in sent if u is not None]) if model.item_bias is not None else None
     offsets = np.zeros(len(results) + 1, dtype=np.int64)
     np.cumsum([0 if u is None else len(u) for u in sent], out=offsets[1:])
-    delta, delta_bias, _ = kernels.reduce_updates(rows, values, offsets, stats["weight"], num_items=model.num_items,
-                                                  bias_values=bias, num_threads=num_threads)
+    delta, delta_bias, _ = kernels.reduce_updates(
+        rows, values, offsets, stats["weight"], num_items=model.num_items, bias_values=bias, num_threads=num_threads
+    )
     return RoundResult(delta, delta_bias, stats, round_summary(stats, int(np.unique(rows).size)))

@@ -171,18 +171,14 @@ def _check_params(params: Mapping[str, np.ndarray]) -> None:
             raise ValueError(f"parameter {key!r} is read-only; it must be updated in place")
 
 
-def _check_update(
-    params: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]
-) -> Dict[str, np.ndarray]:
+def _check_update(params: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Validate ``update`` against ``params``; return it as float32 arrays."""
     if not isinstance(update, Mapping):
         raise TypeError(f"update must be a dict of arrays, got {type(update).__name__}")
     missing = [k for k in params if k not in update]
     extra = [k for k in update if k not in params]
     if missing or extra:
-        raise ValueError(
-            f"update keys must equal params keys; missing: {missing}, unexpected: {extra}"
-        )
+        raise ValueError(f"update keys must equal params keys; missing: {missing}, unexpected: {extra}")
     out = {}
     for key, p in params.items():
         u = np.asarray(update[key])
@@ -209,25 +205,16 @@ def _check_state(
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(
-            f"state does not match params/optimizer; missing: {missing}, unexpected: {extra}"
-        )
+        raise ValueError(f"state does not match params/optimizer; missing: {missing}, unexpected: {extra}")
     step = state[_STEP_KEY]
-    if (
-        not isinstance(step, np.ndarray)
-        or step.shape != ()
-        or step.dtype != np.int64
-        or not step.flags.writeable
-    ):
+    if not isinstance(step, np.ndarray) or step.shape != () or step.dtype != np.int64 or not step.flags.writeable:
         raise ValueError(f"state {_STEP_KEY!r} must be a writeable 0-d int64 array")
     for key, p in params.items():
         for s in slots:
             name = f"{key}/{s}"
             a = state[name]
             if not isinstance(a, np.ndarray) or a.dtype != _DTYPE or a.shape != p.shape:
-                raise ValueError(
-                    f"state {name!r} must be a float32 array of shape {p.shape}"
-                )
+                raise ValueError(f"state {name!r} must be a float32 array of shape {p.shape}")
             if not a.flags.writeable:
                 raise ValueError(f"state {name!r} is read-only")
 
@@ -245,8 +232,10 @@ def _squares_fit(name: str):
         with np.errstate(over="raise"):
             yield
     except FloatingPointError:
-        raise FloatingPointError(f"{name}: the squared update overflows float32 (an aggregated update "
-                                 "beyond ~1.8e19); training diverged: lower the learning rates") from None
+        raise FloatingPointError(
+            f"{name}: the squared update overflows float32 (an aggregated update "
+            "beyond ~1.8e19); training diverged: lower the learning rates"
+        ) from None
 
 
 class _Base:
@@ -491,9 +480,7 @@ class Adam(_Moments):
     beta2: float
     eps: float
 
-    def __init__(
-        self, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7
-    ) -> None:
+    def __init__(self, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7) -> None:
         self._set(
             lr=_positive("lr", lr),
             beta1=_unit_interval("beta1", beta1),
@@ -530,9 +517,7 @@ class Adagrad(_Base):
     initial_accumulator: float
     eps: float
 
-    def __init__(
-        self, *, lr: float = 0.1, initial_accumulator: float = 0.1, eps: float = 1e-7
-    ) -> None:
+    def __init__(self, *, lr: float = 0.1, initial_accumulator: float = 0.1, eps: float = 1e-7) -> None:
         self._set(
             lr=_positive("lr", lr),
             initial_accumulator=_non_negative("initial_accumulator", initial_accumulator),
@@ -620,9 +605,7 @@ class Yogi(_Moments):
 # Factory
 # --------------------------------------------------------------------------
 
-_REGISTRY: Dict[str, type] = {
-    cls.name: cls for cls in (SGD, MomentumSGD, Adam, Adagrad, Yogi)
-}
+_REGISTRY: Dict[str, type] = {cls.name: cls for cls in (SGD, MomentumSGD, Adam, Adagrad, Yogi)}
 OPTIMIZER_NAMES: Tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 
@@ -650,16 +633,11 @@ def make_optimizer(name: str, **kwargs: Any) -> ServerOptimizer:
     """
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(
-            f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZER_NAMES)}"
-        )
+        raise ValueError(f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZER_NAMES)}")
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; "
-            f"valid: {', '.join(allowed)}"
-        )
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {', '.join(allowed)}")
     return cls(**kwargs)
 
 

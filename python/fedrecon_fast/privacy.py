@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ._native.aggregation import (
@@ -77,7 +75,6 @@ __all__ = [
 ]
 
 
-
 def capped_weights(num_examples, cap: float) -> np.ndarray:
     """McMahan et al.'s per-client DP weights ``min(n_i / cap, 1)`` (float64, in [0, 1]).
 
@@ -99,8 +96,17 @@ def capped_weights(num_examples, cap: float) -> np.ndarray:
         return np.minimum(n / float(cap), 1.0)
 
 
-def privatize_mean(update: dict, total_weight: float, *, clip: float, noise_multiplier: float,
-                   expected_clients: float, seed: int, round: int = 0, num_threads: int = 0) -> None:
+def privatize_mean(
+    update: dict,
+    total_weight: float,
+    *,
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    seed: int,
+    round: int = 0,
+    num_threads: int = 0,
+) -> None:
     """DP-FedAvg's server step on a round's weighted mean of clipped updates, in place.
 
     Each array of ``update`` (a dict of float32 means) becomes ``(mean · total_weight + noise) /
@@ -112,7 +118,7 @@ def privatize_mean(update: dict, total_weight: float, *, clip: float, noise_mult
     noise = gaussian_noise(sum(sizes), noise_multiplier * clip, seed=seed, round=round, num_threads=num_threads)
     offset = 0
     for name, mean in update.items():
-        noised = mean.astype(np.float64) * total_weight + noise[offset:offset + mean.size].reshape(mean.shape)
+        noised = mean.astype(np.float64) * total_weight + noise[offset : offset + mean.size].reshape(mean.shape)
         update[name] = (noised / expected_clients).astype(np.float32)
         offset += mean.size
 
@@ -139,15 +145,26 @@ def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
     if noise_multiplier == 0:
         return 0.0
     if 2.0 * count_stddev <= noise_multiplier:
-        raise ValueError(f"the clipped-count noise std ({count_stddev:g}) is too small for a total noise "
-                         f"multiplier of {noise_multiplier:g}: it must exceed {noise_multiplier / 2:g} (raise "
-                         "dp_clip_count_stddev or clients_per_round, or lower the noise multiplier)")
-    return (noise_multiplier ** -2 - (2.0 * count_stddev) ** -2) ** -0.5
+        raise ValueError(
+            f"the clipped-count noise std ({count_stddev:g}) is too small for a total noise "
+            f"multiplier of {noise_multiplier:g}: it must exceed {noise_multiplier / 2:g} (raise "
+            "dp_clip_count_stddev or clients_per_round, or lower the noise multiplier)"
+        )
+    return (noise_multiplier**-2 - (2.0 * count_stddev) ** -2) ** -0.5
 
 
-def adaptive_clip_update(clip: float, num_unclipped: int, num_records: int, *, target_quantile: float,
-                         learning_rate: float, count_stddev: float, expected_records: float, seed: int,
-                         round: int) -> tuple[float, float]:
+def adaptive_clip_update(
+    clip: float,
+    num_unclipped: int,
+    num_records: int,
+    *,
+    target_quantile: float,
+    learning_rate: float,
+    count_stddev: float,
+    expected_records: float,
+    seed: int,
+    round: int,
+) -> tuple[float, float]:
     """One step of the private quantile estimator that adapts the clip norm (geometric update).
 
     ``b = clip01((Σ_i (1[||Δ_i|| <= C] - 1/2) + N(0, σ_b²)) / expected_records + 1/2)`` estimates

@@ -117,8 +117,11 @@ class FixedPrivacy:
 
     def end_round(self, summary: dict, round: int) -> dict:
         """The round's DP metrics."""
-        return {"dp_clip": self.clip, "dp_noise_multiplier": self.value_noise_multiplier,
-                "dp_noise_std": self.value_noise_multiplier * self.clip}
+        return {
+            "dp_clip": self.clip,
+            "dp_noise_multiplier": self.value_noise_multiplier,
+            "dp_noise_std": self.value_noise_multiplier * self.clip,
+        }
 
 
 def _sequential_sum(x: np.ndarray) -> float:
@@ -204,16 +207,24 @@ class Server:
         if "user_default" in self.params:
             update.update(_default_update(state.model, result))
         if privacy is not None:
-            privatize_mean(update, result.summary["total_weight"], clip=privacy.clip,
-                           noise_multiplier=privacy.value_noise_multiplier, expected_clients=privacy.expected_clients,
-                           seed=state.config.seed, round=state.round, num_threads=num_threads)
+            privatize_mean(
+                update,
+                result.summary["total_weight"],
+                clip=privacy.clip,
+                noise_multiplier=privacy.value_noise_multiplier,
+                expected_clients=privacy.expected_clients,
+                seed=state.config.seed,
+                round=state.round,
+                num_threads=num_threads,
+            )
         self.optimizer.apply(self.params, update, self.optimizer_state, validate=False)
         if "user_bias_default" in self.params:
             state.model.user_bias_default = float(self.params["user_bias_default"][0])
         return bool(np.isfinite(state.model.item_factors).all())
 
-    def finish_round(self, summary: dict, num_clients: int, *, finite: bool,
-                     privacy: RoundPrivacy | None = None) -> dict:
+    def finish_round(
+        self, summary: dict, num_clients: int, *, finite: bool, privacy: RoundPrivacy | None = None
+    ) -> dict:
         """Check, count and report the round just applied; advance ``state.round``.
 
         Parameters
@@ -245,8 +256,9 @@ class Server:
         cfg = state.config
         r = state.round
         if not finite:
-            raise FloatingPointError(f"the global model became non-finite in round {r}; "
-                                     f"{divergence.explain(cfg, state.model.item_factors)}")
+            raise FloatingPointError(
+                f"the global model became non-finite in round {r}; {divergence.explain(cfg, state.model.item_factors)}"
+            )
         s = summary
         # The server broadcasts the float32 model to every sampled client; clients send their
         # encoded updates (sizes counted by the native codec).
@@ -260,15 +272,18 @@ class Server:
         if s["num_reporting"] == 0 and s["num_nonfinite"] > 0:
             raise FloatingPointError(
                 f"training diverged in round {r}: all {s['num_nonfinite']} sampled clients produced "
-                f"non-finite updates; {divergence.explain(cfg, state.model.item_factors)}")
+                f"non-finite updates; {divergence.explain(cfg, state.model.item_factors)}"
+            )
         n = s["num_examples"]
         dp = {}
         if privacy is not None:
             # dp_noise_std first, so the history's columns keep their order; the round's own
             # numbers (an adapted clip, the update's share of the noise) replace it.
-            dp = {"dp_clipped": s["num_clipped"],
-                  "dp_clip_fraction": s["num_clipped"] / s["num_reporting"] if s["num_reporting"] else 0.0,
-                  "dp_noise_std": cfg.dp_noise * (cfg.dp_clip or 0.0)}
+            dp = {
+                "dp_clipped": s["num_clipped"],
+                "dp_clip_fraction": s["num_clipped"] / s["num_reporting"] if s["num_reporting"] else 0.0,
+                "dp_noise_std": cfg.dp_noise * (cfg.dp_clip or 0.0),
+            }
             dp.update(privacy.end_round(s, r))
         state.round += 1
         state.metrics = {

@@ -50,9 +50,11 @@ class ClientSplits:
         return iter((self.train, self.val, self.test))
 
     def __repr__(self) -> str:
-        return (f"ClientSplits(train={self.train.num_clients} users, val={self.val.num_clients}, "
-                f"test={self.test.num_clients}, items={self.train.num_items}, "
-                f"ratings={self.train.nnz}/{self.val.nnz}/{self.test.nnz})")
+        return (
+            f"ClientSplits(train={self.train.num_clients} users, val={self.val.num_clients}, "
+            f"test={self.test.num_clients}, items={self.train.num_items}, "
+            f"ratings={self.train.nnz}/{self.val.nnz}/{self.test.nnz})"
+        )
 
 
 def split_ratings(ratings, config: FedReconConfig | None = None, **read_options) -> ClientSplits:
@@ -98,10 +100,13 @@ def split_ratings(ratings, config: FedReconConfig | None = None, **read_options)
     data = recipe.prepare(data, config.seed)
     train, val, test = recipe.split(data, config.seed)
     if train.num_clients == 0:
-        raise ValueError(f"{data.num_clients} users with at least {recipe.min_examples} rating(s) leave no "
-                         f"training users after the {recipe.user_split} user split")
-    return ClientSplits(train, val, test, recipe.max_examples, recipe.min_examples, config.seed,
-                        recipe.user_split, config.seed)
+        raise ValueError(
+            f"{data.num_clients} users with at least {recipe.min_examples} rating(s) leave no "
+            f"training users after the {recipe.user_split} user split"
+        )
+    return ClientSplits(
+        train, val, test, recipe.max_examples, recipe.min_examples, config.seed, recipe.user_split, config.seed
+    )
 
 
 def unpack(train, val):

@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 def round_clients(config: FedReconConfig, num_clients: int, round: int) -> np.ndarray:
     """The cohort of one round as ``config.sampling`` says (fixed-size or Poisson)."""
     if config.sampling == "poisson":
-        return poisson_sample_clients(num_clients, poisson_rate(num_clients, config.clients_per_round),
-                                      config.seed, round)
+        return poisson_sample_clients(
+            num_clients, poisson_rate(num_clients, config.clients_per_round), config.seed, round
+        )
     return sample_clients(num_clients, config.clients_per_round, config.seed, round)
 
 
@@ -49,8 +50,9 @@ def check_training_clients(train) -> None:
         raise ValueError("train has no clients")
     empty = int((train.sizes == 0).sum())
     if empty:
-        raise ValueError(f"train has {empty} clients without ratings; drop them first with "
-                         "data.prepare(min_examples=1)")
+        raise ValueError(
+            f"train has {empty} clients without ratings; drop them first with data.prepare(min_examples=1)"
+        )
 
 
 def _executor(backend):
@@ -62,15 +64,20 @@ def _executor(backend):
 
         return executor(backend)
     if not callable(getattr(backend, "train_round", None)):
-        raise TypeError(f"backend must be 'local', the name of an executor ('ray') or an object with a "
-                        f"train_round method; got {backend!r}")
+        raise TypeError(
+            f"backend must be 'local', the name of an executor ('ray') or an object with a "
+            f"train_round method; got {backend!r}"
+        )
     return backend
 
 
 def _on_state(name: str) -> property:
     """A trainer attribute that is its server state's."""
-    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value),
-                    doc=f"``state.{name}``")
+    return property(
+        lambda self: getattr(self.state, name),
+        lambda self, value: setattr(self.state, name, value),
+        doc=f"``state.{name}``",
+    )
 
 
 class FedRecon:
@@ -99,8 +106,7 @@ class FedRecon:
     True
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                 backend="local"):
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None, backend="local"):
         config = config if config is not None else FedReconConfig()
         if not isinstance(config, FedReconConfig):
             raise TypeError(f"config must be a FedReconConfig; got {type(config).__name__}")
@@ -200,9 +206,18 @@ class FedRecon:
         self._privacy.restore(self._privacy_state)
 
     @one_fit_at_a_time
-    def fit(self, train, val=None, *, rounds: int | None = None, progress: bool = False,
-            callback: Callable[[dict], None] | None = None, checkpoint_dir=None,
-            checkpoint_every: int = 0, keep: int = 2) -> FedRecon:
+    def fit(
+        self,
+        train,
+        val=None,
+        *,
+        rounds: int | None = None,
+        progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
+        checkpoint_dir=None,
+        checkpoint_every: int = 0,
+        keep: int = 2,
+    ) -> FedRecon:
         """Run training rounds on the clients of ``train``.
 
         Parameters
@@ -240,42 +255,61 @@ class FedRecon:
         cfg = self.config
         if self.model is None:
             mean = float(train.ratings.mean()) if train.nnz else 0.0
-            self.model = GlobalModel.initialize(train.item_ids, cfg, global_mean=mean,
-                                                item_labels=getattr(train, "item_labels", None))
+            self.model = GlobalModel.initialize(
+                train.item_ids, cfg, global_mean=mean, item_labels=getattr(train, "item_labels", None)
+            )
         if train.num_items != self.model.num_items or (val is not None and val.num_items != self.model.num_items):
             raise ValueError("train/val must share the model's item indexing (subsets of one ClientData)")
         server = Server(self.state)
         # Rounds check only what they change (the touched rows, or V after a dense step).
         for name, p in server.params.items():
             if not np.isfinite(p).all():
-                raise FloatingPointError(f"the global model's {name} is non-finite (NaN or inf) "
-                                         f"before round {self.round}")
+                raise FloatingPointError(
+                    f"the global model's {name} is non-finite (NaN or inf) before round {self.round}"
+                )
 
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=rounds, desc="FedRecon", unit="round", leave=False)
         native = self._native_rounds(server, callback)
         try:
             k = 0
             while k < rounds:
                 if self._privacy is not None and not self._privacy.can_run_round():
-                    logger.warning("stopping before round %d: it would exceed the privacy budget epsilon=%g "
-                                   "(delta=%g)", self.round, cfg.dp_target_epsilon, cfg.dp_delta)
+                    logger.warning(
+                        "stopping before round %d: it would exceed the privacy budget epsilon=%g (delta=%g)",
+                        self.round,
+                        cfg.dp_target_epsilon,
+                        cfg.dp_delta,
+                    )
                     break
-                rows = self._run_chunk(server, train, self._chunk(rounds - k, checkpoint_every)) if native \
+                rows = (
+                    self._run_chunk(server, train, self._chunk(rounds - k, checkpoint_every))
+                    if native
                     else [self._run_round(server, train)]
+                )
                 for row in rows:
                     k += 1
                     self._after_round(row, val, bar, callback)
                     # The last round's checkpoint waits for the final validation below.
-                    if checkpoint_dir is not None and checkpoint_every and row["round"] % checkpoint_every == 0 \
-                            and k < rounds:
+                    if (
+                        checkpoint_dir is not None
+                        and checkpoint_every
+                        and row["round"] % checkpoint_every == 0
+                        and k < rounds
+                    ):
                         self.save_checkpoint(checkpoint_dir, keep=keep)
                 if stop_requested():  # SIGTERM/SIGINT/SIGHUP under the CLI: checkpoint and return
                     break  # (at a round, or a native chunk's, boundary: the model is consistent)
-            if val is not None and val.num_clients and self.history and "val_rmse" not in self.history[-1] \
-                    and not stop_requested():
+            if (
+                val is not None
+                and val.num_clients
+                and self.history
+                and "val_rmse" not in self.history[-1]
+                and not stop_requested()
+            ):
                 self.history[-1].update(self._validate(val))
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir, keep=keep)
@@ -310,8 +344,12 @@ class FedRecon:
         when no round needs Python, i.e. the server step runs in the native round
         (:meth:`_in_place_lr`), no per-round callback, and no per-client state to keep
         (FedRecon is stateless; the FedAvg baseline stores user embeddings)."""
-        return (callback is None and self._in_place_lr(server) is not None and self.config.sampling == "fixed"
-                and type(self)._user_state is FedRecon._user_state)
+        return (
+            callback is None
+            and self._in_place_lr(server) is not None
+            and self.config.sampling == "fixed"
+            and type(self)._user_state is FedRecon._user_state
+        )
 
     def _chunk(self, remaining: int, checkpoint_every: int) -> int:
         """Rounds in the next native call: up to the next validation or checkpoint."""
@@ -326,10 +364,19 @@ class FedRecon:
         cfg = self.config
         start = time.perf_counter()
         rec = kernels.train_rounds(
-            self.model.item_factors, train, cfg.client, item_bias=self.model.item_bias,
-            global_mean=self.model.global_mean, seed=cfg.seed, first_round=self.round,
-            num_rounds=num_rounds, clients_per_round=cfg.clients_per_round, lr=server.optimizer.lr,
-            num_threads=cfg.num_threads, codec=cfg.codec)
+            self.model.item_factors,
+            train,
+            cfg.client,
+            item_bias=self.model.item_bias,
+            global_mean=self.model.global_mean,
+            seed=cfg.seed,
+            first_round=self.round,
+            num_rounds=num_rounds,
+            clients_per_round=cfg.clients_per_round,
+            lr=server.optimizer.lr,
+            num_threads=cfg.num_threads,
+            codec=cfg.codec,
+        )
         rows = []
         for i in range(len(rec["clients"])):
             server.stepped_in_place()
@@ -356,10 +403,21 @@ class FedRecon:
         lr = self._in_place_lr(server)
         codec = cfg.codec if dp is None else dataclasses.replace(cfg.codec, clip=dp.clip)  # adaptive clipping moves it
         res = self._executor.train_round(
-            self.model.item_factors, train, clients, cfg.client, item_bias=self.model.item_bias,
-            global_mean=self.model.global_mean, seed=cfg.seed, round=r, num_threads=cfg.num_threads,
-            check_finite=False, codec=codec, **self.model.default_kwargs(), **self._user_state(train, clients),
-            **({} if lr is None else {"apply_lr": lr}))
+            self.model.item_factors,
+            train,
+            clients,
+            cfg.client,
+            item_bias=self.model.item_bias,
+            global_mean=self.model.global_mean,
+            seed=cfg.seed,
+            round=r,
+            num_threads=cfg.num_threads,
+            check_finite=False,
+            codec=codec,
+            **self.model.default_kwargs(),
+            **self._user_state(train, clients),
+            **({} if lr is None else {"apply_lr": lr}),
+        )
         self._store_users(clients, res)
         if lr is not None:
             # The kernel took the SGD step on the rows the round touched; V was finite before
@@ -397,8 +455,9 @@ class FedRecon:
         self.eval_seconds += time.perf_counter() - start
         return {"val_loss": m["loss"], "val_rmse": m["rmse"], "val_accuracy": m["accuracy"]}
 
-    def evaluate(self, data, clients=None, *, per_user: bool = False, k: int | None = 10,
-                 relevance_threshold: float | None = 4.0) -> dict:
+    def evaluate(
+        self, data, clients=None, *, per_user: bool = False, k: int | None = 10, relevance_threshold: float | None = 4.0
+    ) -> dict:
         """ReconEval of the current model on clients of ``data`` (default: all of them).
 
         Reports RMSE and accuracy and, unless ``k`` is None, ``recall_at_{k}`` and
@@ -406,6 +465,14 @@ class FedRecon:
         """
         if self.model is None:
             raise ValueError("the model is not trained yet: call fit() first")
-        return recon_eval(self.model, data, clients, self.config.evaluation, seed=self.config.seed,
-                          num_threads=self.config.num_threads, per_user=per_user, k=k,
-                          relevance_threshold=relevance_threshold)
+        return recon_eval(
+            self.model,
+            data,
+            clients,
+            self.config.evaluation,
+            seed=self.config.seed,
+            num_threads=self.config.num_threads,
+            per_user=per_user,
+            k=k,
+            relevance_threshold=relevance_threshold,
+        )

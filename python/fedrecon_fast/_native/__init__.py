@@ -43,8 +43,10 @@ def _load():
     forced = os.environ.get("FEDRECON_TARGET")
     if forced:
         if forced not in runnable:
-            raise ValueError(f"FEDRECON_TARGET={forced!r} is not a compiled target this CPU runs; "
-                             f"compiled: {compiled}, runnable here: {runnable}")
+            raise ValueError(
+                f"FEDRECON_TARGET={forced!r} is not a compiled target this CPU runs; "
+                f"compiled: {compiled}, runnable here: {runnable}"
+            )
         chosen = forced
     else:
         chosen = runnable[0]
@@ -70,7 +72,8 @@ def show_config(file=None) -> None:
         "fedrecon_fast native core",
         f"  version:            {core.__version__}",
         f"  compiler:           {core.COMPILER}",
-        "  baseline:           " + ("x86-64 (SSE2)" if features else "the compiler's default for this CPU architecture"),
+        "  baseline:           "
+        + ("x86-64 (SSE2)" if features else "the compiler's default for this CPU architecture"),
         f"  targets compiled:   {', '.join(reversed(_compiled))}",
         f"  runnable here:      {', '.join(reversed(_runnable))}",
         f"  in use:             {core.TARGET} ({core.TARGET_FLAGS or 'no extra flags'})"

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._rng import STREAM_PRIVACY
 from .._validation import check_float, check_int, check_threads, real_array, to_float32
 from . import core as _core
 
@@ -84,16 +83,18 @@ def _dense_updates(updates, name: str = "updates") -> tuple[list[np.ndarray], tu
         shape = arr.shape[1:]
         return list(arr.reshape(arr.shape[0], int(np.prod(shape, dtype=np.int64)))), shape
     if isinstance(updates, (str, bytes)) or not isinstance(updates, Sequence):
-        raise TypeError(f"{name} must be an array of shape (n_clients, ...) or a list of arrays; "
-                        f"got {type(updates).__name__}")
+        raise TypeError(
+            f"{name} must be an array of shape (n_clients, ...) or a list of arrays; got {type(updates).__name__}"
+        )
     if len(updates) == 0:
         raise ValueError(f"{name} is an empty list: pass an array of shape (0, ...) to give the shape")
     arrays = [real_array(u, f"{name}[{i}]") for i, u in enumerate(updates)]
     shape = arrays[0].shape
     for i, a in enumerate(arrays):
         if a.shape != shape:
-            raise ValueError(f"{name} must all have the same shape; {name}[0] has shape {shape} "
-                             f"but {name}[{i}] has shape {a.shape}")
+            raise ValueError(
+                f"{name} must all have the same shape; {name}[0] has shape {shape} but {name}[{i}] has shape {a.shape}"
+            )
     return [_as_f32(a, f"{name}[{i}]").reshape(-1) for i, a in enumerate(arrays)], shape
 
 
@@ -111,8 +112,10 @@ def _weights(weights, n: int, *, dp: bool = False) -> np.ndarray:
         raise ValueError(f"weights must be >= 0; got minimum {w.min()}")
     if dp:
         if (w > 1).any():
-            raise ValueError("weights must lie in [0, 1] for DP, so that one client moves the sum by "
-                             f"at most clip (cap them, e.g. with capped_weights); got maximum {w.max()}")
+            raise ValueError(
+                "weights must lie in [0, 1] for DP, so that one client moves the sum by "
+                f"at most clip (cap them, e.g. with capped_weights); got maximum {w.max()}"
+            )
     else:
         with np.errstate(over="ignore"):  # an overflowing sum is an error below, not a warning
             total = w.sum()
@@ -276,13 +279,13 @@ def weighted_mean(updates, weights=None, *, dtype=None, out=None, num_threads: i
     w = _weights(weights, len(arrays))
     float64, out = _output(out, shape, dtype, arrays)
     check_threads(num_threads)
-    result, _ = _core.weighted_mean_dense(arrays, int(np.prod(shape, dtype=np.int64)), w, float64, num_threads,
-                                          out=out)
+    result, _ = _core.weighted_mean_dense(arrays, int(np.prod(shape, dtype=np.int64)), w, float64, num_threads, out=out)
     return result.reshape(shape) if out is None else out
 
 
-def weighted_mean_sparse(rows, values, offsets, weights=None, *, num_rows: int, dtype=None, out=None,
-                         num_threads: int = 0) -> np.ndarray:
+def weighted_mean_sparse(
+    rows, values, offsets, weights=None, *, num_rows: int, dtype=None, out=None, num_threads: int = 0
+) -> np.ndarray:
     """Weighted mean of sparse-row client updates into a ``(num_rows, ...)`` table.
 
     Client ``i`` sent the rows ``rows[offsets[i]:offsets[i+1]]`` with values
@@ -452,8 +455,7 @@ class WeightedMean:
         self._acc.reset()
 
     def __repr__(self) -> str:
-        return (f"WeightedMean(shape={self._shape}, num_updates={self.num_updates}, "
-                f"total_weight={self.total_weight})")
+        return f"WeightedMean(shape={self._shape}, num_updates={self.num_updates}, total_weight={self.total_weight})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,9 +510,14 @@ class DPResult:
 
     def metrics(self) -> dict:
         """The reportable numbers as a flat dict (for a round's metrics)."""
-        return {"dp_clip": self.clip, "dp_noise_multiplier": self.noise_multiplier,
-                "dp_noise_std": self.noise_std, "dp_num_clipped": self.num_clipped,
-                "dp_clipped_fraction": self.clipped_fraction, "dp_denominator": self.denominator}
+        return {
+            "dp_clip": self.clip,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_noise_std": self.noise_std,
+            "dp_num_clipped": self.num_clipped,
+            "dp_clipped_fraction": self.clipped_fraction,
+            "dp_denominator": self.denominator,
+        }
 
 
 def _dp_params(clip, noise_multiplier, seed, round, expected_weight):
@@ -532,12 +539,21 @@ def _result(value, norms, summary: dict, denominator: float) -> DPResult:
     # Finite updates, weights and noise can still overflow float32 (or float64) once divided by
     # a tiny expected_weight: an error, not a silent infinity.
     if not np.isfinite(value).all():
-        raise ValueError(f"the aggregate overflows {value.dtype} when divided by expected_weight="
-                         f"{denominator!r}: pass a larger expected_weight (or dtype=numpy.float64)")
-    return DPResult(value=value, norms=norms, num_updates=int(summary["num_updates"]),
-                    num_clipped=int(summary["num_clipped"]), clip=summary["clip"],
-                    noise_multiplier=summary["noise_multiplier"], noise_std=summary["noise_std"],
-                    total_weight=summary["total_weight"], denominator=denominator)
+        raise ValueError(
+            f"the aggregate overflows {value.dtype} when divided by expected_weight="
+            f"{denominator!r}: pass a larger expected_weight (or dtype=numpy.float64)"
+        )
+    return DPResult(
+        value=value,
+        norms=norms,
+        num_updates=int(summary["num_updates"]),
+        num_clipped=int(summary["num_clipped"]),
+        clip=summary["clip"],
+        noise_multiplier=summary["noise_multiplier"],
+        noise_std=summary["noise_std"],
+        total_weight=summary["total_weight"],
+        denominator=denominator,
+    )
 
 
 def clip_by_norm(update, clip: float, *, num_threads: int = 0) -> tuple[np.ndarray, bool, float]:
@@ -603,8 +619,19 @@ def gaussian_noise(shape, std: float, *, seed: int, round: int = 0, num_threads:
     return out.reshape(shape)
 
 
-def dp_sum(updates, weights=None, *, clip: float, noise_multiplier: float, seed: int, round: int = 0,
-           expected_weight: float | None = None, dtype=None, out=None, num_threads: int = 0) -> DPResult:
+def dp_sum(
+    updates,
+    weights=None,
+    *,
+    clip: float,
+    noise_multiplier: float,
+    seed: int,
+    round: int = 0,
+    expected_weight: float | None = None,
+    dtype=None,
+    out=None,
+    num_threads: int = 0,
+) -> DPResult:
     """DP-FedAvg aggregation of dense updates: clip, weighted sum, Gaussian noise.
 
     ``value = (Σ_i w_i · clip_C(Δ_i) + N(0, (z·C)²)) / expected_weight`` (see the module
@@ -646,15 +673,28 @@ def dp_sum(updates, weights=None, *, clip: float, noise_multiplier: float, seed:
     w = _weights(weights, len(arrays), dp=True)
     float64, out = _output(out, shape, dtype, arrays)
     check_threads(num_threads)
-    value, norms, summary = _core.dp_sum_dense(arrays, int(np.prod(shape, dtype=np.int64)), w, clip, z, seed,
-                                               round, denominator, float64, num_threads, out=out)
+    value, norms, summary = _core.dp_sum_dense(
+        arrays, int(np.prod(shape, dtype=np.int64)), w, clip, z, seed, round, denominator, float64, num_threads, out=out
+    )
     return _result(value.reshape(shape) if out is None else out, norms, summary, denominator)
 
 
-def dp_sum_sparse(rows, values, offsets, weights=None, *, num_rows: int, clip: float,
-                  noise_multiplier: float, seed: int, round: int = 0,
-                  expected_weight: float | None = None, dtype=None, out=None,
-                  num_threads: int = 0) -> DPResult:
+def dp_sum_sparse(
+    rows,
+    values,
+    offsets,
+    weights=None,
+    *,
+    num_rows: int,
+    clip: float,
+    noise_multiplier: float,
+    seed: int,
+    round: int = 0,
+    expected_weight: float | None = None,
+    dtype=None,
+    out=None,
+    num_threads: int = 0,
+) -> DPResult:
     """DP-FedAvg aggregation of sparse-row updates into a ``(num_rows, ...)`` table.
 
     The layout of ``rows``/``values``/``offsets`` is that of
@@ -673,8 +713,9 @@ def dp_sum_sparse(rows, values, offsets, weights=None, *, num_rows: int, clip: f
     shape = (num_rows,) + row_shape
     float64, out = _output(out, shape, dtype, (values,))
     check_threads(num_threads)
-    value, norms, summary = _core.dp_sum_sparse(offsets, rows, values, w, num_rows, clip, z, seed, round,
-                                                denominator, float64, num_threads, out=out)
+    value, norms, summary = _core.dp_sum_sparse(
+        offsets, rows, values, w, num_rows, clip, z, seed, round, denominator, float64, num_threads, out=out
+    )
     return _result(value.reshape(shape) if out is None else out, norms, summary, denominator)
 
 
@@ -702,11 +743,19 @@ class DPGaussianSum:
         0 uses all cores; results do not depend on it.
     """
 
-    def __init__(self, shape, *, clip: float, noise_multiplier: float, seed: int, round: int = 0,
-                 expected_weight: float | None = None, num_threads: int = 0):
+    def __init__(
+        self,
+        shape,
+        *,
+        clip: float,
+        noise_multiplier: float,
+        seed: int,
+        round: int = 0,
+        expected_weight: float | None = None,
+        num_threads: int = 0,
+    ):
         self._shape, num_rows, dim = _table_shape(shape)
-        clip, z, seed, round, self._denominator = _dp_params(clip, noise_multiplier, seed, round,
-                                                             expected_weight)
+        clip, z, seed, round, self._denominator = _dp_params(clip, noise_multiplier, seed, round, expected_weight)
         check_threads(num_threads)
         self._num_threads = num_threads
         self._acc = _core.GaussianSum(num_rows, dim, clip, z, seed, round)
@@ -781,8 +830,9 @@ class DPGaussianSum:
         """The result with its DP report (clip fraction, noise std, noise multiplier)."""
         float64, out = _output(out, self._shape, dtype)
         value = self._acc.finalize(self._denominator, float64, self._num_threads, out=out)
-        return _result(value.reshape(self._shape) if out is None else out, self.norms, self._acc.summary(),
-                       self._denominator)
+        return _result(
+            value.reshape(self._shape) if out is None else out, self.norms, self._acc.summary(), self._denominator
+        )
 
     def reset(self) -> None:
         """Forget every update (same noise key: use a new object for a new round)."""
@@ -791,5 +841,7 @@ class DPGaussianSum:
 
     def __repr__(self) -> str:
         s = self._acc.summary()
-        return (f"DPGaussianSum(shape={self._shape}, clip={s['clip']}, noise_multiplier={s['noise_multiplier']}, "
-                f"num_updates={s['num_updates']}, num_clipped={s['num_clipped']})")
+        return (
+            f"DPGaussianSum(shape={self._shape}, clip={s['clip']}, noise_multiplier={s['noise_multiplier']}, "
+            f"num_updates={s['num_updates']}, num_clipped={s['num_clipped']})"
+        )

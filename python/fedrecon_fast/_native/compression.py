@@ -59,7 +59,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._rng import STREAM_QUANT
-from .._validation import check_bits, check_bool, check_choice, check_float, check_int, check_threads, real_array, to_float32
+from .._validation import (
+    check_bits,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_threads,
+    real_array,
+    to_float32,
+)
 from . import core as _core
 
 __all__ = [
@@ -116,16 +125,22 @@ def _key(seed, round, client) -> int:  # noqa: A002
 
 
 def _scheme(bits, scaling, hadamard, seed, round, client, num_threads):  # noqa: A002
-    return (check_bits(bits), _check_scaling(scaling), check_bool(hadamard, "hadamard"),
-            _key(seed, round, client), _check_threads(num_threads))
+    return (
+        check_bits(bits),
+        _check_scaling(scaling),
+        check_bool(hadamard, "hadamard"),
+        _key(seed, round, client),
+        _check_threads(num_threads),
+    )
 
 
 def _as_buffer(buf, name: str = "buf") -> np.ndarray:
     """A zero-copy uint8 view of a bytes-like object."""
     if isinstance(buf, np.ndarray):
         if buf.dtype != np.uint8 or buf.ndim != 1:
-            raise TypeError(f"{name} must be bytes-like or a 1-D uint8 array; got {buf.dtype} "
-                            f"array of shape {buf.shape}")
+            raise TypeError(
+                f"{name} must be bytes-like or a 1-D uint8 array; got {buf.dtype} array of shape {buf.shape}"
+            )
         return np.ascontiguousarray(buf)
     try:
         view = memoryview(buf)
@@ -168,8 +183,17 @@ def _check_out(out, name: str = "out") -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def quantize(x, bits: int, *, scaling: str = "tensor", hadamard: bool = False, seed: int = 0,
-             round: int = 0, client: int = 0, num_threads: int = 0) -> np.ndarray:  # noqa: A002
+def quantize(
+    x,
+    bits: int,
+    *,
+    scaling: str = "tensor",
+    hadamard: bool = False,
+    seed: int = 0,
+    round: int = 0,
+    client: int = 0,
+    num_threads: int = 0,
+) -> np.ndarray:  # noqa: A002
     """Quantize-dequantize round trip: what the receiver of ``encode(x, ...)`` decodes.
 
     Parameters
@@ -204,9 +228,19 @@ def quantize(x, bits: int, *, scaling: str = "tensor", hadamard: bool = False, s
     return _core.quantize(arr, bits, row, had, key, threads)
 
 
-def quantize_accumulate(x, bits: int, weight: float, out: np.ndarray, *, scaling: str = "tensor",
-                        hadamard: bool = False, seed: int = 0, round: int = 0, client: int = 0,  # noqa: A002
-                        num_threads: int = 0) -> np.ndarray:
+def quantize_accumulate(
+    x,
+    bits: int,
+    weight: float,
+    out: np.ndarray,
+    *,
+    scaling: str = "tensor",
+    hadamard: bool = False,
+    seed: int = 0,
+    round: int = 0,
+    client: int = 0,  # noqa: A002
+    num_threads: int = 0,
+) -> np.ndarray:
     """Add ``weight * quantize(x, bits, ...)`` to a float64 accumulator without materialising it.
 
     The fused quantize -> dequantize -> accumulate of simulations: the same values the server
@@ -240,8 +274,17 @@ def quantize_accumulate(x, bits: int, weight: float, out: np.ndarray, *, scaling
     return out
 
 
-def encode(x, bits: int, *, scaling: str = "tensor", hadamard: bool = False, seed: int = 0,
-           round: int = 0, client: int = 0, num_threads: int = 0) -> bytes:  # noqa: A002
+def encode(
+    x,
+    bits: int,
+    *,
+    scaling: str = "tensor",
+    hadamard: bool = False,
+    seed: int = 0,
+    round: int = 0,
+    client: int = 0,
+    num_threads: int = 0,
+) -> bytes:  # noqa: A002
     """Quantize ``x`` and serialize it in the wire format (see the module documentation).
 
     Parameters
@@ -289,9 +332,19 @@ def decode(buf, *, num_threads: int = 0) -> np.ndarray:
     return _named("buf", _core.decode, _as_buffer(buf), _check_threads(num_threads))
 
 
-def encode_sparse(rows, values, bits: int, *, num_rows: int | None = None, scaling: str = "tensor",
-                  hadamard: bool = False, seed: int = 0, round: int = 0, client: int = 0,  # noqa: A002
-                  num_threads: int = 0) -> bytes:
+def encode_sparse(
+    rows,
+    values,
+    bits: int,
+    *,
+    num_rows: int | None = None,
+    scaling: str = "tensor",
+    hadamard: bool = False,
+    seed: int = 0,
+    round: int = 0,
+    client: int = 0,  # noqa: A002
+    num_threads: int = 0,
+) -> bytes:
     """Encode a sparse row update: the ids of the rows sent and their quantized values.
 
     Parameters
@@ -361,8 +414,9 @@ def decode_sparse(buf, *, num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]
     return rows, values
 
 
-def encoded_size(shape, bits: int, *, scaling: str = "tensor", hadamard: bool = False,
-                 sparse_rows: int | None = None) -> int:
+def encoded_size(
+    shape, bits: int, *, scaling: str = "tensor", hadamard: bool = False, sparse_rows: int | None = None
+) -> int:
     """Exact length in bytes of an encoding, without encoding anything.
 
     Parameters

@@ -123,8 +123,13 @@ class DenseNoise:
     def concat(parts) -> DenseNoise:
         """The noise of several groups of clients, one after the other."""
         parts = list(parts)
-        return DenseNoise(np.concatenate([p.lo for p in parts]), np.concatenate([p.step for p in parts]),
-                          np.concatenate([p.key for p in parts]), parts[0].bits, parts[0].hadamard)
+        return DenseNoise(
+            np.concatenate([p.lo for p in parts]),
+            np.concatenate([p.step for p in parts]),
+            np.concatenate([p.key for p in parts]),
+            parts[0].bits,
+            parts[0].hadamard,
+        )
 
 
 @dataclass(frozen=True)
@@ -173,30 +178,61 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int, round: i
     check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
     check_int(seed, "seed", minimum=0)
     check_int(round, "round", minimum=0)
-    return _core.sample_clients(int(num_clients), int(clients_per_round), int(seed) % _UINT64,
-                                int(round) % _UINT64)
+    return _core.sample_clients(int(num_clients), int(clients_per_round), int(seed) % _UINT64, int(round) % _UINT64)
 
 
 # The native cohort kernels' leading arguments: item_factors, item_bias, global_mean, indptr,
 # items, ratings, clients, config, seed, round, num_threads.
-_CohortArgs = tuple[np.ndarray, Optional[np.ndarray], float, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                    "_core.ClientConfig", int, int, int]
+_CohortArgs = tuple[
+    np.ndarray,
+    Optional[np.ndarray],
+    float,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    "_core.ClientConfig",
+    int,
+    int,
+    int,
+]
 
 
-def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, seed, round,
-                 num_threads, check_finite, user_default=None, user_bias_default=0.0) -> _CohortArgs:
+def _cohort_args(
+    item_factors,
+    data,
+    clients,
+    config,
+    item_bias,
+    global_mean,
+    seed,
+    round,
+    num_threads,
+    check_finite,
+    user_default=None,
+    user_bias_default=0.0,
+) -> _CohortArgs:
     V = as_float32_matrix(item_factors, "item_factors", check_finite=check_finite)
-    bias = None if item_bias is None else as_float32_vector(
-        item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)
+    bias = (
+        None
+        if item_bias is None
+        else as_float32_vector(item_bias, "item_bias", size=V.shape[0], check_finite=check_finite)
+    )
     for name, dtype in (("indptr", np.int64), ("items", np.int32), ("ratings", np.float32)):
         arr = getattr(data, name, None)
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"data must be a ClientData (CSR ratings); got {type(data).__name__}")
         if arr.dtype != dtype or arr.ndim != 1 or not arr.flags.c_contiguous:
-            raise TypeError(f"data.{name} must be a C-contiguous 1-D {np.dtype(dtype)} array; "
-                            f"got {arr.dtype} with shape {arr.shape}")
-    if len(data.indptr) < 1 or data.indptr[0] != 0 or data.indptr[-1] != len(data.items) \
-            or len(data.items) != len(data.ratings):
+            raise TypeError(
+                f"data.{name} must be a C-contiguous 1-D {np.dtype(dtype)} array; "
+                f"got {arr.dtype} with shape {arr.shape}"
+            )
+    if (
+        len(data.indptr) < 1
+        or data.indptr[0] != 0
+        or data.indptr[-1] != len(data.items)
+        or len(data.items) != len(data.ratings)
+    ):
         raise ValueError("data.indptr must run from 0 to len(data.items) == len(data.ratings)")
     if data.num_items > V.shape[0]:
         raise ValueError(f"item_factors has {V.shape[0]} rows but data has {data.num_items} items")
@@ -213,8 +249,19 @@ def _cohort_args(item_factors, data, clients, config, item_bias, global_mean, se
         user_default = as_float32_vector(user_default, "user_default", size=V.shape[1], check_finite=True)
         check_float(user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
     native = client_config(config, user_default, user_bias_default)
-    return (V, bias, float(global_mean), data.indptr, data.items, data.ratings, clients,
-            native, int(seed) % _UINT64, int(round) % _UINT64, num_threads)
+    return (
+        V,
+        bias,
+        float(global_mean),
+        data.indptr,
+        data.items,
+        data.ratings,
+        clients,
+        native,
+        int(seed) % _UINT64,
+        int(round) % _UINT64,
+        num_threads,
+    )
 
 
 def _stream_ids(data) -> dict:
@@ -225,8 +272,10 @@ def _stream_ids(data) -> dict:
         return {}
     ids = np.asarray(ids)
     if ids.shape != (len(data.indptr) - 1,) or (ids.size and ids.dtype.kind not in "iu"):
-        raise ValueError(f"data.stream_ids must hold one integer per client ({len(data.indptr) - 1}); "
-                         f"got dtype {ids.dtype}, shape {ids.shape}")
+        raise ValueError(
+            f"data.stream_ids must hold one integer per client ({len(data.indptr) - 1}); "
+            f"got dtype {ids.dtype}, shape {ids.shape}"
+        )
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(np.int64).max):
         raise ValueError("data.stream_ids must lie in [0, 2**63)")
     return {"stream_ids": np.ascontiguousarray(ids, dtype=np.int64)}
@@ -256,12 +305,40 @@ def _codec(codec) -> dict:
     return {"codec": update_codec(codec)}
 
 
-def _update_call(native, item_factors, data, clients, config, item_bias, global_mean, seed, round,
-                 num_threads, check_finite, users, user_bias, user_default, user_bias_default, codec, **extra):
+def _update_call(
+    native,
+    item_factors,
+    data,
+    clients,
+    config,
+    item_bias,
+    global_mean,
+    seed,
+    round,
+    num_threads,
+    check_finite,
+    users,
+    user_bias,
+    user_default,
+    user_bias_default,
+    codec,
+    **extra,
+):
     """Validate the arguments shared by the update kernels and call ``native`` with them."""
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
+    args = _cohort_args(
+        item_factors,
+        data,
+        clients,
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        user_default,
+        user_bias_default,
+    )
     users, user_bias = _user_state(users, user_bias, len(args[6]), args[0].shape[1], args[1] is not None)
     return native(*args, users=users, user_bias=user_bias, **_codec(codec), **_stream_ids(data), **extra)
 
@@ -280,11 +357,25 @@ def _in_place_args(apply_lr, item_factors, item_bias) -> dict:
     return {"apply_lr": float(apply_lr)}
 
 
-def train_round(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                num_threads: int = 0, check_finite: bool = True, users=None,
-                user_bias=None, user_default=None, user_bias_default: float = 0.0,
-                codec: UpdateCodec | None = None, apply_lr: float | None = None) -> RoundResult:
+def train_round(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    users=None,
+    user_bias=None,
+    user_default=None,
+    user_bias_default: float = 0.0,
+    codec: UpdateCodec | None = None,
+    apply_lr: float | None = None,
+) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
 
     Parameters
@@ -338,15 +429,44 @@ def train_round(item_factors, data, clients=None, config: ClientConfig | None = 
     RoundResult
     """
     in_place = _in_place_args(apply_lr, item_factors, item_bias)
-    return RoundResult(*_update_call(
-        _core.train_round, item_factors, data, clients, config, item_bias, global_mean, seed, round,
-        num_threads, check_finite, users, user_bias, user_default, user_bias_default, codec, **in_place))
+    return RoundResult(
+        *_update_call(
+            _core.train_round,
+            item_factors,
+            data,
+            clients,
+            config,
+            item_bias,
+            global_mean,
+            seed,
+            round,
+            num_threads,
+            check_finite,
+            users,
+            user_bias,
+            user_default,
+            user_bias_default,
+            codec,
+            **in_place,
+        )
+    )
 
 
-def train_rounds(item_factors, data, config: ClientConfig | None = None, *, item_bias=None,
-                 global_mean: float = 0.0, seed: int = 0, first_round: int = 0, num_rounds: int = 1,
-                 clients_per_round: int = 100, lr: float = 1.0, num_threads: int = 0,
-                 codec: UpdateCodec | None = None) -> dict:
+def train_rounds(
+    item_factors,
+    data,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    first_round: int = 0,
+    num_rounds: int = 1,
+    clients_per_round: int = 100,
+    lr: float = 1.0,
+    num_threads: int = 0,
+    codec: UpdateCodec | None = None,
+) -> dict:
     """Several training rounds in one native call: sample, train, server SGD step, repeat.
 
     Round ``r`` (``first_round <= r < first_round + num_rounds``) samples
@@ -380,18 +500,55 @@ def train_rounds(item_factors, data, config: ClientConfig | None = None, *, item
     check_int(num_rounds, "num_rounds", minimum=0, maximum=_INT64_MAX)
     check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
     in_place = _in_place_args(lr, item_factors, item_bias)
-    args = _cohort_args(item_factors, data, np.zeros(0, np.int64), config or ClientConfig(), item_bias,
-                        global_mean, seed, first_round, num_threads, True)
+    args = _cohort_args(
+        item_factors,
+        data,
+        np.zeros(0, np.int64),
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        first_round,
+        num_threads,
+        True,
+    )
     V, bias, mean, indptr, items, ratings, _, native, seed, first, threads = args
-    return _core.train_rounds(V, bias, mean, indptr, items, ratings, native, _codec(codec)["codec"], seed, first,
-                              int(num_rounds), int(clients_per_round), in_place["apply_lr"], threads)
+    return _core.train_rounds(
+        V,
+        bias,
+        mean,
+        indptr,
+        items,
+        ratings,
+        native,
+        _codec(codec)["codec"],
+        seed,
+        first,
+        int(num_rounds),
+        int(clients_per_round),
+        in_place["apply_lr"],
+        threads,
+    )
 
 
-def client_updates(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                   item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                   num_threads: int = 0, check_finite: bool = True, users=None,
-                   user_bias=None, user_default=None, user_bias_default: float = 0.0,
-                   codec: UpdateCodec | None = None) -> ClientUpdates:
+def client_updates(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    users=None,
+    user_bias=None,
+    user_default=None,
+    user_bias_default: float = 0.0,
+    codec: UpdateCodec | None = None,
+) -> ClientUpdates:
     """Each client's sparse update (row ids + values) and weight, without aggregating.
 
     Same parameters as :func:`train_round`; a framework that runs one client at a time passes
@@ -401,17 +558,49 @@ def client_updates(item_factors, data, clients=None, config: ClientConfig | None
     """
     codec = UpdateCodec() if codec is None else codec
     out = _update_call(
-        _core.client_updates, item_factors, data, clients, config, item_bias, global_mean, seed, round,
-        num_threads, check_finite, users, user_bias, user_default, user_bias_default, codec)
+        _core.client_updates,
+        item_factors,
+        data,
+        clients,
+        config,
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        users,
+        user_bias,
+        user_default,
+        user_bias_default,
+        codec,
+    )
     noise = None
     if out["noise"] is not None:
         noise = DenseNoise(out["noise"]["lo"], out["noise"]["step"], out["noise"]["key"], codec.bits, codec.hadamard)
-    return ClientUpdates(out["offsets"], out["rows"], out["values"], out["bias_values"], out["stats"],
-                         out["users"], out["user_bias"], noise)
+    return ClientUpdates(
+        out["offsets"],
+        out["rows"],
+        out["values"],
+        out["bias_values"],
+        out["stats"],
+        out["users"],
+        out["user_bias"],
+        noise,
+    )
 
 
-def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_values=None,
-                   num_threads: int = 0, noise: DenseNoise | None = None):
+def reduce_updates(
+    rows,
+    values,
+    offsets,
+    weights,
+    *,
+    num_items: int,
+    bias_values=None,
+    num_threads: int = 0,
+    noise: DenseNoise | None = None,
+):
     """The fused round's weighted mean of updates that clients computed one at a time.
 
     Client ``i`` (position ``i`` of the cohort, in the order :func:`train_round` would take
@@ -436,8 +625,13 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
     if bias_values is not None:
         bias_values = as_float32_vector(bias_values, "bias_values", size=len(values), check_finite=True)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(rows) \
-            or (np.diff(offsets) < 0).any():
+    if (
+        offsets.ndim != 1
+        or len(offsets) < 1
+        or offsets[0] != 0
+        or offsets[-1] != len(rows)
+        or (np.diff(offsets) < 0).any()
+    ):
         raise ValueError("offsets must be non-decreasing from 0 to len(rows), one more than the clients")
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     if weights.shape != (len(offsets) - 1,) or not np.isfinite(weights).all() or (weights < 0).any():
@@ -454,17 +648,30 @@ def reduce_updates(rows, values, offsets, weights, *, num_items: int, bias_value
             raise TypeError(f"noise must be a DenseNoise (ClientUpdates.noise); got {type(noise).__name__}")
         if not all(np.shape(a) == weights.shape for a in (noise.lo, noise.step, noise.key)):
             raise ValueError(f"noise must describe {len(weights)} clients, one per weight")
-        extra = {"noise_lo": np.ascontiguousarray(noise.lo, np.float32),
-                 "noise_step": np.ascontiguousarray(noise.step, np.float32),
-                 "noise_key": np.ascontiguousarray(noise.key, np.uint64),
-                 **_codec(UpdateCodec(bits=noise.bits, hadamard=noise.hadamard, sparse=False))}
+        extra = {
+            "noise_lo": np.ascontiguousarray(noise.lo, np.float32),
+            "noise_step": np.ascontiguousarray(noise.step, np.float32),
+            "noise_key": np.ascontiguousarray(noise.key, np.uint64),
+            **_codec(UpdateCodec(bits=noise.bits, hadamard=noise.hadamard, sparse=False)),
+        }
     return _core.reduce_updates(rows, values, bias_values, offsets, weights, num_items, num_threads, **extra)
 
 
-def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                      item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                      num_threads: int = 0, check_finite: bool = True, user_default=None,
-                      user_bias_default: float = 0.0):
+def reconstruct_users(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    user_default=None,
+    user_bias_default: float = 0.0,
+):
     """Reconstruct the local embeddings of clients from their support sets, V frozen.
 
     Returns
@@ -473,9 +680,20 @@ def reconstruct_users(item_factors, data, clients=None, config: ClientConfig | N
     user_bias : ndarray, shape (m,), float32, or None
         Reconstructed user biases (only when ``item_bias`` is given).
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
+    args = _cohort_args(
+        item_factors,
+        data,
+        clients,
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        user_default,
+        user_bias_default,
+    )
     return _core.reconstruct_users(*args, **_stream_ids(data))
 
 
@@ -487,11 +705,23 @@ def _relevance(relevance_threshold) -> float:
     return float(relevance_threshold)
 
 
-def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                   item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                   num_threads: int = 0, check_finite: bool = True, user_default=None,
-                   user_bias_default: float = 0.0, k: int | None = None,
-                   relevance_threshold: float | None = 4.0) -> dict:
+def evaluate_users(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    user_default=None,
+    user_bias_default: float = 0.0,
+    k: int | None = None,
+    relevance_threshold: float | None = 4.0,
+) -> dict:
     """ReconEval per client: reconstruct on support, score each query rating once.
 
     With ``k``, each client is also ranked: every item except its support items is a candidate,
@@ -513,9 +743,20 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
         ``(m, min(k, num_items))``: each client's ranked items, best first, padded with -1).
         Recall@k is ``hits / min(k, num_relevant)``.
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
+    args = _cohort_args(
+        item_factors,
+        data,
+        clients,
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        user_default,
+        user_bias_default,
+    )
     check_int(k, "k", minimum=1, maximum=2**63 - 1, allow_none=True)
     threshold = _relevance(relevance_threshold)
     if k is None:
@@ -523,10 +764,21 @@ def evaluate_users(item_factors, data, clients=None, config: ClientConfig | None
     return _core.evaluate_users(*args, k=k, relevance_threshold=threshold, **_stream_ids(data))
 
 
-def infer_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                item_bias=None, global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                num_threads: int = 0, check_finite: bool = True, user_default=None,
-                user_bias_default: float = 0.0):
+def infer_users(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    user_default=None,
+    user_bias_default: float = 0.0,
+):
     """Reconstruct users for inference from ALL of their ratings, V frozen.
 
     Unlike :func:`reconstruct_users` there is no support/query split (``config.split`` and
@@ -541,17 +793,40 @@ def infer_users(item_factors, data, clients=None, config: ClientConfig | None = 
     user_bias : ndarray, shape (m,), float32, or None
         Only when ``item_bias`` is given.
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
+    args = _cohort_args(
+        item_factors,
+        data,
+        clients,
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        user_default,
+        user_bias_default,
+    )
     return _core.infer_users(*args)
 
 
-def recommend_users(item_factors, data, clients=None, config: ClientConfig | None = None, *,
-                    k: int = 10, exclude_seen: bool = True, item_bias=None,
-                    global_mean: float = 0.0, seed: int = 0, round: int = 0,
-                    num_threads: int = 0, check_finite: bool = True, user_default=None,
-                    user_bias_default: float = 0.0):
+def recommend_users(
+    item_factors,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    k: int = 10,
+    exclude_seen: bool = True,
+    item_bias=None,
+    global_mean: float = 0.0,
+    seed: int = 0,
+    round: int = 0,
+    num_threads: int = 0,
+    check_finite: bool = True,
+    user_default=None,
+    user_bias_default: float = 0.0,
+):
     """Top-k items for each user, in one native call (parallel over users, GIL released).
 
     Each user's ``u`` (and ``b_u``) is reconstructed as by :func:`infer_users`, every item is
@@ -568,22 +843,46 @@ def recommend_users(item_factors, data, clients=None, config: ClientConfig | Non
         Their predicted ratings; ``NaN`` in padded slots. A user whose reconstruction is not
         finite gets no recommendations (all slots padded).
     """
-    args = _cohort_args(item_factors, data, clients, config or ClientConfig(), item_bias,
-                        global_mean, seed, round, num_threads, check_finite,
-                        user_default, user_bias_default)
+    args = _cohort_args(
+        item_factors,
+        data,
+        clients,
+        config or ClientConfig(),
+        item_bias,
+        global_mean,
+        seed,
+        round,
+        num_threads,
+        check_finite,
+        user_default,
+        user_bias_default,
+    )
     check_int(k, "k", minimum=1, maximum=2**63 - 1)
     needed = len(args[6]) * k * 12  # int64 items + float32 scores
     if needed > _result_budget():
-        raise ValueError(f"k is too large: the ({len(args[6])}, {k}) result needs {needed / 2**30:.1f} GiB, "
-                         "more than a quarter of this machine's memory")
+        raise ValueError(
+            f"k is too large: the ({len(args[6])}, {k}) result needs {needed / 2**30:.1f} GiB, "
+            "more than a quarter of this machine's memory"
+        )
     if not isinstance(exclude_seen, (bool, np.bool_)):
         raise TypeError(f"exclude_seen must be a bool; got {exclude_seen!r}")
     return _core.recommend_users(*args, k=k, exclude_seen=bool(exclude_seen))
 
 
-def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, item_bias=None,
-                 global_mean: float = 0.0, batch_size: int = 32, lr: float = 0.1,
-                 l2: float = 0.0) -> float:
+def mf_sgd_epoch(
+    users,
+    items,
+    user_ids,
+    item_ids,
+    ratings,
+    *,
+    user_bias=None,
+    item_bias=None,
+    global_mean: float = 0.0,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    l2: float = 0.0,
+) -> float:
     """One pass of minibatch SGD over ratings in the given order, updating the tables in place.
 
     Parameters
@@ -622,5 +921,6 @@ def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, i
     check_float(lr, "lr", minimum=0.0)
     check_float(l2, "l2", minimum=0.0)
     check_float(global_mean, "global_mean")
-    return _core.mf_sgd_epoch(users, user_bias, items, item_bias, float(global_mean), user_ids,
-                              item_ids, ratings, batch_size, lr, l2)
+    return _core.mf_sgd_epoch(
+        users, user_bias, items, item_bias, float(global_mean), user_ids, item_ids, ratings, batch_size, lr, l2
+    )

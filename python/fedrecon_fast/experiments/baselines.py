@@ -18,22 +18,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..kernels import mf_sgd_epoch
 from .._guards import one_fit_at_a_time
 from .._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
 from .._validation import (
     as_float32_matrix,
-    as_float32_vector,
-    as_index_array,
     check_choice,
     check_float,
     check_int,
     check_threads,
-    writable_float32,
 )
 from ..config import ClientConfig, FedReconConfig, preset
 from ..data import ClientData
 from ..evaluation import summarize
+from ..kernels import mf_sgd_epoch
 from ..model import GlobalModel
 from ..training import FedRecon
 
@@ -49,12 +46,12 @@ def transpose(data: ClientData) -> ClientData:
     order = np.argsort(items, kind="stable")
     indptr = np.zeros(data.num_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(items, minlength=data.num_items), out=indptr[1:])
-    return ClientData(indptr, user_index[order].astype(np.int32), ratings[order],
-                      user_ids=data.item_ids, item_ids=data.user_ids)
+    return ClientData(
+        indptr, user_index[order].astype(np.int32), ratings[order], user_ids=data.item_ids, item_ids=data.user_ids
+    )
 
 
-def standard_eval(users, model: GlobalModel, data: ClientData, *, user_bias=None,
-                  per_user: bool = False) -> dict:
+def standard_eval(users, model: GlobalModel, data: ClientData, *, user_bias=None, per_user: bool = False) -> dict:
     """StandardEval: score every rating of ``data`` with the stored user embeddings.
 
     Parameters
@@ -165,14 +162,25 @@ class CentralizedMF:
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=cfg.epochs, desc=f"centralized {cfg.method}", unit="epoch", leave=False)
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
             if cfg.method == "sgd":
                 order = rng.permutation(len(ratings))
-                sse = mf_sgd_epoch(self.users, items, user_index[order], item_index[order], ratings[order],
-                                   user_bias=self.user_bias, item_bias=item_bias, global_mean=mean,
-                                   batch_size=cfg.batch_size, lr=cfg.lr, l2=cfg.l2)
+                sse = mf_sgd_epoch(
+                    self.users,
+                    items,
+                    user_index[order],
+                    item_index[order],
+                    ratings[order],
+                    user_bias=self.user_bias,
+                    item_bias=item_bias,
+                    global_mean=mean,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    l2=cfg.l2,
+                )
                 row = {"epoch": epoch + 1, "train_rmse": float(np.sqrt(sse / len(ratings)))}
             else:
                 self._als_sweep(data, by_item)
@@ -195,14 +203,26 @@ class CentralizedMF:
         solve = ClientConfig(recon="exact", ridge=cfg.als_ridge, split="reuse")
         m = self.model
         users, user_bias = kernels.reconstruct_users(
-            m.item_factors, data, None, solve, item_bias=m.item_bias, global_mean=m.global_mean,
-            num_threads=cfg.num_threads)
+            m.item_factors,
+            data,
+            None,
+            solve,
+            item_bias=m.item_bias,
+            global_mean=m.global_mean,
+            num_threads=cfg.num_threads,
+        )
         self.users[...] = users
         if user_bias is not None and self.user_bias is not None:
             self.user_bias[...] = user_bias
         items, item_bias = kernels.reconstruct_users(
-            self.users, by_item, None, solve, item_bias=self.user_bias, global_mean=m.global_mean,
-            num_threads=cfg.num_threads)
+            self.users,
+            by_item,
+            None,
+            solve,
+            item_bias=self.user_bias,
+            global_mean=m.global_mean,
+            num_threads=cfg.num_threads,
+        )
         m.item_factors[...] = items
         if item_bias is not None and m.item_bias is not None:
             m.item_bias[...] = item_bias
@@ -217,8 +237,7 @@ def fedavg_config(**overrides) -> FedReconConfig:
     stored u jointly with V on all of its ratings (one epoch, batch 5, ≤ 50 steps). ReconEval of
     its V uses the paper's reconstruction schedule."""
     paper = preset("paper")
-    base = paper.replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True,
-                         eval_client=paper.client)
+    base = paper.replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True, eval_client=paper.client)
     return base.replace(**overrides) if overrides else base
 
 
@@ -230,8 +249,7 @@ class FedAvg(FedRecon):
     StandardEval uses. ReconEval ignores them and reconstructs, as for FedRecon.
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                 backend="local"):
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None, backend="local"):
         super().__init__(config if config is not None else fedavg_config(), model=model, backend=backend)
         if self.config.learn_user_default:
             raise ValueError("FedAvg stores every user's embedding; learn_user_default is for FedRecon")

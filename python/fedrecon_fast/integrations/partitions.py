@@ -26,6 +26,7 @@ from ..server import round_summary
 
 __all__ = ["Route", "partition_bounds", "partition_data", "route", "combine"]
 
+
 def partition_bounds(num_clients: int, num_partitions: int) -> np.ndarray:
     """Block boundaries: partition ``p`` holds users ``[bounds[p], bounds[p+1])`` (sizes differ
     by at most one, larger blocks first, as ``numpy.array_split``)."""
@@ -43,10 +44,14 @@ def partition_data(data, lo: int, hi: int) -> SimpleNamespace:
     """Users ``[lo, hi)`` of ``data`` as CSR arrays (copies: a holder keeps only these), with
     ``stream_ids`` keeping each user's global id for its random streams."""
     a, b = int(data.indptr[lo]), int(data.indptr[hi])
-    return SimpleNamespace(indptr=np.ascontiguousarray(data.indptr[lo:hi + 1] - a),
-                           items=data.items[a:b].copy(), ratings=data.ratings[a:b].copy(),
-                           stream_ids=np.arange(lo, hi, dtype=np.int64), num_clients=hi - lo,
-                           num_items=data.num_items)
+    return SimpleNamespace(
+        indptr=np.ascontiguousarray(data.indptr[lo : hi + 1] - a),
+        items=data.items[a:b].copy(),
+        ratings=data.ratings[a:b].copy(),
+        stream_ids=np.arange(lo, hi, dtype=np.int64),
+        num_clients=hi - lo,
+        num_items=data.num_items,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,15 @@ def _scatter(pieces, total: int, get):
     return out
 
 
-def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int, num_items: int, dim: int, *,
-            num_threads: int = 0) -> RoundResult:
+def combine(
+    routes: list[Route],
+    updates: list[ClientUpdates],
+    num_clients: int,
+    num_items: int,
+    dim: int,
+    *,
+    num_threads: int = 0,
+) -> RoundResult:
     """The round's :class:`kernels.RoundResult` from each partition's :func:`kernels.client_updates`.
 
     Parameters
@@ -120,15 +132,17 @@ def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int,
         values[dst] = u.values
         if bias is not None:
             bias[dst] = u.bias_values
-    stats = {key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key])
-             for key in pieces[0][1].client_stats}
+    stats = {
+        key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key]) for key in pieces[0][1].client_stats
+    }
     weights = stats["weight"]
     noise = None
     if pieces[0][1].noise is not None:  # dense quantized updates: each client's untouched-row noise
         order = np.argsort(np.concatenate([r.positions for r, _ in pieces]), kind="stable")
         noise = DenseNoise.concat(u.noise for _, u in pieces).take(order)
-    delta, delta_bias, _ = kernels.reduce_updates(rows, values, offsets, weights, num_items=num_items,
-                                                  bias_values=bias, num_threads=num_threads, noise=noise)
+    delta, delta_bias, _ = kernels.reduce_updates(
+        rows, values, offsets, weights, num_items=num_items, bias_values=bias, num_threads=num_threads, noise=noise
+    )
     reporting = np.repeat(weights > 0, lengths)
     summary = round_summary(stats, int(np.unique(rows[reporting]).size))
     users = _scatter(pieces, num_clients, lambda u: u.users)
