@@ -104,6 +104,7 @@ def test_abadi_et_al_2016_moments_accountant_figure():
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+@pytest.mark.slow
 def test_calibrated_noise_is_the_smallest_within_budget(sampling):
     kw = dict(num_clients=3000, clients_per_round=60, sampling=sampling)
     z = accounting.calibrate_noise_multiplier(4.0, 1e-5, 50, tol=1e-3, **kw)
@@ -250,6 +251,7 @@ def test_history_reports_epsilon_after_every_round(data):
     assert len({h["clients"] for h in trainer.history}) > 1  # Poisson cohorts vary in size
 
 
+@pytest.mark.slow
 def test_target_epsilon_calibrates_then_the_budget_stops_training(data, caplog):
     cfg = dp_config(dp_target_epsilon=6.0)
     trainer = ff.FedRecon(cfg).fit(data)
@@ -289,6 +291,7 @@ def test_adaptive_clipping_in_training_settles_at_the_median_update_norm(data):
 
 
 @pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+@pytest.mark.slow
 def test_dp_state_survives_a_checkpoint_exactly(data, tmp_path, sampling):
     cfg = dp_config(rounds=9, sampling=sampling, dp_target_quantile=0.5, dp_target_epsilon=9.0)
     whole = ff.FedRecon(cfg).fit(data)
@@ -305,6 +308,7 @@ def test_dp_state_survives_a_checkpoint_exactly(data, tmp_path, sampling):
     assert set(extra) == {"dp_ledger", "dp_clip"} and extra["dp_ledger"].size == 2
 
 
+@pytest.mark.slow
 def test_cli_target_epsilon_reports_epsilon_and_the_noise_it_chose(tmp_path, capsys):
     args = [
         "train",

@@ -239,6 +239,7 @@ def misaligned_out(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.slow
 def test_means_into_a_table_past_the_cache_are_exact(dtype):
     """Tables of 32 MiB and more are staged per block and written with non-temporal stores, by
     the batch and the streaming means alike: same values, whatever the thread count or the

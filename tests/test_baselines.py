@@ -80,6 +80,7 @@ def test_transpose_keeps_every_item(data):
     assert sorted(zip(u, i, r)) == sorted(zip(ti, tu, tr))
 
 
+@pytest.mark.slow
 def test_table1_and_ablation_commands_on_synthetic(tmp_path, data, capsys, monkeypatch):
     rows = paper.table1(data, rounds=20)
     assert set(rows) == set(paper.ROWS)

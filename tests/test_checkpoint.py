@@ -121,6 +121,7 @@ def test_corrupted_newest_checkpoint_is_rejected_and_the_previous_one_used(split
     assert newest.exists()  # kept for inspection, never silently deleted
 
 
+@pytest.mark.slow
 def test_every_bit_flip_of_the_newest_checkpoint_falls_back(tmp_path):
     # Was: 662 of 1,500 bit flips of trainer.json resumed silently, 79 raised instead of falling back.
     train = ff.synthetic_ratings(num_users=30, num_items=6, min_ratings=3, mean_ratings=4, seed=3)
@@ -247,6 +248,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 8])
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_the_same_json(uninterrupted, tmp_path, kill_after):
     """Kill the run with SIGKILL once ``kill_after`` checkpoints exist (0: at start-up), then
     resume with the same command plus --resume."""
@@ -276,6 +278,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_json(uninterrupted, tmp_path, kil
     assert _result(resumed.stdout) == uninterrupted
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_misuse_is_a_one_line_error(tmp_path):
     bad = _cli("train", "--rounds", "3", "--resume")
     assert bad.returncode == 2 and "--resume needs --checkpoint-dir" in bad.stderr
@@ -296,6 +299,7 @@ def _wait_for_checkpoint(proc, directory, timeout=60):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.slow
 def test_a_signal_finishes_the_round_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, signum):
     # Was: SIGTERM, SIGINT and SIGHUP ended the run at once; the rounds since the last periodic
     # checkpoint were lost.
@@ -321,6 +325,7 @@ def test_a_signal_finishes_the_round_checkpoints_and_resumes_exactly(uninterrupt
     assert _result(resumed.stdout) == uninterrupted
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_checkpoint_folder_is_refused(tmp_path):
     # Was: two processes given the same --checkpoint-dir raced (one died on a vanished folder).
     args = [*ARGS, "--checkpoint-dir", str(tmp_path)]

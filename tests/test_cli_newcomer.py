@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import fedrecon_fast as ff
 from fedrecon_fast.cli import build_parser
@@ -39,6 +40,7 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.strip() == f"fedrecon-fast {ff.__version__}"
 
 
+@pytest.mark.slow
 def test_every_option_has_help_with_its_default_and_no_markup():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
@@ -63,11 +65,13 @@ def test_train_help_lists_the_presets_and_what_they_set():
     assert "(default: default)" in flat
 
 
+@pytest.mark.slow
 def test_paper_help_promises_only_what_it_writes():
     assert "PNG" not in cli("paper", "--help").stdout and "png" not in cli("paper", "--help").stdout
     assert "ablation.png" in cli("ablation", "--help").stdout
 
 
+@pytest.mark.slow
 def test_train_prints_the_paths_it_wrote_with_normal_modes(tmp_path):
     out, model = tmp_path / "results", tmp_path / "a" / "model"
     proc = cli("train", *SMALL, "--out", out, "--save", model, "--json", umask=0o022)
@@ -104,6 +108,7 @@ def test_new_json_metrics_and_leave_one_out():
     assert "leave-one-out" in proc.stdout and "MAP@10" in proc.stdout
 
 
+@pytest.mark.slow
 def test_broken_pipe_ends_quietly():
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedrecon_fast", "train", *SMALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -130,6 +135,7 @@ def _movielens_folder(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_three_commands_give_titles_in_recommend(tmp_path):
     folder = _movielens_folder(tmp_path)
     model = tmp_path / "model"
@@ -145,6 +151,7 @@ def test_three_commands_give_titles_in_recommend(tmp_path):
     assert all(t == f"Film n\xb0{i} (19{(i - 1) % 90 + 10})" for t, i in zip(result["titles"], result["items"]))
 
 
+@pytest.mark.slow
 def test_recommend_titles_from_items_option_and_csv(tmp_path):
     folder = _movielens_folder(tmp_path)
     (folder / "movies.dat").rename(tmp_path / "elsewhere.dat")
@@ -159,6 +166,7 @@ def test_recommend_titles_from_items_option_and_csv(tmp_path):
     assert result["titles"] == [f"Title, {i}" for i in result["items"]]
 
 
+@pytest.mark.slow
 def test_any_file_with_columns_and_sep(tmp_path):
     rng = np.random.default_rng(0)
     lines = [f"i{rng.integers(50)};u{u};{rng.integers(1, 11) / 2}" for u in range(120) for _ in range(15)]
@@ -204,6 +212,7 @@ def test_impossible_sizes_fail_fast_with_the_estimate(tmp_path):
     assert len(lines) == 1 and "needs about" in lines[0] and "available" in lines[0] and "--dim" in lines[0]
 
 
+@pytest.mark.slow
 def test_divergence_names_the_likely_cause():
     # recon_lr 0.1 x K a^2 / 3 = 2.5 at K = 30000: SGD reconstruction cannot be stable.
     proc = cli(

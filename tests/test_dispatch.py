@@ -63,6 +63,7 @@ def test_the_widest_runnable_target_is_in_use(capsys):
 
 
 @pytest.mark.skipif(_native.compiled_targets() == ["native"], reason="a FEDRECON_NATIVE build has one target")
+@pytest.mark.slow
 def test_every_runnable_target_matches_the_reference():
     results = {t: run_child(t) for t in _native._runnable}
     for target, r in results.items():
@@ -91,6 +92,7 @@ QEMU = shutil.which("qemu-x86_64")
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the QEMU check is for x86-64 builds")
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian: qemu-user) is not installed")
+@pytest.mark.slow
 def test_the_default_build_runs_on_an_old_cpu():
     # Westmere (2010): SSE4.2, no AVX. The import must pick the baseline module and compute the
     # reference's round, with no illegal instruction on the way. (NumPy's OpenBLAS misreads
@@ -113,6 +115,7 @@ OBJDUMP = shutil.which("objdump")
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 builds only")
 @pytest.mark.skipif(OBJDUMP is None, reason="objdump (binutils) is not installed")
 @pytest.mark.skipif("baseline" not in _native.compiled_targets(), reason="no baseline module in this build")
+@pytest.mark.slow
 def test_the_baseline_module_holds_no_avx_instructions():
     # Any ymm/zmm register in the baseline module's code would fault on an SSE-only CPU.
     import importlib

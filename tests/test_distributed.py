@@ -14,7 +14,10 @@ from fedrecon_fast import kernels, partitions
 from fedrecon_fast.baselines import FedAvg, fedavg_config
 
 # Ray's shutdown (at the end of this module) leaves subprocess handles for the garbage collector.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,7 @@ def cli_runs(data, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_cli_flower_backend_matches_local(cli_runs, capsys):
     results = {b: json.loads((out / "metrics.json").read_text()) for b, out in cli_runs.items()}
     local, flower = results["local"]["result"], results["flower"]["result"]

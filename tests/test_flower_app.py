@@ -28,6 +28,8 @@ with warnings.catch_warnings():
 
 import fedrecon_fast as ff  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower"
 
 

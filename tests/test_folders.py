@@ -141,6 +141,7 @@ def _only(parent: Path, *names: str) -> None:
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_a_model_save_leaves_a_complete_model(tmp_path):
     # Was: a kill at the first rename left no model at all (the new one only in a hidden
     # temporary folder), and Ctrl-C at the wrong moment deleted both versions.
@@ -189,6 +190,7 @@ def _ratings_file(tmp_path: Path) -> Path:
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_out_leaves_one_complete_run(tmp_path):
     # Was: --out moved its files one at a time: a kill left a new PNG beside old metrics.
     env = _env(tmp_path)
@@ -225,6 +227,7 @@ trainer.fit(data, rounds=1, checkpoint_dir=sys.argv[1], checkpoint_every=1)
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_a_checkpoint_leaves_verifying_checkpoints(tmp_path):
     env = _env(tmp_path)
     data = ff.synthetic_ratings(num_users=30, num_items=8, min_ratings=3, mean_ratings=4, seed=3)
@@ -305,6 +308,7 @@ def _run_with_file_size_limit(argv: list, limit: int) -> subprocess.CompletedPro
 
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE (POSIX)")
 @pytest.mark.parametrize("option", ["--save", "--out", "--checkpoint-dir"])
+@pytest.mark.slow
 def test_a_write_that_fails_names_the_path_and_keeps_the_old_version(tmp_path, option):
     # Was: disk full and permission errors did not name the path.
     ratings = _ratings_file(tmp_path)

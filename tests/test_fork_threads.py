@@ -17,6 +17,8 @@ import pytest
 import fedrecon_fast as ff
 from fedrecon_fast import kernels
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data():

@@ -62,6 +62,8 @@ from fedrecon_fast._native.structs import client_config  # noqa: E402
 from fedrecon_fast.cli import main as cli_main  # noqa: E402
 from fedrecon_fast.movielens import load_movielens  # noqa: E402
 
+pytestmark = pytest.mark.fuzz
+
 # --------------------------------------------------------------------------------------------
 # Infrastructure: example budget, settings, crash isolation, the error contract
 # --------------------------------------------------------------------------------------------

@@ -370,6 +370,7 @@ _PROCESS_CASES = {
 
 
 @pytest.mark.parametrize("case", list(_PROCESS_CASES))
+@pytest.mark.slow
 def test_cli_process_errors_are_one_line_without_outputs(case, tmp_path):
     content, args, expected = _PROCESS_CASES[case]
     file = tmp_path / "x" / "ratings.dat"

@@ -46,6 +46,7 @@ GIL_CALLS = {
 
 
 @pytest.mark.parametrize("name", list(GIL_CALLS))
+@pytest.mark.slow
 def test_a_python_thread_runs_while_a_kernel_computes(busy, name):
     """While one thread is inside a kernel, another keeps running Python: its longest pause
     during the call is a small part of the call (with the GIL held it would be all of it)."""
@@ -148,6 +149,7 @@ def test_every_cohort_kernel_is_reentrant_across_python_threads():
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+@pytest.mark.slow
 def test_kernels_work_in_a_forked_child_after_the_parent_used_threads():
     # The native thread pool must be rebuilt in a fork()ed child (its threads do not exist
     # there); a stale pool would hang. Run in a subprocess with a timeout.
