@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _problems import ff, paper_problem  # noqa: E402
 
 CASES = {
-    "float32 dense": dict(bits=None, sparse=False),
-    "8-bit dense": dict(bits=8, sparse=False, threshold=20000),
-    "8-bit dense, row scales": dict(bits=8, sparse=False, threshold=20000, scaling="row"),
-    "8-bit dense, Hadamard": dict(bits=8, sparse=False, threshold=20000, hadamard=True),
-    "8-bit sparse": dict(bits=8, sparse=True, threshold=0),
+    "float32 dense": ff.UpdateCodec(sparse=False),
+    "8-bit dense": ff.UpdateCodec(bits=8, sparse=False, threshold=20000),
+    "8-bit dense, row scales": ff.UpdateCodec(bits=8, sparse=False, threshold=20000, row_scaling=True),
+    "8-bit dense, Hadamard": ff.UpdateCodec(bits=8, sparse=False, threshold=20000, hadamard=True),
+    "8-bit sparse": ff.UpdateCodec(bits=8, sparse=True, threshold=0),
 }
 
 
@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     cohorts = [ff.sample_clients(train.num_clients, config.clients_per_round, config.seed, r)
                for r in range(args.rounds)]
 
-    def run(r, threads, **codec):
+    def run(r, threads, codec=None):
         return ff.train_round(model.item_factors, train, cohorts[r], config.client, seed=config.seed, round=r,
-                              num_threads=threads, **codec)
+                              num_threads=threads, codec=codec)
 
     # Stochastic rounding moves a decoded value by less than one step of its client's scale
     # ((max - min) / 255 of the client's dense update, zeros included), so the weighted mean
@@ -58,14 +58,14 @@ def main(argv=None) -> int:
     for threads in args.threads:
         exact = run(0, threads).delta
         for case, codec in CASES.items():
-            delta = run(0, threads, **codec).delta  # warm-up, and the correctness check
-            spread = np.sqrt(64) if codec.get("hadamard") else 1.0
-            bound = (step * spread if codec.get("bits") else 0.0) + 1e-7
+            delta = run(0, threads, codec).delta  # warm-up, and the correctness check
+            spread = np.sqrt(64) if codec.hadamard else 1.0
+            bound = (step * spread if codec.bits else 0.0) + 1e-7
             assert np.abs(delta - exact).max() <= bound, (case, np.abs(delta - exact).max(), bound)
             times = []
             for r in range(args.rounds):
                 start = time.perf_counter()
-                run(r, threads, **codec)
+                run(r, threads, codec)
                 times.append(time.perf_counter() - start)
             print(json.dumps({"case": case, "data": source, "threads": threads or os.cpu_count(),
                               "ms_per_round_median": 1e3 * float(np.median(times)),

@@ -11,8 +11,9 @@ import numpy as np
 CLIENT_SIZES = (0, 1, 2, 3, 5, 8, 13, 40, 0, 21, 1, 57)
 
 
-def random_client_data(rng: np.random.Generator, num_items: int, sizes=CLIENT_SIZES,
-                       rating_range=(1.0, 5.0)) -> SimpleNamespace:
+def random_client_data(
+    rng: np.random.Generator, num_items: int, sizes=CLIENT_SIZES, rating_range=(1.0, 5.0)
+) -> SimpleNamespace:
     """Random CSR ratings with one client per entry of ``sizes`` (its number of ratings).
 
     The kernels accept any object with ``indptr`` (int64), ``items`` (int32), ``ratings``

@@ -121,7 +121,7 @@ def sample_clients(num_clients: int, m: int, seed: int, round: int) -> np.ndarra
 
 def _cut(positions: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Cut ``positions`` into consecutive batches of ``batch_size`` (the last may be shorter)."""
-    return [positions[k:k + batch_size] for k in range(0, len(positions), batch_size)]
+    return [positions[k : k + batch_size] for k in range(0, len(positions), batch_size)]
 
 
 def split_client(n: int, client: int, config, seed: int, round: int):  # noqa: A002
@@ -201,8 +201,18 @@ def init_user(dim: int, config, seed: int, round: int, client: int) -> np.ndarra
     return u
 
 
-def reconstruct(model: Model, items, ratings, support, config, seed, round, client,  # noqa: A002
-                init_u=None, init_bu=None):
+def reconstruct(
+    model: Model,
+    items,
+    ratings,
+    support,
+    config,
+    seed,
+    round,
+    client,  # noqa: A002
+    init_u=None,
+    init_bu=None,
+):
     """Reconstruct ``(u, b_u)`` on the support batches with V frozen.
 
     Exact: ridge solution ``(XᵀX + ridge I) w = Xᵀ y + ridge w0`` with rows ``x = v_i``
@@ -212,9 +222,9 @@ def reconstruct(model: Model, items, ratings, support, config, seed, round, clie
     Stored embeddings are ignored.
 
     SGD: u starts from the stored ``init_u``/``init_bu`` of a stateful baseline when given,
-    else from the model's learned default, else from :func:`init_user` with ``b_u = 0``; each step on batch ``s % nbatches`` of m
-    ratings: ``err = prediction - r``, ``u -= lr * (2/m Σ err v + 2 l2 u)`` and, with biases,
-    ``b_u -= lr * 2/m Σ err``.
+    else from the model's learned default, else from :func:`init_user` with ``b_u = 0``; each
+    step on batch ``s % nbatches`` of m ratings: ``err = prediction - r``,
+    ``u -= lr * (2/m Σ err v + 2 l2 u)`` and, with biases, ``b_u -= lr * 2/m Σ err``.
     """
     V = model.item_factors
     K = V.shape[1]
@@ -295,9 +305,9 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
     4. with ``joint``: ``u -= lr * (2/m Σ err w + 2 l2 u)``, ``b_u -= lr * 2/m Σ err`` (the
        gradient from the pre-step rows).
 
-    The update is ``W - W0``; the final ``(u, b_u)`` is kept in the result. A non-finite update or loss gives status 1, weight 0 and no rows;
-    no query data or no steps gives status 2, weight 0; otherwise the weight is the query-set
-    size (``examples``) or 1 (``uniform``).
+    The update is ``W - W0``; the final ``(u, b_u)`` is kept in the result. A non-finite update
+    or loss gives status 1, weight 0 and no rows; no query data or no steps gives status 2,
+    weight 0; otherwise the weight is the query-set size (``examples``) or 1 (``uniform``).
     """
     V = model.item_factors
     K = V.shape[1]
@@ -306,7 +316,7 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
     num_query = sum(len(b) for b in query)
 
     local_of: dict[int, int] = {}
-    for batch in query[:min(steps, len(query))]:
+    for batch in query[: min(steps, len(query))]:
         for p in batch:
             local_of.setdefault(int(items[p]), len(local_of))
     rows = np.array(list(local_of), dtype=np.int32)
@@ -326,24 +336,24 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
             errs = []
             gu = np.zeros(K, dtype=F32)
             gbu = F32(0.0)
-            for p, l in zip(batch, locs):
-                err = predict(u, bu, W[l], Wb[l] if bias else F32(0.0), model) - ratings[p]
+            for p, row in zip(batch, locs):
+                err = predict(u, bu, W[row], Wb[row] if bias else F32(0.0), model) - ratings[p]
                 errs.append(err)
                 loss_sum += float(err) * float(err)
                 num_correct += int(abs(err) <= F32(0.5))
-                gu += err * W[l]
+                gu += err * W[row]
                 gbu += err
             num_examples += m
             scale = F32(2.0) / F32(m)
             if l2 > 0:
                 decay = F32(1.0) - lr * F32(2.0) * l2
-                for l in dict.fromkeys(locs):  # distinct rows, once each
-                    W[l] *= decay
-            for l, err in zip(locs, errs):
+                for row in dict.fromkeys(locs):  # distinct rows, once each
+                    W[row] *= decay
+            for row, err in zip(locs, errs):
                 step = lr * scale * err
-                W[l] -= step * u
+                W[row] -= step * u
                 if bias:
-                    Wb[l] -= step
+                    Wb[row] -= step
             if config.joint:
                 u = u - lr * (scale * gu + (F32(2.0) * l2) * u)
                 if bias:
@@ -354,8 +364,14 @@ def client_update(model: Model, items, ratings, query, u, bu, config) -> ClientR
     finite = bool(np.isfinite(delta).all()) and np.isfinite(loss_sum)
     if bias:
         finite = finite and bool(np.isfinite(bias_delta).all())
-    stats = dict(loss_sum=loss_sum, num_examples=num_examples, num_correct=num_correct,
-                 rows=len(rows), status=STATUS_OK, weight=0.0)
+    stats = dict(
+        loss_sum=loss_sum,
+        num_examples=num_examples,
+        num_correct=num_correct,
+        rows=len(rows),
+        status=STATUS_OK,
+        weight=0.0,
+    )
     if not finite:
         stats.update(status=STATUS_NONFINITE, rows=0)
         rows = rows[:0]
@@ -389,14 +405,15 @@ def evaluate_client(model: Model, items, ratings, query, u, bu) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(item_factors, data, clients, item_bias, global_mean, user_default=None,
-             user_bias_default=0.0):
+def _prepare(item_factors, data, clients, item_bias, global_mean, user_default=None, user_bias_default=0.0):
     """The float32 model and the clients as a list of ints."""
-    model = Model(np.asarray(item_factors, dtype=F32),
-                  None if item_bias is None else np.asarray(item_bias, dtype=F32),
-                  F32(global_mean),
-                  None if user_default is None else np.asarray(user_default, dtype=F32),
-                  F32(user_bias_default))
+    model = Model(
+        np.asarray(item_factors, dtype=F32),
+        None if item_bias is None else np.asarray(item_bias, dtype=F32),
+        F32(global_mean),
+        None if user_default is None else np.asarray(user_default, dtype=F32),
+        F32(user_bias_default),
+    )
     if clients is None:
         clients = range(data.num_clients)
     clients = [int(c) for c in np.asarray(clients).reshape(-1)]
@@ -438,9 +455,17 @@ def _run_client(model, data, c, config, seed, round, init_u=None, init_bu=None):
 
 def _stats_columns(per_client: list[dict]) -> dict:
     """Per-client stats as arrays with the native dtypes."""
-    dtypes = dict(weight=np.float64, loss_sum=np.float64, num_examples=np.int64,
-                  num_correct=np.int64, rows=np.int64, recon_examples=np.int64, bytes=np.int64,
-                  clipped=np.int8, status=np.int8)
+    dtypes = dict(
+        weight=np.float64,
+        loss_sum=np.float64,
+        num_examples=np.int64,
+        num_correct=np.int64,
+        rows=np.int64,
+        recon_examples=np.int64,
+        bytes=np.int64,
+        clipped=np.int8,
+        status=np.int8,
+    )
     return {k: np.array([s[k] for s in per_client], dtype=t) for k, t in dtypes.items()}
 
 
@@ -455,9 +480,10 @@ def _run_cohort(model, data, clients, config, seed, round, users, user_bias):  #
     assert users.shape == (len(clients), model.item_factors.shape[1]), users.shape
     if user_bias is not None:
         user_bias = np.asarray(user_bias, dtype=F32)
-    return [_run_client(model, data, c, config, seed, round, users[i],
-                        None if user_bias is None else user_bias[i])
-            for i, c in enumerate(clients)]
+    return [
+        _run_client(model, data, c, config, seed, round, users[i], None if user_bias is None else user_bias[i])
+        for i, c in enumerate(clients)
+    ]
 
 
 def final_users(results: list[ClientResult], dim: int, has_bias: bool):
@@ -467,9 +493,21 @@ def final_users(results: list[ClientResult], dim: int, has_bias: bool):
     return users, user_bias
 
 
-def client_updates(item_factors, data, clients=None, config=None, *, item_bias=None,
-                   global_mean=0.0, seed=0, round=0, users=None, user_bias=None,  # noqa: A002
-                   user_default=None, user_bias_default=0.0):
+def client_updates(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    users=None,
+    user_bias=None,  # noqa: A002
+    user_default=None,
+    user_bias_default=0.0,
+):
     """Per-client sparse updates: list of :class:`ClientResult` in the order of ``clients``.
 
     A client that does not report (weight 0) contributes no rows, as in the native output.
@@ -477,14 +515,18 @@ def client_updates(item_factors, data, clients=None, config=None, *, item_bias=N
     starts from them; each result's ``user``/``user_bias`` is the client's final state (see
     :func:`final_users`).
     """
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
-                              user_bias_default)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default, user_bias_default)
     out = []
     for r in _run_cohort(model, data, clients, config, seed, round, users, user_bias):
         if r.stats["weight"] <= 0:
-            r = ClientResult(r.rows[:0], r.delta[:0],
-                             None if r.bias_delta is None else r.bias_delta[:0], r.stats,
-                             r.user, r.user_bias)
+            r = ClientResult(
+                r.rows[:0],
+                r.delta[:0],
+                None if r.bias_delta is None else r.bias_delta[:0],
+                r.stats,
+                r.user,
+                r.user_bias,
+            )
         out.append(r)
     return out
 
@@ -508,9 +550,21 @@ def aggregate(results: list[ClientResult], num_items: int, dim: int, has_bias: b
     return (acc * inv).astype(F32), ((acc_bias * inv).astype(F32) if has_bias else None)
 
 
-def train_round(item_factors, data, clients=None, config=None, *, item_bias=None,
-                global_mean=0.0, seed=0, round=0, users=None, user_bias=None,  # noqa: A002
-                user_default=None, user_bias_default=0.0):
+def train_round(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    users=None,
+    user_bias=None,  # noqa: A002
+    user_default=None,
+    user_bias_default=0.0,
+):
     """The fused round: ``(delta, delta_bias, client_stats, summary)`` like the native kernel;
     with stored ``users`` given (stateful baselines), ``(delta, delta_bias, client_stats,
     summary, users, user_bias)`` with the clients' final embeddings (``user_bias`` None
@@ -520,8 +574,7 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
     (reporting or not), counts reporting (weight > 0) and non-finite clients, ``rows_sent`` (touched rows of
     reporting clients) and ``rows_aggregated`` (distinct rows touched by reporting clients).
     """
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
-                              user_bias_default)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default, user_bias_default)
     results = _run_cohort(model, data, clients, config, seed, round, users, user_bias)
     num_items, dim = model.item_factors.shape
     delta, delta_bias = aggregate(results, num_items, dim, model.has_bias)
@@ -548,13 +601,22 @@ def train_round(item_factors, data, clients=None, config=None, *, item_bias=None
     return out + final_users(results, dim, model.has_bias)
 
 
-def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bias=None,
-                      global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
-                      user_bias_default=0.0):
+def reconstruct_users(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    user_default=None,  # noqa: A002
+    user_bias_default=0.0,
+):
     """``(users (m, dim) float32, user_bias (m,) float32 or None)`` reconstructed on each
     client's support set."""
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
-                              user_bias_default)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default, user_bias_default)
     dim = model.item_factors.shape[1]
     users = np.zeros((len(clients), dim), dtype=F32)
     user_bias = np.zeros(len(clients), dtype=F32)
@@ -565,14 +627,25 @@ def reconstruct_users(item_factors, data, clients=None, config=None, *, item_bia
     return users, (user_bias if model.has_bias else None)
 
 
-def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=None,
-                   global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
-                   user_bias_default=0.0, k=None, relevance_threshold=4.0):
+def evaluate_users(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    user_default=None,  # noqa: A002
+    user_bias_default=0.0,
+    k=None,
+    relevance_threshold=4.0,
+):
     """ReconEval per client: dict of arrays ``sq_err_sum``, ``abs_err_sum``, ``num_examples``,
     ``num_correct``; with ``k`` also ``num_relevant``, ``hits``, ``ndcg``, ``ap``, ``rr`` and
     ``top_items`` (:func:`rank_client`)."""
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
-                              user_bias_default)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default, user_bias_default)
     per_client = []
     for c in clients:
         items, ratings = _client_data(data, c)
@@ -596,7 +669,8 @@ def evaluate_users(item_factors, data, clients=None, config=None, *, item_bias=N
             ap=np.array([s["ap"] for s in per_client], dtype=np.float64),
             rr=np.array([s["rr"] for s in per_client], dtype=np.float64),
             top_items=np.array([s["top_items"] for s in per_client], dtype=np.int64).reshape(
-                len(per_client), min(k, max(model.item_factors.shape[0], 1))),
+                len(per_client), min(k, max(model.item_factors.shape[0], 1))
+            ),
         )
     return out
 
@@ -626,8 +700,8 @@ def top_k(scores: np.ndarray, k: int, excluded=()):
     order = idx[np.lexsort((idx, -scores[idx].astype(np.float64)))][:k]
     items = np.full(k, -1, dtype=np.int64)
     out = np.full(k, np.nan, dtype=F32)
-    items[:len(order)] = order
-    out[:len(order)] = scores[order]
+    items[: len(order)] = order
+    out[: len(order)] = scores[order]
     return items, out
 
 
@@ -657,8 +731,7 @@ def rank_client(model: Model, items, ratings, support, query, u, bu, k: int, rel
     ap = float((np.cumsum(gains) / ranks * gains).sum()) / ideal
     first = np.flatnonzero(gains)
     rr = 1.0 / (first[0] + 1) if first.size else 0.0
-    return dict(num_relevant=len(relevant), hits=int(gains.sum()), ndcg=dcg / idcg, ap=ap, rr=rr,
-                top_items=top)
+    return dict(num_relevant=len(relevant), hits=int(gains.sum()), ndcg=dcg / idcg, ap=ap, rr=rr, top_items=top)
 
 
 def _inference_config(config):
@@ -666,12 +739,22 @@ def _inference_config(config):
     return replace(config, split="reuse")
 
 
-def infer_users(item_factors, data, clients=None, config=None, *, item_bias=None,
-                global_mean=0.0, seed=0, round=0, user_default=None, user_bias_default=0.0):  # noqa: A002
+def infer_users(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    user_default=None,
+    user_bias_default=0.0,
+):  # noqa: A002
     """``(users, user_bias or None)`` reconstructed from all of each user's ratings, with the
     random streams of client 0 for every user (position-independent)."""
-    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default,
-                              user_bias_default)
+    model, clients = _prepare(item_factors, data, clients, item_bias, global_mean, user_default, user_bias_default)
     config = _inference_config(config)
     dim = model.item_factors.shape[1]
     users = np.zeros((len(clients), dim), dtype=F32)
@@ -683,15 +766,36 @@ def infer_users(item_factors, data, clients=None, config=None, *, item_bias=None
     return users, (user_bias if model.has_bias else None)
 
 
-def recommend_users(item_factors, data, clients=None, config=None, *, k=10, exclude_seen=True,
-                    item_bias=None, global_mean=0.0, seed=0, round=0, user_default=None,  # noqa: A002
-                    user_bias_default=0.0):
+def recommend_users(
+    item_factors,
+    data,
+    clients=None,
+    config=None,
+    *,
+    k=10,
+    exclude_seen=True,
+    item_bias=None,
+    global_mean=0.0,
+    seed=0,
+    round=0,
+    user_default=None,  # noqa: A002
+    user_bias_default=0.0,
+):
     """``(items (m, k) int64, scores (m, k) float32)``: each user's top k by predicted rating
     after :func:`infer_users`, its rated items skipped when ``exclude_seen``."""
     model, clients = _prepare(item_factors, data, clients, item_bias, global_mean)
-    users, user_bias = infer_users(item_factors, data, clients, config, item_bias=item_bias,
-                                   global_mean=global_mean, seed=seed, round=round,
-                                   user_default=user_default, user_bias_default=user_bias_default)
+    users, user_bias = infer_users(
+        item_factors,
+        data,
+        clients,
+        config,
+        item_bias=item_bias,
+        global_mean=global_mean,
+        seed=seed,
+        round=round,
+        user_default=user_default,
+        user_bias_default=user_bias_default,
+    )
     items = np.zeros((len(clients), k), dtype=np.int64)
     scores = np.zeros((len(clients), k), dtype=F32)
     for i, c in enumerate(clients):
@@ -706,8 +810,9 @@ def recommend_users(item_factors, data, clients=None, config=None, *, k=10, excl
 # --------------------------------------------------------------------------------------------
 
 
-def mf_sgd_epoch_reference(users, user_bias, items, item_bias, global_mean, user_ids, item_ids,
-                           ratings, batch_size, lr, l2) -> float:
+def mf_sgd_epoch_reference(
+    users, user_bias, items, item_bias, global_mean, user_ids, item_ids, ratings, batch_size, lr, l2
+) -> float:
     """One epoch of minibatch SGD on ``users``/``items`` (float32, updated in place), like
     ``fedrecon_fast._core.mf_sgd_epoch``; returns the float64 sum of squared errors.
 
@@ -735,8 +840,8 @@ def mf_sgd_epoch_reference(users, user_bias, items, item_bias, global_mean, user
     n = len(ratings)
     sse = 0.0
     for lo in range(0, n, batch_size):
-        a_ids = [int(a) for a in user_ids[lo:lo + batch_size]]
-        b_ids = [int(b) for b in item_ids[lo:lo + batch_size]]
+        a_ids = [int(a) for a in user_ids[lo : lo + batch_size]]
+        b_ids = [int(b) for b in item_ids[lo : lo + batch_size]]
         m = len(a_ids)
         u0 = [users[a].copy() for a in a_ids]
         v0 = [items[b].copy() for b in b_ids]

@@ -34,6 +34,7 @@ import struct
 import zlib
 
 import numpy as np
+
 from reference import derive_seed
 
 MASK64 = 2**64 - 1
@@ -118,7 +119,7 @@ def rotate(row: np.ndarray, key: int, r: int) -> np.ndarray:
     """Forward rotation of one row, zero-padded to the next power of two."""
     n = next_pow2(len(row))
     padded = np.zeros(n, dtype=F32)
-    padded[:len(row)] = row
+    padded[: len(row)] = row
     return fwht(padded * signs(key, r, n)) * hadamard_scale(n)
 
 
@@ -223,14 +224,17 @@ def pack(index: np.ndarray, bits: int) -> bytes:
 def unpack(payload: bytes, n: int, bits: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
-    bitarr = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")[:n * bits]
-    weights = (1 << np.arange(bits, dtype=np.uint32))
+    bitarr = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")[: n * bits]
+    weights = 1 << np.arange(bits, dtype=np.uint32)
     return (bitarr.reshape(n, bits).astype(np.uint32) * weights).sum(axis=1).astype(np.uint32)
 
 
 def _header(bits, flags, shape, key) -> bytes:
-    return (MAGIC + struct.pack("<HBBBBHQ", VERSION, DTYPE_FLOAT32, bits, flags, len(shape), 0, key & MASK64)
-            + b"".join(struct.pack("<Q", int(d)) for d in shape))
+    return (
+        MAGIC
+        + struct.pack("<HBBBBHQ", VERSION, DTYPE_FLOAT32, bits, flags, len(shape), 0, key & MASK64)
+        + b"".join(struct.pack("<Q", int(d)) for d in shape)
+    )
 
 
 def _body(m, bits, row_scaling, key) -> bytes:
@@ -252,8 +256,9 @@ def encode(x, bits: int, *, scaling: str = "tensor", hadamard: bool = False, key
     return _with_crc(_header(bits, flags, x.shape, key) + _body(m, bits, row, key))
 
 
-def encode_sparse(rows, values, num_rows: int, bits: int, *, scaling: str = "tensor", hadamard: bool = False,
-                  key: int = 0) -> bytes:
+def encode_sparse(
+    rows, values, num_rows: int, bits: int, *, scaling: str = "tensor", hadamard: bool = False, key: int = 0
+) -> bytes:
     """The buffer the native ``encode_sparse`` writes."""
     values = np.asarray(values, dtype=F32)
     ids = np.asarray(rows, dtype=np.int64)
@@ -271,9 +276,16 @@ def parse(buf: bytes) -> dict:
     off = 20
     shape = struct.unpack_from(f"<{ndim}Q", buf, off)
     off += 8 * ndim
-    out = dict(version=version, dtype=dtype, bits=bits, row_scaling=bool(flags & FLAG_ROW),
-               hadamard=bool(flags & FLAG_HADAMARD), sparse=bool(flags & FLAG_SPARSE), shape=shape,
-               key=key)
+    out = dict(
+        version=version,
+        dtype=dtype,
+        bits=bits,
+        row_scaling=bool(flags & FLAG_ROW),
+        hadamard=bool(flags & FLAG_HADAMARD),
+        sparse=bool(flags & FLAG_SPARSE),
+        shape=shape,
+        key=key,
+    )
     rows, cols = rows_cols(shape)
     if out["sparse"]:
         out["num_rows"] = struct.unpack_from("<Q", buf, off)[0]
@@ -284,7 +296,7 @@ def parse(buf: bytes) -> dict:
     n_groups = 0 if rows * padded == 0 else (rows if out["row_scaling"] else 1)
     out["groups"] = [struct.unpack_from("<ff", buf, off + 8 * g) for g in range(n_groups)]
     off += 8 * n_groups
-    out["index"] = unpack(buf[off:len(buf) - 4], rows * padded, bits).reshape(rows, padded)
+    out["index"] = unpack(buf[off : len(buf) - 4], rows * padded, bits).reshape(rows, padded)
     out["rows_cols"] = (rows, cols)
     return out
 

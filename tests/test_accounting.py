@@ -24,14 +24,14 @@ def direct_epsilon(sampling, n, m, z, rounds, delta, count_stddev=None):
     """ε from dp-accounting itself, with the events written out by hand."""
     g = dp_accounting.GaussianDpEvent
     if sampling == "fixed":  # replace-one: sensitivities 2C (sum) and 1 (count)
-        parts = [g(z / 2)] if count_stddev is None else [
-            g(value_noise_multiplier(z, count_stddev) / 2), g(count_stddev)]
+        parts = (
+            [g(z / 2)] if count_stddev is None else [g(value_noise_multiplier(z, count_stddev) / 2), g(count_stddev)]
+        )
         inner = parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)
         acc = RdpAccountant(neighboring_relation=REPLACE_ONE)
         acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(n, m, inner), rounds)
     else:
-        parts = [g(z)] if count_stddev is None else [
-            g(value_noise_multiplier(z, count_stddev)), g(2 * count_stddev)]
+        parts = [g(z)] if count_stddev is None else [g(value_noise_multiplier(z, count_stddev)), g(2 * count_stddev)]
         inner = parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)
         acc = RdpAccountant()
         acc.compose(dp_accounting.PoissonSampledDpEvent(m / n, inner), rounds)
@@ -51,8 +51,7 @@ SETTINGS = [  # (sampling, n, m, z, rounds, delta, count stddev)
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s)))
 def test_epsilon_equals_dp_accounting_called_directly(setting):
     sampling, n, m, z, rounds, delta, stddev = setting
-    acc = accounting.PrivacyAccountant(num_clients=n, clients_per_round=m, sampling=sampling,
-                                       clip_count_stddev=stddev)
+    acc = accounting.PrivacyAccountant(num_clients=n, clients_per_round=m, sampling=sampling, clip_count_stddev=stddev)
     acc.compose(z, rounds)
     assert acc.epsilon(delta) == direct_epsilon(sampling, n, m, z, rounds, delta, stddev)
 
@@ -86,8 +85,7 @@ def test_fixed_size_cohorts_are_accounted_with_replace_one_sensitivity():
     fixed.compose(2.0, 100)
     poisson.compose(2.0, 100)
     half = RdpAccountant(neighboring_relation=REPLACE_ONE)
-    half.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-        4832, 100, dp_accounting.GaussianDpEvent(1.0)), 100)
+    half.compose(dp_accounting.SampledWithoutReplacementDpEvent(4832, 100, dp_accounting.GaussianDpEvent(1.0)), 100)
     assert fixed.epsilon(1e-5) == half.get_epsilon(1e-5) > poisson.epsilon(1e-5)
 
 
@@ -106,6 +104,7 @@ def test_abadi_et_al_2016_moments_accountant_figure():
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+@pytest.mark.slow
 def test_calibrated_noise_is_the_smallest_within_budget(sampling):
     kw = dict(num_clients=3000, clients_per_round=60, sampling=sampling)
     z = accounting.calibrate_noise_multiplier(4.0, 1e-5, 50, tol=1e-3, **kw)
@@ -116,8 +115,9 @@ def test_calibrated_noise_is_the_smallest_within_budget(sampling):
 
 def test_calibration_refuses_a_count_noise_that_alone_exceeds_the_budget():
     with pytest.raises(ValueError, match="clipped-count noise std"):
-        accounting.calibrate_noise_multiplier(0.5, 1e-5, 100, num_clients=1000, clients_per_round=20,
-                                              sampling="poisson", clip_count_stddev=0.2)
+        accounting.calibrate_noise_multiplier(
+            0.5, 1e-5, 100, num_clients=1000, clients_per_round=20, sampling="poisson", clip_count_stddev=0.2
+        )
 
 
 def test_ledger_round_trip_and_validation():
@@ -171,9 +171,17 @@ def test_adaptive_clip_converges_to_the_target_quantile_of_the_norms():
         tail = []
         for r in range(400):
             norms = rng.lognormal(mean=0.0, sigma=0.5, size=200)
-            clip, _ = adaptive_clip_update(clip, int((norms <= clip).sum()), 200, target_quantile=gamma,
-                                           learning_rate=0.2, count_stddev=10.0, expected_records=200,
-                                           seed=5, round=r)
+            clip, _ = adaptive_clip_update(
+                clip,
+                int((norms <= clip).sum()),
+                200,
+                target_quantile=gamma,
+                learning_rate=0.2,
+                count_stddev=10.0,
+                expected_records=200,
+                seed=5,
+                round=r,
+            )
             if r >= 300:
                 tail.append(clip)
         true_quantile = math.exp(0.5 * math.sqrt(2) * _erfinv(2 * gamma - 1))
@@ -190,22 +198,28 @@ def _erfinv(y: float) -> float:
 
 def test_adaptive_clip_update_follows_tff_semantics():
     # No noise: b = unclipped / expected; C · exp(-η (b - γ)).
-    clip, b = adaptive_clip_update(2.0, 30, 40, target_quantile=0.5, learning_rate=0.2, count_stddev=0.0,
-                                   expected_records=40, seed=0, round=0)
+    clip, b = adaptive_clip_update(
+        2.0, 30, 40, target_quantile=0.5, learning_rate=0.2, count_stddev=0.0, expected_records=40, seed=0, round=0
+    )
     assert b == 0.75 and clip == pytest.approx(2.0 * math.exp(-0.2 * 0.25), rel=1e-15)
     # The estimate is clipped to [0, 1] and the noise is keyed by (seed, round).
-    _, b = adaptive_clip_update(1.0, 40, 40, target_quantile=0.5, learning_rate=0.2, count_stddev=0.0,
-                                expected_records=10, seed=0, round=0)
+    _, b = adaptive_clip_update(
+        1.0, 40, 40, target_quantile=0.5, learning_rate=0.2, count_stddev=0.0, expected_records=10, seed=0, round=0
+    )
     assert b == 1.0
-    noisy = [adaptive_clip_update(1.0, 5, 10, target_quantile=0.5, learning_rate=0.2, count_stddev=2.0,
-                                  expected_records=10, seed=1, round=r) for r in (0, 0, 1)]
+    noisy = [
+        adaptive_clip_update(
+            1.0, 5, 10, target_quantile=0.5, learning_rate=0.2, count_stddev=2.0, expected_records=10, seed=1, round=r
+        )
+        for r in (0, 0, 1)
+    ]
     assert noisy[0] == noisy[1] != noisy[2]
 
 
 def test_value_noise_multiplier_splits_the_total():
     z, sb = 1.2, 3.0
     zv = value_noise_multiplier(z, sb)
-    assert (zv ** -2 + (2 * sb) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    assert (zv**-2 + (2 * sb) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
     assert value_noise_multiplier(0.0, 0.0) == 0.0
     with pytest.raises(ValueError, match="too small"):
         value_noise_multiplier(2.0, 1.0)
@@ -237,6 +251,7 @@ def test_history_reports_epsilon_after_every_round(data):
     assert len({h["clients"] for h in trainer.history}) > 1  # Poisson cohorts vary in size
 
 
+@pytest.mark.slow
 def test_target_epsilon_calibrates_then_the_budget_stops_training(data, caplog):
     cfg = dp_config(dp_target_epsilon=6.0)
     trainer = ff.FedRecon(cfg).fit(data)
@@ -276,6 +291,7 @@ def test_adaptive_clipping_in_training_settles_at_the_median_update_norm(data):
 
 
 @pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+@pytest.mark.slow
 def test_dp_state_survives_a_checkpoint_exactly(data, tmp_path, sampling):
     cfg = dp_config(rounds=9, sampling=sampling, dp_target_quantile=0.5, dp_target_epsilon=9.0)
     whole = ff.FedRecon(cfg).fit(data)
@@ -292,9 +308,25 @@ def test_dp_state_survives_a_checkpoint_exactly(data, tmp_path, sampling):
     assert set(extra) == {"dp_ledger", "dp_clip"} and extra["dp_ledger"].size == 2
 
 
+@pytest.mark.slow
 def test_cli_target_epsilon_reports_epsilon_and_the_noise_it_chose(tmp_path, capsys):
-    args = ["train", "--rounds", "6", "--clients-per-round", "40", "--dim", "4", "--no-progress", "--json",
-            "--dp-clip", "0.5", "--dp-target-epsilon", "8", "--dp-delta", "1e-5"]
+    args = [
+        "train",
+        "--rounds",
+        "6",
+        "--clients-per-round",
+        "40",
+        "--dim",
+        "4",
+        "--no-progress",
+        "--json",
+        "--dp-clip",
+        "0.5",
+        "--dp-target-epsilon",
+        "8",
+        "--dp-delta",
+        "1e-5",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
@@ -314,16 +346,19 @@ def test_cli_target_epsilon_reports_epsilon_and_the_noise_it_chose(tmp_path, cap
         assert resumed[key] == result[key], key
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(dp_target_epsilon=1.0), "dp_target_epsilon needs dp_clip and dp_delta"),
-    (dict(dp_clip=1.0, weighting="examples"), "uniform"),
-    (dict(dp_clip=1.0, weighting="uniform", dp_target_epsilon=1.0), "needs dp_clip and dp_delta"),
-    (dict(dp_clip=1.0, weighting="uniform", dp_delta=1.5), "dp_delta"),
-    (dict(dp_target_quantile=0.5), "needs dp_clip"),
-    (dict(dp_clip=1.0, weighting="uniform", dp_target_quantile=1.5), "dp_target_quantile"),
-    (dict(dp_clip=1.0, weighting="uniform", dp_target_quantile=0.5, dp_noise=20.0), "clipped-count noise std"),
-    (dict(sampling="uniform"), "sampling"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(dp_target_epsilon=1.0), "dp_target_epsilon needs dp_clip and dp_delta"),
+        (dict(dp_clip=1.0, weighting="examples"), "uniform"),
+        (dict(dp_clip=1.0, weighting="uniform", dp_target_epsilon=1.0), "needs dp_clip and dp_delta"),
+        (dict(dp_clip=1.0, weighting="uniform", dp_delta=1.5), "dp_delta"),
+        (dict(dp_target_quantile=0.5), "needs dp_clip"),
+        (dict(dp_clip=1.0, weighting="uniform", dp_target_quantile=1.5), "dp_target_quantile"),
+        (dict(dp_clip=1.0, weighting="uniform", dp_target_quantile=0.5, dp_noise=20.0), "clipped-count noise std"),
+        (dict(sampling="uniform"), "sampling"),
+    ],
+)
 def test_config_rejects_inconsistent_privacy_options(kw, match):
     with pytest.raises(ValueError, match=match):
         ff.FedReconConfig().replace(**kw)

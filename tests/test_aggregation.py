@@ -172,10 +172,10 @@ def test_sparse_mean_equals_dense_mean_of_densified_updates():
     rng = np.random.default_rng(6)
     rows, values, offsets = random_sparse(rng, 8, 40, 3, repeats=False)
     weights = rng.uniform(0.5, 2.0, size=8)
-    dense = np.stack([densify(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]], 40)
-                      for i in range(8)])
-    assert_array_equal(weighted_mean_sparse(rows, values, offsets, weights, num_rows=40),
-                       weighted_mean(dense, weights))
+    dense = np.stack(
+        [densify(rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]], 40) for i in range(8)]
+    )
+    assert_array_equal(weighted_mean_sparse(rows, values, offsets, weights, num_rows=40), weighted_mean(dense, weights))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -183,8 +183,10 @@ def test_sparse_mean_is_identical_for_any_thread_count(dtype):
     rng = np.random.default_rng(7)
     rows, values, offsets = random_sparse(rng, 200, 9000, 8, max_rows=60)  # 2048 rows per block
     weights = rng.uniform(0.0, 3.0, size=200)
-    results = [weighted_mean_sparse(rows, values, offsets, weights, num_rows=9000, dtype=dtype, num_threads=t)
-               for t in THREADS + (0,)]
+    results = [
+        weighted_mean_sparse(rows, values, offsets, weights, num_rows=9000, dtype=dtype, num_threads=t)
+        for t in THREADS + (0,)
+    ]
     for r in results[1:]:
         assert_array_equal(r, results[0])
 
@@ -233,10 +235,11 @@ def misaligned_out(shape, dtype):
     size = int(np.prod(shape))
     buf = np.full(size + 32, np.nan, dtype=dtype)
     start = (-buf.ctypes.data % 64 + item) // item
-    return buf[start:start + size].reshape(shape), buf, start
+    return buf[start : start + size].reshape(shape), buf, start
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.slow
 def test_means_into_a_table_past_the_cache_are_exact(dtype):
     """Tables of 32 MiB and more are staged per block and written with non-temporal stores, by
     the batch and the streaming means alike: same values, whatever the thread count or the
@@ -257,12 +260,11 @@ def test_means_into_a_table_past_the_cache_are_exact(dtype):
         expected, expected_dense = expected.astype(np.float32), expected_dense.astype(np.float32)
     for t in THREADS:
         out, buf, start = misaligned_out((num_rows, dim), dtype)
-        assert weighted_mean_sparse(rows, values, offsets, weights, num_rows=num_rows, out=out,
-                                    num_threads=t) is out
+        assert weighted_mean_sparse(rows, values, offsets, weights, num_rows=num_rows, out=out, num_threads=t) is out
         assert_array_equal(out, expected)
         acc = WeightedMean((num_rows, dim), num_threads=t)
         for i, w in enumerate(weights):
-            acc.add_sparse(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]], w)
+            acc.add_sparse(rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]], w)
         out[...] = np.nan
         assert acc.result(out=out) is out
         assert_array_equal(out, expected)
@@ -275,7 +277,7 @@ def test_means_into_a_table_past_the_cache_are_exact(dtype):
         out[...] = np.nan
         assert acc.result(out=out) is out
         assert_array_equal(out, expected_dense)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + out.size:]).all()
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + out.size :]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +306,11 @@ def test_streaming_sparse_is_bit_identical_to_batch(dtype):
     weights[3] = 0.0
     acc = WeightedMean((300, 5))
     for i, w in enumerate(weights):
-        acc.add_sparse(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]], w)
+        acc.add_sparse(rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]], w)
     expected = weighted_mean_sparse(rows, values, offsets, weights, num_rows=300, dtype=dtype)
     assert_array_equal(acc.result(dtype), expected)
     # Only rows that clients with a positive weight sent are stored.
-    sent = {int(r) for i, w in enumerate(weights) if w > 0 for r in rows[offsets[i]:offsets[i + 1]]}
+    sent = {int(r) for i, w in enumerate(weights) if w > 0 for r in rows[offsets[i] : offsets[i + 1]]}
     assert acc.rows_held == len(sent) < 300
 
 
@@ -321,7 +323,7 @@ def test_streaming_mixed_sparse_and_dense_equals_dense_batch():
     acc = WeightedMean((50, 4))
     stack = []
     for i in range(6):
-        r, v = rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]]
+        r, v = rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]]
         acc.add_sparse(r, v, weights[i])
         stack.append(densify(r, v, 50))
     for j in range(3):
@@ -339,7 +341,7 @@ def test_streaming_is_identical_for_any_thread_count():
     for t in THREADS:
         acc = WeightedMean((40_000,), num_threads=t)
         for i in range(5):
-            acc.add_sparse(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]].ravel(), 1.0 + i)
+            acc.add_sparse(rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]].ravel(), 1.0 + i)
             acc.add(stack[i], 0.5 * i)
         results.append(acc.result(np.float64))
     for r in results[1:]:
@@ -404,14 +406,17 @@ def _sparse_ok():
     return np.array([0, 1], dtype=np.int32), np.ones((2, 2), dtype=np.float32), np.array([0, 1, 2])
 
 
-@pytest.mark.parametrize(("weights", "match"), [
-    ([1.0, -1.0], "weights"),
-    ([1.0, np.nan], "weights"),
-    ([1.0, np.inf], "weights"),
-    ([0.0, 0.0], "weights"),
-    ([1.0, 2.0, 3.0], "weights"),
-    ([[1.0, 2.0]], "weights"),
-])
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([1.0, -1.0], "weights"),
+        ([1.0, np.nan], "weights"),
+        ([1.0, np.inf], "weights"),
+        ([0.0, 0.0], "weights"),
+        ([1.0, 2.0, 3.0], "weights"),
+        ([[1.0, 2.0]], "weights"),
+    ],
+)
 def test_bad_weights_are_rejected(weights, match):
     stack = np.ones((2, 3), dtype=np.float32)
     with pytest.raises(ValueError, match=match):
@@ -455,12 +460,15 @@ def test_inconsistent_dense_shapes_are_rejected():
         weighted_mean(np.array(1.0, dtype=np.float32))
 
 
-@pytest.mark.parametrize(("rows", "exc"), [
-    ([0, 2], ValueError),
-    ([-1, 0], ValueError),
-    ([0.0, 1.0], TypeError),
-    ([[0, 1]], ValueError),
-])
+@pytest.mark.parametrize(
+    ("rows", "exc"),
+    [
+        ([0, 2], ValueError),
+        ([-1, 0], ValueError),
+        ([0.0, 1.0], TypeError),
+        ([[0, 1]], ValueError),
+    ],
+)
 def test_bad_rows_are_rejected(rows, exc):
     _, values, offsets = _sparse_ok()
     with pytest.raises(exc, match="rows"):

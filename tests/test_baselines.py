@@ -25,16 +25,20 @@ def by_time(data):
 def test_standard_eval_splits_by_time(by_time):
     train, val, test = by_time
     for c in range(0, train.num_clients, 37):
-        t_train = train.timestamps[train.indptr[c]:train.indptr[c + 1]]
-        t_test = test.timestamps[test.indptr[c]:test.indptr[c + 1]]
+        t_train = train.timestamps[train.indptr[c] : train.indptr[c + 1]]
+        t_test = test.timestamps[test.indptr[c] : test.indptr[c + 1]]
         assert t_test.size and t_train.max() <= t_test.min()  # the future is held out
     assert train.num_clients == test.num_clients
 
 
-@pytest.mark.parametrize("config", [
-    B.CentralizedConfig(dim=8, epochs=15, lr=0.05, batch_size=16),
-    B.CentralizedConfig(dim=8, epochs=6, method="als", als_ridge=5.0, biases=True),
-], ids=["sgd", "als+biases"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        B.CentralizedConfig(dim=8, epochs=15, lr=0.05, batch_size=16),
+        B.CentralizedConfig(dim=8, epochs=6, method="als", als_ridge=5.0, biases=True),
+    ],
+    ids=["sgd", "als+biases"],
+)
 def test_centralized_learns(by_time, config):
     train, val, test = by_time
     before = B.CentralizedMF(config.__class__(**{**config.__dict__, "epochs": 0})).fit(train).standard_eval(test)
@@ -76,6 +80,7 @@ def test_transpose_keeps_every_item(data):
     assert sorted(zip(u, i, r)) == sorted(zip(ti, tu, tr))
 
 
+@pytest.mark.slow
 def test_table1_and_ablation_commands_on_synthetic(tmp_path, data, capsys, monkeypatch):
     rows = paper.table1(data, rounds=20)
     assert set(rows) == set(paper.ROWS)

@@ -50,10 +50,14 @@ def _edit_number(path: Path, key: str, new: str) -> None:
 
 
 def _same(a: ff.GlobalModel, b: ff.GlobalModel) -> bool:
-    return (np.array_equal(a.item_factors, b.item_factors) and np.array_equal(a.item_ids, b.item_ids)
-            and a.global_mean == b.global_mean and a.config == b.config
-            and (a.item_bias is None) == (b.item_bias is None)
-            and (a.item_bias is None or np.array_equal(a.item_bias, b.item_bias)))
+    return (
+        np.array_equal(a.item_factors, b.item_factors)
+        and np.array_equal(a.item_ids, b.item_ids)
+        and a.global_mean == b.global_mean
+        and a.config == b.config
+        and (a.item_bias is None) == (b.item_bias is None)
+        and (a.item_bias is None or np.array_equal(a.item_bias, b.item_bias))
+    )
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -85,21 +89,34 @@ def test_every_bit_flip_of_every_byte_is_detected(tmp_path):
         blob = file.read_bytes()
         for i in range(len(blob)):
             bit = 1 << (i % 8)  # each byte once, every bit position across neighbours
-            file.write_bytes(blob[:i] + bytes([blob[i] ^ bit]) + blob[i + 1:])
+            file.write_bytes(blob[:i] + bytes([blob[i] ^ bit]) + blob[i + 1 :])
             try:
                 loaded = ff.GlobalModel.load(path)
             except ValueError:
                 flips += 1
                 continue
-            raise AssertionError(f"flip of bit {bit} of byte {i} of {file.name} loaded silently "
-                                 f"({'same' if _same(loaded, original) else 'different'} content)")
+            raise AssertionError(
+                f"flip of bit {bit} of byte {i} of {file.name} loaded silently "
+                f"({'same' if _same(loaded, original) else 'different'} content)"
+            )
         file.write_bytes(blob)
     assert flips == sum(p.stat().st_size for p in _files(path)) > 1000
     assert _same(ff.GlobalModel.load(path), original)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "append", "extra-file", "missing-file", "directory",
-                                    "not-a-manifest", "other-format", "newer-version"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate",
+        "append",
+        "extra-file",
+        "missing-file",
+        "directory",
+        "not-a-manifest",
+        "other-format",
+        "newer-version",
+    ],
+)
 def test_damaged_files_are_value_errors_naming_the_file(tmp_path, damage):
     from fedrecon_fast import _bundle
 
@@ -125,10 +142,12 @@ def test_damaged_files_are_value_errors_naming_the_file(tmp_path, damage):
             manifest.write_text("{}")
         else:
             body = json.loads(manifest.read_bytes().split(b"\n")[0])
-            body.update({"other-format": {"format": "fedrecon_fast.checkpoint"},
-                         "newer-version": {"version": 3}}[damage])
+            body.update(
+                {"other-format": {"format": "fedrecon_fast.checkpoint"}, "newer-version": {"version": 3}}[damage]
+            )
             line = _bundle._canonical(body)
             import hashlib
+
             manifest.write_bytes(line + b"\nsha256 " + hashlib.sha256(line).hexdigest().encode() + b"\n")
     with pytest.raises(ValueError, match=re.escape(str(expected))) as info:
         ff.GlobalModel.load(path)
@@ -159,17 +178,20 @@ def _write_npy(path: Path, arr) -> None:
     path.write_bytes(buf.getvalue())
 
 
-@pytest.mark.parametrize("case,message", [
-    ("config-dim", "disagrees with the arrays"),
-    ("duplicate-ids", "duplicate ids"),
-    ("nan-factors", "NaN or infinite"),
-    ("wrong-shape", "must be <f4 of shape"),
-    ("bool-dim", "'dim' must be an integer"),
-    ("huge-mean", "'global_mean' must be a finite number"),
-    ("unknown-field", "unknown \\['colour'\\]"),
-    ("bad-config", "'config' is invalid"),
-    ("int-dtype", "must be <f4"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("config-dim", "disagrees with the arrays"),
+        ("duplicate-ids", "duplicate ids"),
+        ("nan-factors", "NaN or infinite"),
+        ("wrong-shape", "must be <f4 of shape"),
+        ("bool-dim", "'dim' must be an integer"),
+        ("huge-mean", "'global_mean' must be a finite number"),
+        ("unknown-field", "unknown \\['colour'\\]"),
+        ("bad-config", "'config' is invalid"),
+        ("int-dtype", "must be <f4"),
+    ],
+)
 def test_schema_violations_with_valid_digests_are_named(tmp_path, case, message):
     path = _model().save(tmp_path / "m")
     meta = lambda body: body["meta"]  # noqa: E731
@@ -205,8 +227,7 @@ def test_a_header_claiming_a_huge_array_is_refused_before_allocating(tmp_path):
     path = _model().save(tmp_path / "m")
     data = np.load(path / "item_factors.npy").tobytes()
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
-                                                  "shape": (2000000000, 2)})
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2000000000, 2)})
     (path / "item_factors.npy").write_bytes(header.getvalue() + data)
     _forge(path, lambda b: b["arrays"]["item_factors"].update(shape=[2000000000, 2]))
     tracemalloc.start()
@@ -223,8 +244,16 @@ def _version_1_model(folder: Path, arrays: dict, compression=zipfile.ZIP_STORED,
     """A model folder as fedrecon_fast 0.1 wrote it (model.json + np.savez's model.npz)."""
     folder.mkdir()
     V = arrays["item_factors"]
-    meta = meta or {"format": "fedrecon_fast.model", "version": 1, "num_items": V.shape[0], "dim": V.shape[1],
-                    "biases": False, "global_mean": 0.0, "user_bias_default": 0.0, "config": None}
+    meta = meta or {
+        "format": "fedrecon_fast.model",
+        "version": 1,
+        "num_items": V.shape[0],
+        "dim": V.shape[1],
+        "biases": False,
+        "global_mean": 0.0,
+        "user_bias_default": 0.0,
+        "config": None,
+    }
     (folder / "model.json").write_text(json.dumps(meta, indent=2))
     with zipfile.ZipFile(folder / "model.npz", "w", compression=compression) as z:
         for name, arr in arrays.items():
@@ -266,8 +295,16 @@ def test_a_decompression_bomb_is_refused_unread(tmp_path):
     folder = tmp_path / "bomb"
     folder.mkdir()
     rows = 2**23  # 64 MiB of float32 zeros, a few dozen KiB compressed
-    meta = {"format": "fedrecon_fast.model", "version": 1, "num_items": rows, "dim": 2, "biases": False,
-            "global_mean": 0.0, "user_bias_default": 0.0, "config": None}
+    meta = {
+        "format": "fedrecon_fast.model",
+        "version": 1,
+        "num_items": rows,
+        "dim": 2,
+        "biases": False,
+        "global_mean": 0.0,
+        "user_bias_default": 0.0,
+        "config": None,
+    }
     (folder / "model.json").write_text(json.dumps(meta))
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (rows, 2)})
@@ -293,15 +330,16 @@ def test_a_decompression_bomb_is_refused_unread(tmp_path):
 def _load_in_subprocess(path: Path, timeout=60) -> subprocess.CompletedProcess:
     """Load in a child process with a time limit and a 4 GiB address-space limit (a reader that
     follows /dev/zero or blocks on a FIFO must fail the test, not hang or exhaust the machine)."""
-    code = ("import resource, sys\n"
-            "vsize = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (vsize + (4 << 30),) * 2)  # 4 GiB more, even under ASan\n"
-            "import fedrecon_fast as ff\n"
-            "try:\n    ff.GlobalModel.load(sys.argv[1])\n"
-            "except ValueError as e:\n    print('ValueError:', e); sys.exit(2)\n")
+    code = (
+        "import resource, sys\n"
+        "vsize = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vsize + (4 << 30),) * 2)  # 4 GiB more, even under ASan\n"
+        "import fedrecon_fast as ff\n"
+        "try:\n    ff.GlobalModel.load(sys.argv[1])\n"
+        "except ValueError as e:\n    print('ValueError:', e); sys.exit(2)\n"
+    )
     try:
-        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"loading {path} hung for {timeout} s") from None
 
@@ -312,8 +350,11 @@ def _load_in_subprocess(path: Path, timeout=60) -> subprocess.CompletedProcess:
 def test_fifos_and_devices_are_refused_without_reading(tmp_path, kind, which):
     # Was: a FIFO made the load hang forever; a symlink to /dev/zero read until memory ran out.
     path = _model().save(tmp_path / "m")
-    target = _json_file(path, "global_mean") if which == "json" else \
-        next(p for p in _files(path) if p.suffix in (".npy", ".npz"))
+    target = (
+        _json_file(path, "global_mean")
+        if which == "json"
+        else next(p for p in _files(path) if p.suffix in (".npy", ".npz"))
+    )
     target.unlink()
     if kind == "fifo":
         os.mkfifo(target)
@@ -328,8 +369,21 @@ def test_cli_recommend_with_a_corrupted_model_exits_2_naming_the_file(tmp_path):
     path = _model().save(tmp_path / "m")
     _edit_number(_json_file(path, "global_mean"), "global_mean", "9.5")
     (tmp_path / "r.csv").write_text("100,5\n")
-    proc = subprocess.run([sys.executable, "-m", "fedrecon_fast", "recommend", "--model", str(path),
-                           "--ratings", str(tmp_path / "r.csv")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrecon_fast",
+            "recommend",
+            "--model",
+            str(path),
+            "--ratings",
+            str(tmp_path / "r.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert str(path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -14,9 +14,9 @@ import textwrap
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
-from reference import mf_sgd_epoch_reference
 
 from fedrecon_fast._native import core as _core
+from reference import mf_sgd_epoch_reference
 
 try:
     from fedrecon_fast.baselines import mf_sgd_epoch as wrapper_epoch
@@ -59,21 +59,51 @@ def copy_tables(tables):
 
 def run_core(tables, ratings, global_mean, batch_size, lr, l2):
     """``_core.mf_sgd_epoch`` on ``tables`` in place; returns the SSE."""
-    return _core.mf_sgd_epoch(tables["users"], tables["user_bias"], tables["items"], tables["item_bias"],
-                              global_mean, ratings["user_ids"], ratings["item_ids"], ratings["ratings"],
-                              batch_size, lr, l2)
+    return _core.mf_sgd_epoch(
+        tables["users"],
+        tables["user_bias"],
+        tables["items"],
+        tables["item_bias"],
+        global_mean,
+        ratings["user_ids"],
+        ratings["item_ids"],
+        ratings["ratings"],
+        batch_size,
+        lr,
+        l2,
+    )
 
 
 def run_wrapper(tables, ratings, global_mean, batch_size, lr, l2):
-    return wrapper_epoch(tables["users"], tables["items"], ratings["user_ids"], ratings["item_ids"],
-                         ratings["ratings"], user_bias=tables["user_bias"], item_bias=tables["item_bias"],
-                         global_mean=global_mean, batch_size=batch_size, lr=lr, l2=l2)
+    return wrapper_epoch(
+        tables["users"],
+        tables["items"],
+        ratings["user_ids"],
+        ratings["item_ids"],
+        ratings["ratings"],
+        user_bias=tables["user_bias"],
+        item_bias=tables["item_bias"],
+        global_mean=global_mean,
+        batch_size=batch_size,
+        lr=lr,
+        l2=l2,
+    )
 
 
 def run_reference(tables, ratings, global_mean, batch_size, lr, l2):
-    return mf_sgd_epoch_reference(tables["users"], tables["user_bias"], tables["items"], tables["item_bias"],
-                                  global_mean, ratings["user_ids"], ratings["item_ids"], ratings["ratings"],
-                                  batch_size, lr, l2)
+    return mf_sgd_epoch_reference(
+        tables["users"],
+        tables["user_bias"],
+        tables["items"],
+        tables["item_bias"],
+        global_mean,
+        ratings["user_ids"],
+        ratings["item_ids"],
+        ratings["ratings"],
+        batch_size,
+        lr,
+        l2,
+    )
 
 
 def assert_tables_close(actual, expected):
@@ -173,8 +203,11 @@ def test_wrapper_matches_reference(batch_size, biases):
     assert_tables_close(native, expected)
     # Python lists of ids and float64 ratings are converted by the wrapper.
     again = copy_tables(tables)
-    lists = dict(user_ids=ratings["user_ids"].tolist(), item_ids=ratings["item_ids"].tolist(),
-                 ratings=ratings["ratings"].astype(np.float64))
+    lists = dict(
+        user_ids=ratings["user_ids"].tolist(),
+        item_ids=ratings["item_ids"].tolist(),
+        ratings=ratings["ratings"].astype(np.float64),
+    )
     assert run_wrapper(again, lists, 3.0, batch_size, 0.08, 0.03) == sse
     for name, value in native.items():
         assert_array_equal(again[name], value)
@@ -188,8 +221,9 @@ def test_several_epochs_reduce_the_error():
     true_u, true_v = rng.normal(size=(20, 2)), rng.normal(size=(15, 2))
     true_bu, true_bi = rng.normal(0, 0.5, size=20), rng.normal(0, 0.5, size=15)
     uid, iid = ratings["user_ids"], ratings["item_ids"]
-    ratings["ratings"] = (3.0 + np.einsum("ij,ij->i", true_u[uid], true_v[iid]) + true_bu[uid]
-                          + true_bi[iid]).astype(np.float32)
+    ratings["ratings"] = (3.0 + np.einsum("ij,ij->i", true_u[uid], true_v[iid]) + true_bu[uid] + true_bi[iid]).astype(
+        np.float32
+    )
     sses = [run_core(tables, ratings, 3.0, 16, 0.1, 0.0) for _ in range(40)]
     assert all(np.isfinite(sses))
     assert sses[-1] < 0.1 * sses[0]
@@ -208,11 +242,17 @@ def test_repeated_rating_in_one_batch_by_hand(copies, l2, biases):
     # copies: u -= m * g * v0 -> u + 1.2, v -= m * g * u0 -> v + 0.6, biases + 0.6. L2 decays each
     # row once: u = 0.9 * 1 + 1.2, v = 0.9 * 2 + 0.6 (1 - lr * 2 * l2 = 0.9).
     decay = 1.0 - 0.1 * 2 * l2
-    tables = dict(users=np.array([[1.0]], np.float32), items=np.array([[2.0]], np.float32),
-                  user_bias=np.array([0.5], np.float32) if biases else None,
-                  item_bias=np.array([-0.5], np.float32) if biases else None)
-    ratings = dict(user_ids=np.zeros(copies, np.int64), item_ids=np.zeros(copies, np.int32),
-                   ratings=np.full(copies, 5.0, np.float32))
+    tables = dict(
+        users=np.array([[1.0]], np.float32),
+        items=np.array([[2.0]], np.float32),
+        user_bias=np.array([0.5], np.float32) if biases else None,
+        item_bias=np.array([-0.5], np.float32) if biases else None,
+    )
+    ratings = dict(
+        user_ids=np.zeros(copies, np.int64),
+        item_ids=np.zeros(copies, np.int32),
+        ratings=np.full(copies, 5.0, np.float32),
+    )
     sse = run_core(tables, ratings, 0.0, copies, 0.1, l2)
     assert sse == pytest.approx(9.0 * copies)
     assert_allclose(tables["users"], [[decay * 1.0 + 1.2]], rtol=1e-6)
@@ -227,8 +267,19 @@ def test_batches_run_in_the_given_order():
     # u = v = 1, r = 3, lr 0.1: err1 = -2 -> u = v = 1.4; err2 = 1.96 - 3 = -1.04 ->
     # u = v = 1.4 + 0.2 * 1.04 * 1.4 = 1.6912. SSE = 4 + 1.0816.
     users, items = np.ones((1, 1), np.float32), np.ones((1, 1), np.float32)
-    sse = _core.mf_sgd_epoch(users, None, items, None, 0.0, np.zeros(2, np.int64), np.zeros(2, np.int32),
-                             np.full(2, 3.0, np.float32), 1, 0.1, 0.0)
+    sse = _core.mf_sgd_epoch(
+        users,
+        None,
+        items,
+        None,
+        0.0,
+        np.zeros(2, np.int64),
+        np.zeros(2, np.int32),
+        np.full(2, 3.0, np.float32),
+        1,
+        0.1,
+        0.0,
+    )
     assert sse == pytest.approx(5.0816, rel=1e-6)
     assert_allclose(users, [[1.6912]], rtol=1e-6)
     assert_allclose(items, [[1.6912]], rtol=1e-6)
@@ -280,8 +331,19 @@ def test_views_of_larger_arrays_are_updated_in_place():
     original = base.copy()
     users = base[2:5]
     items = np.random.default_rng(9).normal(0.0, 0.3, size=(3, 4)).astype(np.float32)
-    _core.mf_sgd_epoch(users, None, items, None, 3.0, np.array([0, 1, 2], np.int64),
-                       np.array([2, 1, 0], np.int32), np.full(3, 3.0, np.float32), 2, 0.1, 0.0)
+    _core.mf_sgd_epoch(
+        users,
+        None,
+        items,
+        None,
+        3.0,
+        np.array([0, 1, 2], np.int64),
+        np.array([2, 1, 0], np.int32),
+        np.full(3, 3.0, np.float32),
+        2,
+        0.1,
+        0.0,
+    )
     assert np.all(np.any(base[2:5] != original[2:5], axis=1))
     assert_array_equal(base[:2], original[:2])
     assert_array_equal(base[5:], original[5:])
@@ -314,8 +376,9 @@ def test_core_valid_call_runs():
     args = core_args()
     users, items = args["users"].copy(), args["items"].copy()
     sse = _core.mf_sgd_epoch(**args)
-    expected = mf_sgd_epoch_reference(users, None, items, None, 3.0, args["user_ids"], args["item_ids"],
-                                      args["ratings"], 2, 0.1, 0.0)
+    expected = mf_sgd_epoch_reference(
+        users, None, items, None, 3.0, args["user_ids"], args["item_ids"], args["ratings"], 2, 0.1, 0.0
+    )
     # First batch at the initial tables: predictions 3.5 for ratings 1 and 2.
     assert expected > 2.5**2 + 1.5**2
     assert sse == pytest.approx(expected, rel=1e-6)
@@ -333,7 +396,7 @@ F32, I64, I32 = np.float32, np.int64, np.int32
         ({"user_ids": np.array([0, -1, 2, 1], I64)}, IndexError, "user id -1"),
         ({"user_ids": np.array([0, 1, 2, 2**62], I64)}, IndexError, "user id"),
         ({"item_ids": np.array([3, 0, 4, 1], I32)}, IndexError, "item id 4"),
-        ({"item_ids": np.array([3, 0, 1, -2**31], I32)}, IndexError, "item id"),
+        ({"item_ids": np.array([3, 0, 1, -(2**31)], I32)}, IndexError, "item id"),
         ({"users": np.zeros((0, 2), F32)}, IndexError, "user id 0"),
         ({"user_ids": np.array([0, 1, 2], I64)}, ValueError, "same length"),
         ({"item_ids": np.array([0, 1, 2, 3, 0], I32)}, ValueError, "same length"),
@@ -435,8 +498,13 @@ def test_core_batch_size_far_larger_than_n_costs_nothing():
     # AddressSanitizer (tools/sanitize.sh) reserves terabytes of shadow memory at start-up, which
     # an address-space limit forbids; there its allocator reports a huge allocation instead.
     under_asan = "libasan" in os.environ.get("LD_PRELOAD", "")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          preexec_fn=None if under_asan else _limit_address_space)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=None if under_asan else _limit_address_space,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "0.0", proc.stdout + proc.stderr[-2000:]
 
 
@@ -445,9 +513,19 @@ def test_core_batch_size_far_larger_than_n_costs_nothing():
 
 def wrapper_args(**changes):
     args = core_args()
-    out = dict(users=args["users"], items=args["items"], user_ids=args["user_ids"],
-               item_ids=args["item_ids"], ratings=args["ratings"], user_bias=None, item_bias=None,
-               global_mean=3.0, batch_size=2, lr=0.1, l2=0.0)
+    out = dict(
+        users=args["users"],
+        items=args["items"],
+        user_ids=args["user_ids"],
+        item_ids=args["item_ids"],
+        ratings=args["ratings"],
+        user_bias=None,
+        item_bias=None,
+        global_mean=3.0,
+        batch_size=2,
+        lr=0.1,
+        l2=0.0,
+    )
     out.update(changes)
     return out
 

@@ -28,8 +28,10 @@ def splits():
 
 
 RUNS = {
-    "fedrecon-adam-biases-default": (ff.FedRecon, lambda: ff.preset(
-        "fast", server_optimizer="adam", server_lr=0.01, learn_user_default=True)),
+    "fedrecon-adam-biases-default": (
+        ff.FedRecon,
+        lambda: ff.preset("fast", server_optimizer="adam", server_lr=0.01, learn_user_default=True),
+    ),
     "fedrecon-dp": (ff.FedRecon, lambda: ff.preset("paper", dp_clip=0.5, dp_noise=0.5, weighting="uniform")),
     "fedavg": (FedAvg, lambda: fedavg_config(client_lr=0.1)),
 }
@@ -81,8 +83,9 @@ def _array_file(checkpoint_dir: Path) -> Path:
     return max((p for p in checkpoint_dir.rglob("*") if p.suffix in (".npy", ".npz")), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "drop-file", "garbage-json", "edited-round",
-                                    "directory", "legacy"])
+@pytest.mark.parametrize(
+    "damage", ["flip-byte", "truncate", "drop-file", "garbage-json", "edited-round", "directory", "legacy"]
+)
 def test_corrupted_newest_checkpoint_is_rejected_and_the_previous_one_used(splits, tmp_path, damage, caplog):
     cfg = _two_checkpoints(splits, tmp_path)
     newest = tmp_path / "ckpt-00000010"
@@ -100,8 +103,9 @@ def test_corrupted_newest_checkpoint_is_rejected_and_the_previous_one_used(split
     elif damage == "edited-round":
         # Was: an edited round resumed silently to a different result (trainer.json's checksums
         # covered every file but itself).
-        meta_file.write_bytes(meta_file.read_bytes().replace(b'"round":10', b'"round":9').replace(
-            b'"round": 10', b'"round": 9'))
+        meta_file.write_bytes(
+            meta_file.read_bytes().replace(b'"round":10', b'"round":9').replace(b'"round": 10', b'"round": 9')
+        )
     elif damage == "directory":
         array_file.unlink()
         array_file.mkdir()
@@ -117,6 +121,7 @@ def test_corrupted_newest_checkpoint_is_rejected_and_the_previous_one_used(split
     assert newest.exists()  # kept for inspection, never silently deleted
 
 
+@pytest.mark.slow
 def test_every_bit_flip_of_the_newest_checkpoint_falls_back(tmp_path):
     # Was: 662 of 1,500 bit flips of trainer.json resumed silently, 79 raised instead of falling back.
     train = ff.synthetic_ratings(num_users=30, num_items=6, min_ratings=3, mean_ratings=4, seed=3)
@@ -128,7 +133,7 @@ def test_every_bit_flip_of_the_newest_checkpoint_falls_back(tmp_path):
     for file in files:
         blob = file.read_bytes()
         for i in range(len(blob)):
-            file.write_bytes(blob[:i] + bytes([blob[i] ^ (1 << (i % 8))]) + blob[i + 1:])
+            file.write_bytes(blob[:i] + bytes([blob[i] ^ (1 << (i % 8))]) + blob[i + 1 :])
             with pytest.raises(CheckpointError):
                 checkpoint.load(newest)
             flips += 1
@@ -171,13 +176,14 @@ def test_fifo_or_device_in_the_newest_checkpoint_falls_back(splits, tmp_path, ki
         os.mkfifo(meta_file)
     else:
         os.symlink("/dev/zero", meta_file)
-    code = ("import resource, sys\n"
-            "vsize = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (vsize + (4 << 30),) * 2)  # 4 GiB more, even under ASan\n"
-            "from fedrecon_fast import checkpoint\nprint(checkpoint.latest(sys.argv[1])['round'])\n")
+    code = (
+        "import resource, sys\n"
+        "vsize = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vsize + (4 << 30),) * 2)  # 4 GiB more, even under ASan\n"
+        "from fedrecon_fast import checkpoint\nprint(checkpoint.latest(sys.argv[1])['round'])\n"
+    )
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         raise AssertionError("reading the checkpoint hung") from None
     assert proc.returncode == 0, proc.stderr
@@ -242,24 +248,37 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 8])
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_the_same_json(uninterrupted, tmp_path, kill_after):
     """Kill the run with SIGKILL once ``kill_after`` checkpoints exist (0: at start-up), then
     resume with the same command plus --resume."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
-    while kill_after and len(checkpoint.list_checkpoints(tmp_path)) < min(kill_after, 2) \
-            and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        kill_after
+        and len(checkpoint.list_checkpoints(tmp_path)) < min(kill_after, 2)
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.002)
     if kill_after > 2:  # let it run on a little past the second checkpoint
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The kill ended the run (it did not finish first), before the last round's checkpoint.
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed: it exited with {proc.returncode}"
+    written = checkpoint.list_checkpoints(tmp_path)
+    assert not written or written[0].name < f"ckpt-{int(ARGS[ARGS.index('--rounds') + 1]):08d}"
     resumed = _cli(*ARGS, "--checkpoint-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _result(resumed.stdout) == uninterrupted
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_misuse_is_a_one_line_error(tmp_path):
     bad = _cli("train", "--rounds", "3", "--resume")
     assert bad.returncode == 2 and "--resume needs --checkpoint-dir" in bad.stderr
@@ -280,11 +299,16 @@ def _wait_for_checkpoint(proc, directory, timeout=60):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.slow
 def test_a_signal_finishes_the_round_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, signum):
     # Was: SIGTERM, SIGINT and SIGHUP ended the run at once; the rounds since the last periodic
     # checkpoint were lost.
-    proc = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrecon_fast", *ARGS, "--checkpoint-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_checkpoint(proc, tmp_path)
         time.sleep(0.05)  # into the rounds after the first periodic checkpoint
@@ -301,12 +325,14 @@ def test_a_signal_finishes_the_round_checkpoints_and_resumes_exactly(uninterrupt
     assert _result(resumed.stdout) == uninterrupted
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_checkpoint_folder_is_refused(tmp_path):
     # Was: two processes given the same --checkpoint-dir raced (one died on a vanished folder).
     args = [*ARGS, "--checkpoint-dir", str(tmp_path)]
     args[args.index("1500")] = "1000000"  # the first run is still training when the second starts
-    first = subprocess.Popen([sys.executable, "-m", "fedrecon_fast", *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fedrecon_fast", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for_checkpoint(first, tmp_path)
         try:

@@ -11,15 +11,44 @@ import pytest
 import fedrecon_fast as ff
 from fedrecon_fast.cli import main
 
-REQUIRED = {"test_rmse", "test_accuracy", "test_users", "test_ratings", "rounds",
-            "clients_per_round", "train_seconds", "threads", "round_ms_median", "eval_seconds",
-            "load_seconds", "test_recall_at_10", "test_ndcg_at_10"}
+REQUIRED = {
+    "test_rmse",
+    "test_accuracy",
+    "test_users",
+    "test_ratings",
+    "rounds",
+    "clients_per_round",
+    "train_seconds",
+    "threads",
+    "round_ms_median",
+    "eval_seconds",
+    "load_seconds",
+    "test_recall_at_10",
+    "test_ndcg_at_10",
+}
 
 
 def test_train_on_synthetic_writes_metrics_plot_and_json(tmp_path, capsys):
     out, saved = tmp_path / "out", tmp_path / "model"
-    code = main(["train", "--rounds", "4", "--clients-per-round", "20", "--dim", "8", "--json",
-                 "--no-progress", "--out", str(out), "--save", str(saved), "--threads", "2"])
+    code = main(
+        [
+            "train",
+            "--rounds",
+            "4",
+            "--clients-per-round",
+            "20",
+            "--dim",
+            "8",
+            "--json",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--save",
+            str(saved),
+            "--threads",
+            "2",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert REQUIRED <= set(result)
@@ -34,9 +63,24 @@ def test_train_on_synthetic_writes_metrics_plot_and_json(tmp_path, capsys):
 
 
 def test_console_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "fedrecon_fast", "train", "--rounds", "2",
-                           "--clients-per-round", "5", "--dim", "4", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrecon_fast",
+            "train",
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "5",
+            "--dim",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["rounds"] == 2
 
@@ -47,8 +91,15 @@ def test_missing_data_folder_is_a_clean_error(tmp_path, capsys):
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["train", "--preset", "slow"], ["train", "--rounds", "-3"],
-                                  ["train", "--dim", "0"], ["train", "--clients-per-round", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--preset", "slow"],
+        ["train", "--rounds", "-3"],
+        ["train", "--dim", "0"],
+        ["train", "--clients-per-round", "x"],
+    ],
+)
 def test_impossible_options_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -58,12 +109,26 @@ def test_impossible_options_exit_nonzero(argv, capsys):
 
 def test_compression_and_privacy_options_report_bits(capsys):
     # The paper preset has no item biases (float32 even when quantized): V alone sets the ratio.
-    base = ["train", "--preset", "paper", "--rounds", "3", "--clients-per-round", "10", "--dim", "8", "--json",
-            "--no-progress"]
+    base = [
+        "train",
+        "--preset",
+        "paper",
+        "--rounds",
+        "3",
+        "--clients-per-round",
+        "10",
+        "--dim",
+        "8",
+        "--json",
+        "--no-progress",
+    ]
     results = {}
-    for name, extra in (("dense", []), ("q8", ["--quantize-bits", "8", "--quantize-threshold", "0"]),
-                        ("sparse", ["--sparse-updates"]),
-                        ("dp", ["--sparse-updates", "--dp-clip", "0.5", "--dp-noise", "0.1"])):
+    for name, extra in (
+        ("dense", []),
+        ("q8", ["--quantize-bits", "8", "--quantize-threshold", "0"]),
+        ("sparse", ["--sparse-updates"]),
+        ("dp", ["--sparse-updates", "--dp-clip", "0.5", "--dp-noise", "0.1"]),
+    ):
         assert main(base + extra) == 0
         results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     dense, q8, sparse, dp = (results[k] for k in ("dense", "q8", "sparse", "dp"))
@@ -78,8 +143,24 @@ def test_compression_and_privacy_options_report_bits(capsys):
 
 
 def test_rank_k_sets_the_ranking_cut_off(capsys):
-    assert main(["train", "--rounds", "2", "--clients-per-round", "10", "--dim", "4", "--json",
-                 "--no-progress", "--rank-k", "5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--rounds",
+                "2",
+                "--clients-per-round",
+                "10",
+                "--dim",
+                "4",
+                "--json",
+                "--no-progress",
+                "--rank-k",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rank_k"] == 5 and "test_recall_at_5" in result and "test_ndcg_at_10" not in result
@@ -92,8 +173,27 @@ def test_rank_k_sets_the_ranking_cut_off(capsys):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "model"
-    assert main(["train", "--rounds", "5", "--clients-per-round", "20", "--dim", "6", "--preset", "fast",
-                 "--no-progress", "--save", str(path), "--threads", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--rounds",
+                "5",
+                "--clients-per-round",
+                "20",
+                "--dim",
+                "6",
+                "--preset",
+                "fast",
+                "--no-progress",
+                "--save",
+                str(path),
+                "--threads",
+                "2",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -108,8 +208,9 @@ def test_recommend_end_to_end(saved_model, tmp_path, capsys):
     ids = model.item_ids
     ratings_file = tmp_path / "me.csv"
     ratings_file.write_text(f"item,rating\n# my favourites\n{ids[3]},5\n\n {ids[10]} , 4.5\n{ids[7]},1\n")
-    code, out, err = _recommend(["--model", str(saved_model), "--ratings", str(ratings_file), "--k", "5",
-                                 "--json"], capsys)
+    code, out, err = _recommend(
+        ["--model", str(saved_model), "--ratings", str(ratings_file), "--k", "5", "--json"], capsys
+    )
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) == {"items", "scores"}
@@ -121,8 +222,9 @@ def test_recommend_end_to_end(saved_model, tmp_path, capsys):
     assert sum(line.strip().startswith(("1.", "2.", "3.", "4.", "5.")) for line in out.splitlines()) == 5
 
     # --include-seen may recommend rated items: the same as exclude_seen=False.
-    code, out, _ = _recommend(["--model", str(saved_model), "--ratings", str(ratings_file), "--k", "8",
-                               "--json", "--include-seen"], capsys)
+    code, out, _ = _recommend(
+        ["--model", str(saved_model), "--ratings", str(ratings_file), "--k", "8", "--json", "--include-seen"], capsys
+    )
     seen_items, _ = model.recommend([ids[3], ids[10], ids[7]], [5.0, 4.5, 1.0], k=8, exclude_seen=False)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["items"] == seen_items.tolist()
 
@@ -154,8 +256,20 @@ def test_recommend_reads_stdin_and_trims_padding(saved_model, monkeypatch, capsy
         ("item,rating\n# only a header\n", "", "no ratings"),
         ("movie, stars\nx,5\n", ":2:", "integer"),
     ],
-    ids=["three-fields", "late-header", "text-rating", "nan", "inf", "empty-rating", "float-item-first",
-         "float-item", "one-field", "empty", "header-only", "text-item"],
+    ids=[
+        "three-fields",
+        "late-header",
+        "text-rating",
+        "nan",
+        "inf",
+        "empty-rating",
+        "float-item-first",
+        "float-item",
+        "one-field",
+        "empty",
+        "header-only",
+        "text-item",
+    ],
 )
 def test_recommend_malformed_lines_exit_2_naming_file_and_line(saved_model, tmp_path, capsys, text, where, what):
     path = tmp_path / "bad.csv"
@@ -173,8 +287,9 @@ def test_recommend_unknown_items_and_missing_files(saved_model, tmp_path, capsys
     path.write_text(f"{model.item_ids[1]},5\n987654321,4\n")
     code, _, err = _recommend(["--model", str(saved_model), "--ratings", str(path)], capsys)
     assert code == 2 and "987654321" in err and "--ignore-unknown" in err and str(path) in err
-    code, out, err = _recommend(["--model", str(saved_model), "--ratings", str(path), "--ignore-unknown",
-                                 "--json", "--k", "3"], capsys)
+    code, out, err = _recommend(
+        ["--model", str(saved_model), "--ratings", str(path), "--ignore-unknown", "--json", "--k", "3"], capsys
+    )
     assert code == 0, err
     expected, _ = model.recommend([model.item_ids[1]], [5.0], k=3)
     assert json.loads(out.strip().splitlines()[-1])["items"] == expected.tolist()
@@ -189,10 +304,25 @@ def test_recommend_unknown_items_and_missing_files(saved_model, tmp_path, capsys
 
 def test_recommend_console_entry_point_reads_stdin(saved_model):
     model = ff.GlobalModel.load(saved_model)
-    proc = subprocess.run([sys.executable, "-m", "fedrecon_fast", "recommend", "--model", str(saved_model),
-                           "--ratings", "-", "--k", "4", "--json"],
-                          input=f"item,rating\n{model.item_ids[2]},5\n{model.item_ids[4]},2\n",
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrecon_fast",
+            "recommend",
+            "--model",
+            str(saved_model),
+            "--ratings",
+            "-",
+            "--k",
+            "4",
+            "--json",
+        ],
+        input=f"item,rating\n{model.item_ids[2]},5\n{model.item_ids[4]},2\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["items"]) == len(result["scores"]) == 4

@@ -7,9 +7,9 @@ import zlib
 
 import numpy as np
 import pytest
-import reference_compression as ref
 from numpy.testing import assert_allclose, assert_array_equal
 
+import reference_compression as ref
 from fedrecon_fast import compression as C
 
 SHAPES = [(0,), (1,), (7,), (3, 50), (1000,), (4, 33), (2, 0), (), (2, 3, 5)]
@@ -58,7 +58,7 @@ def test_round_trip_matches_reference(bits, shape):
             # the rotation is orthonormal: the row's L2 error is at most step * sqrt(padded)
             padded = ref.next_pow2(cols)
             bound = step[:, 0] * np.sqrt(padded) * (1 + 1e-5) + 1e-5 * np.abs(x).reshape(rows, cols).max()
-            assert np.all(np.sqrt((err ** 2).sum(axis=1)) <= bound)
+            assert np.all(np.sqrt((err**2).sum(axis=1)) <= bound)
 
 
 def test_constant_and_length_one_arrays_are_exact():
@@ -179,7 +179,8 @@ def test_encoded_size_is_exact(shape):
         for scaling, hadamard in SCHEMES:
             kw = dict(scaling=scaling, hadamard=hadamard)
             assert C.encoded_size((40, 19), 6, sparse_rows=n, **kw) == len(
-                C.encode_sparse(rows, vals, 6, num_rows=40, **kw))
+                C.encode_sparse(rows, vals, 6, num_rows=40, **kw)
+            )
 
 
 def test_eight_bits_is_four_times_smaller_than_float32():
@@ -205,20 +206,33 @@ def test_crc_matches_zlib_on_multi_chunk_buffers():
 def test_buffer_info_describes_the_buffer():
     buf = C.encode_sparse([3, 1], np.ones((2, 5)), 5, num_rows=10, scaling="row", hadamard=True, seed=1)
     info = C.buffer_info(buf)
-    assert info == dict(version=C.FORMAT_VERSION, dtype="float32", bits=5, scaling="row", hadamard=True,
-                        sparse=True, shape=(2, 5), num_rows=10, key=ref.quant_key(1), num_groups=2,
-                        padded_cols=8, payload_bytes=10, nbytes=len(buf))
+    assert info == dict(
+        version=C.FORMAT_VERSION,
+        dtype="float32",
+        bits=5,
+        scaling="row",
+        hadamard=True,
+        sparse=True,
+        shape=(2, 5),
+        num_rows=10,
+        key=ref.quant_key(1),
+        num_groups=2,
+        padded_cols=8,
+        payload_bytes=10,
+        nbytes=len(buf),
+    )
 
 
 def test_seed_round_and_client_select_the_stream():
     x = heavy((4, 30))
-    keys = {(s, r, c): C.buffer_info(C.encode(x, 3, seed=s, round=r, client=c))["key"]
-            for s, r, c in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (7, 3, 5)]}
+    keys = {
+        (s, r, c): C.buffer_info(C.encode(x, 3, seed=s, round=r, client=c))["key"]
+        for s, r, c in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (7, 3, 5)]
+    }
     assert keys == {k: ref.quant_key(*k) for k in keys}
     assert len(set(keys.values())) == len(keys)
     assert not np.array_equal(C.quantize(x, 3, seed=1), C.quantize(x, 3, seed=2))
-    assert_array_equal(C.quantize(x, 3, seed=7, round=3, client=5),
-                       ref.quantize(x, 3, key=ref.quant_key(7, 3, 5)))
+    assert_array_equal(C.quantize(x, 3, seed=7, round=3, client=5), ref.quantize(x, 3, key=ref.quant_key(7, 3, 5)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +243,10 @@ def test_seed_round_and_client_select_the_stream():
 @pytest.fixture(scope="module")
 def good_buffers():
     x = heavy((3, 50))
-    return [C.encode(x, 5, scaling="row", hadamard=True, seed=3),
-            C.encode_sparse([4, 0, 2], heavy((3, 6)), 7, num_rows=5, seed=3)]
+    return [
+        C.encode(x, 5, scaling="row", hadamard=True, seed=3),
+        C.encode_sparse([4, 0, 2], heavy((3, 6)), 7, num_rows=5, seed=3),
+    ]
 
 
 def test_every_truncation_is_rejected(good_buffers):
@@ -249,8 +265,10 @@ def test_every_flipped_byte_is_rejected(good_buffers):
         for pos in range(len(buf)):
             bad = bytearray(buf)
             bad[pos] ^= 0x5A
-            with pytest.raises(ValueError, match="magic|version|dtype|bits|flags|ndim|reserved|shape|"
-                                                 "num_rows|does not match|truncated|CRC"):
+            with pytest.raises(
+                ValueError,
+                match="magic|version|dtype|bits|flags|ndim|reserved|shape|num_rows|does not match|truncated|CRC",
+            ):
                 C.buffer_info(bytes(bad))
         bad = bytearray(buf)
         bad[-1] ^= 1
@@ -279,14 +297,20 @@ def test_invalid_fields_are_named_even_with_a_valid_crc(good_buffers):
     p = ref.parse(sparse)
     off_rows = 20 + 16 + 8
     cases += [
-        (patch_crc(sparse[:off_rows] + struct.pack("<I", 5) + sparse[off_rows + 4:]), "row id 5"),
+        (patch_crc(sparse[:off_rows] + struct.pack("<I", 5) + sparse[off_rows + 4 :]), "row id 5"),
         (patch_crc(sparse[:36] + struct.pack("<Q", 2**31 + 1) + sparse[44:]), "num_rows"),
     ]
     off_scales = off_rows + 4 * len(p["rows"])
-    cases += [(patch_crc(sparse[:off_scales] + struct.pack("<f", np.inf) + sparse[off_scales + 4:]),
-               "invalid scale of group 0"),
-              (patch_crc(sparse[:off_scales + 4] + struct.pack("<f", -1.0) + sparse[off_scales + 8:]),
-               "invalid scale of group 0")]
+    cases += [
+        (
+            patch_crc(sparse[:off_scales] + struct.pack("<f", np.inf) + sparse[off_scales + 4 :]),
+            "invalid scale of group 0",
+        ),
+        (
+            patch_crc(sparse[: off_scales + 4] + struct.pack("<f", -1.0) + sparse[off_scales + 8 :]),
+            "invalid scale of group 0",
+        ),
+    ]
     for buf, message in cases:
         with pytest.raises(ValueError, match=message):
             C.buffer_info(buf)
@@ -321,8 +345,7 @@ def test_decode_accumulate_dense_equals_weighted_decode():
 def test_decode_accumulate_batch_equals_sequential_calls():
     rng = np.random.default_rng(4)
     x = [rng.normal(size=(30, 20)).astype(np.float32) for _ in range(5)]
-    bufs = [C.encode(v, 4 + k, scaling=SCHEMES[k % 4][0], hadamard=SCHEMES[k % 4][1], seed=k)
-            for k, v in enumerate(x)]
+    bufs = [C.encode(v, 4 + k, scaling=SCHEMES[k % 4][0], hadamard=SCHEMES[k % 4][1], seed=k) for k, v in enumerate(x)]
     w = rng.uniform(0.1, 2.0, size=5)
     batch = np.zeros((30, 20))
     C.decode_accumulate_batch(bufs, w, batch)
@@ -418,8 +441,7 @@ def test_sparse_round_trip():
     vals = rng.normal(size=(5, 11)).astype(np.float32)
     for scaling, hadamard in SCHEMES:
         buf = C.encode_sparse(rows, vals, 10, num_rows=13, scaling=scaling, hadamard=hadamard, seed=5)
-        assert buf == ref.encode_sparse(rows, vals, 13, 10, scaling=scaling, hadamard=hadamard,
-                                        key=ref.quant_key(5))
+        assert buf == ref.encode_sparse(rows, vals, 13, 10, scaling=scaling, hadamard=hadamard, key=ref.quant_key(5))
         r, v = C.decode_sparse(buf)
         assert r.dtype == np.int32 and v.dtype == np.float32
         assert_array_equal(r, rows)

@@ -32,8 +32,12 @@ def triples(data: ClientData):
 
 def small():
     # users 5, 3, 9; items 100, 7, 42
-    return ClientData.from_coo(users=[5, 3, 5, 3, 9, 5], items=[100, 7, 7, 100, 42, 42],
-                               ratings=[1, 2, 3, 4, 5.5, 2], timestamps=[10, 5, 1, 3, 0, 10])
+    return ClientData.from_coo(
+        users=[5, 3, 5, 3, 9, 5],
+        items=[100, 7, 7, 100, 42, 42],
+        ratings=[1, 2, 3, 4, 5.5, 2],
+        timestamps=[10, 5, 1, 3, 0, 10],
+    )
 
 
 # --------------------------------------------------------------------------- from_coo
@@ -54,8 +58,9 @@ def test_from_coo_round_trip_and_mapping():
 
 def test_from_coo_dtypes_are_exact():
     users, items, ratings, ts = random_coo()
-    data = ClientData.from_coo(users.astype(np.int32), items.astype(np.int64),
-                               ratings.astype(np.float64), ts.astype(np.int32))
+    data = ClientData.from_coo(
+        users.astype(np.int32), items.astype(np.int64), ratings.astype(np.float64), ts.astype(np.int32)
+    )
     assert data.indptr.dtype == np.int64
     assert data.items.dtype == np.int32
     assert data.ratings.dtype == np.float32
@@ -69,8 +74,7 @@ def test_from_coo_orders_by_timestamp_then_input_order():
     u, _, _ = data.to_coo()
     # within each client: timestamps non-decreasing, ties in input order
     pos_of = {(a, b): k for k, (a, b) in enumerate(zip(users.tolist(), items.tolist()))}
-    orig = np.array([pos_of[(data.user_ids[a], data.item_ids[b])]
-                     for a, b in zip(u.tolist(), data.items.tolist())])
+    orig = np.array([pos_of[(data.user_ids[a], data.item_ids[b])] for a, b in zip(u.tolist(), data.items.tolist())])
     key = np.lexsort((orig, ts[orig], u))
     np.testing.assert_array_equal(key, np.arange(data.nnz))
     np.testing.assert_array_equal(data.timestamps, ts[orig])
@@ -146,27 +150,35 @@ def test_from_coo_rejects_bad_shapes():
 
 
 def valid_fields():
-    return dict(indptr=np.array([0, 2, 3]), items=np.array([0, 1, 1]),
-                ratings=np.array([1.0, 2.0, 3.0]), timestamps=np.array([1, 2, 3]),
-                user_ids=np.array([10, 20]), item_ids=np.array([7, 8]))
+    return dict(
+        indptr=np.array([0, 2, 3]),
+        items=np.array([0, 1, 1]),
+        ratings=np.array([1.0, 2.0, 3.0]),
+        timestamps=np.array([1, 2, 3]),
+        user_ids=np.array([10, 20]),
+        item_ids=np.array([7, 8]),
+    )
 
 
-@pytest.mark.parametrize("field, value, exc", [
-    ("indptr", np.array([1, 2, 3]), ValueError),
-    ("indptr", np.array([0, 3, 2]), ValueError),
-    ("indptr", np.array([0, 2, 4]), ValueError),
-    ("indptr", np.array([0.0, 2.0, 3.0]), TypeError),
-    ("items", np.array([0, 1, 2]), ValueError),
-    ("items", np.array([0, -1, 1]), ValueError),
-    ("items", np.array([0.0, 1.0, 1.0]), TypeError),
-    ("ratings", np.array([1.0, np.nan, 3.0]), ValueError),
-    ("ratings", np.array([1.0, 2.0]), ValueError),
-    ("timestamps", np.array([1, 2]), ValueError),
-    ("timestamps", np.array([1.0, 2.0, 3.0]), TypeError),
-    ("user_ids", np.array([10]), ValueError),
-    ("user_ids", np.array([10, 10]), ValueError),
-    ("item_ids", np.array([7, 7]), ValueError),
-])
+@pytest.mark.parametrize(
+    "field, value, exc",
+    [
+        ("indptr", np.array([1, 2, 3]), ValueError),
+        ("indptr", np.array([0, 3, 2]), ValueError),
+        ("indptr", np.array([0, 2, 4]), ValueError),
+        ("indptr", np.array([0.0, 2.0, 3.0]), TypeError),
+        ("items", np.array([0, 1, 2]), ValueError),
+        ("items", np.array([0, -1, 1]), ValueError),
+        ("items", np.array([0.0, 1.0, 1.0]), TypeError),
+        ("ratings", np.array([1.0, np.nan, 3.0]), ValueError),
+        ("ratings", np.array([1.0, 2.0]), ValueError),
+        ("timestamps", np.array([1, 2]), ValueError),
+        ("timestamps", np.array([1.0, 2.0, 3.0]), TypeError),
+        ("user_ids", np.array([10]), ValueError),
+        ("user_ids", np.array([10, 10]), ValueError),
+        ("item_ids", np.array([7, 7]), ValueError),
+    ],
+)
 def test_constructor_validation_names_the_field(field, value, exc):
     fields = valid_fields()
     fields[field] = value
@@ -175,8 +187,9 @@ def test_constructor_validation_names_the_field(field, value, exc):
 
 
 def test_constructor_converts_dtypes_and_defaults_ids():
-    data = ClientData(indptr=np.array([0, 1, 3], dtype=np.int32), items=[2, 0, 1],
-                      ratings=np.array([1, 2, 3], dtype=np.int16))
+    data = ClientData(
+        indptr=np.array([0, 1, 3], dtype=np.int32), items=[2, 0, 1], ratings=np.array([1, 2, 3], dtype=np.int16)
+    )
     assert data.indptr.dtype == np.int64 and data.items.dtype == np.int32
     assert data.ratings.dtype == np.float32 and data.timestamps is None
     np.testing.assert_array_equal(data.user_ids, [0, 1])
@@ -214,11 +227,15 @@ def test_from_dataframe_with_and_without_timestamps():
 
 def test_from_dataframe_custom_columns_and_datetimes():
     pd = pytest.importorskip("pandas")
-    df = pd.DataFrame({"u": pd.array([3, 1, 3], dtype="Int64"), "m": [9, 9, 8],
-                       "r": [4.0, 5.0, 3.5],
-                       "when": pd.to_datetime(["2001-01-01", "2000-01-01", "2000-06-01"])})
-    data = ClientData.from_dataframe(df, user_col="u", item_col="m", rating_col="r",
-                                     timestamp_col="when")
+    df = pd.DataFrame(
+        {
+            "u": pd.array([3, 1, 3], dtype="Int64"),
+            "m": [9, 9, 8],
+            "r": [4.0, 5.0, 3.5],
+            "when": pd.to_datetime(["2001-01-01", "2000-01-01", "2000-06-01"]),
+        }
+    )
+    data = ClientData.from_dataframe(df, user_col="u", item_col="m", rating_col="r", timestamp_col="when")
     np.testing.assert_array_equal(data.user_ids, [1, 3])
     np.testing.assert_array_equal(data.ratings, [5.0, 3.5, 4.0])
     assert data.timestamps[0] == 946684800
@@ -308,9 +325,13 @@ def test_subset_mask_empty_and_errors():
 
 def test_prepare_keeps_the_most_recent_ratings_in_stored_order():
     # stored order deliberately not chronological
-    data = ClientData(indptr=[0, 5, 7], items=[0, 1, 2, 3, 4, 0, 1],
-                      ratings=[1, 2, 3, 4, 5, 1, 2], timestamps=[50, 10, 40, 20, 30, 1, 2],
-                      user_ids=[1, 2])
+    data = ClientData(
+        indptr=[0, 5, 7],
+        items=[0, 1, 2, 3, 4, 0, 1],
+        ratings=[1, 2, 3, 4, 5, 1, 2],
+        timestamps=[50, 10, 40, 20, 30, 1, 2],
+        user_ids=[1, 2],
+    )
     out = data.prepare(max_examples=3)
     np.testing.assert_array_equal(out.indptr, [0, 3, 5])
     np.testing.assert_array_equal(out.timestamps, [50, 40, 30, 1, 2])
@@ -319,8 +340,7 @@ def test_prepare_keeps_the_most_recent_ratings_in_stored_order():
 
 
 def test_prepare_cap_with_ties_and_without_timestamps():
-    tied = ClientData(indptr=[0, 4], items=[0, 1, 2, 3], ratings=[1, 2, 3, 4],
-                      timestamps=[5, 5, 5, 1])
+    tied = ClientData(indptr=[0, 4], items=[0, 1, 2, 3], ratings=[1, 2, 3, 4], timestamps=[5, 5, 5, 1])
     np.testing.assert_array_equal(tied.prepare(max_examples=2).items, [1, 2])
     plain = ClientData(indptr=[0, 4, 5], items=[0, 1, 2, 3, 0], ratings=[1, 2, 3, 4, 5])
     out = plain.prepare(max_examples=2)
@@ -350,8 +370,9 @@ def test_prepare_shuffle_is_a_seeded_per_client_permutation():
     np.testing.assert_array_equal(a.indptr, data.indptr)
     for k in range(data.num_clients):
         lo, hi = data.indptr[k], data.indptr[k + 1]
-        assert sorted(zip(a.items[lo:hi], a.ratings[lo:hi], a.timestamps[lo:hi])) == \
-            sorted(zip(data.items[lo:hi], data.ratings[lo:hi], data.timestamps[lo:hi]))
+        assert sorted(zip(a.items[lo:hi], a.ratings[lo:hi], a.timestamps[lo:hi])) == sorted(
+            zip(data.items[lo:hi], data.ratings[lo:hi], data.timestamps[lo:hi])
+        )
 
 
 def test_prepare_shuffle_matches_documented_keys():
@@ -372,14 +393,17 @@ def test_prepare_shuffle_independent_of_other_users():
     shuffled_then_subset = data.prepare(shuffle_seed=9).subset(pick)
     subset_then_shuffled = data.subset(pick).prepare(shuffle_seed=9)
     for name in ("indptr", "items", "ratings", "timestamps", "user_ids"):
-        np.testing.assert_array_equal(getattr(shuffled_then_subset, name),
-                                      getattr(subset_then_shuffled, name))
+        np.testing.assert_array_equal(getattr(shuffled_then_subset, name), getattr(subset_then_shuffled, name))
     # and the same ratings under another user id are shuffled differently
-    renamed = ClientData(indptr=data.indptr, items=data.items, ratings=data.ratings,
-                         timestamps=data.timestamps, user_ids=data.user_ids + 1,
-                         item_ids=data.item_ids)
-    assert not np.array_equal(renamed.prepare(shuffle_seed=9).items,
-                              data.prepare(shuffle_seed=9).items)
+    renamed = ClientData(
+        indptr=data.indptr,
+        items=data.items,
+        ratings=data.ratings,
+        timestamps=data.timestamps,
+        user_ids=data.user_ids + 1,
+        item_ids=data.item_ids,
+    )
+    assert not np.array_equal(renamed.prepare(shuffle_seed=9).items, data.prepare(shuffle_seed=9).items)
 
 
 def test_prepare_argument_validation():
@@ -417,20 +441,22 @@ def test_split_users_is_seeded():
     assert not np.array_equal(a[0], np.arange(800))  # shuffled, not a prefix
 
 
-@pytest.mark.parametrize("n, fractions, sizes", [
-    (2999, (0.8, 0.1, 0.1), (2399, 299, 301)),
-    (10, (0.5, 0.5, 0.0), (5, 5, 0)),
-    (7, (1.0, 0.0, 0.0), (7, 0, 0)),
-    (0, (0.8, 0.1, 0.1), (0, 0, 0)),
-    (1, (0.8, 0.1, 0.1), (0, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "n, fractions, sizes",
+    [
+        (2999, (0.8, 0.1, 0.1), (2399, 299, 301)),
+        (10, (0.5, 0.5, 0.0), (5, 5, 0)),
+        (7, (1.0, 0.0, 0.0), (7, 0, 0)),
+        (0, (0.8, 0.1, 0.1), (0, 0, 0)),
+        (1, (0.8, 0.1, 0.1), (0, 0, 1)),
+    ],
+)
 def test_split_users_sizes(n, fractions, sizes):
     parts = split_users(n, fractions, seed=0)
     assert tuple(p.size for p in parts) == sizes
 
 
-@pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.8, 0.1, 0.2), (1.2, -0.1, -0.1),
-                                       (np.nan, 0.5, 0.5)])
+@pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.8, 0.1, 0.2), (1.2, -0.1, -0.1), (np.nan, 0.5, 0.5)])
 def test_split_users_rejects_bad_fractions(fractions):
     with pytest.raises(ValueError, match="fractions"):
         split_users(10, fractions)
@@ -451,21 +477,32 @@ def test_split_by_time_orders_and_sizes():
         np.testing.assert_array_equal(part.user_ids, data.user_ids)
         np.testing.assert_array_equal(part.item_ids, data.item_ids)
     for k in range(data.num_clients):
-        t_tr = train.timestamps[train.indptr[k]:train.indptr[k + 1]]
-        t_va = val.timestamps[val.indptr[k]:val.indptr[k + 1]]
-        t_te = test.timestamps[test.indptr[k]:test.indptr[k + 1]]
+        t_tr = train.timestamps[train.indptr[k] : train.indptr[k + 1]]
+        t_va = val.timestamps[val.indptr[k] : val.indptr[k + 1]]
+        t_te = test.timestamps[test.indptr[k] : test.indptr[k + 1]]
         joined = np.concatenate([t_tr, t_va, t_te])
         assert np.all(np.diff(joined) >= 0)  # train <= val <= test, each in time order
         lo, hi = data.indptr[k], data.indptr[k + 1]
         rows = [(train, k), (val, k), (test, k)]
-        got = sorted(zip(*[np.concatenate([p.items[p.indptr[j]:p.indptr[j + 1]] for p, j in rows]),
-                           np.concatenate([p.ratings[p.indptr[j]:p.indptr[j + 1]] for p, j in rows])]))
+        got = sorted(
+            zip(
+                *[
+                    np.concatenate([p.items[p.indptr[j] : p.indptr[j + 1]] for p, j in rows]),
+                    np.concatenate([p.ratings[p.indptr[j] : p.indptr[j + 1]] for p, j in rows]),
+                ]
+            )
+        )
         assert got == sorted(zip(data.items[lo:hi], data.ratings[lo:hi]))
 
 
 def test_split_by_time_ties_are_stable_and_small_clients():
-    data = ClientData(indptr=[0, 10, 11], items=np.arange(11) % 4, ratings=np.arange(11),
-                      timestamps=[3] * 10 + [0], item_ids=np.arange(4))
+    data = ClientData(
+        indptr=[0, 10, 11],
+        items=np.arange(11) % 4,
+        ratings=np.arange(11),
+        timestamps=[3] * 10 + [0],
+        item_ids=np.arange(4),
+    )
     train, val, test = split_by_time(data)
     np.testing.assert_array_equal(train.ratings, np.arange(8))
     np.testing.assert_array_equal(val.ratings, [8])

@@ -42,8 +42,14 @@ print(json.dumps({"target": core.TARGET, "threads_equal": bool(np.array_equal(on
 
 def run_child(target: str, prefix=()) -> dict:
     env = dict(os.environ, FEDRECON_TARGET=target)
-    out = subprocess.run([*prefix, sys.executable, "-c", CHILD, str(HERE)], env=env, capture_output=True,
-                         text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", CHILD, str(HERE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -55,6 +61,7 @@ def test_the_widest_runnable_target_is_in_use(capsys):
     assert "targets compiled:" in text and "CPU features found:" in text
 
 
+@pytest.mark.slow
 def test_every_runnable_target_matches_the_reference():
     results = {t: run_child(t) for t in _native._runnable}
     for target, r in results.items():
@@ -70,8 +77,9 @@ def test_every_runnable_target_matches_the_reference():
 
 def test_an_unknown_or_unrunnable_target_is_refused():
     env = dict(os.environ, FEDRECON_TARGET="sse9")
-    out = subprocess.run([sys.executable, "-c", "import fedrecon_fast"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fedrecon_fast"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0
     assert "FEDRECON_TARGET='sse9' is not a compiled target this CPU runs" in out.stderr
     assert "compiled: [" in out.stderr
@@ -85,15 +93,17 @@ HAS_BASELINE = "baseline" in _native.compiled_targets()
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the QEMU check is for x86-64 builds")
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian: qemu-user) is not installed")
 @pytest.mark.skipif(not HAS_BASELINE, reason="this build holds no baseline module (FEDRECON_TARGETS)")
+@pytest.mark.slow
 def test_the_default_build_runs_on_an_old_cpu():
     # Westmere (2010): SSE4.2, no AVX. The import must pick the baseline module and compute the
     # reference's round, with no illegal instruction on the way. (NumPy's OpenBLAS misreads
     # QEMU's emulated CPU and picks AVX kernels: OPENBLAS_CORETYPE keeps it on SSE ones.)
     env = dict(os.environ, OPENBLAS_CORETYPE="Nehalem")
     env.pop("FEDRECON_TARGET", None)
-    code = CHILD.replace('sys.argv[1]', repr(str(HERE)))
-    out = subprocess.run([QEMU, "-cpu", "Westmere", sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=900)
+    code = CHILD.replace("sys.argv[1]", repr(str(HERE)))
+    out = subprocess.run(
+        [QEMU, "-cpu", "Westmere", sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["target"] == "baseline"
@@ -106,17 +116,20 @@ OBJDUMP = shutil.which("objdump")
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 builds only")
 @pytest.mark.skipif(OBJDUMP is None, reason="objdump (binutils) is not installed")
 @pytest.mark.skipif(not HAS_BASELINE, reason="this build holds no baseline module (FEDRECON_TARGETS)")
+@pytest.mark.slow
 def test_the_baseline_module_holds_no_avx_instructions():
     # Any ymm/zmm register in the baseline module's code would fault on an SSE-only CPU.
     import importlib
 
     path = importlib.import_module("fedrecon_fast._native._core_baseline").__file__
-    asm = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    asm = subprocess.run(
+        [OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     wide = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line]
     assert wide == [], wide[:5]
     if "avx512" in _native.compiled_targets():  # the check itself can see wide registers
         path = importlib.import_module("fedrecon_fast._native._core_avx512").__file__
-        asm = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
-                             check=True, timeout=300).stdout
+        asm = subprocess.run(
+            [OBJDUMP, "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
         assert "%zmm" in asm

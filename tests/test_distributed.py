@@ -14,14 +14,17 @@ from fedrecon_fast import kernels, partitions
 from fedrecon_fast.baselines import FedAvg, fedavg_config
 
 # Ray's shutdown (at the end of this module) leaves subprocess handles for the garbage collector.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning",
-                                        "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 @pytest.fixture(scope="module")
 def data():
     return ff.synthetic_ratings(num_users=500, num_items=160, seed=11).prepare(
-        max_examples=300, min_examples=1, shuffle_seed=11)
+        max_examples=300, min_examples=1, shuffle_seed=11
+    )
 
 
 def _bits(a):
@@ -48,9 +51,9 @@ def assert_same_round(got, want):
 CASES = {
     "paper": dict(),
     "biases": dict(biases=True),
-    "dense-quantized": dict(codec=dict(bits=8, sparse=False)),
-    "row-quantized-hadamard": dict(codec=dict(bits=4, scaling="row", hadamard=True)),
-    "clipped-biases": dict(biases=True, codec=dict(clip=0.05)),
+    "dense-quantized": dict(codec=ff.UpdateCodec(bits=8, sparse=False)),
+    "row-quantized-hadamard": dict(codec=ff.UpdateCodec(bits=4, row_scaling=True, hadamard=True)),
+    "clipped-biases": dict(biases=True, codec=ff.UpdateCodec(clip=0.05)),
 }
 
 
@@ -79,7 +82,7 @@ def test_partitioned_round_is_bit_identical_to_the_local_round(data, case, num_c
     rng = np.random.default_rng(num_clients + 7)
     clients = rng.choice(data.num_clients, num_clients, replace=False)
     bias = None if model.item_bias is None else rng.normal(0, 0.1, data.num_items).astype(np.float32)
-    kw = dict(item_bias=bias, global_mean=model.global_mean, seed=4, round=9, **spec.get("codec", {}))
+    kw = dict(item_bias=bias, global_mean=model.global_mean, seed=4, round=9, codec=spec.get("codec"))
     want = kernels.train_round(model.item_factors, data, clients, cfg.client, num_threads=2, **kw)
     got = partitioned(model.item_factors, data, clients, cfg.client, num_partitions, num_threads=1, **kw)
     assert_same_round(got, want)
@@ -103,7 +106,10 @@ def test_partitions_cover_the_users_once():
     assert bounds.tolist() == [0, 3, 6, 8, 10]
     routes = partitions.route([9, 0, 5, 4, 1], bounds)
     assert [(r.partition, r.positions.tolist(), r.local.tolist()) for r in routes] == [
-        (0, [1, 4], [0, 1]), (1, [2, 3], [2, 1]), (3, [0], [1])]
+        (0, [1, 4], [0, 1]),
+        (1, [2, 3], [2, 1]),
+        (3, [0], [1]),
+    ]
 
 
 def test_round_where_nobody_reports_gives_zero_delta(data):
@@ -122,9 +128,15 @@ def test_combine_rejects_pieces_that_do_not_fit(data):
     clients = np.arange(0, 300, 2)
     bounds = partitions.partition_bounds(data.num_clients, 2)
     routes = partitions.route(clients, bounds)
-    ups = [kernels.client_updates(V, partitions.partition_data(data, int(bounds[r.partition]),
-                                                               int(bounds[r.partition + 1])), r.local, cfg.client)
-           for r in routes]
+    ups = [
+        kernels.client_updates(
+            V,
+            partitions.partition_data(data, int(bounds[r.partition]), int(bounds[r.partition + 1])),
+            r.local,
+            cfg.client,
+        )
+        for r in routes
+    ]
     with pytest.raises(ValueError, match="pair one partition"):
         partitions.combine(routes, ups[:1], len(clients), *V.shape)
     with pytest.raises(ValueError, match="returned"):
@@ -165,7 +177,7 @@ def test_trainer_with_a_partitioned_executor_matches_local_training(data, name):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         ff.FedRecon(backend="spark")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(TypeError, match="backend"):
         ff.FedRecon(backend=object())
 
 
@@ -179,9 +191,9 @@ def ray_executor():
 
 @pytest.mark.parametrize("trainer", [ff.FedRecon, FedAvg])
 def test_ray_backend_matches_local_training_bit_for_bit(ray_executor, data, trainer):
-    cfg = (ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon
-           else fedavg_config(dim=16, client_lr=0.1)).replace(
-        rounds=3, clients_per_round=200, eval_every=3)
+    cfg = (
+        ff.preset("paper", dim=16, biases=True) if trainer is ff.FedRecon else fedavg_config(dim=16, client_lr=0.1)
+    ).replace(rounds=3, clients_per_round=200, eval_every=3)
     train, val = data.subset(np.arange(400)), data.subset(np.arange(400, 500))
     local = trainer(cfg).fit(train, val)
     remote = trainer(cfg, backend=ray_executor).fit(train, val)
@@ -194,8 +206,9 @@ def test_ray_executor_runs_a_dense_quantized_round_like_the_local_kernel(ray_exe
     cfg = ff.preset("paper", dim=16)
     V = ff.GlobalModel.initialize(data.item_ids, cfg).item_factors
     clients = np.arange(1, 500, 2)
-    want = kernels.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
-    got = ray_executor.train_round(V, data, clients, cfg.client, seed=1, round=3, bits=6, sparse=False)
+    codec = ff.UpdateCodec(bits=6, sparse=False)
+    want = kernels.train_round(V, data, clients, cfg.client, seed=1, round=3, codec=codec)
+    got = ray_executor.train_round(V, data, clients, cfg.client, seed=1, round=3, codec=codec)
     assert_same_round(got, want)
 
 
@@ -234,19 +247,24 @@ def test_closed_ray_executor_refuses_work(data):
 @pytest.mark.parametrize("num_clients", [3, 200])
 def test_reduce_updates_of_client_updates_is_the_fused_round(data, case, num_clients):
     spec = CASES[case]
-    codec = spec.get("codec", {})
+    codec = spec.get("codec", ff.UpdateCodec())
     cfg = ff.preset("paper", dim=12, biases=spec.get("biases", False))
     model = ff.GlobalModel.initialize(data.item_ids, cfg, global_mean=3.5)
     clients = np.random.default_rng(num_clients).choice(data.num_clients, num_clients, replace=False)
-    kw = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=6, round=2, **codec)
+    kw = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=6, round=2, codec=codec)
     want = kernels.train_round(model.item_factors, data, clients, cfg.client, **kw)
     ups = kernels.client_updates(model.item_factors, data, clients, cfg.client, **kw)
     # A dense update quantized with one scale carries its untouched rows' noise (ups.noise).
-    assert (ups.noise is not None) == (codec.get("bits") is not None and not codec.get("sparse", True)
-                                       and codec.get("scaling", "tensor") == "tensor")
-    delta, delta_bias, total = kernels.reduce_updates(ups.rows, ups.values, ups.offsets, ups.weights,
-                                                      num_items=data.num_items, bias_values=ups.bias_values,
-                                                      noise=ups.noise)
+    assert (ups.noise is not None) == (codec.bits > 0 and not codec.sparse and not codec.row_scaling)
+    delta, delta_bias, total = kernels.reduce_updates(
+        ups.rows,
+        ups.values,
+        ups.offsets,
+        ups.weights,
+        num_items=data.num_items,
+        bias_values=ups.bias_values,
+        noise=ups.noise,
+    )
     assert np.array_equal(_bits(delta), _bits(want.delta))
     assert (delta_bias is None) == (want.delta_bias is None)
     if delta_bias is not None:

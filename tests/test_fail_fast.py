@@ -26,8 +26,11 @@ def test_estimate_adds_up_the_big_arrays():
 
 def test_check_refuses_with_the_estimate_and_the_machine_memory():
     config = ff.preset("default", dim=4000)
-    with pytest.raises(MemoryEstimateError, match=r"needs about .* GB .*workers .*but this machine has 1\.0 GB "
-                                                 r"available: lower dim \(--dim\), use SGD reconstruction"):
+    with pytest.raises(
+        MemoryEstimateError,
+        match=r"needs about .* GB .*workers .*but this machine has 1\.0 GB "
+        r"available: lower dim \(--dim\), use SGD reconstruction",
+    ):
         check_training(100, config, available=10**9)
     assert check_training(100, config.replace(dim=8), available=10**9)["total"] < 10**9
     assert format_bytes(1234) == "1.2 kB" and format_bytes(5) == "5 B"

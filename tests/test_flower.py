@@ -20,9 +20,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr")
     from flwr.app import Array, Context, Error, Message, RecordDict
-    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
     from fedrecon_fast import flower as FL
+    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
 import fedrecon_fast as ff  # noqa: E402
 from fedrecon_fast.cli import main  # noqa: E402
@@ -54,12 +54,33 @@ def splits(data):
 def cli_runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("flower-cli")
     users, items, ratings = data.to_coo()
-    lines = (f"{data.user_ids[u]}\t{data.item_ids[i]}\t{int(r)}\t{t}\n"
-             for u, i, r, t in zip(users, items, ratings, data.timestamps))
+    lines = (
+        f"{data.user_ids[u]}\t{data.item_ids[i]}\t{int(r)}\t{t}\n"
+        for u, i, r, t in zip(users, items, ratings, data.timestamps)
+    )
     (root / "u.data").write_text("".join(lines))
-    args = ["train", "--data", str(root), "--rounds", "5", "--clients-per-round", "6", "--dim", "8",
-            "--eval-every", "2", "--quantize-bits", "8", "--quantize-threshold", "0", "--sparse-updates",
-            "--threads", "2", "--json", "--no-progress"]
+    args = [
+        "train",
+        "--data",
+        str(root),
+        "--rounds",
+        "5",
+        "--clients-per-round",
+        "6",
+        "--dim",
+        "8",
+        "--eval-every",
+        "2",
+        "--quantize-bits",
+        "8",
+        "--quantize-threshold",
+        "0",
+        "--sparse-updates",
+        "--threads",
+        "2",
+        "--json",
+        "--no-progress",
+    ]
     runs = {}
     for backend in ("local", "flower"):
         out = root / backend
@@ -69,6 +90,7 @@ def cli_runs(data, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_cli_flower_backend_matches_local(cli_runs, capsys):
     results = {b: json.loads((out / "metrics.json").read_text()) for b, out in cli_runs.items()}
     local, flower = results["local"]["result"], results["flower"]["result"]
@@ -76,8 +98,14 @@ def test_cli_flower_backend_matches_local(cli_runs, capsys):
     assert flower["train_users"] == 48 and flower["rounds"] == 5
     assert abs(flower["test_rmse"] - local["test_rmse"]) <= RMSE_TOLERANCE
     assert abs(flower["val_rmse"] - local["val_rmse"]) <= RMSE_TOLERANCE
-    for key in ("test_accuracy", "test_ratings", "test_user_rmse", "broadcasted_bits", "aggregated_bits",
-                "nonfinite_clients"):
+    for key in (
+        "test_accuracy",
+        "test_ratings",
+        "test_user_rmse",
+        "broadcasted_bits",
+        "aggregated_bits",
+        "nonfinite_clients",
+    ):
         assert flower[key] == local[key], key
     V = {b: ff.GlobalModel.load(out / "model").item_factors for b, out in cli_runs.items()}
     assert np.array_equal(V["flower"], V["local"])
@@ -97,7 +125,7 @@ def test_cli_flower_history_has_the_local_rows(cli_runs):
 def test_cli_flower_backend_without_flower_is_a_clean_error(monkeypatch, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "fedrecon_fast.flower", None)  # as if flwr were missing
+    monkeypatch.setitem(sys.modules, "fedrecon_fast.integrations.flower", None)  # as if flwr were missing
     code = main(["train", "--backend", "flower", "--rounds", "1", "--dim", "4", "--no-progress"])
     assert code == 2 and "flower" in capsys.readouterr().err
 
@@ -114,8 +142,16 @@ class FakeGrid(StubGrid):
         ids = [int(n) for n in rng.choice(2**40, num_nodes, replace=False) + 1]
         partitions = range(num_nodes) if partitions is None else partitions
         self.app, self.fail, self.corrupt = app, set(fail), set(corrupt)
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": p, "num-partitions": num_nodes},
-                                    state=RecordDict(), run_config={}) for n, p in zip(ids, partitions)}
+        self.contexts = {
+            n: Context(
+                run_id=1,
+                node_id=n,
+                node_config={"partition-id": p, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for n, p in zip(ids, partitions)
+        }
         self.sent = []
 
     def get_node_ids(self):
@@ -149,8 +185,10 @@ CONFIGS = {
     "fast-biases-exact": ("fast", {}),
     "dense-float32": ("fast", dict(sparse_updates=False)),
     "dense-4bit-tensor-biases": ("fast", dict(quantize_bits=4, quantize_threshold=0)),
-    "sparse-6bit-row-hadamard": ("paper", dict(quantize_bits=6, quantize_threshold=0, sparse_updates=True,
-                                               quantize_scaling="row", hadamard=True)),
+    "sparse-6bit-row-hadamard": (
+        "paper",
+        dict(quantize_bits=6, quantize_threshold=0, sparse_updates=True, quantize_scaling="row", hadamard=True),
+    ),
     "dp": ("paper", dict(dp_clip=0.5, dp_noise=0.3, weighting="uniform", sparse_updates=True)),
     "yogi": ("fast", dict(server_optimizer="yogi", server_lr=0.01)),
 }
@@ -174,8 +212,7 @@ def test_strategy_rounds_equal_fedrecon(splits, name):
     # Discovery asked every node once; each round went to the users FedRecon samples.
     assert sorted(p for t, p in grid.sent if t == "query") == list(range(train.num_clients))
     trained = [p for t, p in grid.sent if t == "train"]
-    assert trained == [int(u) for r in range(3)
-                       for u in ff.sample_clients(train.num_clients, 6, config.seed, r)]
+    assert trained == [int(u) for r in range(3) for u in ff.sample_clients(train.num_clients, 6, config.seed, r)]
 
 
 def test_nodes_holding_only_their_own_ratings_train_the_same_model(splits):

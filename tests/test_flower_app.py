@@ -21,12 +21,14 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("flwr", reason="the [flower] extra is not installed")
     from flwr.app import Context, Error, Message, RecordDict
-    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
     from fedrecon_fast import flower as FL
     from fedrecon_fast import flower_app as APP
+    from flower_grid import StubGrid, task_identity  # noqa: F401  (an autouse fixture)
 
 import fedrecon_fast as ff  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower"
 
@@ -38,8 +40,10 @@ class NodesGrid(StubGrid):
         rng = np.random.default_rng(num_nodes)
         ids = [int(n) for n in rng.choice(2**40, num_nodes, replace=False) + 1]
         node_configs = node_configs or [{"partition-id": p, "num-partitions": num_nodes} for p in range(num_nodes)]
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config=dict(run_config))
-                         for n, c in zip(ids, node_configs)}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config=dict(run_config))
+            for n, c in zip(ids, node_configs)
+        }
         self.sent = []
 
     def get_node_ids(self):
@@ -57,20 +61,32 @@ class NodesGrid(StubGrid):
         return replies[::-1]
 
 
-BASE = {"preset": "paper", "dim": 8, "rounds": 3, "clients-per-round": 12, "eval-every": 2, "seed": 4,
-        "synthetic-users": 160, "synthetic-items": 60}
+BASE = {
+    "preset": "paper",
+    "dim": 8,
+    "rounds": 3,
+    "clients-per-round": 12,
+    "eval-every": 2,
+    "seed": 4,
+    "synthetic-users": 160,
+    "synthetic-items": 60,
+}
 
 CONFIGS = {
     "paper": {},
     "fast-biases-exact": {"preset": "fast"},
-    "sparse-6bit-row": {"quantize-bits": 6, "quantize-threshold": 0, "sparse-updates": True,
-                        "quantize-scaling": "row"},
+    "sparse-6bit-row": {"quantize-bits": 6, "quantize-threshold": 0, "sparse-updates": True, "quantize-scaling": "row"},
     # Dense, one scale: each node sends its clients' untouched-row noise as three numbers each.
     "dense-8bit": {"quantize-bits": 8, "quantize-threshold": 0, "sparse-updates": False},
     "learned-default": {"preset": "fast", "learn-user-default": True},
     "adam": {"server-optimizer": "adam", "server-lr": 0.01},
-    "dp-adaptive-poisson": {"dp-clip": 0.5, "dp-noise": 0.4, "weighting": "uniform", "dp-target-quantile": 0.5,
-                            "sampling": "poisson"},
+    "dp-adaptive-poisson": {
+        "dp-clip": 0.5,
+        "dp-noise": 0.4,
+        "weighting": "uniform",
+        "dp-target-quantile": 0.5,
+        "sampling": "poisson",
+    },
 }
 
 
@@ -129,7 +145,9 @@ def test_example_app_is_a_valid_flower_app():
 
     config, _ = load_and_validate(EXAMPLE / "pyproject.toml")
     assert config["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedrecon_fast.flower_app:server_app", "clientapp": "fedrecon_fast.flower_app:client_app"}
+        "serverapp": "fedrecon_fast.integrations.flower_app:server_app",
+        "clientapp": "fedrecon_fast.integrations.flower_app:client_app",
+    }
     # Its options make a configuration.
     assert APP.run_config_to_config(config["tool"]["flwr"]["app"]["config"]).dim == 16
 
@@ -141,8 +159,15 @@ def test_example_app_is_a_valid_flower_app():
 def test_example_app_deployed_on_a_superlink_with_two_supernodes_equals_the_local_run(tmp_path):
     home = tmp_path / "flwr-home"
     out = tmp_path / "out"
-    overrides = {"rounds": 3, "clients-per-round": 10, "dim": 8, "synthetic-users": 120, "synthetic-items": 50,
-                 "eval-every": 0, "seed": 3}
+    overrides = {
+        "rounds": 3,
+        "clients-per-round": 10,
+        "dim": 8,
+        "synthetic-users": 120,
+        "synthetic-items": 50,
+        "eval-every": 0,
+        "seed": 3,
+    }
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**overrides, "output": str(out)}.items())
     with FL.local_superlink(home, simulation=False) as address, FL.local_supernodes(home, address, 2):
         start = time.monotonic()

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,9 @@ def _strace_works() -> str | None:
     """None when strace can trace here, else why not (the skip reason)."""
     if shutil.which("strace") is None:
         return "strace is not installed (apt-get install strace; .ci/run installs it where it can)"
-    probe = subprocess.run(["strace", "-qq", "-o", os.devnull, sys.executable, "-c", "pass"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["strace", "-qq", "-o", os.devnull, sys.executable, "-c", "pass"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return f"strace cannot trace in this environment: {probe.stderr.strip()[:200]}"
     return None
@@ -51,8 +51,13 @@ def start():
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MPLCONFIGDIR=str(tmp_path / "mpl"), MPLBACKEND="Agg",
-               OPENBLAS_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONDONTWRITEBYTECODE="1",
+        MPLCONFIGDIR=str(tmp_path / "mpl"),
+        MPLBACKEND="Agg",
+        OPENBLAS_NUM_THREADS="1",
+    )
     return env
 
 
@@ -60,9 +65,23 @@ def _calls_after_marker(script: str, args: list, env: dict) -> list[tuple[str, i
     """(syscall, its ordinal among the process's calls of that syscall) of every rename, unlink
     and rmdir the script makes after its start marker: the places to inject a kill."""
     log = Path(env["MPLCONFIGDIR"]).parent / "strace.log"
-    subprocess.run(["strace", "-qq", "-o", str(log), "-e", "trace=" + ",".join(_SYSCALLS),
-                    sys.executable, "-c", _PRELUDE + script, *map(str, args)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            str(log),
+            "-e",
+            "trace=" + ",".join(_SYSCALLS),
+            sys.executable,
+            "-c",
+            _PRELUDE + script,
+            *map(str, args),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     counts: dict[str, int] = {}
     calls, started = [], False
     for line in log.read_text().splitlines():
@@ -78,18 +97,33 @@ def _calls_after_marker(script: str, args: list, env: dict) -> list[tuple[str, i
 
 
 def _run(script: str, args: list, env: dict) -> None:
-    subprocess.run([sys.executable, "-c", _PRELUDE + script, *map(str, args)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-c", _PRELUDE + script, *map(str, args)], env=env, check=True, capture_output=True)
 
 
 def _killed_at(script: str, args: list, env: dict, call: tuple[str, int]) -> None:
     """Run the script, SIGKILLed on entry to the given call (before it takes effect)."""
     name, n = call
-    proc = subprocess.run(["strace", "-qq", "-o", os.devnull, "-e", f"inject={name}:signal=KILL:when={n}",
-                           sys.executable, "-c", _PRELUDE + script, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL or "Killed" in proc.stderr or proc.returncode == 137, \
+    proc = subprocess.run(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            os.devnull,
+            "-e",
+            f"inject={name}:signal=KILL:when={n}",
+            sys.executable,
+            "-c",
+            _PRELUDE + script,
+            *map(str, args),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL or "Killed" in proc.stderr or proc.returncode == 137, (
         f"not killed at {call}: {proc.returncode} {proc.stderr[-500:]}"
+    )
 
 
 _SAVE_MODEL = """
@@ -107,6 +141,7 @@ def _only(parent: Path, *names: str) -> None:
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_a_model_save_leaves_a_complete_model(tmp_path):
     # Was: a kill at the first rename left no model at all (the new one only in a hidden
     # temporary folder), and Ctrl-C at the wrong moment deleted both versions.
@@ -145,12 +180,17 @@ _write_atomically(Path(sys.argv[1]), write)
 def _ratings_file(tmp_path: Path) -> Path:
     path = tmp_path / "ratings.dat"
     rng = np.random.default_rng(0)
-    path.write_text("".join(f"{u}::{i}::{rng.integers(1, 6)}::{k}\n"
-                            for k, (u, i) in enumerate((u, i) for u in range(1, 31) for i in range(1, 9))))
+    path.write_text(
+        "".join(
+            f"{u}::{i}::{rng.integers(1, 6)}::{k}\n"
+            for k, (u, i) in enumerate((u, i) for u in range(1, 31) for i in range(1, 9))
+        )
+    )
     return path
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_out_leaves_one_complete_run(tmp_path):
     # Was: --out moved its files one at a time: a kill left a new PNG beside old metrics.
     env = _env(tmp_path)
@@ -187,6 +227,7 @@ trainer.fit(data, rounds=1, checkpoint_dir=sys.argv[1], checkpoint_every=1)
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_kill_at_any_rename_or_unlink_of_a_checkpoint_leaves_verifying_checkpoints(tmp_path):
     env = _env(tmp_path)
     data = ff.synthetic_ratings(num_users=30, num_items=8, min_ratings=3, mean_ratings=4, seed=3)
@@ -219,8 +260,9 @@ def test_recovery_finishes_a_swap_and_removes_dead_writers_temporaries(tmp_path)
 
     model = ff.GlobalModel.initialize(np.arange(4), ff.preset("paper", dim=2))
     path = model.save(tmp_path / "m")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     # As a writer killed between "m -> old" and "new -> m" leaves it, plus an unfinished write.
     os.rename(path, tmp_path / f".m.new-{dead}-0123abcd")
     (tmp_path / f".m.tmp-{dead}-89abcdef").mkdir()
@@ -254,21 +296,43 @@ def _run_with_file_size_limit(argv: list, limit: int) -> subprocess.CompletedPro
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run([sys.executable, "-m", "fedrecon_fast", *map(str, argv)], capture_output=True,
-                          text=True, timeout=300, preexec_fn=limit_writes,
-                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    return subprocess.run(
+        [sys.executable, "-m", "fedrecon_fast", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_writes,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+    )
 
 
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE (POSIX)")
 @pytest.mark.parametrize("option", ["--save", "--out", "--checkpoint-dir"])
+@pytest.mark.slow
 def test_a_write_that_fails_names_the_path_and_keeps_the_old_version(tmp_path, option):
     # Was: disk full and permission errors did not name the path.
     ratings = _ratings_file(tmp_path)
     target = tmp_path / "target"
-    base = ["train", "--data", ratings, "--rounds", "2", "--clients-per-round", "3", "--dim", "64",
-            "--no-progress", "--threads", "1"]
-    first = subprocess.run([sys.executable, "-m", "fedrecon_fast", *map(str, base), option, target],
-                           capture_output=True, text=True, timeout=300)
+    base = [
+        "train",
+        "--data",
+        ratings,
+        "--rounds",
+        "2",
+        "--clients-per-round",
+        "3",
+        "--dim",
+        "64",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    first = subprocess.run(
+        [sys.executable, "-m", "fedrecon_fast", *map(str, base), option, target],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     snapshot = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file() and p.name != ".lock"}
     again = ["--resume", "--rounds", "3"] if option == "--checkpoint-dir" else []
@@ -276,8 +340,9 @@ def test_a_write_that_fails_names_the_path_and_keeps_the_old_version(tmp_path, o
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(target) in lines[0] and "File too large" in lines[0], proc.stderr
-    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*")
-            if p.is_file() and p.name != ".lock"} == snapshot
+    assert {
+        p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file() and p.name != ".lock"
+    } == snapshot
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.dat", "target"]
 
 

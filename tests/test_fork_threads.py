@@ -17,6 +17,8 @@ import pytest
 import fedrecon_fast as ff
 from fedrecon_fast import kernels
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -66,7 +68,7 @@ def test_200_forks_while_kernels_run_in_other_threads_never_hang(data):
     # Two models of different sizes: each call re-sizes the leased workers' item tables while it
     # holds the lease mutex, so the parent's threads hold it much of the time.
     wide = np.zeros((1_000_000, V.shape[1]), np.float32)
-    wide[:len(V)] = V
+    wide[: len(V)] = V
 
     def busy(model):
         while not stop.is_set():

@@ -29,8 +29,10 @@ CONFIGS = {
     "fast-biases-exact": ("fast", {}),
     "sparse-8bit": ("paper", dict(quantize_bits=8, quantize_threshold=0, sparse_updates=True)),
     "dense-4bit-tensor": ("paper", dict(quantize_bits=4, quantize_threshold=0)),
-    "dense-3bit-row-hadamard-biases": ("fast", dict(quantize_bits=3, quantize_threshold=0,
-                                                    quantize_scaling="row", hadamard=True)),
+    "dense-3bit-row-hadamard-biases": (
+        "fast",
+        dict(quantize_bits=3, quantize_threshold=0, quantize_scaling="row", hadamard=True),
+    ),
     "dp": ("paper", dict(dp_clip=0.5, dp_noise=0.3, weighting="uniform")),
     "adam": ("fast", dict(server_optimizer="adam", server_lr=0.01)),
 }
@@ -85,7 +87,7 @@ def test_client_result_contents(train):
     u = r.update
     assert r.weight == r.metrics["num_examples"] > 0 and r.metrics["status"] == 0
     assert len(u) == r.metrics["rows"] and u.values.shape == (len(u), 8) and u.bias_values is None
-    assert len(np.unique(u.rows)) == len(u) and np.isin(u.rows, train.items[train.indptr[3]:train.indptr[4]]).all()
+    assert len(np.unique(u.rows)) == len(u) and np.isin(u.rows, train.items[train.indptr[3] : train.indptr[4]]).all()
     rows, values = ff.compression.decode_sparse(u.encoded)
     assert np.array_equal(rows, u.rows) and np.array_equal(values, u.values)
     assert r.metrics["bytes"] == len(u.encoded)
@@ -129,9 +131,12 @@ def test_client_evaluate_equals_recon_eval(train):
     config = ff.preset("fast", dim=8)
     model = ff.GlobalModel.initialize(train.item_ids, config, global_mean=3.5)
     users = [F.client_evaluate(model, train, config, client=k) for k in range(train.num_clients)]
-    pooled = ff.evaluation.summarize([u["sq_err_sum"] for u in users], [u["num_examples"] for u in users],
-                                     [u["num_correct"] for u in users],
-                                     abs_err_sum=[u["abs_err_sum"] for u in users])
+    pooled = ff.evaluation.summarize(
+        [u["sq_err_sum"] for u in users],
+        [u["num_examples"] for u in users],
+        [u["num_correct"] for u in users],
+        abs_err_sum=[u["abs_err_sum"] for u in users],
+    )
     expected = ff.recon_eval(model, train, config=config.evaluation, seed=config.seed, k=None)
     assert pooled == expected
     assert users[3]["rmse"] == ff.recon_eval(model, train, [3], config.evaluation, seed=config.seed)["rmse"]
@@ -187,8 +192,9 @@ def test_bad_inputs_are_named(train):
         F.server_step(state, good)
     with pytest.raises(TypeError, match=r"results\[1\] must be a ClientResult"):
         F.server_step(state, [good, good.update])
-    narrow = F.client_step(ff.GlobalModel.initialize(train.item_ids, config.replace(dim=4)), train,
-                           config.replace(dim=4), client=0)
+    narrow = F.client_step(
+        ff.GlobalModel.initialize(train.item_ids, config.replace(dim=4)), train, config.replace(dim=4), client=0
+    )
     with pytest.raises(ValueError, match=r"results\[0\] does not fit the model"):
         F.server_step(state, [narrow])
     unbiased = F.client_step({"item_factors": model.item_factors}, train, config, client=0)

@@ -7,6 +7,7 @@ import pytest
 
 import fedrecon_fast as ff
 from fedrecon_fast import baselines, kernels
+from fedrecon_fast._native import kernels as native_kernels
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,12 @@ def sgd_reference(V, delta, lr):
     return out
 
 
-CODECS = [dict(), dict(bits=8, sparse=True), dict(bits=4, sparse=True, scaling="row"),
-          dict(bits=6, sparse=False)]  # the last: every row gets quantization noise
+CODECS = [
+    ff.UpdateCodec(),
+    ff.UpdateCodec(bits=8, sparse=True),
+    ff.UpdateCodec(bits=4, sparse=True, row_scaling=True),
+    ff.UpdateCodec(bits=6, sparse=False),
+]  # the last: every row gets quantization noise
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=["plain", "q8-sparse", "q4-row", "q6-dense"])
@@ -40,7 +45,7 @@ def test_in_place_step_equals_sgd_on_the_delta(problem, codec, lr, threads, bias
     data, V0, b0 = problem
     clients = ff.sample_clients(data.num_clients, 40, seed=5, round=2)
     cfg = ff.ClientConfig(batch_size=5, recon_steps_max=20, update_steps_max=20, client_lr=0.3)
-    common = dict(seed=5, round=2, num_threads=threads, global_mean=3.5, **codec)
+    common = dict(seed=5, round=2, num_threads=threads, global_mean=3.5, codec=codec)
     dense = ff.train_round(V0, data, clients, cfg, item_bias=b0 if bias else None, **common)
     V, b = V0.copy(), b0.copy()
     res = ff.train_round(V, data, clients, cfg, item_bias=b if bias else None, apply_lr=lr, **common)
@@ -56,7 +61,7 @@ def test_in_place_step_equals_sgd_on_the_delta(problem, codec, lr, threads, bias
         assert np.array_equal(res.client_stats[key], col), key
     # Rows nobody touched are never written (bit for bit, so -0.0 stays -0.0).
     untouched = ~np.any(dense.delta != 0, axis=1)
-    if not codec.get("bits") or codec.get("sparse", True):
+    if not codec.bits or codec.sparse:
         assert untouched.any()
     assert V[untouched].tobytes() == V0[untouched].tobytes()
 
@@ -105,7 +110,7 @@ def test_apply_lr_needs_the_models_own_writeable_float32_arrays(problem):
         ff.train_round(frozen, data, [0], apply_lr=1.0)
     with pytest.raises(TypeError, match="item_bias"):
         ff.train_round(V0.copy(), data, [0], item_bias=b0.astype(np.float64), apply_lr=1.0)
-    assert kernels._in_place_args(None, V0, None) == {}
+    assert native_kernels._in_place_args(None, V0, None) == {}
 
 
 def _fit(train, in_place, trainer_class=ff.FedRecon, **kw):
@@ -134,10 +139,18 @@ def _without_timing(history):
     return [{k: v for k, v in row.items() if not any(t in k for t in TIMING)} for row in history]
 
 
-@pytest.mark.parametrize(("trainer_class", "kw"), [
-    (ff.FedRecon, dict()), (ff.FedRecon, dict(server_lr=0.6)), (ff.FedRecon, dict(biases=True)),
-    (ff.FedRecon, dict(num_threads=2)), (ff.FedRecon, dict(quantize_bits=4, quantize_threshold=0)),
-    (baselines.FedAvg, dict(biases=True))], ids=["paper", "lr0.6", "bias", "2threads", "q4-dense", "fedavg"])
+@pytest.mark.parametrize(
+    ("trainer_class", "kw"),
+    [
+        (ff.FedRecon, dict()),
+        (ff.FedRecon, dict(server_lr=0.6)),
+        (ff.FedRecon, dict(biases=True)),
+        (ff.FedRecon, dict(num_threads=2)),
+        (ff.FedRecon, dict(quantize_bits=4, quantize_threshold=0)),
+        (baselines.FedAvg, dict(biases=True)),
+    ],
+    ids=["paper", "lr0.6", "bias", "2threads", "q4-dense", "fedavg"],
+)
 def test_fit_with_the_in_place_step_is_bit_identical(problem, trainer_class, kw):
     data, _, _ = problem
     a, calls_a = _fit(data, True, trainer_class, **kw)
@@ -147,17 +160,16 @@ def test_fit_with_the_in_place_step_is_bit_identical(problem, trainer_class, kw)
     if a.model.item_bias is not None:
         assert a.model.item_bias.tobytes() == b.model.item_bias.tobytes()
     assert _without_timing(a.history) == _without_timing(b.history)
-    assert set(a._opt_state) == set(b._opt_state)
-    for key in a._opt_state:
-        assert np.array_equal(a._opt_state[key], b._opt_state[key]), key
+    assert set(a.state.optimizer_state) == set(b.state.optimizer_state)
+    for key in a.state.optimizer_state:
+        assert np.array_equal(a.state.optimizer_state[key], b.state.optimizer_state[key]), key
     if trainer_class is baselines.FedAvg:
         assert a.users.tobytes() == b.users.tobytes()
 
 
 def test_fit_keeps_the_dense_step_where_the_kernel_cannot_take_it(problem):
     data, _, _ = problem
-    for kw in (dict(server_optimizer="adam", server_lr=0.01),
-               dict(dp_clip=1.0, dp_noise=0.0, weighting="uniform")):
+    for kw in (dict(server_optimizer="adam", server_lr=0.01), dict(dp_clip=1.0, dp_noise=0.0, weighting="uniform")):
         _, calls = _fit(data, True, **kw)
         assert calls and not any(calls), kw
 
@@ -175,8 +187,7 @@ def test_in_place_divergence_is_the_same_clear_error(problem):
     data, _, _ = problem
     messages = []
     for in_place in (True, False):
-        trainer = ff.FedRecon(ff.preset("paper", rounds=3, clients_per_round=30, dim=8,
-                                        client_lr=3.0, server_lr=3e38))
+        trainer = ff.FedRecon(ff.preset("paper", rounds=3, clients_per_round=30, dim=8, client_lr=3.0, server_lr=3e38))
         trainer.in_place_step = in_place
         with pytest.raises(FloatingPointError) as err:
             with np.errstate(over="ignore"):

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
-from conftest import csr, random_client_data
 from numpy.testing import assert_allclose, assert_array_equal
-from test_kernels import RTOL, ATOL, SHAPES, make_problem
 
 import fedrecon_fast as ff
+import reference as ref
+from conftest import csr, random_client_data
+from fedrecon_fast._native.structs import client_config
 from fedrecon_fast.config import ClientConfig
 from fedrecon_fast.evaluation import summarize_ranking
 from fedrecon_fast.kernels import evaluate_users, infer_users, recommend_users
+from test_kernels import ATOL, RTOL, SHAPES, make_problem
 
 # Same layout as test_kernels.CASES: (ClientConfig overrides, with biases?, global mean).
 # Inference ignores the split (every rating reconstructs), so the split cases must agree with
@@ -51,8 +52,11 @@ def assert_top_k_match(items, scores, expected_items, expected_scores):
         for r in range(items.shape[1]):
             if items[row, r] < 0:
                 continue
-            close = [abs(s[q] - s[r]) <= ATOL + RTOL * abs(s[r])
-                     for q in (r - 1, r + 1) if 0 <= q < len(s) and not np.isnan(s[q])]
+            close = [
+                abs(s[q] - s[r]) <= ATOL + RTOL * abs(s[r])
+                for q in (r - 1, r + 1)
+                if 0 <= q < len(s) and not np.isnan(s[q])
+            ]
             if not any(close):
                 assert items[row, r] == expected_items[row, r], (row, r)
 
@@ -85,13 +89,14 @@ def test_recommend_users_matches_reference(case, num_items, dim, batch_size, num
     V, data, clients, config, kwargs = problem(case, num_items, dim, batch_size, seed=3)
     # k = 1, a middle value, and more than there are items (padding).
     for k in sorted({1, max(1, num_items // 3), num_items + 2}):
-        items, scores = recommend_users(V, data, clients, config, k=k, exclude_seen=exclude_seen,
-                                        num_threads=num_threads, **kwargs)
+        items, scores = recommend_users(
+            V, data, clients, config, k=k, exclude_seen=exclude_seen, num_threads=num_threads, **kwargs
+        )
         expected = ref.recommend_users(V, data, clients, config, k=k, exclude_seen=exclude_seen, **kwargs)
         assert_top_k_match(items, scores, *expected)
         # Never a rated item when excluded; scores non-increasing along a row.
         for i, c in enumerate(clients):
-            seen = set(data.items[data.indptr[c]:data.indptr[c + 1]].tolist())
+            seen = set(data.items[data.indptr[c] : data.indptr[c + 1]].tolist())
             got = [x for x in items[i].tolist() if x >= 0]
             if exclude_seen:
                 assert not seen & set(got)
@@ -103,14 +108,19 @@ def test_recommend_users_matches_reference(case, num_items, dim, batch_size, num
 
 
 @pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("config", [ClientConfig(reshuffle=True), ClientConfig(recon="exact", ridge=2.0)],
-                         ids=["sgd-reshuffle", "exact"])
+@pytest.mark.parametrize(
+    "config", [ClientConfig(reshuffle=True), ClientConfig(recon="exact", ridge=2.0)], ids=["sgd-reshuffle", "exact"]
+)
 def test_inference_is_bit_identical_for_any_thread_count_and_position(config, biases):
     rng = np.random.default_rng(11)
     data = random_client_data(rng, 300, rng.integers(0, 60, size=200))
     V = rng.normal(0.0, 0.3, size=(300, 12)).astype(np.float32)
-    kw = dict(item_bias=rng.normal(0.0, 0.2, size=300).astype(np.float32) if biases else None,
-              global_mean=3.0, seed=5, round=2)
+    kw = dict(
+        item_bias=rng.normal(0.0, 0.2, size=300).astype(np.float32) if biases else None,
+        global_mean=3.0,
+        seed=5,
+        round=2,
+    )
     clients = rng.permutation(200)
     users = [infer_users(V, data, clients, config, num_threads=t, **kw) for t in (1, 2, 3)]
     recs = [recommend_users(V, data, clients, config, k=15, num_threads=t, **kw) for t in (1, 2, 3)]
@@ -193,8 +203,7 @@ def test_ranking_metrics_match_reference(case, num_items, dim, batch_size, num_t
         config = ClientConfig(batch_size=batch_size, split="random", support_fraction=0.3)
     thr = None if threshold == "none" else kwargs["global_mean"] + 0.2
     for k in sorted({1, 3, num_items + 1}):
-        out = evaluate_users(V, data, clients, config, num_threads=num_threads, k=k,
-                             relevance_threshold=thr, **kwargs)
+        out = evaluate_users(V, data, clients, config, num_threads=num_threads, k=k, relevance_threshold=thr, **kwargs)
         expected = ref.evaluate_users(V, data, clients, config, k=k, relevance_threshold=thr, **kwargs)
         assert_array_equal(out["num_relevant"], expected["num_relevant"])
         assert_array_equal(out["hits"], expected["hits"])
@@ -219,8 +228,12 @@ def test_ranking_metrics_are_bit_identical_for_any_thread_count():
     rng = np.random.default_rng(8)
     data = random_client_data(rng, 200, rng.integers(0, 50, size=150))
     V = rng.normal(0.0, 0.5, size=(200, 8)).astype(np.float32)
-    outs = [evaluate_users(V, data, None, ClientConfig(split="random"), k=10, relevance_threshold=3.0,
-                           num_threads=t, global_mean=3.0) for t in (1, 2, 3)]
+    outs = [
+        evaluate_users(
+            V, data, None, ClientConfig(split="random"), k=10, relevance_threshold=3.0, num_threads=t, global_mean=3.0
+        )
+        for t in (1, 2, 3)
+    ]
     for o in outs[1:]:
         for name, column in outs[0].items():
             assert_array_equal(o[name], column, err_msg=name)
@@ -274,10 +287,10 @@ def test_recon_eval_and_fedrecon_evaluate_report_ranking_metrics():
     assert five["rmse"] == m["rmse"]
     plain = ff.recon_eval(trainer.model, test, k=None)
     assert not any(k.startswith(("recall", "ndcg", "ranking")) for k in plain)
-    stats = evaluate_users(trainer.model.item_factors, test, None, trainer.config.evaluation, k=10,
-                           round=2**64 - 1)
-    assert m["recall_at_10"] == summarize_ranking(stats["hits"], stats["num_relevant"], stats["ndcg"],
-                                                  10)["recall_at_10"]
+    stats = evaluate_users(trainer.model.item_factors, test, None, trainer.config.evaluation, k=10, round=2**64 - 1)
+    assert (
+        m["recall_at_10"] == summarize_ranking(stats["hits"], stats["num_relevant"], stats["ndcg"], 10)["recall_at_10"]
+    )
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -311,8 +324,19 @@ def test_native_functions_reject_bad_k_and_items():
     from fedrecon_fast._native import core as _core
 
     V = np.ones((4, 2), np.float32)
-    args = (V, None, 0.0, np.array([0, 2], np.int64), np.array([0, 4], np.int32),
-            np.ones(2, np.float32), np.array([0], np.int64), ClientConfig().to_native(), 0, 0, 1)
+    args = (
+        V,
+        None,
+        0.0,
+        np.array([0, 2], np.int64),
+        np.array([0, 4], np.int32),
+        np.ones(2, np.float32),
+        np.array([0], np.int64),
+        client_config(ClientConfig()),
+        0,
+        0,
+        1,
+    )
     with pytest.raises(ValueError, match="k must be"):
         _core.recommend_users(*args[:6], np.array([0], np.int64), args[7], 0, 0, 1, k=0)
     with pytest.raises(ValueError, match="k must be"):

@@ -16,8 +16,7 @@ from fedrecon_fast.inference import INFERENCE_ROUND
 def _trained(biases: bool, rounds: int = 40):
     data = ff.synthetic_ratings(num_users=400, num_items=300, seed=3).prepare(shuffle_seed=3)
     train, val, test = (data.subset(i) for i in ff.split_users(data.num_clients, seed=3))
-    config = ff.preset("paper", dim=8, rounds=rounds, clients_per_round=40, biases=biases, seed=3,
-                       num_threads=2)
+    config = ff.preset("paper", dim=8, rounds=rounds, clients_per_round=40, biases=biases, seed=3, num_threads=2)
     model = ff.FedRecon(config).fit(train).model
     # Original ids that are not 0..I-1 and not sorted by row, to catch any index mix-up.
     rng = np.random.default_rng(0)
@@ -41,8 +40,16 @@ def test_recommend_returns_original_ids_of_the_native_top_k(trained):
     model, test = trained
     items, scores = model.recommend(test, k=7)
     rows, expected_scores = ff.recommend_users(
-        model.item_factors, test, None, model.config.evaluation, k=7, item_bias=model.item_bias,
-        global_mean=model.global_mean, seed=model.config.seed, round=INFERENCE_ROUND)
+        model.item_factors,
+        test,
+        None,
+        model.config.evaluation,
+        k=7,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=model.config.seed,
+        round=INFERENCE_ROUND,
+    )
     assert items.shape == scores.shape == (test.num_clients, 7)
     assert items.dtype == np.int64 and scores.dtype == np.float32
     assert_array_equal(items, np.where(rows >= 0, model.item_ids[rows], -1))
@@ -97,8 +104,14 @@ def test_a_client_data_with_its_own_item_mapping_is_remapped(trained):
     ids = test.item_ids[item_index]
     fresh = ff.ClientData.from_coo(user, ids, ratings)
     assert not np.array_equal(fresh.item_ids, model.item_ids)
-    aligned = ff.ClientData(fresh.indptr, ff.inference.item_rows(model, fresh.item_ids)[fresh.items],
-                            fresh.ratings, None, fresh.user_ids, model.item_ids)
+    aligned = ff.ClientData(
+        fresh.indptr,
+        ff.inference.item_rows(model, fresh.item_ids)[fresh.items],
+        fresh.ratings,
+        None,
+        fresh.user_ids,
+        model.item_ids,
+    )
     a = model.recommend(fresh, k=5)
     b = model.recommend(aligned, k=5)
     assert_array_equal(a[0], b[0])
@@ -163,7 +176,7 @@ def test_include_seen_and_padding(trained):
     assert np.isfinite(scores[:unseen]).all()
     everything, _ = model.recommend(ids, ratings, k=k, exclude_seen=False)
     assert sorted(everything[: model.num_items].tolist()) == sorted(model.item_ids.tolist())
-    assert np.all(everything[model.num_items:] == -1)
+    assert np.all(everything[model.num_items :] == -1)
 
 
 def test_defaults_are_the_models_evaluation_config_and_seed(trained):
@@ -180,8 +193,9 @@ def test_defaults_are_the_models_evaluation_config_and_seed(trained):
     assert_array_equal(a, b)
     # A model without a config reconstructs with the defaults and seed 0.
     bare = ff.GlobalModel(model.item_factors, model.item_bias, model.global_mean, model.item_ids)
-    assert_array_equal(bare.reconstruct(ids, ratings)[0],
-                       model.reconstruct(ids, ratings, config=ff.ClientConfig(), seed=0)[0])
+    assert_array_equal(
+        bare.reconstruct(ids, ratings)[0], model.reconstruct(ids, ratings, config=ff.ClientConfig(), seed=0)[0]
+    )
 
 
 def test_bad_inputs_name_the_argument(trained):
@@ -203,7 +217,11 @@ def test_bad_inputs_name_the_argument(trained):
         (lambda: model.recommend(ids, ratings, config="paper"), TypeError, "config"),
         (lambda: model.recommend(ids, ratings, seed=-2), ValueError, "seed"),
         (lambda: model.recommend(ids, ratings, num_threads=-1), ValueError, "num_threads"),
-        (lambda: model.recommend(pd.DataFrame({"person": [1], "item_id": [1], "rating": [1.0]})), ValueError, "user_id"),
+        (
+            lambda: model.recommend(pd.DataFrame({"person": [1], "item_id": [1], "rating": [1.0]})),
+            ValueError,
+            "user_id",
+        ),
         (lambda: model.predict(u[:-1], ids, b), ValueError, "users"),
         (lambda: model.predict(u, ids.reshape(1, -1), b), ValueError, "items"),
         (lambda: model.predict(np.stack([u, u]), np.stack([ids, ids, ids]), b), ValueError, "items"),
@@ -242,8 +260,14 @@ def test_recommendations_rank_held_out_liked_items_above_chance():
     rng = np.random.default_rng(5)
     user, items, ratings = test.to_coo()
     hidden = rng.random(len(items)) < 1 / 3
-    shown = ff.ClientData(np.concatenate([[0], np.cumsum(np.bincount(user[~hidden], minlength=test.num_clients))]),
-                          items[~hidden], ratings[~hidden], None, test.user_ids, test.item_ids)
+    shown = ff.ClientData(
+        np.concatenate([[0], np.cumsum(np.bincount(user[~hidden], minlength=test.num_clients))]),
+        items[~hidden],
+        ratings[~hidden],
+        None,
+        test.user_ids,
+        test.item_ids,
+    )
     liked = hidden & (ratings >= 4)
 
     def hits(model):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
-from conftest import csr, random_client_data
 from numpy.testing import assert_allclose, assert_array_equal
 
+import reference as ref
+from conftest import csr, random_client_data
 from fedrecon_fast.config import ClientConfig
 from fedrecon_fast.kernels import (
     client_updates,
@@ -44,8 +44,11 @@ CASES = {
     "exact-random": ({"recon": "exact", "split": "random", "support_fraction": 0.6}, True, 2.5),
     "sgd-bias": ({"recon_lr": 0.2, "client_lr": 0.2}, True, 3.0),
     "zeros-init": ({"init": "zeros", "recon_epochs": 2}, False, 0.0),
-    "epochs-and-caps": ({"recon_epochs": 5, "recon_steps_max": 7, "update_epochs": 3,
-                         "update_steps_max": 4, "init_scale": 0.3}, False, 0.0),
+    "epochs-and-caps": (
+        {"recon_epochs": 5, "recon_steps_max": 7, "update_epochs": 3, "update_steps_max": 4, "init_scale": 0.3},
+        False,
+        0.0,
+    ),
     "update-cap-1": ({"update_steps_max": 1, "update_epochs": 2}, True, 3.0),
     "many-epochs": ({"recon_epochs": 4, "update_epochs": 4, "recon_lr": 0.05, "client_lr": 0.05}, True, 3.0),
     "l2": ({"recon_l2": 0.1, "update_l2": 0.05, "update_epochs": 2}, False, 0.0),
@@ -103,8 +106,14 @@ def assert_stats_match(native: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [(0, 0, 0, 0), (1, 2, 3, 4), (42, 7, 123456, 1), (2**64 - 1, 2**63, 2**32 + 5, 3),
-     (-1, 0, -7, 2), (2**70 + 9, 5, 0, 0)],
+    [
+        (0, 0, 0, 0),
+        (1, 2, 3, 4),
+        (42, 7, 123456, 1),
+        (2**64 - 1, 2**63, 2**32 + 5, 3),
+        (-1, 0, -7, 2),
+        (2**70 + 9, 5, 0, 0),
+    ],
 )
 def test_derive_seed_matches_reference(args):
     assert derive_seed(*args) == ref.derive_seed(*args)
@@ -172,7 +181,7 @@ def test_train_round_matches_reference(case, num_items, dim, batch_size, num_thr
     # Untouched rows are exactly zero.
     untouched = np.ones(num_items, dtype=bool)
     for c in clients:
-        untouched[data.items[data.indptr[c]:data.indptr[c + 1]]] = False
+        untouched[data.items[data.indptr[c] : data.indptr[c + 1]]] = False
     assert not out.delta[untouched].any()
 
 
@@ -249,8 +258,11 @@ def _big_problem():
 
 @pytest.mark.parametrize(
     "config",
-    [ClientConfig(), ClientConfig(split="random", reshuffle=True, joint=True, update_l2=0.01),
-     ClientConfig(recon="exact", update_epochs=2, update_steps_max=5)],
+    [
+        ClientConfig(),
+        ClientConfig(split="random", reshuffle=True, joint=True, update_l2=0.01),
+        ClientConfig(recon="exact", update_epochs=2, update_steps_max=5),
+    ],
     ids=["default", "random-joint", "exact"],
 )
 def test_bit_identical_for_any_thread_count(config):
@@ -401,15 +413,24 @@ def test_one_step_by_hand():
 STATEFUL_CASES = {
     "fedavg": ({"recon_epochs": 0, "split": "reuse", "joint": True}, False, 0.0),
     "fedavg-bias": ({"recon_epochs": 0, "split": "reuse", "joint": True, "client_lr": 0.2}, True, 3.0),
-    "fedavg-l2-bias-epochs": ({"recon_epochs": 0, "split": "reuse", "joint": True, "reshuffle": True,
-                               "update_l2": 0.05, "update_epochs": 2}, True, 3.0),
-    "fedavg-capped": ({"recon_epochs": 0, "split": "reuse", "joint": True, "update_epochs": 3,
-                       "update_steps_max": 4}, False, 2.0),
+    "fedavg-l2-bias-epochs": (
+        {"recon_epochs": 0, "split": "reuse", "joint": True, "reshuffle": True, "update_l2": 0.05, "update_epochs": 2},
+        True,
+        3.0,
+    ),
+    "fedavg-capped": (
+        {"recon_epochs": 0, "split": "reuse", "joint": True, "update_epochs": 3, "update_steps_max": 4},
+        False,
+        2.0,
+    ),
     # FedRecon from the stored u: SGD reconstruction starts at the stored row.
     "fedrecon-stored": ({}, False, 0.0),
     "fedrecon-stored-bias": ({"recon_epochs": 2, "recon_lr": 0.2}, True, 3.0),
-    "fedrecon-stored-joint-random": ({"split": "random", "joint": True, "recon_l2": 0.02,
-                                      "update_l2": 0.02}, True, 3.0),
+    "fedrecon-stored-joint-random": (
+        {"split": "random", "joint": True, "recon_l2": 0.02, "update_l2": 0.02},
+        True,
+        3.0,
+    ),
     # Exact reconstruction ignores the stored u.
     "exact-stored-joint": ({"recon": "exact", "ridge": 0.5, "joint": True}, True, 3.0),
 }
@@ -418,8 +439,7 @@ STATEFUL_CASES = {
 def make_stateful_problem(case: str, num_items: int, dim: int, batch_size: int, seed: int = 0):
     """:func:`make_problem` for STATEFUL_CASES, plus stored ``users`` (one row per sampled
     position; the client that is sampled twice gets two different rows) and ``user_bias``."""
-    V, data, clients, config, kwargs = make_problem(case, num_items, dim, batch_size, seed,
-                                                    cases=STATEFUL_CASES)
+    V, data, clients, config, kwargs = make_problem(case, num_items, dim, batch_size, seed, cases=STATEFUL_CASES)
     rng = np.random.default_rng([seed, dim, 99])
     kwargs["users"] = rng.normal(0.0, 0.3, size=(len(clients), dim)).astype(np.float32)
     if kwargs["item_bias"] is not None:
@@ -511,17 +531,25 @@ def test_stored_users_are_read_by_position(case):
 @pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize(
     "config",
-    [ClientConfig(recon_epochs=0, split="reuse", joint=True, batch_size=4),
-     ClientConfig(recon_epochs=0, split="reuse", joint=True, update_l2=0.01, reshuffle=True, update_epochs=2),
-     ClientConfig(split="random", recon_epochs=2)],
+    [
+        ClientConfig(recon_epochs=0, split="reuse", joint=True, batch_size=4),
+        ClientConfig(recon_epochs=0, split="reuse", joint=True, update_l2=0.01, reshuffle=True, update_epochs=2),
+        ClientConfig(split="random", recon_epochs=2),
+    ],
     ids=["fedavg", "fedavg-l2-reshuffle", "fedrecon-stored"],
 )
 def test_stateful_bit_identical_for_any_thread_count(config, biases):
     V, data, clients, item_bias = _big_problem()
     rng = np.random.default_rng(5)
     users = rng.normal(0.0, 0.1, size=(len(clients), V.shape[1])).astype(np.float32)
-    kw = dict(item_bias=item_bias if biases else None, global_mean=3.0, seed=5, round=2, users=users,
-              user_bias=rng.normal(0.0, 0.1, size=len(clients)).astype(np.float32) if biases else None)
+    kw = dict(
+        item_bias=item_bias if biases else None,
+        global_mean=3.0,
+        seed=5,
+        round=2,
+        users=users,
+        user_bias=rng.normal(0.0, 0.1, size=len(clients)).astype(np.float32) if biases else None,
+    )
     rounds = [train_round(V, data, clients, config, num_threads=t, **kw) for t in (1, 2, 4)]
     updates = [client_updates(V, data, clients, config, num_threads=t, **kw) for t in (1, 2, 4)]
 
@@ -606,8 +634,11 @@ def test_diverging_client_returns_its_stored_user(biases):
     users = rng.normal(0.0, 0.5, size=(3, 4)).astype(np.float32)
     kw = dict(seed=1, users=users)
     if biases:
-        kw.update(item_bias=rng.normal(0.0, 0.1, size=6).astype(np.float32), global_mean=3.0,
-                  user_bias=np.array([0.25, -0.5, 0.125], dtype=np.float32))
+        kw.update(
+            item_bias=rng.normal(0.0, 0.1, size=6).astype(np.float32),
+            global_mean=3.0,
+            user_bias=np.array([0.25, -0.5, 0.125], dtype=np.float32),
+        )
     config = ClientConfig(batch_size=1, client_lr=1e30, joint=True)
 
     out = train_round(V, data, None, config, num_threads=2, **kw)
@@ -638,8 +669,10 @@ DEFAULT_CASES = ["default", "sgd-bias", "exact", "exact-bias", "random-0.0", "jo
 def test_learned_user_default_matches_reference(case, num_threads):
     V, data, clients, config, kwargs = make_problem(case, 40, 6, 3, seed=21)
     rng = np.random.default_rng(21)
-    kwargs.update(user_default=rng.normal(0.0, 0.3, 6).astype(np.float32),
-                  user_bias_default=float(rng.normal(0.0, 0.2)) if kwargs["item_bias"] is not None else 0.0)
+    kwargs.update(
+        user_default=rng.normal(0.0, 0.3, 6).astype(np.float32),
+        user_bias_default=float(rng.normal(0.0, 0.2)) if kwargs["item_bias"] is not None else 0.0,
+    )
 
     out = train_round(V, data, clients, config, num_threads=num_threads, **kwargs)
     delta, delta_bias, stats, _ = ref.train_round(V, data, clients, config, **kwargs)
@@ -660,8 +693,9 @@ def test_learned_user_default_matches_reference(case, num_threads):
     assert_allclose(ev["sq_err_sum"], expected["sq_err_sum"], rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
     # The default changes the result (it is really used) ...
-    plain = reconstruct_users(V, data, clients, config, num_threads=num_threads,
-                              **{k: v for k, v in kwargs.items() if "default" not in k})
+    plain = reconstruct_users(
+        V, data, clients, config, num_threads=num_threads, **{k: v for k, v in kwargs.items() if "default" not in k}
+    )
     assert not np.allclose(users, plain[0])
 
 

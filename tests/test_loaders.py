@@ -46,21 +46,34 @@ def rows(fmt, order=("user", "item", "rating", "time")):
     return [fmt.format(*(values[c][k] for c in order)) for k in range(len(USERS))]
 
 
-@pytest.mark.parametrize(("header", "order"), [
-    ("user,item,rating", ("user", "item", "rating")),
-    ("rating,item,user", ("rating", "item", "user")),
-    ("userId,movieId,rating,timestamp", ("user", "item", "rating", "time")),
-    ("timestamp,rating,movieId,userId", ("time", "rating", "item", "user")),
-    ("user_id,item_id,score,time", ("user", "item", "rating", "time")),
-    ("UserID, ItemID , Stars", ("user", "item", "rating")),
-])
+@pytest.mark.parametrize(
+    ("header", "order"),
+    [
+        ("user,item,rating", ("user", "item", "rating")),
+        ("rating,item,user", ("rating", "item", "user")),
+        ("userId,movieId,rating,timestamp", ("user", "item", "rating", "time")),
+        ("timestamp,rating,movieId,userId", ("time", "rating", "item", "user")),
+        ("user_id,item_id,score,time", ("user", "item", "rating", "time")),
+        ("UserID, ItemID , Stars", ("user", "item", "rating")),
+    ],
+)
 def test_csv_header_finds_columns_by_name_in_any_order(tmp_path, header, order):
     path = write(tmp_path, "r.csv", [header] + rows(",".join(["{}"] * len(order)), order))
     assert_ratings(load_ratings(path), times=TIMES if "time" in order else None)
 
 
-@pytest.mark.parametrize(("sep", "name"), [("\t", "r.tsv"), ("::", "r.dat"), (";", "r.txt"), ("|", "r.psv"),
-                                           ("   ", "r.txt"), (" \t ", "r.txt"), (", ", "r.csv")])
+@pytest.mark.parametrize(
+    ("sep", "name"),
+    [
+        ("\t", "r.tsv"),
+        ("::", "r.dat"),
+        (";", "r.txt"),
+        ("|", "r.psv"),
+        ("   ", "r.txt"),
+        (" \t ", "r.txt"),
+        (", ", "r.csv"),
+    ],
+)
 def test_separators_are_sniffed(tmp_path, sep, name):
     path = write(tmp_path, name, rows(sep.join(["{}"] * 4)))
     assert_ratings(load_ratings(path), times=TIMES)
@@ -74,8 +87,14 @@ def test_headerless_three_columns_and_the_sep_option(tmp_path):
         load_ratings(path, sep=",")
 
 
-@pytest.mark.parametrize("columns", ["item,user,rating,timestamp", ["movieId", "userId", "rating", "time"],
-                                     {"user": 1, "item": 0, "rating": 2, "timestamp": 3}])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        "item,user,rating,timestamp",
+        ["movieId", "userId", "rating", "time"],
+        {"user": 1, "item": 0, "rating": 2, "timestamp": 3},
+    ],
+)
 def test_columns_say_which_is_which(tmp_path, columns):
     path = write(tmp_path, "r.csv", rows("{},{},{},{}", ("item", "user", "rating", "time")))
     assert_ratings(load_ratings(path, columns=columns), times=TIMES)
@@ -89,18 +108,31 @@ def test_columns_by_header_name_and_skipped_columns(tmp_path):
 
 
 def test_string_ids_dates_and_spaces(tmp_path):
-    path = write(tmp_path, "r.csv", ["customer , product , score , date",
-                                     "alice, tea , 4.5, 2001-02-03",
-                                     "alice, milk, 3, 2001-02-04T10:00:00",
-                                     "bob, tea, 1, 2001-02-05"])
+    path = write(
+        tmp_path,
+        "r.csv",
+        [
+            "customer , product , score , date",
+            "alice, tea , 4.5, 2001-02-03",
+            "alice, milk, 3, 2001-02-04T10:00:00",
+            "bob, tea, 1, 2001-02-05",
+        ],
+    )
     data = load_ratings(path)
-    assert_ratings(data, ["alice", "alice", "bob"], ["tea", "milk", "tea"], [4.5, 3.0, 1.0],
-                   times=[981158400, 981280800, 981331200])
+    assert_ratings(
+        data,
+        ["alice", "alice", "bob"],
+        ["tea", "milk", "tea"],
+        [4.5, 3.0, 1.0],
+        times=[981158400, 981280800, 981331200],
+    )
     assert data.user_labels.tolist() == ["alice", "bob"] and data.item_labels.tolist() == ["milk", "tea"]
 
 
 def test_a_model_keeps_string_item_ids(tmp_path):
-    path = write(tmp_path, "r.csv", [f"u{u},i{(u * 7 + k) % 40},{1 + (u + k) % 5}" for u in range(60) for k in range(12)])
+    path = write(
+        tmp_path, "r.csv", [f"u{u},i{(u * 7 + k) % 40},{1 + (u + k) % 5}" for u in range(60) for k in range(12)]
+    )
     config = ff.preset("default", dim=4, rounds=3, clients_per_round=10)
     model = ff.FedRecon(config).fit(ff.split_ratings(path, config)).model
     assert model.item_labels is not None and model.item_labels[model.item_ids[0]] == "i0"
@@ -117,19 +149,22 @@ def test_movielens_files_by_name_keep_their_strict_layout(tmp_path):
         load_ratings(bad)
 
 
-@pytest.mark.parametrize(("lines", "kwargs", "match"), [
-    (["who,what,how"] + rows("{},{},{}"), {}, r"no user or item or rating column .*user_id.*--columns"),
-    (rows("{},{},{},{},{}", ("user", "item", "rating", "time", "time")), {}, "which columns"),
-    (['"a",1,2'], {}, "quoted"),
-    (["user,item,rating", "1,2"], {}, "line 2: expected 3 fields"),
-    (["1,2,x"], {}, "line 1: rating is not a finite number"),
-    (["1,2,3", "1,2,3,4"], {}, r"line 2: expected 3 fields separated by ','"),
-    (["1,2,3", "x,2,3"], {}, "line 2: user id is not a non-negative integer"),
-    (["1,2,3"], {"columns": "user,item,user"}, "user twice"),
-    (["1,2,3"], {"columns": "user,item,colour"}, "unknown role 'colour'"),
-    (["1,2,3"], {"sep": "\n"}, "sep must be"),
-    (["onlyone"], {}, "separator"),
-])
+@pytest.mark.parametrize(
+    ("lines", "kwargs", "match"),
+    [
+        (["who,what,how"] + rows("{},{},{}"), {}, r"no user or item or rating column .*user_id.*--columns"),
+        (rows("{},{},{},{},{}", ("user", "item", "rating", "time", "time")), {}, "which columns"),
+        (['"a",1,2'], {}, "quoted"),
+        (["user,item,rating", "1,2"], {}, "line 2: expected 3 fields"),
+        (["1,2,x"], {}, "line 1: rating is not a finite number"),
+        (["1,2,3", "1,2,3,4"], {}, r"line 2: expected 3 fields separated by ','"),
+        (["1,2,3", "x,2,3"], {}, "line 2: user id is not a non-negative integer"),
+        (["1,2,3"], {"columns": "user,item,user"}, "user twice"),
+        (["1,2,3"], {"columns": "user,item,colour"}, "unknown role 'colour'"),
+        (["1,2,3"], {"sep": "\n"}, "sep must be"),
+        (["onlyone"], {}, "separator"),
+    ],
+)
 def test_bad_files_get_clear_errors(tmp_path, lines, kwargs, match):
     path = write(tmp_path, "r.csv", lines)
     with pytest.raises(ValueError, match=match):
@@ -148,8 +183,10 @@ def test_missing_and_empty_sources(tmp_path):
         load_ratings(3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None or importlib.util.find_spec("pandas") is None,
-                    reason="parquet needs pyarrow and pandas (pip install '.[test]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyarrow") is None or importlib.util.find_spec("pandas") is None,
+    reason="parquet needs pyarrow and pandas (pip install '.[test]')",
+)
 def test_parquet(tmp_path):
     pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"movieId": ITEMS, "rating": RATINGS, "userId": USERS, "timestamp": TIMES})
@@ -182,8 +219,12 @@ def test_sparse_dict_tuple_and_client_data():
 
 
 def test_resolve_columns_lists_what_it_knows():
-    assert resolve_columns(["time", "Rating", "movie_id", "visitorid"], 4) == \
-        {"timestamp": 0, "rating": 1, "item": 2, "user": 3}
+    assert resolve_columns(["time", "Rating", "movie_id", "visitorid"], 4) == {
+        "timestamp": 0,
+        "rating": 1,
+        "item": 2,
+        "user": 3,
+    }
     assert resolve_columns(None, 3) == {"user": 0, "item": 1, "rating": 2}
     with pytest.raises(ValueError, match="no item column"):
         resolve_columns(["user", "rating"], 2)
@@ -204,8 +245,11 @@ def _write_swapped(tmp_path, data, swap):
 def test_swapped_headerless_columns_warn(tmp_path, shape):
     # Users have at least 20 ratings, many items few: read swapped, every "item" has >= 20 ratings
     # while some "users" have 1 (many-items), or "users" outnumber "items" 5 to 1 (few-items).
-    kw = dict(num_users=60, num_items=1200, mean_ratings=30) if shape == "few-items" else \
-        dict(num_users=300, num_items=2000, mean_ratings=40, popularity=1.0)
+    kw = (
+        dict(num_users=60, num_items=1200, mean_ratings=30)
+        if shape == "few-items"
+        else dict(num_users=300, num_items=2000, mean_ratings=40, popularity=1.0)
+    )
     data = ff.synthetic_ratings(seed=1, **kw)
     with pytest.warns(SwappedColumnsWarning, match="look swapped.*--columns item,user,rating"):
         load_ratings(_write_swapped(tmp_path, data, swap=True))

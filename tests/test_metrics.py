@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
 
 import fedrecon_fast as ff
-from fedrecon_fast.config import ClientConfig
+import reference as ref
 from fedrecon_fast._rng import STREAM_DATA
-from fedrecon_fast.evaluation import (EVAL_ROUND, LOO_ROUND, _negatives, coverage, leave_one_out, recon_eval,
-                                      summarize_ranking)
+from fedrecon_fast.config import ClientConfig
+from fedrecon_fast.evaluation import (
+    EVAL_ROUND,
+    LOO_ROUND,
+    _negatives,
+    coverage,
+    leave_one_out,
+    recon_eval,
+    summarize_ranking,
+)
 
 
 def numpy_metrics(model, data, config, k, threshold, seed):
@@ -28,7 +35,7 @@ def numpy_metrics(model, data, config, k, threshold, seed):
         u, bu = ref.reconstruct(rmodel, items, ratings, support, config, seed, EVAL_ROUND, c)
         s = np.concatenate(support).astype(np.int64) if support else np.zeros(0, np.int64)
         q = np.concatenate(query).astype(np.int64) if query else np.zeros(0, np.int64)
-        scores = (V.astype(np.float64) @ u + mean + (bu + b if b is not None else 0.0))
+        scores = V.astype(np.float64) @ u + mean + (bu + b if b is not None else 0.0)
         errors.append(scores[items[q]] - ratings[q])
         candidates = np.setdiff1d(np.arange(len(V)), items[s])
         top = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
@@ -39,17 +46,23 @@ def numpy_metrics(model, data, config, k, threshold, seed):
         hit = np.array([i in relevant for i in top], dtype=float)
         ranks = np.arange(1, len(top) + 1)
         ideal = min(k, len(relevant))
-        per_user.append(dict(
-            recall=hit.sum() / ideal,
-            precision=hit.sum() / k,
-            hit_rate=float(hit.any()),
-            ndcg=(hit / np.log2(ranks + 1)).sum() / (1 / np.log2(np.arange(1, ideal + 1) + 1)).sum(),
-            map=(np.cumsum(hit) / ranks * hit).sum() / ideal,
-            mrr=1 / ranks[hit > 0][0] if hit.any() else 0.0,
-        ))
+        per_user.append(
+            dict(
+                recall=hit.sum() / ideal,
+                precision=hit.sum() / k,
+                hit_rate=float(hit.any()),
+                ndcg=(hit / np.log2(ranks + 1)).sum() / (1 / np.log2(np.arange(1, ideal + 1) + 1)).sum(),
+                map=(np.cumsum(hit) / ranks * hit).sum() / ideal,
+                mrr=1 / ranks[hit > 0][0] if hit.any() else 0.0,
+            )
+        )
     err = np.concatenate(errors)
-    out = {"rmse": np.sqrt(np.mean(err ** 2)), "mae": np.mean(np.abs(err)),
-           f"coverage_at_{k}": len(shown) / len(V), "ranking_users": len(per_user)}
+    out = {
+        "rmse": np.sqrt(np.mean(err**2)),
+        "mae": np.mean(np.abs(err)),
+        f"coverage_at_{k}": len(shown) / len(V),
+        "ranking_users": len(per_user),
+    }
     for name in per_user[0]:
         out[f"{name}_at_{k}"] = np.mean([p[name] for p in per_user])
     return out
@@ -78,9 +91,16 @@ def test_recon_eval_metrics_match_numpy_definitions(trained, k, recon):
 
 def test_summarize_ranking_by_hand():
     # Three users with a relevant item at k = 2: hits at ranks {2}, {1, 2}, none; one without.
-    out = summarize_ranking(hits=[1, 2, 0, 0], num_relevant=[1, 3, 2, 0], ndcg=[0.63, 1.0, 0.0, np.nan], k=2,
-                            ap=[0.5, 1.0, 0.0, np.nan], rr=[0.5, 1.0, 0.0, np.nan],
-                            top_items=[[4, 3], [0, 3], [1, -1], [4, 0]], num_items=10)
+    out = summarize_ranking(
+        hits=[1, 2, 0, 0],
+        num_relevant=[1, 3, 2, 0],
+        ndcg=[0.63, 1.0, 0.0, np.nan],
+        k=2,
+        ap=[0.5, 1.0, 0.0, np.nan],
+        rr=[0.5, 1.0, 0.0, np.nan],
+        top_items=[[4, 3], [0, 3], [1, -1], [4, 0]],
+        num_items=10,
+    )
     assert out["precision_at_2"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert out["hit_rate_at_2"] == pytest.approx(2 / 3)
     assert out["map_at_2"] == pytest.approx(0.5)
@@ -142,10 +162,10 @@ def test_leave_one_out_negatives_are_unrated_distinct_and_keyed_by_user():
     data = ff.synthetic_ratings(num_users=40, num_items=30, mean_ratings=20, min_ratings=5, seed=0)
     neg = _negatives(data, 10, seed=3)
     for u in range(data.num_clients):
-        rated = set(data.items[data.indptr[u]:data.indptr[u + 1]].tolist())
+        rated = set(data.items[data.indptr[u] : data.indptr[u + 1]].tolist())
         drawn = neg[u][neg[u] >= 0].tolist()
         assert len(drawn) == len(set(drawn)) == min(10, 30 - len(rated)) and not rated & set(drawn)
-        assert (neg[u][len(drawn):] == -1).all()
+        assert (neg[u][len(drawn) :] == -1).all()
     # A user's negatives do not depend on the other users in the call.
     np.testing.assert_array_equal(_negatives(data.subset([7, 3]), 10, seed=3), neg[[7, 3]])
     assert not np.array_equal(_negatives(data, 10, seed=4), neg)

@@ -12,7 +12,10 @@ import pytest
 from fedrecon_fast.cli import main
 
 ML1M = Path(os.environ.get("FEDRECON_ML1M", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"))
-pytestmark = pytest.mark.skipif(not (ML1M / "ratings.dat").is_file(), reason=f"MovieLens 1M not found at {ML1M}")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (ML1M / "ratings.dat").is_file(), reason=f"MovieLens 1M not found at {ML1M}"),
+]
 
 
 def run(preset, capsys):

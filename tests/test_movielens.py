@@ -15,10 +15,21 @@ from fedrecon_fast import movielens, textparse
 from fedrecon_fast.movielens import download_movielens, load_movielens
 
 # (user, item, rating, timestamp); user 7 rates item 30 twice over time, ids unsorted
-ROWS = [(7, 30, 4, 978300760), (1, 1193, 5, 978300019), (7, 5, 3, 978300001),
-        (1, 661, 3, 978302109), (12, 30, 1, 978301968), (7, 914, 2, 978300002)]
-HALF_STAR_ROWS = [(1, 122, 5.0, 838985046), (1, 185, 4.5, 838983525), (2, 122, 0.5, 868245777),
-                  (2, 292, 3.5, 868244562), (3, 185, 2.0, 1136075494)]
+ROWS = [
+    (7, 30, 4, 978300760),
+    (1, 1193, 5, 978300019),
+    (7, 5, 3, 978300001),
+    (1, 661, 3, 978302109),
+    (12, 30, 1, 978301968),
+    (7, 914, 2, 978300002),
+]
+HALF_STAR_ROWS = [
+    (1, 122, 5.0, 838985046),
+    (1, 185, 4.5, 838983525),
+    (2, 122, 0.5, 868245777),
+    (2, 292, 3.5, 868244562),
+    (3, 185, 2.0, 1136075494),
+]
 
 
 def write(path: Path, text: str, mode="w") -> Path:
@@ -41,8 +52,7 @@ def ratings_dat(rows):
 
 
 def ratings_csv(rows):
-    return "userId,movieId,rating,timestamp\n" + "".join(
-        f"{u},{i},{float(r):.1f},{t}\n" for u, i, r, t in rows)
+    return "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{float(r):.1f},{t}\n" for u, i, r, t in rows)
 
 
 def expected_triples(rows):
@@ -51,8 +61,7 @@ def expected_triples(rows):
 
 def loaded_triples(data):
     u, i, r = data.to_coo()
-    return sorted(zip(data.user_ids[u].tolist(), data.item_ids[i].tolist(), r.tolist(),
-                      data.timestamps.tolist()))
+    return sorted(zip(data.user_ids[u].tolist(), data.item_ids[i].tolist(), r.tolist(), data.timestamps.tolist()))
 
 
 def check_loaded(data, rows):
@@ -61,19 +70,22 @@ def check_loaded(data, rows):
     np.testing.assert_array_equal(data.item_ids, sorted({r[1] for r in rows}))
     assert data.timestamps is not None and data.timestamps.dtype == np.int64
     for k in range(data.num_clients):  # chronological within each user
-        assert np.all(np.diff(data.timestamps[data.indptr[k]:data.indptr[k + 1]]) >= 0)
+        assert np.all(np.diff(data.timestamps[data.indptr[k] : data.indptr[k + 1]]) >= 0)
 
 
 # --------------------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("name, writer, rows", [
-    ("u.data", u_data, ROWS),
-    ("ratings.dat", ratings_dat, ROWS),
-    ("ratings.dat", ratings_dat, HALF_STAR_ROWS),
-    ("ratings.csv", ratings_csv, ROWS),
-    ("ratings.csv", ratings_csv, HALF_STAR_ROWS),
-])
+@pytest.mark.parametrize(
+    "name, writer, rows",
+    [
+        ("u.data", u_data, ROWS),
+        ("ratings.dat", ratings_dat, ROWS),
+        ("ratings.dat", ratings_dat, HALF_STAR_ROWS),
+        ("ratings.csv", ratings_csv, ROWS),
+        ("ratings.csv", ratings_csv, HALF_STAR_ROWS),
+    ],
+)
 def test_load_each_format_from_folder_and_file(tmp_path, name, writer, rows):
     path = write(tmp_path / "ml" / name, writer(rows))
     for target in (path.parent, path, str(path)):
@@ -120,16 +132,21 @@ def test_crlf_blank_lines_bom_and_missing_final_newline(tmp_path):
 def test_empty_file_gives_empty_data(tmp_path):
     data = load_movielens(write(tmp_path / "ratings.dat", ""))
     assert (data.num_clients, data.nnz) == (0, 0)
-    header_only = load_movielens(write(tmp_path / "c" / "ratings.csv",
-                                       "userId,movieId,rating,timestamp\n"))
+    header_only = load_movielens(write(tmp_path / "c" / "ratings.csv", "userId,movieId,rating,timestamp\n"))
     assert header_only.nnz == 0
 
 
 def test_many_blocks_match_one_block(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    rows = [(int(u), int(i), float(r) / 2, int(t)) for u, i, r, t in zip(
-        rng.integers(1, 50, 3000), rng.integers(1, 400, 3000), rng.integers(1, 11, 3000),
-        rng.integers(9 * 10**8, 10**9, 3000))]
+    rows = [
+        (int(u), int(i), float(r) / 2, int(t))
+        for u, i, r, t in zip(
+            rng.integers(1, 50, 3000),
+            rng.integers(1, 400, 3000),
+            rng.integers(1, 11, 3000),
+            rng.integers(9 * 10**8, 10**9, 3000),
+        )
+    ]
     path = write(tmp_path / "ratings.dat", ratings_dat(rows))
     whole = load_movielens(path)
     monkeypatch.setattr(textparse, "BLOCK_BYTES", 97)
@@ -204,8 +221,9 @@ def ml1m_folder() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
 
 
-@pytest.mark.skipif(not (ml1m_folder() / "ratings.dat").is_file(),
-                    reason="MovieLens 1M not available (set FEDRECON_ML1M to its folder)")
+@pytest.mark.skipif(
+    not (ml1m_folder() / "ratings.dat").is_file(), reason="MovieLens 1M not available (set FEDRECON_ML1M to its folder)"
+)
 def test_real_movielens_1m():
     folder = ml1m_folder()
     with open(folder / "ratings.dat", "rb") as fh:
@@ -220,7 +238,7 @@ def test_real_movielens_1m():
     assert data.sizes.min() >= 20  # every ML-1M user has at least 20 ratings
     assert set(np.unique(data.ratings).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
     # the file's first line is user 1's rating of movie 1193 (5 stars)
-    row = data.indptr[0] + np.flatnonzero(data.item_ids[data.items[:data.indptr[1]]] == first[1])
+    row = data.indptr[0] + np.flatnonzero(data.item_ids[data.items[: data.indptr[1]]] == first[1])
     assert data.ratings[row].tolist() == [first[2]] and data.timestamps[row].tolist() == [first[3]]
     assert elapsed < 5.0  # generous bound; typically ~0.1 s
 
@@ -249,15 +267,15 @@ def leftovers(dest: Path):
 
 @pytest.fixture
 def release_zip(tmp_path):
-    return make_zip(tmp_path / "src" / "ml-1m.zip", {
-        "ml-1m/": "", "ml-1m/ratings.dat": ratings_dat(ROWS), "ml-1m/README": "terms"})
+    return make_zip(
+        tmp_path / "src" / "ml-1m.zip", {"ml-1m/": "", "ml-1m/ratings.dat": ratings_dat(ROWS), "ml-1m/README": "terms"}
+    )
 
 
 @pytest.mark.parametrize("algo", ["sha256", "md5"])
 def test_download_verifies_and_extracts(tmp_path, release_zip, algo):
     dest = tmp_path / "dest"
-    folder = download_movielens("ml-1m", dest, url=release_zip.as_uri(),
-                                **{algo: digest(release_zip, algo).upper()})
+    folder = download_movielens("ml-1m", dest, url=release_zip.as_uri(), **{algo: digest(release_zip, algo).upper()})
     assert folder == dest / "ml-1m"
     assert (folder / "README").read_text() == "terms"
     check_loaded(load_movielens(folder), ROWS)
@@ -304,11 +322,11 @@ def test_download_refuses_without_any_checksum(tmp_path, release_zip, monkeypatc
     assert not (tmp_path / "dest" / "ml-1m.zip").exists()
 
 
-@pytest.mark.parametrize("member", ["../evil.txt", "ml-1m/../../evil.txt", "/tmp/evil.txt",
-                                    "..\\evil.txt", "C:/evil.txt"])
+@pytest.mark.parametrize(
+    "member", ["../evil.txt", "ml-1m/../../evil.txt", "/tmp/evil.txt", "..\\evil.txt", "C:/evil.txt"]
+)
 def test_download_rejects_unsafe_members(tmp_path, member):
-    src = make_zip(tmp_path / "src" / "ml-1m.zip",
-                   {"ml-1m/ratings.dat": ratings_dat(ROWS), member: "pwned"})
+    src = make_zip(tmp_path / "src" / "ml-1m.zip", {"ml-1m/ratings.dat": ratings_dat(ROWS), member: "pwned"})
     dest = tmp_path / "a" / "dest"
     with pytest.raises(ValueError, match="unsafe member"):
         download_movielens("ml-1m", dest, url=src.as_uri(), sha256=digest(src, "sha256"))
@@ -318,10 +336,11 @@ def test_download_rejects_unsafe_members(tmp_path, member):
 
 
 def test_download_finds_the_ratings_folder_and_rejects_archives_without_one(tmp_path):
-    src = make_zip(tmp_path / "src" / "ml-10m.zip",
-                   {"ml-10M100K/ratings.dat": ratings_dat(HALF_STAR_ROWS), "ml-10M100K/tags.dat": ""})
-    folder = download_movielens("ml-10m", tmp_path / "d1", url=src.as_uri(),
-                                md5=digest(src, "md5"))
+    src = make_zip(
+        tmp_path / "src" / "ml-10m.zip",
+        {"ml-10M100K/ratings.dat": ratings_dat(HALF_STAR_ROWS), "ml-10M100K/tags.dat": ""},
+    )
+    folder = download_movielens("ml-10m", tmp_path / "d1", url=src.as_uri(), md5=digest(src, "md5"))
     assert folder == tmp_path / "d1" / "ml-10M100K"
     check_loaded(load_movielens(folder), HALF_STAR_ROWS)
     empty = make_zip(tmp_path / "src2" / "ml-1m.zip", {"ml-1m/README": "x"})
@@ -339,8 +358,7 @@ def test_download_argument_validation(tmp_path):
 
 
 def test_checksum_table_and_urls_are_well_formed():
-    assert set(movielens.MOVIELENS_URLS) == {"ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m",
-                                             "ml-latest-small"}
+    assert set(movielens.MOVIELENS_URLS) == {"ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest-small"}
     for name, url in movielens.MOVIELENS_URLS.items():
         assert url == f"https://files.grouplens.org/datasets/movielens/{name}.zip"
         known = movielens.MOVIELENS_CHECKSUMS[name]

@@ -6,6 +6,7 @@ import pytest
 
 import fedrecon_fast as ff
 from fedrecon_fast import kernels
+from fedrecon_fast.server import Server
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,12 @@ CONFIGS = {
     "exact": dict(recon="exact", ridge=2.0),
     "random-split": dict(split="random", support_fraction=0.3),
 }
-CODECS = {"plain": dict(), "q8-sparse": dict(bits=8, sparse=True), "clip": dict(clip=0.05),
-          "q6-dense": dict(bits=6, sparse=False)}
+CODECS = {
+    "plain": ff.UpdateCodec(),
+    "q8-sparse": ff.UpdateCodec(bits=8, sparse=True),
+    "clip": ff.UpdateCodec(clip=0.05),
+    "q6-dense": ff.UpdateCodec(bits=6, sparse=False),
+}
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
@@ -32,7 +37,7 @@ def test_train_rounds_equals_the_rounds_one_by_one(data, name, codec, threads):
     rng = np.random.default_rng(0)
     V0 = rng.normal(0, 0.1, (data.num_items, 9)).astype(np.float32)
     b0 = rng.normal(0, 0.1, data.num_items).astype(np.float32) if name == "l2-bias" else None
-    common = dict(global_mean=3.0, seed=7, num_threads=threads, **CODECS[codec])
+    common = dict(global_mean=3.0, seed=7, num_threads=threads, codec=CODECS[codec])
     lr = 0.8
     # Execute: a Python loop of sample_clients + train_round(apply_lr), and the native loop
     V1, b1 = V0.copy(), None if b0 is None else b0.copy()
@@ -42,8 +47,9 @@ def test_train_rounds_equals_the_rounds_one_by_one(data, name, codec, threads):
         res = ff.train_round(V1, data, clients, cfg, item_bias=b1, round=r, apply_lr=lr, **common)
         summaries.append(res.summary)
     V2, b2 = V0.copy(), None if b0 is None else b0.copy()
-    rec = kernels.train_rounds(V2, data, cfg, item_bias=b2, first_round=3, num_rounds=5,
-                               clients_per_round=25, lr=lr, **common)
+    rec = kernels.train_rounds(
+        V2, data, cfg, item_bias=b2, first_round=3, num_rounds=5, clients_per_round=25, lr=lr, **common
+    )
     # Assert: the same model bit for bit, and the same per-round summaries
     assert np.array_equal(V1, V2)
     if b0 is not None:
@@ -102,11 +108,14 @@ def test_fit_takes_the_native_loop_only_when_nothing_needs_python(data):
     train = data.subset(tr)
     plain = ff.FedRecon(ff.preset("paper", rounds=1, dim=4))
     plain.fit(train, rounds=0)
-    params = plain._params()
-    assert plain._native_rounds(params, None)
-    assert not plain._native_rounds(params, print)
-    for override in (dict(server_optimizer="adam", server_lr=0.01), dict(dp_clip=1.0, weighting="uniform"),
-                     dict(learn_user_default=True)):
+    server = Server(plain.state)
+    assert plain._native_rounds(server, None)
+    assert not plain._native_rounds(server, print)
+    for override in (
+        dict(server_optimizer="adam", server_lr=0.01),
+        dict(dp_clip=1.0, weighting="uniform"),
+        dict(learn_user_default=True),
+    ):
         t = ff.FedRecon(ff.preset("paper", rounds=1, dim=4, **override))
         t.fit(train, rounds=0)
-        assert not t._native_rounds(t._params(), None), override
+        assert not t._native_rounds(Server(t.state), None), override

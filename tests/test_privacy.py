@@ -165,8 +165,9 @@ def test_expected_weight_is_a_fixed_denominator():
 
 
 def test_zero_clients_give_pure_noise():
-    res = dp_sum(np.zeros((0, 3000), dtype=np.float32), clip=2.0, noise_multiplier=0.5, seed=4, round=1,
-                 dtype=np.float64)
+    res = dp_sum(
+        np.zeros((0, 3000), dtype=np.float32), clip=2.0, noise_multiplier=0.5, seed=4, round=1, dtype=np.float64
+    )
     assert res.num_updates == 0 and res.clipped_fraction == 0.0 and res.norms.shape == (0,)
     assert_allclose(res.value, 1.0 * ref_noise(4, 1, 3000), rtol=1e-12, atol=1e-15)
 
@@ -186,8 +187,14 @@ def test_noise_statistics():
     # 10^6 draws: the mean's standard error is 1e-3 σ and the sample std's is 7e-4 σ, so the
     # bounds below sit at > 5 standard errors.
     z, clip = 1.7, 0.8
-    res = dp_sum(np.zeros((1, 1_000_000), dtype=np.float32), clip=clip, noise_multiplier=z, seed=11,
-                 expected_weight=4.0, dtype=np.float64)
+    res = dp_sum(
+        np.zeros((1, 1_000_000), dtype=np.float32),
+        clip=clip,
+        noise_multiplier=z,
+        seed=11,
+        expected_weight=4.0,
+        dtype=np.float64,
+    )
     sigma = z * clip / 4.0
     assert res.noise_std == pytest.approx(z * clip) and res.noise_multiplier == z
     assert res.value_noise_std == pytest.approx(sigma)
@@ -204,8 +211,9 @@ def test_noise_statistics():
 
 def test_same_seed_same_noise_other_seed_or_round_other_noise():
     def run(seed, round):
-        return dp_sum(np.zeros((2, 5000), dtype=np.float32), clip=1.0, noise_multiplier=1.0, seed=seed,
-                      round=round).value
+        return dp_sum(
+            np.zeros((2, 5000), dtype=np.float32), clip=1.0, noise_multiplier=1.0, seed=seed, round=round
+        ).value
 
     a = run(5, 0)
     assert_array_equal(a, run(5, 0))
@@ -216,8 +224,16 @@ def test_same_seed_same_noise_other_seed_or_round_other_noise():
 
 def test_sparse_noise_covers_every_row_of_the_table():
     rows = np.array([2], dtype=np.int32)
-    res = dp_sum_sparse(rows, np.ones((1, 4), dtype=np.float32), [0, 1], num_rows=500, clip=1.0,
-                        noise_multiplier=0.3, seed=2, dtype=np.float64)
+    res = dp_sum_sparse(
+        rows,
+        np.ones((1, 4), dtype=np.float32),
+        [0, 1],
+        num_rows=500,
+        clip=1.0,
+        noise_multiplier=0.3,
+        seed=2,
+        dtype=np.float64,
+    )
     noise = 0.3 * ref_noise(2, 0, 2000).reshape(500, 4)
     expected = noise.copy()
     expected[2] += 0.5  # the update [1, 1, 1, 1] has norm 2, clipped to 1
@@ -272,7 +288,7 @@ def test_streaming_sparse_dp_is_bit_identical_to_batch():
     batch = dp_sum_sparse(rows, values, offsets, weights, num_rows=300, **kw)
     acc = DPGaussianSum((300, 4), **{k: v for k, v in kw.items() if k != "dtype"})
     for i, w in enumerate(weights):
-        acc.add_sparse(rows[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]], w)
+        acc.add_sparse(rows[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]], w)
     assert_array_equal(acc.result(np.float64), batch.value)
     assert_array_equal(acc.norms, batch.norms)
 
@@ -314,18 +330,21 @@ def test_capped_weights():
 # Validation
 
 
-@pytest.mark.parametrize(("kwargs", "exc", "match"), [
-    ({"clip": 0.0}, ValueError, "clip"),
-    ({"clip": -1.0}, ValueError, "clip"),
-    ({"clip": np.inf}, ValueError, "clip"),
-    ({"noise_multiplier": -0.1}, ValueError, "noise_multiplier"),
-    ({"noise_multiplier": np.nan}, ValueError, "noise_multiplier"),
-    ({"expected_weight": 0.0}, ValueError, "expected_weight"),
-    ({"seed": -1}, ValueError, "seed"),
-    ({"seed": 1.5}, TypeError, "seed"),
-    ({"round": -2}, ValueError, "round"),
-    ({"dtype": np.int8}, ValueError, "dtype"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"clip": 0.0}, ValueError, "clip"),
+        ({"clip": -1.0}, ValueError, "clip"),
+        ({"clip": np.inf}, ValueError, "clip"),
+        ({"noise_multiplier": -0.1}, ValueError, "noise_multiplier"),
+        ({"noise_multiplier": np.nan}, ValueError, "noise_multiplier"),
+        ({"expected_weight": 0.0}, ValueError, "expected_weight"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"round": -2}, ValueError, "round"),
+        ({"dtype": np.int8}, ValueError, "dtype"),
+    ],
+)
 def test_bad_dp_parameters_are_rejected(kwargs, exc, match):
     base = dict(clip=1.0, noise_multiplier=1.0, seed=0)
     base.update(kwargs)
@@ -341,8 +360,7 @@ def test_dp_weights_must_lie_in_unit_interval(weights):
     with pytest.raises(ValueError, match="weights"):
         dp_sum(np.ones((2, 3), dtype=np.float32), weights, clip=1.0, noise_multiplier=1.0, seed=0)
     with pytest.raises(ValueError, match="weights"):
-        dp_sum_sparse([0, 1], np.ones((2, 3)), [0, 1, 2], weights, num_rows=2, clip=1.0,
-                      noise_multiplier=1.0, seed=0)
+        dp_sum_sparse([0, 1], np.ones((2, 3)), [0, 1, 2], weights, num_rows=2, clip=1.0, noise_multiplier=1.0, seed=0)
 
 
 def test_dp_rejects_non_finite_values_and_bad_rows():

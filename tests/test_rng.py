@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,8 +33,7 @@ def test_mix64_of_zero_is_the_splitmix64_reference_output():
     assert _rng.mix64(0) == 0xE220A8397B1DCDAF
 
 
-@pytest.mark.parametrize("args", [(0, 0, 0, 0), (1, 2, 3, 4), (2**64 - 1, 500, 6040, 4),
-                                  (123456789, 0, 2**63, 1)])
+@pytest.mark.parametrize("args", [(0, 0, 0, 0), (1, 2, 3, 4), (2**64 - 1, 500, 6040, 4), (123456789, 0, 2**63, 1)])
 def test_derive_seed_matches_hand_coded_steps(args):
     assert _rng.derive_seed(*args) == reference_derive_seed(*args)
 
@@ -43,8 +45,7 @@ def test_derive_seed_zero_value():
 
 
 def test_negative_inputs_wrap_modulo_2_64():
-    assert _rng.derive_seed(-1, -2, -3, -4) == _rng.derive_seed(2**64 - 1, 2**64 - 2,
-                                                               2**64 - 3, 2**64 - 4)
+    assert _rng.derive_seed(-1, -2, -3, -4) == _rng.derive_seed(2**64 - 1, 2**64 - 2, 2**64 - 3, 2**64 - 4)
     assert _rng.derive_seed(2**64 + 5, 0, 0, 0) == _rng.derive_seed(5, 0, 0, 0)
 
 
@@ -53,17 +54,36 @@ def test_streams_and_coordinates_give_distinct_seeds():
     assert len(seeds) == 45
 
 
-def test_stream_constants():
-    assert (_rng.STREAM_SPLIT, _rng.STREAM_INIT, _rng.STREAM_QUANT, _rng.STREAM_SAMPLE,
-            _rng.STREAM_DATA) == (0, 1, 2, 3, 4)
+RNG_HEADER = Path(__file__).resolve().parents[1] / "cpp" / "include" / "fedrecon" / "rng.hpp"
+
+
+def _cpp_streams() -> dict:
+    """``{"STREAM_SPLIT": 0, ...}`` from the C++ ``enum Stream`` (kStreamSplit = 0, ...)."""
+    enum = re.search(r"enum Stream\b[^{]*\{(.*?)\};", RNG_HEADER.read_text(), re.S).group(1)
+    found = {}
+    for name, value in re.findall(r"kStream(\w+)\s*=\s*(\d+)", enum):
+        found["STREAM_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()] = int(value)
+    return found
+
+
+def test_stream_numbers_are_the_cpp_enum_number_by_number():
+    """One table of streams: every stream of the C++ core has the Python constant of the same
+    name and number, and Python has no stream the core does not know."""
+    cpp = _cpp_streams()
+    python = {name: getattr(_rng, name) for name in _rng.__all__ if name.startswith("STREAM_")}
+    assert len(cpp) >= 12  # the parse found the enum
+    assert python == cpp
+    assert len(set(cpp.values())) == len(cpp)  # no two streams share a number
 
 
 def test_mix64_array_matches_scalar_elementwise():
     rng = np.random.default_rng(0)
-    x = np.concatenate([
-        rng.integers(0, 2**64 - 1, size=200, dtype=np.uint64, endpoint=True),
-        np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
-    ])
+    x = np.concatenate(
+        [
+            rng.integers(0, 2**64 - 1, size=200, dtype=np.uint64, endpoint=True),
+            np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
+        ]
+    )
     before = x.copy()
     out = _rng.mix64_array(x)
     assert out.dtype == np.uint64 and out.shape == x.shape
@@ -111,9 +131,9 @@ def test_non_integer_arguments_rejected():
 
 def test_matches_the_cpp_core():
     from fedrecon_fast._native import core
+
     rng = np.random.default_rng(1)
     cases = [(0, 0, 0, 0), (2**64 - 1, 2**64 - 1, 2**64 - 1, 4)]
-    cases += [tuple(int(v) for v in rng.integers(0, 2**64 - 1, 4, dtype=np.uint64, endpoint=True))
-              for _ in range(20)]
+    cases += [tuple(int(v) for v in rng.integers(0, 2**64 - 1, 4, dtype=np.uint64, endpoint=True)) for _ in range(20)]
     for args in cases:
         assert core.derive_seed(*args) == _rng.derive_seed(*args), args

@@ -14,14 +14,14 @@ import pytest
 import fedrecon_fast as ff
 from fedrecon_fast import aggregation, cli, compression, kernels, privacy
 from fedrecon_fast._native import core as _core
+from fedrecon_fast._native.structs import client_config
 from fedrecon_fast._validation import check_choice, check_float
 from fedrecon_fast.cli import main
 
 
 @pytest.fixture
 def small():
-    data = ff.ClientData.from_coo([0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 1, 2, 1, 3, 0, 2, 3, 4],
-                                  [4, 3, 5, 2, 1, 5, 4, 3, 2])
+    data = ff.ClientData.from_coo([0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 1, 2, 1, 3, 0, 2, 3, 4], [4, 3, 5, 2, 1, 5, 4, 3, 2])
     V = np.random.default_rng(0).uniform(-0.5, 0.5, (5, 3)).astype(np.float32)
     return data, V
 
@@ -44,9 +44,14 @@ def test_numpy_integer_seeds_are_taken_modulo_2_64():
 
 def test_kernels_take_numpy_integer_seeds_and_bools(small):
     data, V = small
-    a = kernels.train_round(V, data, seed=np.int64(5), round=np.uint64(1), hadamard=np.bool_(False),
-                            sparse=np.bool_(True))
-    b = kernels.train_round(V, data, seed=5, round=1)
+    a = kernels.train_round(
+        V,
+        data,
+        seed=np.int64(5),
+        round=np.uint64(1),
+        codec=ff.UpdateCodec(bits=np.int64(8), hadamard=np.bool_(False), sparse=np.bool_(True)),
+    )
+    b = kernels.train_round(V, data, seed=5, round=1, codec=ff.UpdateCodec(bits=8))
     assert np.array_equal(a.delta, b.delta)
 
 
@@ -63,21 +68,27 @@ def test_clip_by_norm_keeps_a_0d_update_0d():
     assert clipped.shape == () and was and norm == 3.0 and clipped == np.float32(1.0)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: aggregation.weighted_mean(np.array([[1e300, 0.0]]), dtype=np.float64),
-    lambda: aggregation.weighted_mean([np.array([1.0, -1e39])]),
-    lambda: privacy.clip_by_norm(np.array([1e300]), 1.0),
-    lambda: kernels.train_round(np.full((5, 3), 1e300), ff.ClientData([0, 1], [0], [1.0]),
-                                check_finite=False),
-    lambda: compression.encode(np.array([1e39, 0.0]), 8),
-], ids=["weighted_mean-stack", "weighted_mean-list", "clip_by_norm", "train_round", "encode"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: aggregation.weighted_mean(np.array([[1e300, 0.0]]), dtype=np.float64),
+        lambda: aggregation.weighted_mean([np.array([1.0, -1e39])]),
+        lambda: privacy.clip_by_norm(np.array([1e300]), 1.0),
+        lambda: kernels.train_round(np.full((5, 3), 1e300), ff.ClientData([0, 1], [0], [1.0]), check_finite=False),
+        lambda: compression.encode(np.array([1e39, 0.0]), 8),
+    ],
+    ids=["weighted_mean-stack", "weighted_mean-list", "clip_by_norm", "train_round", "encode"],
+)
 def test_float64_beyond_float32_is_a_named_error_not_a_warning(call):
     # Was: RuntimeWarning "overflow encountered in cast", then "contains NaN or infinite values"
     # (or, with check_finite=False, silently infinite item factors).
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match=r"(updates|update|item_factors|x)(\[0\])? has values beyond the "
-                                             "float32 range"):
+        with pytest.raises(
+            ValueError,
+            match=r"(updates|update|item_factors|x)(\[0\])? has values beyond the "
+            "float32 range",
+        ):
             call()
 
 
@@ -141,10 +152,15 @@ def test_check_choice_of_an_unhashable_value():
         ff.ClientConfig(weighting=[])
 
 
-@pytest.mark.parametrize("changes, field", [({"user_split": "abc"}, "user_split"),
-                                            ({"user_split": None}, "user_split"),
-                                            ({"user_split": (0.5, float("nan"), 0.5)}, "user_split"),
-                                            ({"server_options": [1]}, "server_options")])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"user_split": "abc"}, "user_split"),
+        ({"user_split": None}, "user_split"),
+        ({"user_split": (0.5, float("nan"), 0.5)}, "user_split"),
+        ({"server_options": [1]}, "server_options"),
+    ],
+)
 def test_config_container_fields_are_named(changes, field):
     with pytest.raises((TypeError, ValueError), match=field):
         ff.FedReconConfig(**changes)
@@ -153,8 +169,12 @@ def test_config_container_fields_are_named(changes, field):
 def test_configs_store_python_numbers_so_models_save(tmp_path):
     # Was: np.int64/np.float64 field values were kept, to_dict() was not JSON, and saving a
     # model trained with such a config failed ("Object of type int64 is not JSON serializable").
-    cfg = ff.FedReconConfig(dim=np.int64(2), rounds=np.int32(1), server_lr=np.float64(0.5),
-                            client=ff.ClientConfig(batch_size=np.int64(3), client_lr=np.float32(0.25)))
+    cfg = ff.FedReconConfig(
+        dim=np.int64(2),
+        rounds=np.int32(1),
+        server_lr=np.float64(0.5),
+        client=ff.ClientConfig(batch_size=np.int64(3), client_lr=np.float32(0.25)),
+    )
     assert type(cfg.dim) is int and type(cfg.server_lr) is float
     assert type(cfg.client.batch_size) is int and type(cfg.client.client_lr) is float
     json.dumps(cfg.to_dict())
@@ -184,8 +204,10 @@ def _one_line(err):
 def ratings_file(tmp_path):
     path = tmp_path / "ratings.dat"
     rng = np.random.default_rng(0)
-    lines = [f"{u}::{i}::{rng.integers(1, 6)}::{1000 + k}" for k, (u, i) in
-             enumerate((u, i) for u in range(1, 41) for i in rng.choice(30, 6, replace=False) + 1)]
+    lines = [
+        f"{u}::{i}::{rng.integers(1, 6)}::{1000 + k}"
+        for k, (u, i) in enumerate((u, i) for u in range(1, 41) for i in rng.choice(30, 6, replace=False) + 1)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -202,8 +224,23 @@ def test_cli_usage_errors_are_one_line(capsys):
 def test_cli_zero_rounds_with_outputs(ratings_file, tmp_path, capsys):
     # Was: the summary crashed formatting the median round time of no rounds, after --out and
     # --save had been written: exit 2 with outputs left behind.
-    code, out, err = _cli(["train", "--data", ratings_file, "--rounds", "0", "--dim", "2", "--no-progress",
-                           "--out", tmp_path / "out", "--save", tmp_path / "model"], capsys)
+    code, out, err = _cli(
+        [
+            "train",
+            "--data",
+            ratings_file,
+            "--rounds",
+            "0",
+            "--dim",
+            "2",
+            "--no-progress",
+            "--out",
+            tmp_path / "out",
+            "--save",
+            tmp_path / "model",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "no rounds" in out
     assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "model" / "manifest").is_file()
@@ -215,8 +252,25 @@ def test_cli_failed_save_leaves_no_outputs(ratings_file, tmp_path, capsys, monke
 
     monkeypatch.setattr(ff.GlobalModel, "save", broken_save)
     out_dir = tmp_path / "nested" / "out"
-    code, _, err = _cli(["train", "--data", ratings_file, "--rounds", "1", "--clients-per-round", "3",
-                         "--dim", "2", "--no-progress", "--out", out_dir, "--save", tmp_path / "model"], capsys)
+    code, _, err = _cli(
+        [
+            "train",
+            "--data",
+            ratings_file,
+            "--rounds",
+            "1",
+            "--clients-per-round",
+            "3",
+            "--dim",
+            "2",
+            "--no-progress",
+            "--out",
+            out_dir,
+            "--save",
+            tmp_path / "model",
+        ],
+        capsys,
+    )
     assert code == 2 and "disk full" in _one_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.dat"], "outputs or temporary folders left"
 
@@ -225,11 +279,30 @@ def test_cli_out_over_an_existing_folder_keeps_its_files(ratings_file, tmp_path,
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("mine")
-    code, _, err = _cli(["train", "--data", ratings_file, "--rounds", "1", "--clients-per-round", "3",
-                         "--dim", "2", "--no-progress", "--out", out_dir], capsys)
+    code, _, err = _cli(
+        [
+            "train",
+            "--data",
+            ratings_file,
+            "--rounds",
+            "1",
+            "--clients-per-round",
+            "3",
+            "--dim",
+            "2",
+            "--no-progress",
+            "--out",
+            out_dir,
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["learning_curve.png", "metrics.csv", "metrics.json",
-                                                          "notes.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "learning_curve.png",
+        "metrics.csv",
+        "metrics.json",
+        "notes.txt",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ratings.dat"]
 
 
@@ -256,8 +329,10 @@ def test_cli_internal_errors_are_one_line(ratings_file, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_train", bug)
     code, _, err = _cli(["train", "--data", ratings_file], capsys)
     assert code == 1
-    assert _one_line(err) == ("fedrecon-fast: internal error: RuntimeError: something broke "
-                              "(set FEDRECON_TRACEBACK=1 for the traceback; please report it)")
+    assert _one_line(err) == (
+        "fedrecon-fast: internal error: RuntimeError: something broke "
+        "(set FEDRECON_TRACEBACK=1 for the traceback; please report it)"
+    )
     monkeypatch.setenv("FEDRECON_TRACEBACK", "1")
     with pytest.raises(RuntimeError):
         main(["train", "--data", str(ratings_file)])
@@ -295,6 +370,7 @@ _PROCESS_CASES = {
 
 
 @pytest.mark.parametrize("case", list(_PROCESS_CASES))
+@pytest.mark.slow
 def test_cli_process_errors_are_one_line_without_outputs(case, tmp_path):
     content, args, expected = _PROCESS_CASES[case]
     file = tmp_path / "x" / "ratings.dat"
@@ -303,9 +379,25 @@ def test_cli_process_errors_are_one_line_without_outputs(case, tmp_path):
         file.write_bytes(content)
     argv = [a.format(tmp=tmp_path, file=file) for a in args]
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fedrecon_fast", "train", "--rounds", "1", "--no-progress",
-                           "--out", str(out), "--save", str(tmp_path / "model"), *argv],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrecon_fast",
+            "train",
+            "--rounds",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--save",
+            str(tmp_path / "model"),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -329,7 +421,8 @@ def test_hadamard_values_that_overflow_the_inverse_rotation_are_rejected():
     scales = len(body) - 8 - 1  # one (lo, step) pair, then 1 payload byte (2 values x 1 bit)
     import struct
     import zlib
-    body = body[:scales] + struct.pack("<ff", 2e38, 0.0) + body[scales + 8:]
+
+    body = body[:scales] + struct.pack("<ff", 2e38, 0.0) + body[scales + 8 :]
     crafted = body + struct.pack("<I", zlib.crc32(body))
     with pytest.raises(ValueError, match="^buf: invalid scale of group 0 .*inverse Hadamard rotation"):
         compression.decode(crafted)
@@ -338,8 +431,7 @@ def test_hadamard_values_that_overflow_the_inverse_rotation_are_rejected():
 def test_dp_aggregate_that_overflows_raises():
     # Was: a tiny expected_weight turned a finite clipped sum into inf, returned silently.
     with pytest.raises(ValueError, match="expected_weight"):
-        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
-                       expected_weight=1e-99)
+        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0, expected_weight=1e-99)
     acc = privacy.DPGaussianSum(2, clip=1.0, noise_multiplier=0.0, seed=0, expected_weight=1e-99)
     acc.add(np.ones(2, np.float32))
     with pytest.raises(ValueError, match="expected_weight"):
@@ -379,8 +471,9 @@ def test_client_step_with_any_client_id_costs_only_its_ratings(small):
     key = 5000
     indptr = np.zeros(key + 2, np.int64)
     indptr[-1] = 3
-    rows = SimpleNamespace(indptr=indptr, items=np.asarray(items), ratings=np.asarray(ratings),
-                           num_clients=key + 1, num_items=V.shape[0])
+    rows = SimpleNamespace(
+        indptr=indptr, items=np.asarray(items), ratings=np.asarray(ratings), num_clients=key + 1, num_items=V.shape[0]
+    )
     expected = kernels.client_updates(V, rows, [key], cfg, seed=3)
     got = ff.client_step(model, (items, ratings), cfg, client_id=key, seed=3)
     assert np.array_equal(got.update.values, expected.values) and np.array_equal(got.update.rows, expected.rows)
@@ -417,8 +510,7 @@ def test_cli_recommend_reads_a_utf8_bom(saved_model, tmp_path, capsys):
 def test_dp_expected_weight_whose_reciprocal_overflows_is_named():
     # Was: "the scale of the sum must be finite" (from the native kernel), naming nothing.
     with pytest.raises(ValueError, match="expected_weight is too small"):
-        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0,
-                       expected_weight=2.2e-309)
+        privacy.dp_sum(np.ones((1, 2), np.float32), clip=1.0, noise_multiplier=0.0, seed=0, expected_weight=2.2e-309)
 
 
 def test_loader_accepts_a_file_cut_after_its_last_carriage_return(tmp_path):
@@ -457,19 +549,23 @@ def test_recommend_caps_k_at_the_catalogue_size():
         model.recommend(data.item_ids[:3].tolist(), [4.0, 3.0, 5.0], k=10**30)
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--threads", str(10**12)],
-    ["train", "--quantize-bits", "8", "--quantize-threshold", str(10**30)],
-    ["train", "--rank-k", str(10**24)],
-    ["train", "--rounds", str(10**20)],
-    ["train", "--dim", str(10**17)],
-    ["train", "--clients-per-round", str(10**22)],
-    ["train", "--eval-every", str(10**23)],
-    ["train", "--checkpoint-every", str(10**21)],
-    ["train", "--seed", str(2**64)],
-    ["recommend", "--model", "m", "--ratings", "r", "--k", str(10**20)],
-    ["paper", "--data", "d", "--threads", str(10**12)],
-], ids=lambda argv: argv[-2])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--threads", str(10**12)],
+        ["train", "--quantize-bits", "8", "--quantize-threshold", str(10**30)],
+        ["train", "--rank-k", str(10**24)],
+        ["train", "--rounds", str(10**20)],
+        ["train", "--dim", str(10**17)],
+        ["train", "--clients-per-round", str(10**22)],
+        ["train", "--eval-every", str(10**23)],
+        ["train", "--checkpoint-every", str(10**21)],
+        ["train", "--seed", str(2**64)],
+        ["recommend", "--model", "m", "--ratings", "r", "--k", str(10**20)],
+        ["paper", "--data", "d", "--threads", str(10**12)],
+    ],
+    ids=lambda argv: argv[-2],
+)
 def test_cli_integer_options_beyond_their_range_are_one_named_line(argv, capsys):
     # Was: --threads 10**12 or --quantize-threshold 10**30 printed a 2.7 kB pybind11 "incompatible
     # function arguments" dump; --rounds 10**20 trained forever; --rank-k failed after training.
@@ -480,9 +576,19 @@ def test_cli_integer_options_beyond_their_range_are_one_named_line(argv, capsys)
     assert f"argument {argv[-2]}: expected an integer <= " in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("field,value", [("num_threads", 10**12), ("quantize_threshold", 10**30), ("dim", 10**17),
-                                         ("rounds", 10**20), ("clients_per_round", 10**22), ("eval_every", 10**23),
-                                         ("max_examples", 10**20), ("min_examples", 10**20)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_threads", 10**12),
+        ("quantize_threshold", 10**30),
+        ("dim", 10**17),
+        ("rounds", 10**20),
+        ("clients_per_round", 10**22),
+        ("eval_every", 10**23),
+        ("max_examples", 10**20),
+        ("min_examples", 10**20),
+    ],
+)
 def test_config_integer_fields_beyond_the_native_range_are_named(field, value):
     with pytest.raises(ValueError, match=f"{field} must be <= "):
         ff.FedReconConfig(**{field: value})
@@ -493,7 +599,7 @@ def test_kernel_integer_arguments_beyond_the_native_range_are_named(small):
     with pytest.raises(ValueError, match="num_threads must be <= 2147483647"):
         kernels.train_round(V, data, num_threads=10**12)
     with pytest.raises(ValueError, match="threshold must be <= "):
-        kernels.train_round(V, data, bits=8, threshold=10**30)
+        ff.UpdateCodec(bits=8, threshold=10**30)
     with pytest.raises(ValueError, match="k must be <= "):
         kernels.evaluate_users(V, data, k=10**30)
     with pytest.raises(ValueError, match="num_threads must be <= "):
@@ -548,8 +654,9 @@ def test_cli_recommend_item_id_beyond_64_bits_names_file_and_line(saved_model, t
     # random fuzz campaign: the CLI refused a file the flag should accept).
     model = ff.GlobalModel.load(saved_model)
     path.write_text(f"item,rating\n99999999999999999999,1\n{model.item_ids[0]},5\n")
-    code, out, err = _cli(["recommend", "--model", saved_model, "--ratings", path, "--ignore-unknown",
-                           "--json"], capsys)
+    code, out, err = _cli(
+        ["recommend", "--model", saved_model, "--ratings", path, "--ignore-unknown", "--json"], capsys
+    )
     assert code == 0, err
     assert "with 1 known ratings" in out
 
@@ -586,5 +693,17 @@ def test_apply_lr_that_rounds_to_zero_in_float32_is_named():
     with pytest.raises(ValueError, match="apply_lr must be at least the smallest float32"):
         kernels.train_round(V, data, [0], apply_lr=5e-324)
     with pytest.raises(ValueError, match="apply_lr must be a finite float32 > 0"):
-        _core.train_round(V, None, 0.0, data.indptr, data.items, data.ratings,
-                          np.array([0]), ff.ClientConfig().to_native(), 0, 0, 1, apply_lr=5e-324)
+        _core.train_round(
+            V,
+            None,
+            0.0,
+            data.indptr,
+            data.items,
+            data.ratings,
+            np.array([0]),
+            client_config(ff.ClientConfig()),
+            0,
+            0,
+            1,
+            apply_lr=5e-324,
+        )

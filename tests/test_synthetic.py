@@ -94,19 +94,22 @@ def test_edge_parameters():
     assert single.nnz == 1
 
 
-@pytest.mark.parametrize("kwargs, exc, name", [
-    (dict(num_users=0), ValueError, "num_users"),
-    (dict(num_items=0), ValueError, "num_items"),
-    (dict(num_users=2.5), TypeError, "num_users"),
-    (dict(rank=0), ValueError, "rank"),
-    (dict(min_ratings=0), ValueError, "min_ratings"),
-    (dict(num_items=10, min_ratings=11), ValueError, "min_ratings"),
-    (dict(mean_ratings=10), ValueError, "mean_ratings"),
-    (dict(mean_ratings=float("nan")), ValueError, "mean_ratings"),
-    (dict(noise=-0.1), ValueError, "noise"),
-    (dict(noise="0.5"), TypeError, "noise"),
-    (dict(seed=-1), ValueError, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        (dict(num_users=0), ValueError, "num_users"),
+        (dict(num_items=0), ValueError, "num_items"),
+        (dict(num_users=2.5), TypeError, "num_users"),
+        (dict(rank=0), ValueError, "rank"),
+        (dict(min_ratings=0), ValueError, "min_ratings"),
+        (dict(num_items=10, min_ratings=11), ValueError, "min_ratings"),
+        (dict(mean_ratings=10), ValueError, "mean_ratings"),
+        (dict(mean_ratings=float("nan")), ValueError, "mean_ratings"),
+        (dict(noise=-0.1), ValueError, "noise"),
+        (dict(noise="0.5"), TypeError, "noise"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
 def test_argument_validation_names_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         synthetic_ratings(**kwargs)
@@ -123,8 +126,7 @@ def test_half_stars_and_a_long_popularity_tail():
     assert (counts <= 2).mean() > 0.5 > (flat <= 2).mean()
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [({"popularity": -1.0}, ValueError),
-                                               ({"half_stars": 1}, TypeError)])
+@pytest.mark.parametrize(("kwargs", "error"), [({"popularity": -1.0}, ValueError), ({"half_stars": 1}, TypeError)])
 def test_bad_shape_arguments_name_themselves(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         synthetic_ratings(10, 30, **kwargs)

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-import reference as ref
 
 import fedrecon_fast as ff
+import reference as ref
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,14 @@ def test_sample_clients_is_a_pure_function_of_seed_and_round():
     assert np.array_equal(np.sort(ff.sample_clients(10, 30, seed=0, round=0)), np.arange(10))
 
 
-@pytest.mark.parametrize(("num_clients", "m"), [(0, 5), (1, 1), (7, 3), (100, 100), (2399, 100),
-                                                  (70_000, 9), (10**9, 50), (2**62 + 3, 20)])
+@pytest.mark.parametrize(
+    ("num_clients", "m"), [(0, 5), (1, 1), (7, 3), (100, 100), (2399, 100), (70_000, 9), (10**9, 50), (2**62 + 3, 20)]
+)
 @pytest.mark.parametrize("seed", [0, 11])
 def test_sample_clients_matches_reference(num_clients, m, seed):
     # Both the dense and the hash-table population paths draw the reference shuffle exactly.
     for r in (0, 1, 2**64 - 1):
-        assert np.array_equal(ff.sample_clients(num_clients, m, seed, r),
-                              ref.sample_clients(num_clients, m, seed, r))
+        assert np.array_equal(ff.sample_clients(num_clients, m, seed, r), ref.sample_clients(num_clients, m, seed, r))
 
 
 def test_sample_clients_is_uniform():
@@ -174,8 +174,7 @@ def test_dp_fedavg_fixed_denominator_and_seeded_noise(splits):
     assert all(h["reporting"] == 40 for h in loose.history)
     np.testing.assert_allclose(loose.model.item_factors, plain.model.item_factors, rtol=1e-6, atol=1e-7)
     assert loose.history[-1]["dp_clipped"] == 0 and loose.history[-1]["dp_noise_std"] == 0
-    noisy = [ff.FedRecon(small(rounds=3, weighting="uniform", dp_clip=0.05, dp_noise=1.0)).fit(train)
-             for _ in range(2)]
+    noisy = [ff.FedRecon(small(rounds=3, weighting="uniform", dp_clip=0.05, dp_noise=1.0)).fit(train) for _ in range(2)]
     assert np.array_equal(noisy[0].model.item_factors, noisy[1].model.item_factors)
     assert not np.allclose(noisy[0].model.item_factors, plain.model.item_factors)
     assert noisy[0].history[0]["dp_clipped"] > 0
@@ -212,8 +211,18 @@ def test_learned_user_default_is_the_weighted_mean_of_the_clients_offsets(splits
     state = {"users": np.tile(u0, (len(clients), 1))}
     if model.item_bias is not None:
         state["user_bias"] = np.full(len(clients), b0, np.float32)
-    res = ff.train_round(model.item_factors, train, clients, cfg.client, item_bias=model.item_bias,
-                         global_mean=model.global_mean, seed=cfg.seed, round=r, **model.default_kwargs(), **state)
+    res = ff.train_round(
+        model.item_factors,
+        train,
+        clients,
+        cfg.client,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=cfg.seed,
+        round=r,
+        **model.default_kwargs(),
+        **state,
+    )
     w = res.client_stats["weight"]
     expected = u0 + ((w[:, None] * (res.users - u0)).sum(0) / w.sum()).astype(np.float32)
     trainer.fit(train, rounds=1)
@@ -230,11 +239,18 @@ def test_learned_user_default_trains_saves_and_serves_cold_start(splits, tmp_pat
     model = trainer.model
     assert trainer.evaluate(test)["rmse"] < 1.3
     # Reconstruction really starts from the default: a user without support data keeps it.
-    nobody = ff.ClientData(np.zeros(3, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
-                           item_ids=train.item_ids)  # two users without ratings
-    users, user_bias = ff.reconstruct_users(model.item_factors, nobody, [0, 1], model.config.client,
-                                            item_bias=model.item_bias, global_mean=model.global_mean,
-                                            **model.default_kwargs())
+    nobody = ff.ClientData(
+        np.zeros(3, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), item_ids=train.item_ids
+    )  # two users without ratings
+    users, user_bias = ff.reconstruct_users(
+        model.item_factors,
+        nobody,
+        [0, 1],
+        model.config.client,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        **model.default_kwargs(),
+    )
     assert np.array_equal(user_bias, np.full(2, np.float32(model.user_bias_default)))
     assert np.array_equal(users, np.tile(model.user_default, (2, 1)))
     loaded = ff.GlobalModel.load(model.save(tmp_path / "m"))
@@ -250,6 +266,7 @@ def test_learned_user_default_rejects_dp_and_stateful_fedavg():
     with pytest.raises(ValueError, match="learn_user_default"):
         ff.preset("paper", learn_user_default=True, dp_clip=1.0, weighting="uniform")
     from fedrecon_fast.baselines import FedAvg, fedavg_config
+
     with pytest.raises(ValueError, match="learn_user_default"):
         FedAvg(fedavg_config(learn_user_default=True))
     with pytest.raises(TypeError, match="learn_user_default"):

@@ -3,17 +3,26 @@
 Federated Reconstruction (Singhal et al., "Federated Reconstruction: Partially Local Federated
 Learning", NeurIPS 2021) trains a global item matrix V across clients while each user's
 embedding stays local and is reconstructed from the user's own ratings whenever it is needed.
-The hot paths run in C++ (``fedrecon_fast._native``, private); this package is the API.
+
+The package in layers, each depending only on those above it:
+
+- ``_native/``: the one place where Python meets the C++ core (the module for this CPU, the
+  typed wrappers of its kernels, the configuration as native structs);
+- the domain: ``config``, ``data`` (with ``loaders``, ``movielens``, ``synthetic``,
+  ``splits``), ``model``, ``optimizers``, ``privacy`` and ``accounting``, ``evaluation``,
+  ``inference``, and the kernels' public faces ``kernels``, ``compression``, ``aggregation``;
+- orchestration: ``server`` (the server half of every round), ``training`` (:class:`FedRecon`),
+  ``functional`` (one client's and the server's step), ``checkpoint``;
+- ``integrations/`` (Flower, Ray) and ``experiments/`` (baselines, the paper, plots), and the
+  command line, ``cli``.
 """
 
-from . import accounting, aggregation, baselines, compression, functional, inference, privacy, sampling
-from ._native import core as _core
-from ._native import show_config
-
-__version__ = _core.__version__
-from .config import PRESETS, ClientConfig, FedReconConfig, preset
-from .data import ClientData, split_by_time, split_users
+from . import _moved, accounting, aggregation, compression, functional, inference, privacy, sampling
+from ._native import __version__, show_config
+from .config import PRESETS, ClientConfig, DpParams, FedReconConfig, UpdateCodec, preset
+from .data import ClientData, DataConfig, split_by_time, split_users
 from .evaluation import leave_one_out, recon_eval
+from .experiments import baselines
 from .functional import ClientResult, ClientUpdate, ServerState, client_step, server_init, server_step
 from .kernels import (
     ClientUpdates,
@@ -22,8 +31,8 @@ from .kernels import (
     derive_seed,
     evaluate_users,
     infer_users,
-    reconstruct_users,
     recommend_users,
+    reconstruct_users,
     train_round,
 )
 from .model import GlobalModel
@@ -32,6 +41,8 @@ from .optimizers import make_optimizer
 from .splits import ClientSplits, split_ratings
 from .synthetic import synthetic_ratings
 from .training import FedRecon, sample_clients
+
+_moved.install()  # fedrecon_fast.flower, .distributed, .baselines, ... keep importing
 
 __all__ = [
     "__version__",
@@ -46,6 +57,8 @@ __all__ = [
     "PRESETS",
     "ClientConfig",
     "ClientData",
+    "DataConfig",
+    "DpParams",
     "ClientResult",
     "ClientSplits",
     "ClientUpdate",
@@ -54,6 +67,7 @@ __all__ = [
     "FedReconConfig",
     "GlobalModel",
     "RoundResult",
+    "UpdateCodec",
     "ServerState",
     "client_step",
     "client_updates",

@@ -31,6 +31,7 @@ import re
 import stat
 import zipfile
 from pathlib import Path
+from typing import Any, Literal, NoReturn, overload
 
 import numpy as np
 
@@ -65,7 +66,8 @@ def write(folder, kind: str, meta: dict, arrays: dict) -> None:
     does that for the whole folder).
     """
     folder = Path(folder)
-    files, layout = {}, {}
+    files: dict[str, dict] = {}
+    layout: dict[str, Any] = {}
     for key, value in arrays.items():
         arr = np.asarray(value, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         if arr.dtype.str not in DTYPES:
@@ -110,8 +112,7 @@ class _Folder:
     def read(self, name: str, *, size: int | None = None, limit: int | None = None) -> bytearray:
         """The whole of regular file ``name``: exactly ``size`` bytes, or at most ``limit``."""
         where = self.path / name
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
-            getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(name, flags, dir_fd=self.fd)
         except FileNotFoundError:
@@ -156,7 +157,7 @@ def _manifest(folder: _Folder, kind: str) -> dict:
     where = folder.path / MANIFEST
     raw = bytes(folder.read(MANIFEST, limit=MAX_MANIFEST_BYTES))
     body, sep, tail = raw.rstrip(b"\n").rpartition(b"\n")
-    digest = tail[len(b"sha256 "):].decode("ascii", "replace")
+    digest = tail[len(b"sha256 ") :].decode("ascii", "replace")
     if not sep or not raw.endswith(b"\n") or not tail.startswith(b"sha256 ") or not _HEX64.match(digest):
         raise ValueError(f"{where} is not a fedrecon_fast manifest (its last line must be 'sha256 <hex>')")
     if hashlib.sha256(body).hexdigest() != digest:
@@ -174,8 +175,10 @@ def _manifest(folder: _Folder, kind: str) -> dict:
     version = manifest["version"]
     if version != VERSION:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
-        raise ValueError(f"{where} has format version {version!r}; this fedrecon_fast reads version "
-                         f"{VERSION}" + (" (written by a newer release: upgrade fedrecon_fast)" if newer else ""))
+        raise ValueError(
+            f"{where} has format version {version!r}; this fedrecon_fast reads version "
+            f"{VERSION}" + (" (written by a newer release: upgrade fedrecon_fast)" if newer else "")
+        )
     return manifest
 
 
@@ -183,9 +186,15 @@ def _check_files(where: Path, files) -> None:
     if not isinstance(files, dict):
         raise ValueError(f"{where}: 'files' must be an object")
     for name, entry in files.items():
-        if not _FILE_NAME.match(name) or not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} \
-                or not _is_int(entry["bytes"]) or entry["bytes"] < 0 \
-                or not isinstance(entry["sha256"], str) or not _HEX64.match(entry["sha256"]):
+        if (
+            not _FILE_NAME.match(name)
+            or not isinstance(entry, dict)
+            or set(entry) != {"bytes", "sha256"}
+            or not _is_int(entry["bytes"])
+            or entry["bytes"] < 0
+            or not isinstance(entry["sha256"], str)
+            or not _HEX64.match(entry["sha256"])
+        ):
             raise ValueError(f"{where}: bad entry for file {name!r}")
 
 
@@ -202,17 +211,25 @@ def _array(where: Path, blob: bytearray, dtype: str | None, shape: tuple | None)
     except ValueError as e:
         raise ValueError(f"{where} is not a .npy file: {e}") from None
     header_shape = tuple(header_shape)
-    if fortran or header_dtype.str not in DTYPES or (dtype is not None and header_dtype.str != dtype) \
-            or (shape is not None and header_shape != shape):
+    if (
+        fortran
+        or header_dtype.str not in DTYPES
+        or (dtype is not None and header_dtype.str != dtype)
+        or (shape is not None and header_shape != shape)
+    ):
         expected = f"{dtype or 'one of ' + str(DTYPES)}, {shape or 'any shape'}"
-        raise ValueError(f"{where}: its header ({header_dtype.str}, {header_shape}, fortran order "
-                         f"{fortran}) disagrees with {expected}")
+        raise ValueError(
+            f"{where}: its header ({header_dtype.str}, {header_shape}, fortran order "
+            f"{fortran}) disagrees with {expected}"
+        )
     offset = stream.tell()
     count = math.prod(header_shape)
     nbytes = count * header_dtype.itemsize
     if offset + nbytes != len(blob):
-        raise ValueError(f"{where}: the header's shape {header_shape} needs {nbytes} bytes of data; the "
-                         f"file has {len(blob) - offset}")
+        raise ValueError(
+            f"{where}: the header's shape {header_shape} needs {nbytes} bytes of data; the "
+            f"file has {len(blob) - offset}"
+        )
     arr = np.frombuffer(blob, dtype=header_dtype, count=count, offset=offset).reshape(header_shape)
     return np.require(arr, requirements=["C", "A", "W"])  # the bytearray is ours: no copy
 
@@ -250,9 +267,13 @@ def read(path, kind: str) -> tuple[dict, dict]:
             raise ValueError(f"{where}: 'arrays' must use each listed file exactly once")
         arrays = {}
         for key, entry in layout.items():
-            if set(entry) != {"file", "dtype", "shape"} or entry["dtype"] not in DTYPES \
-                    or not isinstance(entry["shape"], list) or len(entry["shape"]) > 8 \
-                    or not all(_is_int(n) and n >= 0 for n in entry["shape"]):
+            if (
+                set(entry) != {"file", "dtype", "shape"}
+                or entry["dtype"] not in DTYPES
+                or not isinstance(entry["shape"], list)
+                or len(entry["shape"]) > 8
+                or not all(_is_int(n) and n >= 0 for n in entry["shape"])
+            ):
                 raise ValueError(f"{where}: bad layout for array {key!r}")
             name = entry["file"]
             blob = folder.read(name, size=files[name]["bytes"])
@@ -278,7 +299,7 @@ class Schema:
     def __init__(self, where, meta: dict, arrays: dict | None = None, prefix: str = ""):
         self.where, self.meta, self.arrays, self.prefix = where, meta, arrays or {}, prefix
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise ValueError(f"{self.where}: {message}")
 
     def _get(self, key: str):
@@ -286,7 +307,7 @@ class Schema:
             self.fail(f"'{self.prefix}{key}' is missing")
         return self.meta[key]
 
-    def keys(self, required: set, optional: set = frozenset()) -> None:
+    def keys(self, required: set, optional: frozenset | set = frozenset()) -> None:
         """The meta has these keys and no others."""
         present = set(self.meta)
         if not required <= present or not present <= required | optional:
@@ -301,8 +322,12 @@ class Schema:
 
     def number(self, key: str, minimum: float = -math.inf, maximum: float = math.inf) -> float:
         value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not minimum <= value <= maximum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not minimum <= value <= maximum
+        ):
             self.fail(f"'{self.prefix}{key}' must be a finite number in [{minimum}, {maximum}]; got {value!r}")
         return float(value)
 
@@ -318,16 +343,28 @@ class Schema:
             self.fail(f"'{self.prefix}{key}' must be a {getattr(kind, '__name__', kind)}; got {type(value).__name__}")
         return value
 
-    def array(self, key: str, dtype: str, shape: tuple, *, finite: bool = False,
-              optional: bool = False) -> np.ndarray | None:
+    @overload
+    def array(
+        self, key: str, dtype: str, shape: tuple, *, finite: bool = ..., optional: Literal[False] = ...
+    ) -> np.ndarray: ...
+
+    @overload
+    def array(self, key: str, dtype: str, shape: tuple, *, finite: bool = ..., optional: bool) -> np.ndarray | None: ...
+
+    def array(
+        self, key: str, dtype: str, shape: tuple, *, finite: bool = False, optional: bool = False
+    ) -> np.ndarray | None:
         """An array of exactly this dtype and shape (None in shape: any length)."""
         if key not in self.arrays:
             if optional:
                 return None
             self.fail(f"array '{key}' is missing")
         arr = self.arrays[key]
-        if arr.dtype.str != dtype or arr.ndim != len(shape) or \
-                any(n is not None and n != m for n, m in zip(shape, arr.shape)):
+        if (
+            arr.dtype.str != dtype
+            or arr.ndim != len(shape)
+            or any(n is not None and n != m for n, m in zip(shape, arr.shape))
+        ):
             self.fail(f"array '{key}' must be {dtype} of shape {shape}; got {arr.dtype.str} {arr.shape}")
         if finite and not np.isfinite(arr).all():
             self.fail(f"array '{key}' has NaN or infinite values")
@@ -376,8 +413,10 @@ def read_version_1(path, json_name: str, npz_name: str) -> tuple[dict, dict]:
                 if not info.filename.endswith(".npy") or key in arrays:
                     raise ValueError(f"{where}: unexpected member {info.filename!r}")
                 if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(blob):
-                    raise ValueError(f"{where}: member {info.filename!r} is compressed (it claims "
-                                     f"{info.file_size} bytes); fedrecon_fast writes stored members only")
+                    raise ValueError(
+                        f"{where}: member {info.filename!r} is compressed (it claims "
+                        f"{info.file_size} bytes); fedrecon_fast writes stored members only"
+                    )
                 arrays[key] = _array(where, bytearray(z.read(info)), None, None)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as e:
         raise ValueError(f"{where} is not a valid npz file: {e}") from None

@@ -61,7 +61,7 @@ def fsync_folder(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for folder, dirs, files in os.walk(root):
+    for folder, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)
             try:
@@ -98,8 +98,9 @@ def recover(path, *, everything: bool = False) -> None:
         try:
             if not os.path.lexists(target):
                 # Killed between "NAME -> old" and "new -> NAME": the new version is complete.
-                done = [p for state, p in leftovers if state == "new"] or \
-                       [p for state, p in leftovers if state == "old"]
+                done = [p for state, p in leftovers if state == "new"] or [
+                    p for state, p in leftovers if state == "old"
+                ]
                 if done:
                     os.rename(done[0], target)
                     fsync_folder(parent)
@@ -258,7 +259,7 @@ def locked(folder, *, what: str = "folder"):
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
-        fcntl = None
+        fcntl = None  # type: ignore[assignment]
     fd = None
     try:
         if fcntl is not None:
@@ -267,8 +268,9 @@ def locked(folder, *, what: str = "folder"):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 other = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                raise FolderLockedError(f"{what} {folder} is in use by another process (pid {other}); "
-                                        "wait for it to finish or stop it") from None
+                raise FolderLockedError(
+                    f"{what} {folder} is in use by another process (pid {other}); wait for it to finish or stop it"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

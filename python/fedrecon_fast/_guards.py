@@ -16,8 +16,10 @@ def one_fit_at_a_time(fit):
     def guarded(self, *args, **kwargs):
         lock = self.__dict__.setdefault("_fit_lock", threading.Lock())  # setdefault is atomic
         if not lock.acquire(blocking=False):
-            raise RuntimeError(f"this {type(self).__name__} is already running fit (in another thread, "
-                               "or fit was called from its own callback); use one trainer per thread")
+            raise RuntimeError(
+                f"this {type(self).__name__} is already running fit (in another thread, "
+                "or fit was called from its own callback); use one trainer per thread"
+            )
         try:
             directory = kwargs.get("checkpoint_dir")
             if directory is None:

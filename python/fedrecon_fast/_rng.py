@@ -187,8 +187,9 @@ def derive_seed_array(seed, round, client, stream) -> np.ndarray:  # noqa: A002
     numpy.ndarray of uint64, broadcast shape of the inputs
         ``derive_seed`` applied elementwise.
     """
-    parts = [_u64_array(v, name) for v, name in
-             ((seed, "seed"), (round, "round"), (client, "client"), (stream, "stream"))]
+    parts = [
+        _u64_array(v, name) for v, name in ((seed, "seed"), (round, "round"), (client, "client"), (stream, "stream"))
+    ]
     s, r, c, t = np.broadcast_arrays(*parts)
     h = mix64_array(s)
     h = mix64_array(h ^ r)

@@ -40,7 +40,6 @@ def _handle(signum, frame) -> None:
     signal.signal(signum, _previous.get(signum) or signal.SIG_DFL)
 
 
-
 class _Outcome:
     signum: int | None = None  # the signal that stopped the block, set when it ends
 

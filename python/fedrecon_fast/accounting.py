@@ -77,8 +77,14 @@ def neighboring_relation(sampling: str):
     return rel.REPLACE_ONE if sampling == "fixed" else rel.ADD_OR_REMOVE_ONE
 
 
-def round_event(noise_multiplier: float, *, num_clients: int, clients_per_round: int, sampling: str = "fixed",
-                clip_count_stddev: float | None = None):
+def round_event(
+    noise_multiplier: float,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str = "fixed",
+    clip_count_stddev: float | None = None,
+):
     """One DP-FedAvg round as a dp-accounting ``DpEvent``.
 
     Parameters
@@ -118,13 +124,21 @@ def round_event(noise_multiplier: float, *, num_clients: int, clients_per_round:
 
 
 @functools.lru_cache(maxsize=32)
-def _event_rdp(noise_multiplier: float, num_clients: int, clients_per_round: int, sampling: str,
-               clip_count_stddev: float | None) -> np.ndarray:
+def _event_rdp(
+    noise_multiplier: float, num_clients: int, clients_per_round: int, sampling: str, clip_count_stddev: float | None
+) -> np.ndarray:
     """RDP of one round at dp-accounting's default orders (cached: a round's costs ~0.1-0.5 s)."""
     _, rdp = _dp()
     accountant = rdp.RdpAccountant(neighboring_relation=neighboring_relation(sampling))
-    accountant.compose(round_event(noise_multiplier, num_clients=num_clients, clients_per_round=clients_per_round,
-                                   sampling=sampling, clip_count_stddev=clip_count_stddev))
+    accountant.compose(
+        round_event(
+            noise_multiplier,
+            num_clients=num_clients,
+            clients_per_round=clients_per_round,
+            sampling=sampling,
+            clip_count_stddev=clip_count_stddev,
+        )
+    )
     values = np.array(accountant.rdp, dtype=np.float64)
     values.flags.writeable = False
     return values
@@ -146,8 +160,14 @@ class PrivacyAccountant:
         Adaptive clipping's count noise ``σ_b`` (None: fixed clipping).
     """
 
-    def __init__(self, *, num_clients: int, clients_per_round: int, sampling: str = "fixed",
-                 clip_count_stddev: float | None = None):
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        clients_per_round: int,
+        sampling: str = "fixed",
+        clip_count_stddev: float | None = None,
+    ):
         check_int(num_clients, "num_clients", minimum=1)
         check_int(clients_per_round, "clients_per_round", minimum=1)
         check_choice(sampling, "sampling", SAMPLINGS)
@@ -162,8 +182,13 @@ class PrivacyAccountant:
 
     def event(self, noise_multiplier: float):
         """The ``DpEvent`` of one round with ``noise_multiplier``."""
-        return round_event(noise_multiplier, num_clients=self.num_clients, clients_per_round=self.clients_per_round,
-                           sampling=self.sampling, clip_count_stddev=self.clip_count_stddev)
+        return round_event(
+            noise_multiplier,
+            num_clients=self.num_clients,
+            clients_per_round=self.clients_per_round,
+            sampling=self.sampling,
+            clip_count_stddev=self.clip_count_stddev,
+        )
 
     def compose(self, noise_multiplier: float, rounds: int = 1) -> None:
         """Account for ``rounds`` more rounds with ``noise_multiplier``."""
@@ -190,8 +215,13 @@ class PrivacyAccountant:
     def restore(self, ledger) -> None:
         """Replace the composed rounds by a :attr:`ledger` (e.g. from a checkpoint)."""
         ledger = np.asarray(ledger, dtype=np.float64)
-        if ledger.ndim != 2 or ledger.shape[1] != 2 or not np.isfinite(ledger).all() \
-                or (ledger < 0).any() or (ledger[:, 1] != np.round(ledger[:, 1])).any():
+        if (
+            ledger.ndim != 2
+            or ledger.shape[1] != 2
+            or not np.isfinite(ledger).all()
+            or (ledger < 0).any()
+            or (ledger[:, 1] != np.round(ledger[:, 1])).any()
+        ):
             raise ValueError("ledger must be (k, 2) rows of (noise multiplier >= 0, whole rounds >= 0)")
         self._runs = [(float(z), int(c)) for z, c in ledger]
 
@@ -199,8 +229,9 @@ class PrivacyAccountant:
         _, rdp = _dp()
         total = np.zeros(len(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS), dtype=np.float64)
         for z, count in runs:
-            total += count * _event_rdp(z, self.num_clients, self.clients_per_round, self.sampling,
-                                        self.clip_count_stddev)
+            total += count * _event_rdp(
+                z, self.num_clients, self.clients_per_round, self.sampling, self.clip_count_stddev
+            )
         return total
 
     def rdp(self) -> tuple[np.ndarray, np.ndarray]:
@@ -225,13 +256,23 @@ class PrivacyAccountant:
         return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, self._rdp(runs), delta)[0])
 
     def __repr__(self) -> str:
-        return (f"PrivacyAccountant(num_clients={self.num_clients}, clients_per_round={self.clients_per_round}, "
-                f"sampling={self.sampling!r}, rounds={self.rounds})")
+        return (
+            f"PrivacyAccountant(num_clients={self.num_clients}, clients_per_round={self.clients_per_round}, "
+            f"sampling={self.sampling!r}, rounds={self.rounds})"
+        )
 
 
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int, *, num_clients: int,
-                               clients_per_round: int, sampling: str = "fixed",
-                               clip_count_stddev: float | None = None, tol: float = 1e-4) -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str = "fixed",
+    clip_count_stddev: float | None = None,
+    tol: float = 1e-4,
+) -> float:
     """The smallest noise multiplier (within ``tol``) whose ``rounds`` rounds cost at most
     ``target_epsilon`` at ``delta`` (dp-accounting's ``calibrate_dp_mechanism``).
 
@@ -251,14 +292,21 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
 
     # The count's share is calibrated with it: the total multiplier is what the accountant sees.
     z = dp_accounting.calibrate_dp_mechanism(
-        lambda: rdp.RdpAccountant(neighboring_relation=relation), event, target_epsilon, delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_NOISE, 1.0), tol=tol)
+        lambda: rdp.RdpAccountant(neighboring_relation=relation),
+        event,
+        target_epsilon,
+        delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_NOISE, 1.0),
+        tol=tol,
+    )
     # calibrate_dp_mechanism keeps ε(z) <= target, up to float rounding of the bisection.
     z = float(z)
     if clip_count_stddev is not None and 2.0 * clip_count_stddev <= z:
-        raise ValueError(f"reaching epsilon {target_epsilon:g} in {rounds} rounds needs a noise multiplier of "
-                         f"{z:.4g}, more than twice the clipped-count noise std {clip_count_stddev:g}: raise "
-                         "dp_clip_count_stddev (or clients_per_round), or allow a larger epsilon")
+        raise ValueError(
+            f"reaching epsilon {target_epsilon:g} in {rounds} rounds needs a noise multiplier of "
+            f"{z:.4g}, more than twice the clipped-count noise std {clip_count_stddev:g}: raise "
+            "dp_clip_count_stddev (or clients_per_round), or allow a larger epsilon"
+        )
     return z if math.isfinite(z) else float("inf")
 
 
@@ -270,19 +318,32 @@ def calibrated_config(config, num_clients: int):
         return config
     if config.rounds == 0:
         return config
-    stddev = count_stddev(config.clients_per_round, config.dp_clip_count_stddev) \
-        if config.dp_target_quantile is not None else None
-    z = calibrate_noise_multiplier(config.dp_target_epsilon, config.dp_delta, config.rounds,
-                                   num_clients=num_clients, clients_per_round=config.clients_per_round,
-                                   sampling=config.sampling, clip_count_stddev=stddev)
+    stddev = (
+        count_stddev(config.clients_per_round, config.dp_clip_count_stddev)
+        if config.dp_target_quantile is not None
+        else None
+    )
+    z = calibrate_noise_multiplier(
+        config.dp_target_epsilon,
+        config.dp_delta,
+        config.rounds,
+        num_clients=num_clients,
+        clients_per_round=config.clients_per_round,
+        sampling=config.sampling,
+        clip_count_stddev=stddev,
+    )
     return config.replace(dp_noise=z)
 
 
 def resumed_config(config, saved):
     """``config`` for continuing a run saved with ``saved``: a noise multiplier left to the
     calibration (``dp_noise`` 0 with a target) takes the one the run was calibrated with."""
-    if config.dp_target_epsilon is not None and config.dp_noise == 0 and saved.dp_noise > 0 \
-            and saved.dp_target_epsilon == config.dp_target_epsilon:
+    if (
+        config.dp_target_epsilon is not None
+        and config.dp_noise == 0
+        and saved.dp_noise > 0
+        and saved.dp_target_epsilon == config.dp_target_epsilon
+    ):
         return config.replace(dp_noise=saved.dp_noise)
     return config
 
@@ -306,21 +367,28 @@ class RunPrivacy:
         self.expected_clients = min(config.clients_per_round, num_clients)
         self.clip = float(config.dp_clip)
         self.adaptive = config.dp_target_quantile is not None
-        self.count_stddev = count_stddev(config.clients_per_round, config.dp_clip_count_stddev) \
-            if self.adaptive else None
+        self.count_stddev: float | None = None
         self.noise_multiplier = config.dp_noise
-        self.value_noise_multiplier = value_noise_multiplier(config.dp_noise, self.count_stddev) \
-            if self.adaptive else config.dp_noise
-        self.accountant = PrivacyAccountant(num_clients=num_clients, clients_per_round=config.clients_per_round,
-                                            sampling=config.sampling, clip_count_stddev=self.count_stddev)
+        self.value_noise_multiplier = config.dp_noise
+        if self.adaptive:  # the update and the clipped count share the noise
+            self.count_stddev = count_stddev(config.clients_per_round, config.dp_clip_count_stddev)
+            self.value_noise_multiplier = value_noise_multiplier(config.dp_noise, self.count_stddev)
+        self.accountant = PrivacyAccountant(
+            num_clients=num_clients,
+            clients_per_round=config.clients_per_round,
+            sampling=config.sampling,
+            clip_count_stddev=self.count_stddev,
+        )
 
     def can_run_round(self) -> bool:
         """Whether one more round stays within ``dp_target_epsilon`` (always, without a target)."""
         cfg = self.config
         if cfg.dp_target_epsilon is None:
             return True
-        return self.accountant.epsilon(cfg.dp_delta, extra_rounds=1,
-                                       noise_multiplier=self.noise_multiplier) <= cfg.dp_target_epsilon
+        return (
+            self.accountant.epsilon(cfg.dp_delta, extra_rounds=1, noise_multiplier=self.noise_multiplier)
+            <= cfg.dp_target_epsilon
+        )
 
     def end_round(self, summary: dict, round: int) -> dict:
         """Account for the round just run (and adapt the clip); its metrics for the history."""
@@ -329,14 +397,24 @@ class RunPrivacy:
         cfg = self.config
         used = self.clip
         self.accountant.compose(self.noise_multiplier)
-        row = {"dp_clip": used, "dp_noise_multiplier": self.noise_multiplier,
-               "dp_noise_std": self.value_noise_multiplier * used}
-        if self.adaptive:
+        row = {
+            "dp_clip": used,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_noise_std": self.value_noise_multiplier * used,
+        }
+        if self.count_stddev is not None:  # adaptive clipping
             reporting = int(summary["num_reporting"])
             self.clip, fraction = adaptive_clip_update(
-                used, reporting - int(summary["num_clipped"]), reporting, target_quantile=cfg.dp_target_quantile,
-                learning_rate=cfg.dp_clip_lr, count_stddev=self.count_stddev,
-                expected_records=self.expected_clients, seed=cfg.seed, round=round)
+                used,
+                reporting - int(summary["num_clipped"]),
+                reporting,
+                target_quantile=cfg.dp_target_quantile,
+                learning_rate=cfg.dp_clip_lr,
+                count_stddev=self.count_stddev,
+                expected_records=self.expected_clients,
+                seed=cfg.seed,
+                round=round,
+            )
             row["dp_unclipped_estimate"] = fraction
         if cfg.dp_delta is not None:
             row.update(dp_epsilon=self.accountant.epsilon(cfg.dp_delta), dp_delta=cfg.dp_delta)

@@ -56,6 +56,10 @@ def list_checkpoints(directory) -> list[Path]:
 def save(directory, trainer, *, keep: int = 2) -> Path:
     """Write ``trainer``'s state as a new checkpoint in ``directory``; keep the newest ``keep``.
 
+    ``trainer`` is a :class:`fedrecon_fast.FedRecon` (or subclass): its server ``state``
+    (model, optimizer state, round, bits), ``config``, ``history``, time counters and
+    ``extra_state()`` (what else its rounds keep) are written.
+
     Refuses a non-finite model: the last good checkpoint stays the newest.
     """
     if keep < 1:
@@ -65,10 +69,10 @@ def save(directory, trainer, *, keep: int = 2) -> Path:
         raise ValueError("nothing to checkpoint: the model is not trained yet")
     if not np.isfinite(model.item_factors).all():
         raise FloatingPointError("refusing to checkpoint a non-finite model")
-    model_meta, model_arrays = model._parts()
+    model_meta, model_arrays = model.to_parts()
     arrays = {f"model/{k}": v for k, v in model_arrays.items()}
-    arrays.update({f"opt/{k}": v for k, v in (trainer._opt_state or {}).items()})
-    arrays.update({f"extra/{k}": v for k, v in trainer._extra_arrays().items()})
+    arrays.update({f"opt/{k}": v for k, v in (trainer.state.optimizer_state or {}).items()})
+    arrays.update({f"extra/{k}": v for k, v in trainer.extra_state().items()})
     meta = {
         "trainer": type(trainer).__name__,
         "round": trainer.round,
@@ -96,8 +100,19 @@ def save(directory, trainer, *, keep: int = 2) -> Path:
 def _from_parts(where, meta: dict, arrays: dict) -> dict:
     """The :func:`load` result of a verified manifest's ``meta`` and arrays (strict schema)."""
     schema = _bundle.Schema(where, meta, arrays)
-    schema.keys({"trainer", "round", "config", "history", "broadcasted_bits", "aggregated_bits",
-                 "train_seconds", "eval_seconds", "model"})
+    schema.keys(
+        {
+            "trainer",
+            "round",
+            "config",
+            "history",
+            "broadcasted_bits",
+            "aggregated_bits",
+            "train_seconds",
+            "eval_seconds",
+            "model",
+        }
+    )
     trainer = schema.of_type("trainer", str)
     if not trainer.isidentifier():
         schema.fail(f"'trainer' must be a class name; got {trainer!r}")
@@ -111,8 +126,7 @@ def _from_parts(where, meta: dict, arrays: dict) -> dict:
     for key in ("train_seconds", "eval_seconds"):
         schema.number(key, 0.0)
     model_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
-    model = GlobalModel._from_parts(_bundle.Schema(where, schema.of_type("model", dict), model_arrays,
-                                                   prefix="model."))
+    model = GlobalModel.from_parts(_bundle.Schema(where, schema.of_type("model", dict), model_arrays, prefix="model."))
     groups = ("model/", "opt/", "extra/")
     schema.no_other_arrays([k for k in arrays if k.startswith(groups)])
     out = dict(meta)
@@ -128,9 +142,11 @@ def load(path) -> dict:
     path = Path(path)
     try:
         if not _bundle.is_bundle(path) and (path / "trainer.json").exists():
-            raise CheckpointError(f"{path} is a checkpoint of fedrecon_fast 0.1 (trainer.json), whose "
-                                  "files cannot be verified; this release does not resume from it: "
-                                  "start a new checkpoint folder")
+            raise CheckpointError(
+                f"{path} is a checkpoint of fedrecon_fast 0.1 (trainer.json), whose "
+                "files cannot be verified; this release does not resume from it: "
+                "start a new checkpoint folder"
+            )
         meta, arrays = _bundle.read(path, FORMAT)
         return _from_parts(path / _bundle.MANIFEST, meta, arrays)
     except CheckpointError:

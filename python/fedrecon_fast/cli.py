@@ -19,14 +19,12 @@ import time
 import warnings
 from pathlib import Path
 
-from . import _signals
-from ._native import core as _native_core
+from . import __version__, _signals
 from .config import PRESETS, preset, preset_help
 from .loaders import SwappedColumnsWarning
 from .memory import MemoryEstimateError
 from .splits import split_ratings
 from .training import FedRecon
-
 
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
@@ -62,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
-def _one_line(message: str) -> str:
+def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
@@ -89,156 +87,350 @@ Without --data, train uses a seeded synthetic data set with MovieLens-like stati
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedrecon-fast", description=_DESCRIPTION, formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_native_core.__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="train FedRecon and evaluate it on unseen test users",
-                           description=textwrap.fill("Train FedRecon on a ratings file (or synthetic data) "
-                                                     "and evaluate it on test users never seen in training "
-                                                     "(ReconEval).", 88),
-                           epilog=preset_help(), formatter_class=_HelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="train FedRecon and evaluate it on unseen test users",
+        description=textwrap.fill(
+            "Train FedRecon on a ratings file (or synthetic data) "
+            "and evaluate it on test users never seen in training "
+            "(ReconEval).",
+            88,
+        ),
+        epilog=preset_help(),
+        formatter_class=_HelpFormatter,
+    )
     data = train.add_argument_group("data")
-    data.add_argument("--data", type=Path, metavar="PATH",
-                      help=_with_default("ratings file (CSV, TSV, '::', ';', whitespace; parquet with pyarrow) "
-                                         "or MovieLens folder", "a synthetic data set"))
-    data.add_argument("--columns", metavar="SPEC",
-                      help=_with_default("which column is which: roles in column order, e.g. 'item,user,rating' "
-                                         "('-' skips one), or 'user=uid,item=iid,rating=stars' by header name",
-                                         "found by name, e.g. userId, movieId, rating; headerless files: "
-                                         "user,item,rating[,timestamp]"))
-    data.add_argument("--sep", metavar="SEP",
-                      help=_with_default("field separator, e.g. ',', ';', '::', 'tab', 'whitespace'", "sniffed"))
-    data.add_argument("--items", type=Path, metavar="FILE",
-                      help=_with_default("item titles to save with the model (MovieLens movies.dat, movies.csv "
-                                         "or u.item)", "one found beside --data"))
+    data.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help=_with_default(
+            "ratings file (CSV, TSV, '::', ';', whitespace; parquet with pyarrow) or MovieLens folder",
+            "a synthetic data set",
+        ),
+    )
+    data.add_argument(
+        "--columns",
+        metavar="SPEC",
+        help=_with_default(
+            "which column is which: roles in column order, e.g. 'item,user,rating' "
+            "('-' skips one), or 'user=uid,item=iid,rating=stars' by header name",
+            "found by name, e.g. userId, movieId, rating; headerless files: user,item,rating[,timestamp]",
+        ),
+    )
+    data.add_argument(
+        "--sep",
+        metavar="SEP",
+        help=_with_default("field separator, e.g. ',', ';', '::', 'tab', 'whitespace'", "sniffed"),
+    )
+    data.add_argument(
+        "--items",
+        type=Path,
+        metavar="FILE",
+        help=_with_default(
+            "item titles to save with the model (MovieLens movies.dat, movies.csv or u.item)", "one found beside --data"
+        ),
+    )
     model = train.add_argument_group("model and training (a preset, then these changes)")
-    model.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                       help=_with_default("named configuration; the list is below", "default"))
-    model.add_argument("--rounds", type=_non_negative_int, metavar="N",
-                       help=_with_default("federated rounds", "the preset's"))
-    model.add_argument("--clients-per-round", type=_positive_int, metavar="M",
-                       help=_with_default("clients sampled per round", "the preset's"))
-    model.add_argument("--dim", type=_positive_int, metavar="K",
-                       help=_with_default("embedding dimension K", "the preset's"))
-    model.add_argument("--seed", type=_seed, default=0, metavar="S",
-                       help=_with_default("seed of every random choice (user split, sampling, ...)", 0))
-    model.add_argument("--threads", type=_non_negative_int, default=0, metavar="T",
-                       help=_with_default("threads of the native kernels (at most 4 per core are used); "
-                                          "results do not depend on it", "0, all cores"))
-    model.add_argument("--learn-user-default", action="store_true",
-                       help=_with_default("learn a global default u federatedly (cold start for users "
-                                          "without ratings)", "off"))
-    model.add_argument("--backend", choices=["local", "ray", "flower"], default="local",
-                       help=_with_default("local: in-process; ray: shards of each round on Ray workers "
-                                          "(RAY_ADDRESS or a local Ray; [ray] extra; same results as local); "
-                                          "flower: a Flower simulation on Ray, one node per user ([flower] "
-                                          "extra)", "local"))
+    model.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help=_with_default("named configuration; the list is below", "default"),
+    )
+    model.add_argument(
+        "--rounds", type=_non_negative_int, metavar="N", help=_with_default("federated rounds", "the preset's")
+    )
+    model.add_argument(
+        "--clients-per-round",
+        type=_positive_int,
+        metavar="M",
+        help=_with_default("clients sampled per round", "the preset's"),
+    )
+    model.add_argument(
+        "--dim", type=_positive_int, metavar="K", help=_with_default("embedding dimension K", "the preset's")
+    )
+    model.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help=_with_default("seed of every random choice (user split, sampling, ...)", 0),
+    )
+    model.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=0,
+        metavar="T",
+        help=_with_default(
+            "threads of the native kernels (at most 4 per core are used); results do not depend on it", "0, all cores"
+        ),
+    )
+    model.add_argument(
+        "--learn-user-default",
+        action="store_true",
+        help=_with_default("learn a global default u federatedly (cold start for users without ratings)", "off"),
+    )
+    model.add_argument(
+        "--backend",
+        choices=["local", "ray", "flower"],
+        default="local",
+        help=_with_default(
+            "local: in-process; ray: shards of each round on Ray workers "
+            "(RAY_ADDRESS or a local Ray; [ray] extra; same results as local); "
+            "flower: a Flower simulation on Ray, one node per user ([flower] "
+            "extra)",
+            "local",
+        ),
+    )
     evaluation = train.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-every", type=_non_negative_int, default=None, metavar="N",
-                            help=_with_default("validate every N rounds", "10 validations per run"))
-    evaluation.add_argument("--rank-k", type=_positive_int, default=10, metavar="K",
-                            help=_with_default("cut-off of the test ranking metrics (Recall, Precision, HR, "
-                                               "NDCG, MAP, MRR, coverage; liked: rating >= 4)", 10))
-    evaluation.add_argument("--leave-one-out", action="store_true",
-                            help=_with_default("also report leave-one-out HR@K and NDCG@K on the test users "
-                                               "(each user's most recent rating held out)", "off"))
+    evaluation.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=_with_default("validate every N rounds", "10 validations per run"),
+    )
+    evaluation.add_argument(
+        "--rank-k",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help=_with_default(
+            "cut-off of the test ranking metrics (Recall, Precision, HR, NDCG, MAP, MRR, coverage; liked: rating >= 4)",
+            10,
+        ),
+    )
+    evaluation.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help=_with_default(
+            "also report leave-one-out HR@K and NDCG@K on the test users (each user's most recent rating held out)",
+            "off",
+        ),
+    )
     comm = train.add_argument_group("communication and privacy of client updates")
-    comm.add_argument("--quantize-bits", type=_positive_int, metavar="B",
-                      help=_with_default("quantize updates to B bits (1..16); dense updates cost a "
-                                         "decoding pass over all rows per client (use with --sparse-updates)",
-                                         "float32"))
-    comm.add_argument("--quantize-threshold", type=_int_at_least(0, _INT64_MAX), default=20000, metavar="N",
-                      help=_with_default("only variables with at least N elements are quantized (TFF's value)",
-                                         20000))
-    comm.add_argument("--quantize-scaling", choices=["tensor", "row"], default="tensor",
-                      help=_with_default("one scale per update or per row", "tensor"))
-    comm.add_argument("--hadamard", action="store_true",
-                      help=_with_default("randomized Hadamard rotation before quantizing", "off"))
-    comm.add_argument("--sparse-updates", action="store_true",
-                      help=_with_default("send only touched rows (ids + values)", "off: dense updates, as TFF"))
-    comm.add_argument("--dp-clip", type=float, metavar="C",
-                      help=_with_default("DP-FedAvg: clip each update to this L2 norm (switches to uniform "
-                                         "client weighting)", "no clipping"))
-    comm.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
-                      help=_with_default("DP-FedAvg noise multiplier z (needs --dp-clip)", 0.0))
-    comm.add_argument("--dp-delta", type=float, metavar="DELTA",
-                      help=_with_default("report the run's epsilon at this delta after every round ([dp] extra)",
-                                         "no accounting"))
-    comm.add_argument("--dp-target-epsilon", type=float, metavar="EPS",
-                      help=_with_default("privacy budget: calibrate the noise multiplier so the run costs at most "
-                                         "this epsilon (unless --dp-noise is given) and stop before a round would "
-                                         "exceed it; needs --dp-clip and --dp-delta", "no budget"))
-    comm.add_argument("--dp-target-quantile", type=float, metavar="Q",
-                      help=_with_default("adaptive clipping: move the clip norm (starting at --dp-clip) toward "
-                                         "this quantile of the update norms", "a fixed clip norm"))
-    comm.add_argument("--dp-clip-lr", type=float, default=0.2, metavar="LR",
-                      help=_with_default("adaptive clipping's learning rate", 0.2))
-    comm.add_argument("--dp-clip-count-stddev", type=float, metavar="S",
-                      help=_with_default("noise std of adaptive clipping's clipped count",
-                                         "0.05 x clients per round"))
-    comm.add_argument("--sampling", choices=["fixed", "poisson"], default="fixed",
-                      help=_with_default("each round's cohort: a fixed number of distinct clients, or each client "
-                                         "independently with probability clients-per-round / users (Poisson)",
-                                         "fixed"))
+    comm.add_argument(
+        "--quantize-bits",
+        type=_positive_int,
+        metavar="B",
+        help=_with_default(
+            "quantize updates to B bits (1..16); dense updates cost a "
+            "decoding pass over all rows per client (use with --sparse-updates)",
+            "float32",
+        ),
+    )
+    comm.add_argument(
+        "--quantize-threshold",
+        type=_int_at_least(0, _INT64_MAX),
+        default=20000,
+        metavar="N",
+        help=_with_default("only variables with at least N elements are quantized (TFF's value)", 20000),
+    )
+    comm.add_argument(
+        "--quantize-scaling",
+        choices=["tensor", "row"],
+        default="tensor",
+        help=_with_default("one scale per update or per row", "tensor"),
+    )
+    comm.add_argument(
+        "--hadamard", action="store_true", help=_with_default("randomized Hadamard rotation before quantizing", "off")
+    )
+    comm.add_argument(
+        "--sparse-updates",
+        action="store_true",
+        help=_with_default("send only touched rows (ids + values)", "off: dense updates, as TFF"),
+    )
+    comm.add_argument(
+        "--dp-clip",
+        type=float,
+        metavar="C",
+        help=_with_default(
+            "DP-FedAvg: clip each update to this L2 norm (switches to uniform client weighting)", "no clipping"
+        ),
+    )
+    comm.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help=_with_default("DP-FedAvg noise multiplier z (needs --dp-clip)", 0.0),
+    )
+    comm.add_argument(
+        "--dp-delta",
+        type=float,
+        metavar="DELTA",
+        help=_with_default("report the run's epsilon at this delta after every round ([dp] extra)", "no accounting"),
+    )
+    comm.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        metavar="EPS",
+        help=_with_default(
+            "privacy budget: calibrate the noise multiplier so the run costs at most "
+            "this epsilon (unless --dp-noise is given) and stop before a round would "
+            "exceed it; needs --dp-clip and --dp-delta",
+            "no budget",
+        ),
+    )
+    comm.add_argument(
+        "--dp-target-quantile",
+        type=float,
+        metavar="Q",
+        help=_with_default(
+            "adaptive clipping: move the clip norm (starting at --dp-clip) toward this quantile of the update norms",
+            "a fixed clip norm",
+        ),
+    )
+    comm.add_argument(
+        "--dp-clip-lr",
+        type=float,
+        default=0.2,
+        metavar="LR",
+        help=_with_default("adaptive clipping's learning rate", 0.2),
+    )
+    comm.add_argument(
+        "--dp-clip-count-stddev",
+        type=float,
+        metavar="S",
+        help=_with_default("noise std of adaptive clipping's clipped count", "0.05 x clients per round"),
+    )
+    comm.add_argument(
+        "--sampling",
+        choices=["fixed", "poisson"],
+        default="fixed",
+        help=_with_default(
+            "each round's cohort: a fixed number of distinct clients, or each client "
+            "independently with probability clients-per-round / users (Poisson)",
+            "fixed",
+        ),
+    )
     ckpt = train.add_argument_group("checkpoints")
-    ckpt.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
-                      help=_with_default("write checkpoints of the whole training state here", "none"))
-    ckpt.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                      help=_with_default("rounds between checkpoints", "a tenth of the rounds"))
-    ckpt.add_argument("--resume", action="store_true",
-                      help=_with_default("continue from the newest valid checkpoint in --checkpoint-dir (if "
-                                         "any); the result is the uninterrupted run's", "off"))
+    ckpt.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        metavar="DIR",
+        help=_with_default("write checkpoints of the whole training state here", "none"),
+    )
+    ckpt.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="N",
+        help=_with_default("rounds between checkpoints", "a tenth of the rounds"),
+    )
+    ckpt.add_argument(
+        "--resume",
+        action="store_true",
+        help=_with_default(
+            "continue from the newest valid checkpoint in --checkpoint-dir (if "
+            "any); the result is the uninterrupted run's",
+            "off",
+        ),
+    )
     output = train.add_argument_group("output")
-    output.add_argument("--out", type=Path, metavar="DIR",
-                        help=_with_default("write metrics.csv, metrics.json and learning_curve.png here", "none"))
-    output.add_argument("--save", type=Path, metavar="DIR",
-                        help=_with_default("save the trained model here (for recommend)", "none"))
-    output.add_argument("--json", action="store_true",
-                        help=_with_default("print the results as one JSON line last", "off"))
-    output.add_argument("--no-progress", action="store_true",
-                        help=_with_default("hide the progress bar", "shown on a terminal"))
+    output.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=_with_default("write metrics.csv, metrics.json and learning_curve.png here", "none"),
+    )
+    output.add_argument(
+        "--save", type=Path, metavar="DIR", help=_with_default("save the trained model here (for recommend)", "none")
+    )
+    output.add_argument(
+        "--json", action="store_true", help=_with_default("print the results as one JSON line last", "off")
+    )
+    output.add_argument(
+        "--no-progress", action="store_true", help=_with_default("hide the progress bar", "shown on a terminal")
+    )
 
-    rec = sub.add_parser("recommend", help="top-k unseen items for a new user, from a saved model",
-                         formatter_class=_HelpFormatter,
-                         description=textwrap.fill("Reconstruct a new user from its ratings and print the "
-                                                   "top-k items it has not rated, with titles when known.", 88)
-                         + "\n\n" + textwrap.fill("FILE holds one 'item,rating' per line (item ids as in the "
-                                                   "training data); blank lines and lines starting with '#' are "
-                                                   "skipped, and the first line may be a header (its first field "
-                                                   "not a number, e.g. 'item,rating').", 88))
-    rec.add_argument("--model", type=Path, required=True, metavar="DIR",
-                     help="model folder written by train --save (required)")
+    rec = sub.add_parser(
+        "recommend",
+        help="top-k unseen items for a new user, from a saved model",
+        formatter_class=_HelpFormatter,
+        description=textwrap.fill(
+            "Reconstruct a new user from its ratings and print the "
+            "top-k items it has not rated, with titles when known.",
+            88,
+        )
+        + "\n\n"
+        + textwrap.fill(
+            "FILE holds one 'item,rating' per line (item ids as in the "
+            "training data); blank lines and lines starting with '#' are "
+            "skipped, and the first line may be a header (its first field "
+            "not a number, e.g. 'item,rating').",
+            88,
+        ),
+    )
+    rec.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="model folder written by train --save (required)"
+    )
     rec.add_argument("--ratings", required=True, metavar="FILE", help="the user's ratings, '-' for stdin (required)")
-    rec.add_argument("--k", type=_int_at_least(1, _INT64_MAX), default=10,
-                     help=_with_default("number of items (at most the catalogue)", 10))
-    rec.add_argument("--items", type=Path, metavar="FILE",
-                     help=_with_default("item titles (MovieLens movies.dat, movies.csv or u.item)",
-                                        "the model's, else one beside --ratings"))
-    rec.add_argument("--include-seen", action="store_true",
-                     help=_with_default("also recommend items the user rated", "off"))
-    rec.add_argument("--ignore-unknown", action="store_true",
-                     help=_with_default("drop ratings of items the model does not know", "off: an error"))
-    rec.add_argument("--json", action="store_true",
-                     help=_with_default('print {"items": [...], "scores": [...], "titles": [...]} as the last '
-                                        "line (titles when known)", "off"))
+    rec.add_argument(
+        "--k",
+        type=_int_at_least(1, _INT64_MAX),
+        default=10,
+        help=_with_default("number of items (at most the catalogue)", 10),
+    )
+    rec.add_argument(
+        "--items",
+        type=Path,
+        metavar="FILE",
+        help=_with_default(
+            "item titles (MovieLens movies.dat, movies.csv or u.item)", "the model's, else one beside --ratings"
+        ),
+    )
+    rec.add_argument(
+        "--include-seen", action="store_true", help=_with_default("also recommend items the user rated", "off")
+    )
+    rec.add_argument(
+        "--ignore-unknown",
+        action="store_true",
+        help=_with_default("drop ratings of items the model does not know", "off: an error"),
+    )
+    rec.add_argument(
+        "--json",
+        action="store_true",
+        help=_with_default(
+            'print {"items": [...], "scores": [...], "titles": [...]} as the last line (titles when known)', "off"
+        ),
+    )
 
     for name, helptext, out_help in (
-            ("paper", "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)",
-             "write table1.md and table1.json here"),
-            ("ablation", "reproduce Figure 3: reconstruction steps kr x update steps ku",
-             "write ablation.md, ablation.json and ablation.png here")):
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".",
-                           formatter_class=_HelpFormatter)
-        p.add_argument("--data", type=Path, required=True, metavar="PATH",
-                       help="MovieLens folder or ratings file (required)")
+        (
+            "paper",
+            "reproduce Table 1 of Singhal et al. (five rows, paper beside ours)",
+            "write table1.md and table1.json here",
+        ),
+        (
+            "ablation",
+            "reproduce Figure 3: reconstruction steps kr x update steps ku",
+            "write ablation.md, ablation.json and ablation.png here",
+        ),
+    ):
+        p = sub.add_parser(
+            name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".", formatter_class=_HelpFormatter
+        )
+        p.add_argument(
+            "--data", type=Path, required=True, metavar="PATH", help="MovieLens folder or ratings file (required)"
+        )
         p.add_argument("--seed", type=_seed, default=0, help=_with_default("seed", 0))
-        p.add_argument("--threads", type=_non_negative_int, default=0,
-                       help=_with_default("threads of the native kernels", "0, all cores"))
+        p.add_argument(
+            "--threads",
+            type=_non_negative_int,
+            default=0,
+            help=_with_default("threads of the native kernels", "0, all cores"),
+        )
         p.add_argument("--rounds", type=_positive_int, help=_with_default("federated rounds", "the paper's 500"))
         p.add_argument("--out", type=Path, metavar="DIR", help=_with_default(out_help, "none"))
-        p.add_argument("--json", action="store_true",
-                       help=_with_default("print the results as one JSON line last", "off"))
-        p.add_argument("--no-progress", action="store_true",
-                       help=_with_default("hide progress bars", "shown on a terminal"))
+        p.add_argument(
+            "--json", action="store_true", help=_with_default("print the results as one JSON line last", "off")
+        )
+        p.add_argument(
+            "--no-progress", action="store_true", help=_with_default("hide progress bars", "shown on a terminal")
+        )
     return parser
 
 
@@ -281,8 +473,10 @@ def _trainer_from_checkpoints(args, config) -> FedRecon:
         return FedRecon(config, backend=args.backend)
     existing = checkpoint.list_checkpoints(directory)
     if existing and not args.resume:
-        raise ValueError(f"{directory} already holds checkpoints ({existing[0].name}); pass --resume to "
-                         "continue that run or choose an empty folder")
+        raise ValueError(
+            f"{directory} already holds checkpoints ({existing[0].name}); pass --resume to "
+            "continue that run or choose an empty folder"
+        )
     if not existing:
         return FedRecon(config, backend=args.backend)
     trainer = FedRecon.from_checkpoint(directory, config, backend=args.backend)
@@ -334,7 +528,7 @@ def _train(args, config, train, val):
     if args.backend == "flower":
         if args.checkpoint_dir is not None or args.resume:
             raise ValueError("checkpoints are not supported with --backend flower")
-        from .flower import FlowerFedRecon
+        from .integrations.flower import FlowerFedRecon
 
         # Each fit starts and stops its own SuperLink: nothing to close afterwards.
         return FlowerFedRecon(config, num_cpus=args.threads or None).fit(train, val, progress=progress)
@@ -345,8 +539,9 @@ def _train(args, config, train, val):
         trainer = _trainer_from_checkpoints(args, config)
         if args.checkpoint_dir is not None:
             every = args.checkpoint_every if args.checkpoint_every is not None else max(1, config.rounds // 10)
-            fit_args = dict(rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=every)
+            fit_args = dict(
+                rounds=config.rounds - trainer.round, checkpoint_dir=args.checkpoint_dir, checkpoint_every=every
+            )
         stop = stack.enter_context(_signals.stop_on_signals())
         try:
             trainer.fit(train, val, progress=progress, **fit_args)
@@ -354,8 +549,11 @@ def _train(args, config, train, val):
             trainer.close()
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
-        saved = (f"checkpoint of round {trainer.round} in {args.checkpoint_dir}" if args.checkpoint_dir
-                 else "nothing saved (no --checkpoint-dir)")
+        saved = (
+            f"checkpoint of round {trainer.round} in {args.checkpoint_dir}"
+            if args.checkpoint_dir
+            else "nothing saved (no --checkpoint-dir)"
+        )
         raise _signals.Stopped(stop.signum, f"stopped by {name} after round {trainer.round}; {saved}")
     return trainer
 
@@ -365,14 +563,20 @@ def run_train(args) -> dict:
     _check_output_folder(args.save, "--save")
     _check_output_folder(args.checkpoint_dir, "--checkpoint-dir")
     overrides = {"seed": args.seed, "num_threads": args.threads}
-    for field, value in (("rounds", args.rounds), ("clients_per_round", args.clients_per_round),
-                         ("dim", args.dim)):
+    for field, value in (("rounds", args.rounds), ("clients_per_round", args.clients_per_round), ("dim", args.dim)):
         if value is not None:
             overrides[field] = value
-    overrides.update(quantize_bits=args.quantize_bits, quantize_threshold=args.quantize_threshold,
-                     quantize_scaling=args.quantize_scaling, hadamard=args.hadamard,
-                     sparse_updates=args.sparse_updates, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-                     learn_user_default=args.learn_user_default, sampling=args.sampling)
+    overrides.update(
+        quantize_bits=args.quantize_bits,
+        quantize_threshold=args.quantize_threshold,
+        quantize_scaling=args.quantize_scaling,
+        hadamard=args.hadamard,
+        sparse_updates=args.sparse_updates,
+        dp_clip=args.dp_clip,
+        dp_noise=args.dp_noise,
+        learn_user_default=args.learn_user_default,
+        sampling=args.sampling,
+    )
     overrides.update(_privacy_overrides(args))
     if args.dp_clip is not None:
         overrides["weighting"] = "uniform"  # DP-FedAvg bounds each client's influence
@@ -397,7 +601,7 @@ def run_train(args) -> dict:
     test_seconds = time.perf_counter() - start
 
     round_times = sorted(h["round_seconds"] for h in trainer.history)
-    last_val = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
+    last_val: dict = next((h for h in reversed(trainer.history) if "val_rmse" in h), {})
     result = {
         "data": source,
         "backend": args.backend,
@@ -448,6 +652,7 @@ def run_train(args) -> dict:
         if args.save is not None:
             trainer.model.save(args.save)
     else:
+
         def write(folder: Path) -> None:
             _write_outputs(folder, trainer, result)
             if args.save is not None:
@@ -475,50 +680,76 @@ def _privacy_result(trainer) -> dict:
     cfg = trainer.config
     if cfg.dp_clip is None:
         return {}
-    last = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
+    last: dict = next((h for h in reversed(trainer.history) if "dp_epsilon" in h), {})
     clips = [h["dp_clip"] for h in trainer.history if "dp_clip" in h]
-    return {"dp_delta": cfg.dp_delta, "dp_epsilon": last.get("dp_epsilon"),
-            "dp_target_epsilon": cfg.dp_target_epsilon, "dp_clip_last": clips[-1] if clips else cfg.dp_clip,
-            "dp_guarantee": "user-level, " + ("replace-one (fixed-size cohorts without replacement)"
-                                              if cfg.sampling == "fixed" else "add-or-remove-one (Poisson sampling)"),
-            "rounds_run": trainer.round}
+    return {
+        "dp_delta": cfg.dp_delta,
+        "dp_epsilon": last.get("dp_epsilon"),
+        "dp_target_epsilon": cfg.dp_target_epsilon,
+        "dp_clip_last": clips[-1] if clips else cfg.dp_clip,
+        "dp_guarantee": "user-level, "
+        + (
+            "replace-one (fixed-size cohorts without replacement)"
+            if cfg.sampling == "fixed"
+            else "add-or-remove-one (Poisson sampling)"
+        ),
+        "rounds_run": trainer.round,
+    }
 
 
 def _write_outputs(out: Path, trainer: FedRecon, result: dict) -> None:
-    from .plots import plot_learning_curve
+    from .experiments.plots import plot_learning_curve
 
     keys = list(dict.fromkeys(k for h in trainer.history for k in h))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(trainer.history)
-    (out / "metrics.json").write_text(json.dumps(
-        {"config": trainer.config.to_dict(), "history": trainer.history, "result": result}, indent=1))
+    (out / "metrics.json").write_text(
+        json.dumps({"config": trainer.config.to_dict(), "history": trainer.history, "result": result}, indent=1)
+    )
     if trainer.history:
         plot_learning_curve(trainer.history, out / "learning_curve.png")
 
 
 def _print_human(result: dict) -> None:
-    print(f"data: {result['data']}  preset: {result['preset']}  K={result['dim']}  "
-          f"rounds: {result['rounds']} x {result['clients_per_round']} clients  threads: {result['threads']}")
-    print(f"test (ReconEval, {result['test_users']} unseen users, {result['test_ratings']} ratings): "
-          f"RMSE {result['test_rmse']:.4f}  MAE {result['test_mae']:.4f}  "
-          f"accuracy {100 * result['test_accuracy']:.2f}%")
+    print(
+        f"data: {result['data']}  preset: {result['preset']}  K={result['dim']}  "
+        f"rounds: {result['rounds']} x {result['clients_per_round']} clients  threads: {result['threads']}"
+    )
+    print(
+        f"test (ReconEval, {result['test_users']} unseen users, {result['test_ratings']} ratings): "
+        f"RMSE {result['test_rmse']:.4f}  MAE {result['test_mae']:.4f}  "
+        f"accuracy {100 * result['test_accuracy']:.2f}%"
+    )
     k = result["rank_k"]
     print(f"top {k} vs liked query items (rating >= 4; {result['test_ranking_users']} users have one):")
-    shown = {"recall": "Recall", "precision": "Precision", "hit_rate": "HR", "ndcg": "NDCG", "map": "MAP",
-             "mrr": "MRR", "coverage": "coverage"}
+    shown = {
+        "recall": "Recall",
+        "precision": "Precision",
+        "hit_rate": "HR",
+        "ndcg": "NDCG",
+        "map": "MAP",
+        "mrr": "MRR",
+        "coverage": "coverage",
+    }
     print("  " + "  ".join(f"{label}@{k} {result[f'test_{name}_at_{k}']:.4f}" for name, label in shown.items()))
     if f"test_loo_hit_rate_at_{k}" in result:
-        print(f"leave-one-out ({result['test_loo_users']} users, most recent rating held out): "
-              f"HR@{k} {result[f'test_loo_hit_rate_at_{k}']:.4f}  NDCG@{k} {result[f'test_loo_ndcg_at_{k}']:.4f}")
+        print(
+            f"leave-one-out ({result['test_loo_users']} users, most recent rating held out): "
+            f"HR@{k} {result[f'test_loo_hit_rate_at_{k}']:.4f}  NDCG@{k} {result[f'test_loo_ndcg_at_{k}']:.4f}"
+        )
     median = result["round_ms_median"]
     median = "no rounds" if median is None else f"median round {median:.2f} ms"
-    print(f"train {result['train_seconds']:.2f} s ({median}), "
-          f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s")
+    print(
+        f"train {result['train_seconds']:.2f} s ({median}), "
+        f"eval {result['eval_seconds']:.2f} s, load {result['load_seconds']:.2f} s"
+    )
     if result.get("dp_epsilon") is not None:
-        print(f"privacy: ({result['dp_epsilon']:.3f}, {result['dp_delta']:g})-DP, {result['dp_guarantee']}; "
-              f"noise multiplier {result['dp_noise']:.4g}, {result['rounds_run']} rounds")
+        print(
+            f"privacy: ({result['dp_epsilon']:.3f}, {result['dp_delta']:g})-DP, {result['dp_guarantee']}; "
+            f"noise multiplier {result['dp_noise']:.4g}, {result['rounds_run']} rounds"
+        )
     _print_written(result)
 
 
@@ -529,8 +760,9 @@ def _print_written(result: dict) -> None:
         print(f"item titles from {result['titles']} are saved with the model")
 
 
-def read_user_ratings(source: str, drop_out_of_range: bool = False, *,
-                      string_ids: bool = False) -> tuple[list, list[float]]:
+def read_user_ratings(
+    source: str, drop_out_of_range: bool = False, *, string_ids: bool = False
+) -> tuple[list, list[float]]:
     """One user's ratings from ``item,rating`` lines (``-``: stdin).
 
     Blank lines and lines starting with ``#`` are skipped; the first remaining line is a header
@@ -575,7 +807,7 @@ def read_user_ratings(source: str, drop_out_of_range: bool = False, *,
                 item = int(fields[0])
             except ValueError:
                 raise ValueError(f"{name}:{number}: item id must be an integer, got {fields[0]!r}") from None
-            out_of_range = not -2**63 <= item < 2**63
+            out_of_range = not -(2**63) <= item < 2**63
         if out_of_range and not drop_out_of_range:
             raise ValueError(f"{name}:{number}: item id {item} is out of range (64-bit ids)")
         try:
@@ -601,13 +833,17 @@ def run_recommend(args) -> dict:
 
     model = GlobalModel.load(args.model)
     labels = model.item_labels
-    items, ratings = read_user_ratings(args.ratings, drop_out_of_range=args.ignore_unknown,
-                                       string_ids=labels is not None)
+    items, ratings = read_user_ratings(
+        args.ratings, drop_out_of_range=args.ignore_unknown, string_ids=labels is not None
+    )
     names = items
     if labels is not None:  # string ids: their codes are the model's item ids
         pos = np.minimum(np.searchsorted(labels, np.asarray(items, dtype=str)), max(labels.size - 1, 0))
-        items = np.where(labels[pos] == np.asarray(items, dtype=str), pos, -1).tolist() if labels.size else \
-            [-1] * len(items)
+        items = (
+            np.where(labels[pos] == np.asarray(items, dtype=str), pos, -1).tolist()
+            if labels.size
+            else [-1] * len(items)
+        )
     known = item_rows(model, items, ignore_unknown=True) >= 0
     if not known.all() and not args.ignore_unknown:
         unknown = sorted(set(np.asarray(names)[~known].tolist()))
@@ -616,8 +852,9 @@ def run_recommend(args) -> dict:
         raise ValueError(f"{name}: item ids unknown to the model: {shown} (use --ignore-unknown to drop them)")
     # Padding is dropped below, so k beyond the catalogue only costs memory: cap it.
     k = max(1, min(args.k, model.num_items))
-    top, scores = model.recommend(items, ratings, k=k, exclude_seen=not args.include_seen,
-                                  ignore_unknown=True, num_threads=1)
+    top, scores = model.recommend(
+        items, ratings, k=k, exclude_seen=not args.include_seen, ignore_unknown=True, num_threads=1
+    )
     found = ~np.isnan(scores)  # fewer candidates than k: the padded slots are left out
     rows = item_rows(model, top[found])
     shown = labels[top[found]].tolist() if labels is not None else top[found].tolist()
@@ -653,19 +890,25 @@ def _print_recommendations(result: dict, k: int) -> None:
 
 
 def run_paper(args) -> dict:
-    from . import paper
+    from .experiments import paper
     from .movielens import load_movielens
 
     data = load_movielens(args.data)
     progress = not args.no_progress and sys.stderr.isatty()
     start = time.perf_counter()
     rows = paper.table1(data, seed=args.seed, num_threads=args.threads, rounds=args.rounds, progress=progress)
-    result = {"data": str(args.data), "seed": args.seed, "rounds": args.rounds or 500, "rows": rows,
-              "total_seconds": time.perf_counter() - start}
+    result = {
+        "data": str(args.data),
+        "seed": args.seed,
+        "rounds": args.rounds or 500,
+        "rows": rows,
+        "total_seconds": time.perf_counter() - start,
+    }
     markdown = paper.table1_markdown(rows)
     print(markdown)
     print(f"total {result['total_seconds']:.1f} s")
     if args.out is not None:
+
         def write(folder: Path) -> None:
             (folder / "table1.md").write_text(markdown + "\n")
             (folder / "table1.json").write_text(json.dumps(result, indent=1))
@@ -676,26 +919,25 @@ def run_paper(args) -> dict:
 
 
 def run_ablation(args) -> dict:
-    from . import paper
+    from .experiments import paper
     from .movielens import load_movielens
 
     data = load_movielens(args.data)
     progress = not args.no_progress and sys.stderr.isatty()
     start = time.perf_counter()
-    result = paper.ablation(data, seed=args.seed, num_threads=args.threads, rounds=args.rounds,
-                            progress=progress)
+    result = paper.ablation(data, seed=args.seed, num_threads=args.threads, rounds=args.rounds, progress=progress)
     result.update(data=str(args.data), seed=args.seed, total_seconds=time.perf_counter() - start)
     markdown = paper.ablation_markdown(result)
     print(markdown)
     if args.out is not None:
+
         def write(folder: Path) -> None:
             (folder / "ablation.md").write_text(markdown + "\n")
             (folder / "ablation.json").write_text(json.dumps(result, indent=1))
             paper.plot_ablation(result, folder / "ablation.png")
 
         _write_atomically(args.out, write)
-        _print_written({"written": [str(args.out / name) for name in ("ablation.md", "ablation.json",
-                                                                         "ablation.png")]})
+        _print_written({"written": [str(args.out / name) for name in ("ablation.md", "ablation.json", "ablation.png")]})
     return result
 
 
@@ -754,9 +996,12 @@ def _run(args) -> int:
     except BrokenPipeError:
         raise
     except (ValueError, TypeError, OSError, FloatingPointError, ImportError, MemoryError) as e:
-        if isinstance(e, MemoryError) and not isinstance(e, MemoryEstimateError):
-            e = f"out of memory ({e or 'MemoryError'})"
-        print(f"fedrecon-fast: error: {_one_line(e)}", file=sys.stderr)
+        message = (
+            f"out of memory ({e or 'MemoryError'})"
+            if isinstance(e, MemoryError) and not isinstance(e, MemoryEstimateError)
+            else e
+        )
+        print(f"fedrecon-fast: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except _signals.Stopped as e:  # SIGTERM, SIGINT or SIGHUP during training
         print(f"fedrecon-fast: {e}", file=sys.stderr)
@@ -767,8 +1012,11 @@ def _run(args) -> int:
     except Exception as e:  # a bug: still one line, the traceback on request
         if os.environ.get("FEDRECON_TRACEBACK"):
             raise
-        print(f"fedrecon-fast: internal error: {type(e).__name__}: {_one_line(e)} "
-              "(set FEDRECON_TRACEBACK=1 for the traceback; please report it)", file=sys.stderr)
+        print(
+            f"fedrecon-fast: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(set FEDRECON_TRACEBACK=1 for the traceback; please report it)",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(result))

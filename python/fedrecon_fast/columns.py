@@ -17,19 +17,69 @@ REQUIRED = ("user", "item", "rating")
 
 #: Column names recognised for each role, compared without case, spaces, '_' or '-'.
 COMMON_NAMES = {
-    "user": ("user", "userid", "uid", "users", "customer", "customerid", "reviewer", "reviewerid",
-             "member", "memberid", "visitor", "visitorid", "client", "clientid"),
-    "item": ("item", "itemid", "iid", "items", "movie", "movieid", "product", "productid", "asin",
-             "book", "bookid", "isbn", "track", "trackid", "song", "songid", "artist", "artistid",
-             "business", "businessid", "recipe", "recipeid", "anime", "animeid"),
-    "rating": ("rating", "ratings", "score", "stars", "star", "rate", "value", "preference", "overall",
-               "grade"),
-    "timestamp": ("timestamp", "time", "ts", "date", "datetime", "unixtime", "unixreviewtime",
-                  "created", "createdat", "when"),
+    "user": (
+        "user",
+        "userid",
+        "uid",
+        "users",
+        "customer",
+        "customerid",
+        "reviewer",
+        "reviewerid",
+        "member",
+        "memberid",
+        "visitor",
+        "visitorid",
+        "client",
+        "clientid",
+    ),
+    "item": (
+        "item",
+        "itemid",
+        "iid",
+        "items",
+        "movie",
+        "movieid",
+        "product",
+        "productid",
+        "asin",
+        "book",
+        "bookid",
+        "isbn",
+        "track",
+        "trackid",
+        "song",
+        "songid",
+        "artist",
+        "artistid",
+        "business",
+        "businessid",
+        "recipe",
+        "recipeid",
+        "anime",
+        "animeid",
+    ),
+    "rating": ("rating", "ratings", "score", "stars", "star", "rate", "value", "preference", "overall", "grade"),
+    "timestamp": (
+        "timestamp",
+        "time",
+        "ts",
+        "date",
+        "datetime",
+        "unixtime",
+        "unixreviewtime",
+        "created",
+        "createdat",
+        "when",
+    ),
 }
 #: How the recognised names are shown in error messages.
-EXAMPLES = {"user": "user, user_id, userId, uid", "item": "item, item_id, itemId, movieId, product_id",
-            "rating": "rating, score, stars", "timestamp": "timestamp, time, date"}
+EXAMPLES = {
+    "user": "user, user_id, userId, uid",
+    "item": "item, item_id, itemId, movieId, product_id",
+    "rating": "rating, score, stars",
+    "timestamp": "timestamp, time, date",
+}
 _SKIP = {"-", "_", "skip", "none", ""}
 
 
@@ -73,8 +123,7 @@ def parse_columns(text: str):
     return parts
 
 
-def resolve_columns(names: Optional[Sequence], num_columns: int, columns=None, *,
-                    where: str = "the table") -> dict:
+def resolve_columns(names: Optional[Sequence], num_columns: int, columns=None, *, where: str = "the table") -> dict:
     """Column position of each role.
 
     Parameters
@@ -107,8 +156,7 @@ def resolve_columns(names: Optional[Sequence], num_columns: int, columns=None, *
     if isinstance(columns, str):
         columns = parse_columns(columns)
     shown = f"columns {list(names)}" if names is not None else f"{num_columns} columns without a header"
-    hint = ("say which is which with columns (--columns), e.g. 'item,user,rating' or "
-            "'user=uid,item=iid,rating=stars'")
+    hint = "say which is which with columns (--columns), e.g. 'item,user,rating' or 'user=uid,item=iid,rating=stars'"
     found: dict = {}
     if columns is None:
         if names is None:
@@ -140,8 +188,10 @@ def resolve_columns(names: Optional[Sequence], num_columns: int, columns=None, *
                 continue
             role = _role_of(name)
             if role is None:
-                raise ValueError(f"{where}: unknown role {name!r} in columns; expected {', '.join(ROLES)} "
-                                 "(or a common name such as userId or movieId), or '-' to skip a column")
+                raise ValueError(
+                    f"{where}: unknown role {name!r} in columns; expected {', '.join(ROLES)} "
+                    "(or a common name such as userId or movieId), or '-' to skip a column"
+                )
             if role in found:
                 raise ValueError(f"{where}: columns gives {role} twice")
             found[role] = i

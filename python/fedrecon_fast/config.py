@@ -1,19 +1,26 @@
-"""Configuration of FedRecon training: client-side settings, round settings, presets.
+"""Configuration of FedRecon training: what a client does, what it sends, and a whole run.
 
 Defaults follow TensorFlow Federated's ``build_fed_recon``; the ``paper`` preset is the
 MovieLens 1M recipe of Singhal et al., "Federated Reconstruction: Partially Local Federated
 Learning" (NeurIPS 2021), and ``fast`` is our best accuracy-per-second setup.
+
+The settings that cross into the native kernels are grouped as the C++ structs they become
+(:mod:`fedrecon_fast._native.structs` converts them): :class:`ClientConfig`
+(``fedrecon::ClientConfig``), :class:`UpdateCodec` (``fedrecon::UpdateCodec``) and
+:class:`DpParams` (``fedrecon::DpParams``). :class:`FedReconConfig` is the flat, user-facing
+description of a run; :attr:`FedReconConfig.codec`, :attr:`FedReconConfig.dp` and
+:attr:`FedReconConfig.data` give its groups (the data preparation,
+:class:`fedrecon_fast.data.DataConfig`, lives with the data).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import textwrap
 from dataclasses import dataclass, field
 
-from ._native import core as _core
-from ._validation import FLOAT32_MAX, check_choice, check_float, check_int, check_threads
+from ._validation import FLOAT32_MAX, check_bits, check_bool, check_choice, check_float, check_int, check_threads
+from .data import DataConfig
 
 SPLITS = {"batches": 0, "random": 1, "reuse": 2}
 _INT32_MAX = 2**31 - 1  # the native config's int fields
@@ -22,6 +29,7 @@ RECON_METHODS = {"sgd": 0, "exact": 1}
 INITS = {"uniform": 0, "zeros": 1}
 WEIGHTINGS = {"examples": 0, "uniform": 1}
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad", "yogi")
+SCALINGS = ("tensor", "row")
 
 
 def _store_builtin(obj, names, kind) -> None:
@@ -95,42 +103,91 @@ class ClientConfig:
         check_float(self.recon_l2, "recon_l2", minimum=0.0, maximum=FLOAT32_MAX)
         check_float(self.ridge, "ridge", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
         check_int(self.update_epochs, "update_epochs", minimum=0, maximum=_INT32_MAX)
-        check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX,
-                  allow_none=True)
+        check_int(self.update_steps_max, "update_steps_max", minimum=1, maximum=_INT64_MAX, allow_none=True)
         check_float(self.client_lr, "client_lr", minimum=0.0, maximum=FLOAT32_MAX)
         check_float(self.update_l2, "update_l2", minimum=0.0, maximum=FLOAT32_MAX)
         check_choice(self.weighting, "weighting", WEIGHTINGS)
         for name in ("reshuffle", "joint"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         # NumPy scalars pass the checks: store Python numbers, so to_dict() is JSON (model files).
-        _store_builtin(self, ("batch_size", "recon_epochs", "recon_steps_max", "update_epochs",
-                              "update_steps_max"), int)
-        _store_builtin(self, ("support_fraction", "init_scale", "recon_lr", "recon_l2", "ridge",
-                              "client_lr", "update_l2"), float)
+        _store_builtin(
+            self, ("batch_size", "recon_epochs", "recon_steps_max", "update_epochs", "update_steps_max"), int
+        )
+        _store_builtin(
+            self, ("support_fraction", "init_scale", "recon_lr", "recon_l2", "ridge", "client_lr", "update_l2"), float
+        )
 
-    def to_native(self) -> _core.ClientConfig:
-        """The equivalent native configuration object."""
-        c = _core.ClientConfig()
-        c.batch_size = self.batch_size
-        c.split = SPLITS[self.split]
-        c.support_fraction = self.support_fraction
-        c.reshuffle = self.reshuffle
-        c.recon = RECON_METHODS[self.recon]
-        c.init = INITS[self.init]
-        c.init_scale = self.init_scale
-        c.recon_epochs = self.recon_epochs
-        c.recon_steps_max = self.recon_steps_max or 0
-        c.recon_lr = self.recon_lr
-        c.recon_l2 = self.recon_l2
-        c.ridge = self.ridge
-        c.update_epochs = self.update_epochs
-        c.update_steps_max = self.update_steps_max or 0
-        c.client_lr = self.client_lr
-        c.update_l2 = self.update_l2
-        c.joint = self.joint
-        c.weighting = WEIGHTINGS[self.weighting]
-        return c
+
+@dataclass(frozen=True)
+class UpdateCodec:
+    """What a client sends for its update (the native ``fedrecon::UpdateCodec``, field by field).
+
+    Parameters
+    ----------
+    bits : int
+        0 sends float32; 1..16 quantizes the item-factor update to that many bits per value with
+        unbiased stochastic rounding (:mod:`fedrecon_fast.compression`).
+    row_scaling : bool
+        One scale per row instead of one per client update.
+    hadamard : bool
+        Randomized Hadamard rotation of each row before quantizing.
+    sparse : bool
+        Only the touched rows (row ids + values); otherwise a dense ``num_items x dim`` delta.
+    threshold : int
+        Item factors with fewer elements than this stay float32 (TFF quantizes only variables
+        of at least 20,000 elements).
+    clip : float
+        > 0: scale each client's update (factors and biases) to L2 norm at most ``clip``
+        (DP-FedAvg); 0 leaves it unclipped.
+    """
+
+    bits: int = 0
+    row_scaling: bool = False
+    hadamard: bool = False
+    sparse: bool = True
+    threshold: int = 0
+    clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "bits", allow_zero=True)
+        for name in ("row_scaling", "hadamard", "sparse"):
+            check_bool(getattr(self, name), name)
+        check_int(self.threshold, "threshold", minimum=0, maximum=_INT64_MAX)
+        check_float(self.clip, "clip", minimum=0.0)
+        _store_builtin(self, ("bits", "threshold"), int)
+        _store_builtin(self, ("row_scaling", "hadamard", "sparse"), bool)
+        _store_builtin(self, ("clip",), float)
+
+    def quantizes(self, num_items: int, dim: int) -> bool:
+        """Whether an update of a ``num_items x dim`` model is quantized."""
+        return self.bits > 0 and num_items * dim >= self.threshold
+
+
+@dataclass(frozen=True)
+class DpParams:
+    """DP-FedAvg's Gaussian mechanism on a round's sum (``fedrecon::DpParams``; the kernels
+    take the seed and round per call).
+
+    Parameters
+    ----------
+    clip : float
+        ``C > 0``: each client's update is clipped to this L2 norm.
+    noise_multiplier : float
+        ``z >= 0``: noise of standard deviation ``z * C`` on every coordinate of the sum.
+    """
+
+    clip: float
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_float(self.clip, "clip", minimum=0.0, strict=True)
+        check_float(self.noise_multiplier, "noise_multiplier", minimum=0.0)
+        _store_builtin(self, ("clip", "noise_multiplier"), float)
+
+    @property
+    def noise_std(self) -> float:
+        """``z * C``: the noise's standard deviation on each coordinate of the sum."""
+        return self.noise_multiplier * self.clip
 
 
 @dataclass(frozen=True)
@@ -249,36 +306,20 @@ class FedReconConfig:
         try:
             options = dict(self.server_options)
         except (TypeError, ValueError):
-            raise TypeError(f"server_options must be a dict (or pairs) of optimizer hyperparameters; "
-                            f"got {self.server_options!r}") from None
+            raise TypeError(
+                f"server_options must be a dict (or pairs) of optimizer hyperparameters; got {self.server_options!r}"
+            ) from None
         object.__setattr__(self, "server_options", tuple(options.items()))
-        if not isinstance(self.biases, bool):
-            raise TypeError(f"biases must be a bool; got {self.biases!r}")
+        check_bool(self.biases, "biases")
         check_float(self.item_init_scale, "item_init_scale", minimum=0.0)
-        check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX, allow_none=True)
-        check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX)
-        if self.max_examples is not None and self.max_examples < self.min_examples:
-            raise ValueError(f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) "
-                             "would drop every client")
-        try:
-            if isinstance(self.user_split, (str, bytes)):
-                raise TypeError
-            fractions = tuple(float(f) for f in self.user_split)
-        except (TypeError, ValueError):
-            raise TypeError(f"user_split must be 3 fractions (train, val, test); got {self.user_split!r}") from None
-        if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) \
-                or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"user_split must be 3 non-negative fractions summing to 1; got {self.user_split!r}")
-        object.__setattr__(self, "user_split", fractions)
+        data = DataConfig(self.max_examples, self.min_examples, self.user_split)
+        object.__setattr__(self, "user_split", data.user_split)
         check_int(self.eval_every, "eval_every", minimum=0, maximum=_INT64_MAX)
-        check_int(self.quantize_bits, "quantize_bits", minimum=1, allow_none=True)
-        if self.quantize_bits is not None and self.quantize_bits > 16:
-            raise ValueError(f"quantize_bits must be in 1..16; got {self.quantize_bits}")
+        check_bits(self.quantize_bits, "quantize_bits", allow_none=True)
         check_int(self.quantize_threshold, "quantize_threshold", minimum=0, maximum=_INT64_MAX)
-        check_choice(self.quantize_scaling, "quantize_scaling", {"tensor", "row"})
+        check_choice(self.quantize_scaling, "quantize_scaling", SCALINGS)
         for name in ("hadamard", "sparse_updates", "learn_user_default"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         if self.dp_clip is not None:
             check_float(self.dp_clip, "dp_clip", minimum=0.0, strict=True)
             if self.client.weighting != "uniform":
@@ -291,10 +332,37 @@ class FedReconConfig:
         self._check_privacy()
         check_int(self.seed, "seed", minimum=0)
         check_threads(self.num_threads)
-        _store_builtin(self, ("dim", "rounds", "clients_per_round", "max_examples", "min_examples",
-                              "eval_every", "quantize_bits", "quantize_threshold", "seed", "num_threads"), int)
-        _store_builtin(self, ("server_lr", "item_init_scale", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",
-                              "dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev"), float)
+        _store_builtin(
+            self,
+            (
+                "dim",
+                "rounds",
+                "clients_per_round",
+                "max_examples",
+                "min_examples",
+                "eval_every",
+                "quantize_bits",
+                "quantize_threshold",
+                "seed",
+                "num_threads",
+            ),
+            int,
+        )
+        _store_builtin(
+            self,
+            (
+                "server_lr",
+                "item_init_scale",
+                "dp_clip",
+                "dp_noise",
+                "dp_delta",
+                "dp_target_epsilon",
+                "dp_target_quantile",
+                "dp_clip_lr",
+                "dp_clip_count_stddev",
+            ),
+            float,
+        )
 
     def _check_privacy(self) -> None:
         """The accounting, budget, adaptive clipping and sampling options."""
@@ -316,8 +384,32 @@ class FedReconConfig:
                 raise ValueError("dp_target_quantile (adaptive clipping) needs dp_clip, the initial clip norm")
             stddev = 0.05 * self.clients_per_round if self.dp_clip_count_stddev is None else self.dp_clip_count_stddev
             if self.dp_noise > 0 and 2 * stddev <= self.dp_noise:
-                raise ValueError(f"dp_noise {self.dp_noise:g} needs a clipped-count noise std above "
-                                 f"{self.dp_noise / 2:g} (dp_clip_count_stddev is {stddev:g})")
+                raise ValueError(
+                    f"dp_noise {self.dp_noise:g} needs a clipped-count noise std above "
+                    f"{self.dp_noise / 2:g} (dp_clip_count_stddev is {stddev:g})"
+                )
+
+    @property
+    def codec(self) -> UpdateCodec:
+        """What each client sends: quantization, dense or sparse rows, and the DP clip."""
+        return UpdateCodec(
+            bits=self.quantize_bits or 0,
+            row_scaling=self.quantize_scaling == "row",
+            hadamard=self.hadamard,
+            sparse=self.sparse_updates,
+            threshold=self.quantize_threshold,
+            clip=self.dp_clip or 0.0,
+        )
+
+    @property
+    def dp(self) -> DpParams | None:
+        """DP-FedAvg's clip and noise multiplier (None without ``dp_clip``)."""
+        return None if self.dp_clip is None else DpParams(self.dp_clip, self.dp_noise)
+
+    @property
+    def data(self) -> DataConfig:
+        """How the ratings are prepared and split into users (:func:`fedrecon_fast.split_ratings`)."""
+        return DataConfig(self.max_examples, self.min_examples, self.user_split)
 
     @property
     def evaluation(self) -> ClientConfig:
@@ -358,12 +450,25 @@ PAPER = FedReconConfig(
     # TFF client's seeded order is new each round; on validation users this is worth ~0.012
     # RMSE and matches an independent TFF-faithful run (~.911 test RMSE on ML-1M 1-2999).
     client=ClientConfig(
-        batch_size=5, split="batches", reshuffle=True, recon="sgd", init="uniform", init_scale=0.05,
-        recon_epochs=5, recon_steps_max=50, recon_lr=0.1,
-        update_epochs=1, update_steps_max=50, client_lr=0.5,
+        batch_size=5,
+        split="batches",
+        reshuffle=True,
+        recon="sgd",
+        init="uniform",
+        init_scale=0.05,
+        recon_epochs=5,
+        recon_steps_max=50,
+        recon_lr=0.1,
+        update_epochs=1,
+        update_steps_max=50,
+        client_lr=0.5,
     ),
-    rounds=500, clients_per_round=100, server_optimizer="sgd", server_lr=1.0,
-    biases=False, max_examples=300,
+    rounds=500,
+    clients_per_round=100,
+    server_optimizer="sgd",
+    server_lr=1.0,
+    biases=False,
+    max_examples=300,
 )
 
 # Tuned on validation users of MovieLens 1M (users 1-2999) only, never on test users: exact
@@ -397,20 +502,30 @@ def describe(config: FedReconConfig) -> str:
         recon = f"SGD reconstruction (lr {c.recon_lr:g}, {c.recon_epochs} epochs{steps})"
     steps = f", at most {c.update_steps_max} steps" if c.update_steps_max else ""
     cap = f", at most {config.max_examples} ratings per user" if config.max_examples else ""
-    return (f"K = {config.dim}, {'biases' if config.biases else 'no biases'}, {recon}, client update lr "
-            f"{c.client_lr:g} ({c.update_epochs} epoch{steps}), batch {c.batch_size}, server "
-            f"{config.server_optimizer} lr {config.server_lr:g}, {config.rounds} rounds x "
-            f"{config.clients_per_round} clients{cap}")
+    return (
+        f"K = {config.dim}, {'biases' if config.biases else 'no biases'}, {recon}, client update lr "
+        f"{c.client_lr:g} ({c.update_epochs} epoch{steps}), batch {c.batch_size}, server "
+        f"{config.server_optimizer} lr {config.server_lr:g}, {config.rounds} rounds x "
+        f"{config.clients_per_round} clients{cap}"
+    )
 
 
 def preset_help() -> str:
     """The presets and what each sets (the CLI's ``train --help``)."""
-    notes = {"default": "the default: exact reconstruction with biases, chosen on seven data sets (sparse or "
-                        "dense, stars or half stars)",
-             "paper": "the published MovieLens 1M recipe of Singhal et al. (2021), exactly",
-             "fast": "paper plus exact reconstruction and biases (tuned on MovieLens 1M)"}
+    notes = {
+        "default": "the default: exact reconstruction with biases, chosen on seven data sets (sparse or "
+        "dense, stars or half stars)",
+        "paper": "the published MovieLens 1M recipe of Singhal et al. (2021), exactly",
+        "fast": "paper plus exact reconstruction and biases (tuned on MovieLens 1M)",
+    }
     lines = ["presets (--preset NAME; --rounds, --clients-per-round and --dim override theirs):"]
     for name in PRESETS:
-        lines.append(textwrap.fill(f"{notes.get(name, '')}: {describe(PRESETS[name])}.", width=88,
-                                   initial_indent=f"  {name:8} ", subsequent_indent=" " * 11))
+        lines.append(
+            textwrap.fill(
+                f"{notes.get(name, '')}: {describe(PRESETS[name])}.",
+                width=88,
+                initial_indent=f"  {name:8} ",
+                subsequent_indent=" " * 11,
+            )
+        )
     return "\n".join(lines)

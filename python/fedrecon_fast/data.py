@@ -18,13 +18,13 @@ split_by_time
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._rng import STREAM_DATA, derive_seed_array, generator, mix64_array
+from ._validation import check_fractions, check_int
 
 __all__ = ["ClientData", "split_users", "split_by_time"]
 
@@ -75,8 +75,9 @@ def _ids_1d(values, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         kinds = {type(v) for v in arr.tolist()}
         if kinds <= {str}:
             arr = arr.astype(str)
-        elif kinds <= {int} or all(issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_))
-                                   for k in kinds):
+        elif kinds <= {int} or all(
+            issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_)) for k in kinds
+        ):
             arr = np.array(arr.tolist())
     if arr.dtype.kind == "S":
         arr = np.char.decode(arr, "utf-8", "replace")
@@ -184,34 +185,9 @@ def _indptr_from_sizes(sizes: np.ndarray) -> np.ndarray:
     return indptr
 
 
-def _check_fractions(fractions) -> Tuple[float, float, float]:
-    if isinstance(fractions, (str, bytes)):
-        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}")
-    try:
-        fr = tuple(float(f) for f in fractions)
-    except (TypeError, ValueError):
-        raise TypeError(f"fractions must be a sequence of three numbers, got {fractions!r}") from None
-    if len(fr) != 3:
-        raise ValueError(f"fractions must have three entries (train, val, test), got {len(fr)}")
-    if not all(math.isfinite(f) and f >= 0.0 for f in fr):
-        raise ValueError(f"fractions must be finite and non-negative, got {fr}")
-    if abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must sum to 1, got {fr} (sum {sum(fr)})")
-    return fr
-
-
 def _floor_count(fraction: float, n):
     """``floor(fraction * n)`` robust to rounding error (0.1 * 6040 -> 604)."""
     return np.floor(fraction * np.asarray(n, dtype=np.float64) + 1e-9).astype(np.int64)
-
-
-def _check_int(value, name: str, minimum: Optional[int] = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------- ClientData
@@ -269,8 +245,9 @@ class ClientData:
     items: np.ndarray
     ratings: np.ndarray
     timestamps: Optional[np.ndarray] = None
-    user_ids: Optional[np.ndarray] = None
-    item_ids: Optional[np.ndarray] = None
+    # Optional when made; __post_init__ always fills them in.
+    user_ids: np.ndarray = None  # type: ignore[assignment]
+    item_ids: np.ndarray = None  # type: ignore[assignment]
     user_labels: Optional[np.ndarray] = None
     item_labels: Optional[np.ndarray] = None
 
@@ -297,7 +274,8 @@ class ClientData:
                 raise ValueError(
                     f"items: the largest index {n_items - 1} implies {n_items} items for {nnz} ratings; "
                     "items are indices 0..num_items-1: pass item_ids (one id per index), or build "
-                    "with ClientData.from_coo, which remaps any ids")
+                    "with ClientData.from_coo, which remaps any ids"
+                )
             item_ids = np.arange(n_items, dtype=np.int64)
         else:
             item_ids = _integer_1d(self.item_ids, "item_ids", np.int64)
@@ -324,8 +302,7 @@ class ClientData:
         else:
             user_ids = _integer_1d(self.user_ids, "user_ids", np.int64)
             if user_ids.size != num_clients:
-                raise ValueError(
-                    f"user_ids has {user_ids.size} entries, indptr describes {num_clients} clients")
+                raise ValueError(f"user_ids has {user_ids.size} entries, indptr describes {num_clients} clients")
             if np.unique(user_ids).size != user_ids.size:
                 raise ValueError("user_ids must be unique")
 
@@ -364,8 +341,10 @@ class ClientData:
         return np.diff(self.indptr)
 
     def __repr__(self) -> str:
-        return (f"ClientData(num_clients={self.num_clients}, num_items={self.num_items}, "
-                f"nnz={self.nnz}, timestamps={'yes' if self.timestamps is not None else 'no'})")
+        return (
+            f"ClientData(num_clients={self.num_clients}, num_items={self.num_items}, "
+            f"nnz={self.nnz}, timestamps={'yes' if self.timestamps is not None else 'no'})"
+        )
 
     def _row_index(self) -> np.ndarray:
         """Client index of every rating, int64 of shape (nnz,)."""
@@ -426,8 +405,8 @@ class ClientData:
         n = users.size
         if items.size != n or ratings.size != n:
             raise ValueError(
-                f"users, items and ratings must have the same length, got "
-                f"{n}, {items.size} and {ratings.size}")
+                f"users, items and ratings must have the same length, got {n}, {items.size} and {ratings.size}"
+            )
         if timestamps is not None:
             timestamps = _timestamps_1d(timestamps, "timestamps")
             if timestamps.size != n:
@@ -452,9 +431,16 @@ class ClientData:
         )
 
     @classmethod
-    def from_dataframe(cls, df, user_col: Optional[str] = None, item_col: Optional[str] = None,
-                       rating_col: Optional[str] = None, timestamp_col: Optional[str] = "auto",
-                       *, columns=None) -> "ClientData":
+    def from_dataframe(
+        cls,
+        df,
+        user_col: Optional[str] = None,
+        item_col: Optional[str] = None,
+        rating_col: Optional[str] = None,
+        timestamp_col: Optional[str] = "auto",
+        *,
+        columns=None,
+    ) -> "ClientData":
         """Build from a pandas DataFrame with one row per rating.
 
         Parameters
@@ -502,8 +488,10 @@ class ClientData:
             for role, col in explicit.items():
                 if col is None:
                     if role not in found:
-                        raise ValueError(f"no {role} column in the DataFrame (columns: {names}; names "
-                                         f"recognised: {EXAMPLES[role]}, ...): pass {role}_col")
+                        raise ValueError(
+                            f"no {role} column in the DataFrame (columns: {names}; names "
+                            f"recognised: {EXAMPLES[role]}, ...): pass {role}_col"
+                        )
                     continue
                 if str(col) not in names:
                     raise ValueError(f"column {col!r} not found in the DataFrame (columns: {names})")
@@ -530,13 +518,13 @@ class ClientData:
             elif isinstance(series.dtype, pd.StringDtype):
                 arr = series.to_numpy(dtype=str)
             arrays.append(arr)
-        names = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
+        plural = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
         try:
             return cls.from_coo(*arrays)
         except (TypeError, ValueError) as exc:
             msg = str(exc)
             for role, col in zip(roles, cols):
-                if msg.startswith(names[role] + " "):
+                if msg.startswith(plural[role] + " "):
                     raise type(exc)(f"column {col!r}: {msg}") from None
             raise
 
@@ -629,8 +617,7 @@ class ClientData:
         arr = np.asarray(clients)
         if arr.dtype == bool:
             if arr.shape != (self.num_clients,):
-                raise ValueError(f"a boolean clients mask must have shape ({self.num_clients},), "
-                                 f"got {arr.shape}")
+                raise ValueError(f"a boolean clients mask must have shape ({self.num_clients},), got {arr.shape}")
             idx = np.flatnonzero(arr).astype(np.int64)
         else:
             idx = _integer_1d(arr, "clients", np.int64)
@@ -645,8 +632,9 @@ class ClientData:
         positions = _ranges(self.indptr[idx], sizes)
         return self._take(positions, _indptr_from_sizes(sizes), self.user_ids[idx])
 
-    def prepare(self, *, max_examples: Optional[int] = None, min_examples: int = 0,
-                shuffle_seed: Optional[int] = None) -> "ClientData":
+    def prepare(
+        self, *, max_examples: Optional[int] = None, min_examples: int = 0, shuffle_seed: Optional[int] = None
+    ) -> "ClientData":
         """Cap, filter and shuffle each client's ratings (the paper's preprocessing).
 
         Parameters
@@ -680,13 +668,12 @@ class ClientData:
             min_examples`` (which would drop every client).
         """
         if max_examples is not None:
-            max_examples = _check_int(max_examples, "max_examples", 1)
-        min_examples = _check_int(min_examples, "min_examples", 0)
+            max_examples = check_int(max_examples, "max_examples", minimum=1)
+        min_examples = check_int(min_examples, "min_examples", minimum=0)
         if max_examples is not None and max_examples < min_examples:
-            raise ValueError(f"max_examples ({max_examples}) < min_examples ({min_examples}) "
-                             "would drop every client")
+            raise ValueError(f"max_examples ({max_examples}) < min_examples ({min_examples}) would drop every client")
         if shuffle_seed is not None:
-            shuffle_seed = _check_int(shuffle_seed, "shuffle_seed")
+            shuffle_seed = check_int(shuffle_seed, "shuffle_seed")
 
         data = self
         sizes = data.sizes
@@ -710,7 +697,7 @@ class ClientData:
         # (3) per-user seeded shuffle
         if shuffle_seed is not None and data.nnz:
             row = data._row_index()
-            position = (np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes))
+            position = np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes)
             user_seed = derive_seed_array(shuffle_seed, 0, data.user_ids, STREAM_DATA)
             keys = mix64_array(user_seed[row] ^ position.astype(np.uint64))
             order = np.lexsort((keys, row))
@@ -721,8 +708,9 @@ class ClientData:
 # --------------------------------------------------------------------------- splits
 
 
-def split_users(num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_users(
+    num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded user-level split of client indices into train / validation / test.
 
     Parameters
@@ -746,20 +734,21 @@ def split_users(num_clients: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
     ValueError
         If ``num_clients < 0`` or the fractions are invalid.
     """
-    n = _check_int(num_clients, "num_clients", 0)
-    f_train, f_val, _ = _check_fractions(fractions)
-    seed = _check_int(seed, "seed")
+    n = check_int(num_clients, "num_clients", minimum=0)
+    f_train, f_val, _ = check_fractions(fractions, "fractions")
+    seed = check_int(seed, "seed")
     n_train = int(_floor_count(f_train, n))
     n_val = min(int(_floor_count(f_val, n)), n - n_train)
     perm = generator(seed, 0, 0, STREAM_DATA).permutation(n).astype(np.int64)
     train = np.sort(perm[:n_train])
-    val = np.sort(perm[n_train:n_train + n_val])
-    test = np.sort(perm[n_train + n_val:])
+    val = np.sort(perm[n_train : n_train + n_val])
+    test = np.sort(perm[n_train + n_val :])
     return train, val, test
 
 
-def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
-                  ) -> Tuple[ClientData, ClientData, ClientData]:
+def split_by_time(
+    data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> Tuple[ClientData, ClientData, ClientData]:
     """Per-client split of ratings by time (StandardEval).
 
     Parameters
@@ -786,17 +775,69 @@ def split_by_time(data: ClientData, fractions: Sequence[float] = (0.8, 0.1, 0.1)
         raise TypeError(f"data must be a ClientData, got {type(data).__name__}")
     if data.timestamps is None:
         raise ValueError("split_by_time needs timestamps; data.timestamps is None")
-    f_train, f_val, _ = _check_fractions(fractions)
+    f_train, f_val, _ = check_fractions(fractions, "fractions")
     sizes = data.sizes
     row = data._row_index()
     order = _sort_by_group_then_key(row, data.timestamps, data.num_clients)
     rank = np.arange(data.nnz, dtype=np.int64) - np.repeat(data.indptr[:-1], sizes)
     n_train = _floor_count(f_train, sizes)
     n_val = np.minimum(_floor_count(f_val, sizes), sizes - n_train)
-    part = (rank >= np.repeat(n_train, sizes)).astype(np.int8) \
-        + (rank >= np.repeat(n_train + n_val, sizes)).astype(np.int8)  # 0/1/2 in time order
+    part = (rank >= np.repeat(n_train, sizes)).astype(np.int8) + (rank >= np.repeat(n_train + n_val, sizes)).astype(
+        np.int8
+    )  # 0/1/2 in time order
     out = []
     for k, part_sizes in enumerate((n_train, n_val, sizes - n_train - n_val)):
         positions = order[part == k]  # grouped by client, in time order
         out.append(data._take(positions, _indptr_from_sizes(part_sizes), data.user_ids))
     return out[0], out[1], out[2]
+
+
+# --------------------------------------------------------------------------- preparation settings
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a ratings table becomes FedRecon's clients (the preparation of
+    :meth:`ClientData.prepare` and the user split of :func:`split_users`).
+
+    :func:`fedrecon_fast.split_ratings` applies it; a :class:`~fedrecon_fast.FedReconConfig`
+    carries one (``config.data``, from its ``max_examples``, ``min_examples`` and
+    ``user_split``) so that a preset names its data recipe too.
+
+    Parameters
+    ----------
+    max_examples : int, optional
+        Keep at most this many ratings per user (the most recent); None: no cap.
+    min_examples : int
+        Drop users with fewer ratings (the default 1 drops users without ratings).
+    user_split : sequence of 3 floats
+        Train/validation/test fractions of users.
+    """
+
+    max_examples: Optional[int] = None
+    min_examples: int = 1
+    user_split: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "max_examples",
+            check_int(self.max_examples, "max_examples", minimum=1, maximum=_INT64_MAX, allow_none=True),
+        )
+        object.__setattr__(
+            self, "min_examples", check_int(self.min_examples, "min_examples", minimum=0, maximum=_INT64_MAX)
+        )
+        if self.max_examples is not None and self.max_examples < self.min_examples:
+            raise ValueError(
+                f"max_examples ({self.max_examples}) < min_examples ({self.min_examples}) would drop every client"
+            )
+        object.__setattr__(self, "user_split", check_fractions(self.user_split, "user_split"))
+
+    def prepare(self, data: ClientData, seed: int) -> ClientData:
+        """``data`` capped, filtered and shuffled per user with ``seed`` (:meth:`ClientData.prepare`)."""
+        return data.prepare(max_examples=self.max_examples, min_examples=self.min_examples, shuffle_seed=seed)
+
+    def split(self, data: ClientData, seed: int) -> Tuple[ClientData, ClientData, ClientData]:
+        """The train, validation and test users of prepared ``data`` (:func:`split_users`)."""
+        train, val, test = split_users(data.num_clients, self.user_split, seed=seed)
+        return data.subset(train), data.subset(val), data.subset(test)

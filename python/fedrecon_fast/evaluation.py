@@ -29,6 +29,8 @@ one held-out rating per user).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import kernels
@@ -40,8 +42,7 @@ from .config import ClientConfig
 EVAL_ROUND = 2**64 - 1
 
 
-def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False,
-              abs_err_sum=None) -> dict:
+def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False, abs_err_sum=None) -> dict:
     """Pool per-user sums into metrics; optionally add per-user distributions.
 
     With ``abs_err_sum`` (per-user sums of ``|r - r_hat|``) the result also has ``mae``.
@@ -51,7 +52,7 @@ def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False,
     correct = np.asarray(num_correct, dtype=np.int64)
     total = int(n.sum())
     mse = float(sq.sum() / total) if total else float("nan")
-    out = {
+    out: dict[str, Any] = {
         "loss": mse,
         "rmse": float(np.sqrt(mse)) if total else float("nan"),
         "accuracy": float(correct.sum() / total) if total else float("nan"),
@@ -73,12 +74,27 @@ def summarize(sq_err_sum, num_examples, num_correct, *, per_user: bool = False,
 def _distribution(values: np.ndarray) -> dict:
     """Mean, std and the 10/50/90% quantiles of per-user values."""
     q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
-    return {"mean": float(values.mean()), "std": float(values.std()),
-            "p10": float(q10), "p50": float(q50), "p90": float(q90)}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "p10": float(q10),
+        "p50": float(q50),
+        "p90": float(q90),
+    }
 
 
-def summarize_ranking(hits, num_relevant, ndcg, k: int, *, per_user: bool = False, ap=None,
-                      rr=None, top_items=None, num_items: int | None = None) -> dict:
+def summarize_ranking(
+    hits,
+    num_relevant,
+    ndcg,
+    k: int,
+    *,
+    per_user: bool = False,
+    ap=None,
+    rr=None,
+    top_items=None,
+    num_items: int | None = None,
+) -> dict:
     """Mean ranking metrics at cut-off k over the users with a relevant item.
 
     Returns ``recall_at_{k}``, ``ndcg_at_{k}``, ``precision_at_{k}`` and ``hit_rate_at_{k}``
@@ -103,10 +119,14 @@ def summarize_ranking(hits, num_relevant, ndcg, k: int, *, per_user: bool = Fals
         per_user_values["map"] = np.asarray(ap, dtype=np.float64)[ranked]
     if rr is not None:
         per_user_values["mrr"] = np.asarray(rr, dtype=np.float64)[ranked]
-    out = {f"{name}_at_{k}": float(v.mean()) if v.size else float("nan") for name, v in per_user_values.items()}
+    out: dict[str, Any] = {
+        f"{name}_at_{k}": float(v.mean()) if v.size else float("nan") for name, v in per_user_values.items()
+    }
     out["ranking_users"] = int(ranked.sum())
     out["ranking_users_without_relevant"] = int((~ranked).sum())
     if top_items is not None:
+        if num_items is None:
+            raise ValueError("num_items is needed with top_items (coverage is over the catalogue)")
         out[f"coverage_at_{k}"] = coverage(top_items, num_items)
     if per_user and ranked.any():
         out[f"user_recall_at_{k}"] = _distribution(per_user_values["recall"])
@@ -125,9 +145,18 @@ def coverage(top_items, num_items: int) -> float:
     return float(shown.sum() / num_items)
 
 
-def recon_eval(model, data, clients=None, config: ClientConfig | None = None, *, seed: int = 0,
-               num_threads: int = 0, per_user: bool = False, k: int | None = 10,
-               relevance_threshold: float | None = 4.0) -> dict:
+def recon_eval(
+    model,
+    data,
+    clients=None,
+    config: ClientConfig | None = None,
+    *,
+    seed: int = 0,
+    num_threads: int = 0,
+    per_user: bool = False,
+    k: int | None = 10,
+    relevance_threshold: float | None = 4.0,
+) -> dict:
     """ReconEval of ``model`` on clients of ``data`` (default: all), in one native call.
 
     Parameters
@@ -159,20 +188,54 @@ def recon_eval(model, data, clients=None, config: ClientConfig | None = None, *,
     if config is None:
         config = model.config.evaluation if model.config is not None else ClientConfig()
     stats = kernels.evaluate_users(
-        model.item_factors, data, clients, config, item_bias=model.item_bias,
-        global_mean=model.global_mean, seed=seed, round=EVAL_ROUND, num_threads=num_threads,
-        k=k, relevance_threshold=relevance_threshold, **model.default_kwargs())
-    out = summarize(stats["sq_err_sum"], stats["num_examples"], stats["num_correct"], per_user=per_user,
-                    abs_err_sum=stats["abs_err_sum"])
+        model.item_factors,
+        data,
+        clients,
+        config,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=seed,
+        round=EVAL_ROUND,
+        num_threads=num_threads,
+        k=k,
+        relevance_threshold=relevance_threshold,
+        **model.default_kwargs(),
+    )
+    out = summarize(
+        stats["sq_err_sum"],
+        stats["num_examples"],
+        stats["num_correct"],
+        per_user=per_user,
+        abs_err_sum=stats["abs_err_sum"],
+    )
     if k is not None:
-        out.update(summarize_ranking(stats["hits"], stats["num_relevant"], stats["ndcg"], k,
-                                     per_user=per_user, ap=stats["ap"], rr=stats["rr"],
-                                     top_items=stats["top_items"], num_items=model.num_items))
+        out.update(
+            summarize_ranking(
+                stats["hits"],
+                stats["num_relevant"],
+                stats["ndcg"],
+                k,
+                per_user=per_user,
+                ap=stats["ap"],
+                rr=stats["rr"],
+                top_items=stats["top_items"],
+                num_items=model.num_items,
+            )
+        )
     return out
 
 
-def leave_one_out(model, data, clients=None, *, k: int = 10, negatives: int | None = 99,
-                  config: ClientConfig | None = None, seed: int | None = None, num_threads: int = 0) -> dict:
+def leave_one_out(
+    model,
+    data,
+    clients=None,
+    *,
+    k: int = 10,
+    negatives: int | None = 99,
+    config: ClientConfig | None = None,
+    seed: int | None = None,
+    num_threads: int = 0,
+) -> dict:
     """Leave-one-out HR@k and NDCG@k, the protocol of federated recommendation papers.
 
     Each user's most recent rating (by timestamp, ties to the later stored one; without
@@ -215,8 +278,10 @@ def leave_one_out(model, data, clients=None, *, k: int = 10, negatives: int | No
     check_int(k, "k", minimum=1)
     check_int(negatives, "negatives", minimum=1, allow_none=True)
     if data.num_items != model.num_items:
-        raise ValueError(f"data has {data.num_items} items, the model {model.num_items}: evaluate a subset "
-                         "of the data the model was trained on")
+        raise ValueError(
+            f"data has {data.num_items} items, the model {model.num_items}: evaluate a subset "
+            "of the data the model was trained on"
+        )
     if clients is not None:
         data = data.subset(clients)
     data = data.subset(data.sizes >= 2)
@@ -232,8 +297,15 @@ def leave_one_out(model, data, clients=None, *, k: int = 10, negatives: int | No
     keep[held] = False
     rest = data._take(np.flatnonzero(keep), np.concatenate([[0], np.cumsum(sizes - 1)]), data.user_ids)
     target = data.items[held].astype(np.int64)
-    common = dict(item_bias=model.item_bias, global_mean=model.global_mean, seed=seed, round=INFERENCE_ROUND,
-                  num_threads=num_threads, check_finite=False, **model.default_kwargs())
+    common = dict(
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=seed,
+        round=INFERENCE_ROUND,
+        num_threads=num_threads,
+        check_finite=False,
+        **model.default_kwargs(),
+    )
     if negatives is None:
         top, _ = kernels.recommend_users(model.item_factors, rest, None, config, k=k, exclude_seen=True, **common)
         match = top == target[:, None]
@@ -254,9 +326,12 @@ def leave_one_out(model, data, clients=None, *, k: int = 10, negatives: int | No
     hit = rank < k
     gain = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
     n = data.num_clients
-    return {f"loo_hit_rate_at_{k}": float(hit.mean()) if n else float("nan"),
-            f"loo_ndcg_at_{k}": float(gain.mean()) if n else float("nan"),
-            "loo_users": n, "loo_negatives": negatives}
+    return {
+        f"loo_hit_rate_at_{k}": float(hit.mean()) if n else float("nan"),
+        f"loo_ndcg_at_{k}": float(gain.mean()) if n else float("nan"),
+        "loo_users": n,
+        "loo_negatives": negatives,
+    }
 
 
 # Leave-one-out draws its negatives with a round number nothing else uses.
@@ -285,8 +360,11 @@ def _negatives(data, count: int, seed: int) -> np.ndarray:
         keys = mix64_array(base[lo:hi, None] ^ items[None, :])
         mine = (row >= lo) & (row < hi)
         keys[row[mine] - lo, data.items[mine]] = np.iinfo(np.uint64).max  # rated: never drawn
-        best = np.argpartition(keys, width - 1, axis=1)[:, :width] if width < n_items else \
-            np.broadcast_to(np.arange(n_items), keys.shape)
+        best = (
+            np.argpartition(keys, width - 1, axis=1)[:, :width]
+            if width < n_items
+            else np.broadcast_to(np.arange(n_items), keys.shape)
+        )
         best = np.take_along_axis(best, np.argsort(np.take_along_axis(keys, best, axis=1), axis=1), axis=1)
         rated = np.take_along_axis(keys, best, axis=1) == np.iinfo(np.uint64).max
         out[lo:hi, :width] = np.where(rated, -1, best)

@@ -37,18 +37,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
 from . import compression, kernels
 from ._validation import as_float32_matrix, as_float32_vector, check_float, check_int, check_threads
-from .config import ClientConfig, FedReconConfig
+from .config import ClientConfig, FedReconConfig, UpdateCodec
 from .evaluation import EVAL_ROUND, summarize
+from .kernels import RoundResult
 from .model import GlobalModel
-from .optimizers import make_optimizer
-from .privacy import privatize_mean
+from .server import STATUS_NONFINITE, FixedPrivacy, Server, ServerState, round_summary
 
 __all__ = [
     "ClientResult",
@@ -59,9 +60,6 @@ __all__ = [
     "server_init",
     "server_step",
 ]
-
-# Kernel status codes of a client (ClientStats::status).
-STATUS_OK, STATUS_NONFINITE, STATUS_NO_QUERY = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -132,39 +130,6 @@ class ClientResult:
     metrics: dict
 
 
-@dataclass
-class ServerState:
-    """The server's side of FedRecon between rounds (see :func:`server_init`).
-
-    Attributes
-    ----------
-    model : GlobalModel
-        The global model (V and optional biases).
-    config : FedReconConfig
-        Server optimizer, DP and accounting settings (and the clients' settings).
-    optimizer_state : dict of ndarray
-        State of the server optimizer (plain arrays, see :mod:`fedrecon_fast.optimizers`).
-    round : int
-        Rounds completed; pass it as ``round`` to :func:`client_step` for the next round.
-    broadcasted_bits, aggregated_bits : int
-        Cumulative bits sent to / received from clients (from real encoded sizes).
-    metrics : dict
-        Metrics of the last :func:`server_step` (the keys of ``FedRecon.history`` rows).
-    """
-
-    model: GlobalModel
-    config: FedReconConfig
-    optimizer_state: dict
-    round: int = 0
-    broadcasted_bits: int = 0
-    aggregated_bits: int = 0
-    metrics: dict = field(default_factory=dict)
-
-    def params(self) -> dict:
-        """The trained arrays by name (``item_factors`` [, ``item_bias``]), not copies."""
-        return _params(self.model)
-
-
 # --------------------------------------------------------------------------------------------
 # Client side
 
@@ -178,8 +143,7 @@ def _model_arrays(model) -> tuple[np.ndarray, np.ndarray | None, float, FedRecon
             raise ValueError("model must hold 'item_factors' (and optionally 'item_bias', 'global_mean')")
         unknown = set(model) - {"item_factors", "item_bias", "global_mean"}
         if unknown:
-            raise ValueError(f"model has unknown keys {sorted(unknown)}; expected item_factors, "
-                             "item_bias, global_mean")
+            raise ValueError(f"model has unknown keys {sorted(unknown)}; expected item_factors, item_bias, global_mean")
         V = as_float32_matrix(model["item_factors"], "item_factors")
         bias = model.get("item_bias")
         if bias is not None:
@@ -240,10 +204,14 @@ def _one_client(data, client, client_id, num_items: int):
     if client_id is None:
         raise ValueError("client_id is required with (items, ratings): it keys the client's random streams")
     check_int(client_id, "client_id", minimum=0, maximum=2**63 - 1)
-    csr = SimpleNamespace(indptr=np.array([0, items.shape[0]], dtype=np.int64),
-                          items=np.ascontiguousarray(items, dtype=np.int32),
-                          ratings=np.ascontiguousarray(ratings, dtype=np.float32),
-                          stream_ids=np.array([client_id], dtype=np.int64), num_clients=1, num_items=num_items)
+    csr = SimpleNamespace(
+        indptr=np.array([0, items.shape[0]], dtype=np.int64),
+        items=np.ascontiguousarray(items, dtype=np.int32),
+        ratings=np.ascontiguousarray(ratings, dtype=np.float32),
+        stream_ids=np.array([client_id], dtype=np.int64),
+        num_clients=1,
+        num_items=num_items,
+    )
     return csr, 0, int(client_id)
 
 
@@ -256,8 +224,17 @@ def _client_metrics(stats: dict, k: int) -> dict:
     return m
 
 
-def client_step(model, data, config=None, *, client: int | None = None, client_id: int | None = None,
-                seed: int | None = None, round: int = 0, num_threads: int = 1) -> ClientResult:
+def client_step(
+    model,
+    data,
+    config=None,
+    *,
+    client: int | None = None,
+    client_id: int | None = None,
+    seed: int | None = None,
+    round: int = 0,
+    num_threads: int = 1,
+) -> ClientResult:
     """One client's FedRecon step with the native kernel; ``u`` stays on the client.
 
     Parameters
@@ -305,23 +282,39 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
     check_threads(num_threads)
     num_items, K = V.shape
     csr, row, key = _one_client(data, client, client_id, num_items)
-    bits = full.quantize_bits if full is not None else None
-    sparse = full.sparse_updates if full is not None else True
-    clip = full.dp_clip if full is not None else None
-    quantize = bits is not None and num_items * K >= full.quantize_threshold
+    codec = full.codec if full is not None else UpdateCodec()
+    sparse = codec.sparse
+    quantize = codec.quantizes(num_items, K)
 
     # The kernel clips; quantization goes through the real wire format, whose decoding is
     # bit-identical to the fused round's in-kernel codec (same (seed, round, client) key).
-    out = kernels.client_updates(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
-                                 round=round, num_threads=num_threads, sparse=sparse, clip=clip)
+    out = kernels.client_updates(
+        V,
+        csr,
+        [row],
+        client_cfg,
+        item_bias=bias,
+        global_mean=mean,
+        seed=seed,
+        round=round,
+        num_threads=num_threads,
+        codec=dataclasses.replace(codec, bits=0),
+    )
     rows, values, bias_values = out.client(0)
     metrics = _client_metrics(out.client_stats, 0)
     metrics["client_id"] = key
     weight = metrics.pop("weight")
     encoded = None
     if quantize and weight > 0:
-        common = dict(scaling=full.quantize_scaling, hadamard=full.hadamard, seed=seed, round=round,
-                      client=key, num_threads=num_threads)
+        bits = codec.bits
+        common = dict(
+            scaling="row" if codec.row_scaling else "tensor",
+            hadamard=codec.hadamard,
+            seed=seed,
+            round=round,
+            client=key,
+            num_threads=num_threads,
+        )
         if sparse:
             encoded = compression.encode_sparse(rows, values, bits, num_rows=num_items, **common)
             rows, values = compression.decode_sparse(encoded, num_threads=num_threads)
@@ -341,8 +334,16 @@ def client_step(model, data, config=None, *, client: int | None = None, client_i
     return ClientResult(update, weight, metrics)
 
 
-def client_evaluate(model, data, config=None, *, client: int | None = None, client_id: int | None = None,
-                    seed: int | None = None, num_threads: int = 1) -> dict:
+def client_evaluate(
+    model,
+    data,
+    config=None,
+    *,
+    client: int | None = None,
+    client_id: int | None = None,
+    seed: int | None = None,
+    num_threads: int = 1,
+) -> dict:
     """ReconEval of one client: reconstruct ``u`` on its support set, score its query set.
 
     Arguments as in :func:`client_step` (``config.evaluation`` is used with a FedReconConfig).
@@ -360,10 +361,23 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
     client_cfg, _ = _configs(config, None)
     seed = 0 if seed is None else seed
     csr, row, _ = _one_client(data, client, client_id, V.shape[0])
-    stats = kernels.evaluate_users(V, csr, [row], client_cfg, item_bias=bias, global_mean=mean, seed=seed,
-                                   round=EVAL_ROUND, num_threads=num_threads)
-    sums = {"sq_err_sum": float(stats["sq_err_sum"][0]), "num_examples": int(stats["num_examples"][0]),
-            "num_correct": int(stats["num_correct"][0]), "abs_err_sum": float(stats["abs_err_sum"][0])}
+    stats = kernels.evaluate_users(
+        V,
+        csr,
+        [row],
+        client_cfg,
+        item_bias=bias,
+        global_mean=mean,
+        seed=seed,
+        round=EVAL_ROUND,
+        num_threads=num_threads,
+    )
+    sums: dict[str, Any] = {
+        "sq_err_sum": float(stats["sq_err_sum"][0]),
+        "num_examples": int(stats["num_examples"][0]),
+        "num_correct": int(stats["num_correct"][0]),
+        "abs_err_sum": float(stats["abs_err_sum"][0]),
+    }
     return {**summarize(**sums), **sums}
 
 
@@ -371,19 +385,7 @@ def client_evaluate(model, data, config=None, *, client: int | None = None, clie
 # Server side
 
 
-def _params(model: GlobalModel) -> dict:
-    params = {"item_factors": model.item_factors}
-    if model.item_bias is not None:
-        params["item_bias"] = model.item_bias
-    return params
-
-
-def _optimizer(config: FedReconConfig):
-    return make_optimizer(config.server_optimizer, lr=config.server_lr, **dict(config.server_options))
-
-
-def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                data=None) -> ServerState:
+def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | None = None, data=None) -> ServerState:
     """The server's state before round 0.
 
     Parameters
@@ -403,8 +405,10 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
     if config.learn_user_default:
         raise ValueError("learn_user_default is not supported one client at a time yet: use FedRecon")
     if config.dp_target_quantile is not None or config.dp_target_epsilon is not None or config.sampling != "fixed":
-        raise ValueError("adaptive clipping, privacy budgets and Poisson sampling keep state between rounds that "
-                         "server_step does not: use FedRecon (or its Flower and Ray backends)")
+        raise ValueError(
+            "adaptive clipping, privacy budgets and Poisson sampling keep state between rounds that "
+            "server_step does not: use FedRecon (or its Flower and Ray backends)"
+        )
     if model is None:
         if data is None:
             raise ValueError("give model or data (the training ClientData) to initialise the model")
@@ -412,12 +416,15 @@ def server_init(config: FedReconConfig | None = None, *, model: GlobalModel | No
         model = GlobalModel.initialize(data.item_ids, config, global_mean=mean)
     elif not isinstance(model, GlobalModel):
         raise TypeError(f"model must be a GlobalModel; got {type(model).__name__}")
-    return ServerState(model, config, _optimizer(config).init(_params(model)))
+    return Server(ServerState(model, config, None)).state
 
 
 def _copy_model(model: GlobalModel) -> GlobalModel:
-    return dataclasses.replace(model, item_factors=model.item_factors.copy(),
-                               item_bias=None if model.item_bias is None else model.item_bias.copy())
+    return dataclasses.replace(
+        model,
+        item_factors=model.item_factors.copy(),
+        item_bias=None if model.item_bias is None else model.item_bias.copy(),
+    )
 
 
 def _check_results(results, model: GlobalModel) -> list[ClientResult]:
@@ -431,17 +438,22 @@ def _check_results(results, model: GlobalModel) -> list[ClientResult]:
             raise TypeError(f"results[{k}] must be a ClientResult; got {type(r).__name__}")
         u = r.update
         if u.num_rows != model.num_items or u.values.ndim != 2 or u.values.shape[1] != model.dim:
-            raise ValueError(f"results[{k}] does not fit the model: an update of {u.num_rows} rows x "
-                             f"{u.values.shape[1:]} for V of shape {model.item_factors.shape}")
+            raise ValueError(
+                f"results[{k}] does not fit the model: an update of {u.num_rows} rows x "
+                f"{u.values.shape[1:]} for V of shape {model.item_factors.shape}"
+            )
         if (u.bias_values is not None) != biased:
-            raise ValueError(f"results[{k}] {'lacks' if biased else 'has'} item-bias values but the "
-                             f"model {'has' if biased else 'has no'} item biases")
+            raise ValueError(
+                f"results[{k}] {'lacks' if biased else 'has'} item-bias values but the "
+                f"model {'has' if biased else 'has no'} item biases"
+            )
         check_float(r.weight, f"results[{k}].weight", minimum=0.0)
     return list(results)
 
 
-def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace: bool = False,
-                num_threads: int | None = None) -> ServerState:
+def server_step(
+    state: ServerState, results: Sequence[ClientResult], *, inplace: bool = False, num_threads: int | None = None
+) -> ServerState:
     """Aggregate one round's client results and apply the server optimizer.
 
     The weighted mean ``Δ = Σ w_i Δ_i / Σ w_i`` of the reporting clients (weight > 0) is one
@@ -479,74 +491,52 @@ def server_step(state: ServerState, results: Sequence[ClientResult], *, inplace:
     threads = cfg.num_threads if num_threads is None else num_threads
     check_threads(threads)
     results = _check_results(results, state.model)
-    model = state.model if inplace else _copy_model(state.model)
-    opt_state = state.optimizer_state if inplace else {k: v.copy() for k, v in state.optimizer_state.items()}
-    params = _params(model)
-    K, biased = model.dim, model.item_bias is not None
+    # A new state; its model and optimizer arrays are the old ones (updated) with ``inplace``.
+    model, opt_state = state.model, state.optimizer_state or {}
+    if not inplace:
+        model, opt_state = _copy_model(model), {k: v.copy() for k, v in opt_state.items()}
+    state = dataclasses.replace(state, model=model, optimizer_state=opt_state, metrics={})
+    server = Server(state)
+    result = _reduce(results, state.model, threads)
+    privacy = None if cfg.dp is None else FixedPrivacy(cfg.dp, cfg.clients_per_round)
+    # As in FedRecon, DP noise uses the configuration's thread count (results do not depend on it).
+    finite = server.apply(result, privacy=privacy, num_threads=cfg.num_threads)
+    metrics = server.finish_round(result.summary, len(results), finite=finite, privacy=privacy)
+    metrics["server_seconds"] = time.perf_counter() - start
+    state.metrics = metrics
+    return state
 
-    status = np.array([r.metrics.get("status", STATUS_OK) for r in results])
-    counted = [r for r, s in zip(results, status) if s != STATUS_NONFINITE]
-    reporting = [r for r in results if r.weight > 0]
-    # Python's sum runs left to right, as the fused round's total does.
-    total_weight = sum(float(r.weight) for r in reporting)
-    if reporting:
-        # Every result keeps its cohort position (weight 0 when it did not report), so the
-        # native reduction follows the fused round's tree: one call, the same bits.
-        sent = [r.update if r.weight > 0 else None for r in results]
-        rows = np.concatenate([u.rows for u in sent if u is not None])
-        values = np.concatenate([u.values for u in sent if u is not None]).reshape(len(rows), K)
-        bias = np.concatenate([u.bias_values for u in sent if u is not None]) if biased else None
-        offsets = np.zeros(len(results) + 1, dtype=np.int64)
-        np.cumsum([0 if u is None else len(u) for u in sent], out=offsets[1:])
-        weights = [float(r.weight) if r.weight > 0 else 0.0 for r in results]
-        delta, delta_bias, _ = kernels.reduce_updates(rows, values, offsets, weights, num_items=model.num_items,
-                                                      bias_values=bias, num_threads=threads)
-        update = {"item_factors": delta}
-        if biased:
-            update["item_bias"] = delta_bias
-    else:
-        update = {name: np.zeros_like(p) for name, p in params.items()}
-    if cfg.dp_clip is not None:
-        privatize_mean(update, total_weight, clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
-                       expected_clients=cfg.clients_per_round, seed=cfg.seed, round=state.round,
-                       num_threads=cfg.num_threads)
-    # The aggregate is finite float32 of the right shapes (the kernel checks), and V is
-    # checked below, so the optimizer's own validation pass is skipped as in FedRecon.
-    _optimizer(cfg).apply(params, update, opt_state, validate=False)
-    if not np.isfinite(model.item_factors).all():
-        raise FloatingPointError(f"the global model became non-finite in round {state.round}; "
-                                 "lower the learning rates")
-    nonfinite = int((status == STATUS_NONFINITE).sum())
-    if not reporting and nonfinite > 0:
-        raise FloatingPointError(
-            f"training diverged in round {state.round}: all {nonfinite} sampled clients produced "
-            "non-finite updates; lower client_lr or recon_lr")
 
-    n = sum(r.metrics.get("num_examples", 0) for r in counted)
-    loss_sum = sum(r.metrics.get("loss_sum", 0.0) for r in counted)
-    correct = sum(r.metrics.get("num_correct", 0) for r in counted)
-    broadcast = 32 * len(results) * sum(p.size for p in params.values())
-    aggregated = 8 * sum(int(r.metrics.get("bytes", 0)) for r in reporting)
-    clipped = sum(int(r.metrics.get("clipped", 0)) for r in reporting)
-    metrics = {
-        "round": state.round + 1,
-        "clients": len(results),
-        "reporting": len(reporting),
-        "nonfinite": nonfinite,
-        "train_loss": loss_sum / n if n else float("nan"),
-        "train_rmse": float(np.sqrt(loss_sum / n)) if n else float("nan"),
-        "train_accuracy": correct / n if n else float("nan"),
-        "train_examples": n,
-        "rows_sent": sum(int(r.metrics.get("rows", len(r.update))) for r in reporting),
-        "broadcasted_bits": broadcast,
-        "aggregated_bits": aggregated,
-        "broadcasted_bits_total": state.broadcasted_bits + broadcast,
-        "aggregated_bits_total": state.aggregated_bits + aggregated,
-        **({"dp_clipped": clipped,
-            "dp_clip_fraction": clipped / len(reporting) if reporting else 0.0,
-            "dp_noise_std": cfg.dp_noise * cfg.dp_clip, "dp_clip": cfg.dp_clip,
-            "dp_noise_multiplier": cfg.dp_noise} if cfg.dp_clip is not None else {}),
-        "server_seconds": time.perf_counter() - start,
+def _reduce(results: list[ClientResult], model: GlobalModel, num_threads: int) -> RoundResult:
+    """The round's weighted mean and totals from the clients' results, as the fused round makes them.
+
+    Every result keeps its cohort position (weight 0 when it did not report), so the native
+    reduction sums each row's clients in the fused round's order: one call, the same bits.
+    """
+    status = np.array([int(r.metrics.get("status", 0)) for r in results], np.int64)
+    # A client reports when it has weight and its update is finite (the native round's rule).
+    reports = [r.weight > 0 and s != STATUS_NONFINITE for r, s in zip(results, status)]
+    sent = [r.update if ok else None for r, ok in zip(results, reports)]
+    stats = {
+        "weight": np.array([float(r.weight) if ok else 0.0 for r, ok in zip(results, reports)]),
+        "loss_sum": np.array([float(r.metrics.get("loss_sum", 0.0)) for r in results]),
+        "num_examples": np.array([int(r.metrics.get("num_examples", 0)) for r in results], np.int64),
+        "num_correct": np.array([int(r.metrics.get("num_correct", 0)) for r in results], np.int64),
+        "rows": np.array([int(r.metrics.get("rows", len(r.update))) for r in results], np.int64),
+        "bytes": np.array([int(r.metrics.get("bytes", 0)) for r in results], np.int64),
+        "clipped": np.array([int(r.metrics.get("clipped", 0)) for r in results], np.int64),
+        "status": status,
     }
-    return ServerState(model, cfg, opt_state, state.round + 1, state.broadcasted_bits + broadcast,
-                       state.aggregated_bits + aggregated, metrics)
+    if not any(u is not None for u in sent):
+        delta = np.zeros_like(model.item_factors)
+        delta_bias = None if model.item_bias is None else np.zeros_like(model.item_bias)
+        return RoundResult(delta, delta_bias, stats, round_summary(stats, 0))
+    rows = np.concatenate([u.rows for u in sent if u is not None])
+    values = np.concatenate([u.values for u in sent if u is not None]).reshape(len(rows), model.dim)
+    bias = np.concatenate([u.bias_values for u in sent if u is not None]) if model.item_bias is not None else None
+    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    np.cumsum([0 if u is None else len(u) for u in sent], out=offsets[1:])
+    delta, delta_bias, _ = kernels.reduce_updates(
+        rows, values, offsets, stats["weight"], num_items=model.num_items, bias_values=bias, num_threads=num_threads
+    )
+    return RoundResult(delta, delta_bias, stats, round_summary(stats, int(np.unique(rows).size)))

@@ -65,8 +65,9 @@ def _unknown_error(name: str, ids: np.ndarray) -> ValueError:
     ids = np.unique(ids)
     shown = ", ".join(str(int(i)) for i in ids[:_SHOWN_UNKNOWN])
     more = f", ... ({len(ids)} in all)" if len(ids) > _SHOWN_UNKNOWN else ""
-    return ValueError(f"{name} has item ids unknown to the model: {shown}{more} "
-                      "(pass ignore_unknown=True to drop them)")
+    return ValueError(
+        f"{name} has item ids unknown to the model: {shown}{more} (pass ignore_unknown=True to drop them)"
+    )
 
 
 def item_rows(model, ids, *, ignore_unknown: bool = False, name: str = "items") -> np.ndarray:
@@ -113,8 +114,13 @@ def _from_client_data(model, data: ClientData, ignore_unknown: bool, name: str) 
     user = np.repeat(np.arange(data.num_clients, dtype=np.int64), data.sizes)
     indptr = np.zeros(data.num_clients + 1, dtype=np.int64)
     np.cumsum(np.bincount(user[keep], minlength=data.num_clients), out=indptr[1:])
-    return _Batch(indptr, np.ascontiguousarray(rows[keep], dtype=np.int32),
-                  np.ascontiguousarray(data.ratings[keep]), model.num_items, False)
+    return _Batch(
+        indptr,
+        np.ascontiguousarray(rows[keep], dtype=np.int32),
+        np.ascontiguousarray(data.ratings[keep]),
+        model.num_items,
+        False,
+    )
 
 
 def _one_user(model, items, ratings, ignore_unknown: bool) -> _Batch:
@@ -125,8 +131,13 @@ def _one_user(model, items, ratings, ignore_unknown: bool) -> _Batch:
     rows = item_rows(model, items, ignore_unknown=ignore_unknown)
     keep = rows >= 0
     rows, ratings = rows[keep], ratings[keep]
-    return _Batch(np.array([0, rows.size], dtype=np.int64), rows.astype(np.int32),
-                  np.ascontiguousarray(ratings), model.num_items, True)
+    return _Batch(
+        np.array([0, rows.size], dtype=np.int64),
+        rows.astype(np.int32),
+        np.ascontiguousarray(ratings),
+        model.num_items,
+        True,
+    )
 
 
 def user_ratings(model, data, ratings=None, *, ignore_unknown: bool = False) -> _Batch:
@@ -136,12 +147,17 @@ def user_ratings(model, data, ratings=None, *, ignore_unknown: bool = False) -> 
         raise TypeError(f"ignore_unknown must be a bool; got {ignore_unknown!r}")
     pd = sys.modules.get("pandas")
     sparse = sys.modules.get("scipy.sparse")
-    many = isinstance(data, ClientData) or (pd is not None and isinstance(data, pd.DataFrame)) \
+    many = (
+        isinstance(data, ClientData)
+        or (pd is not None and isinstance(data, pd.DataFrame))
         or (sparse is not None and sparse.issparse(data))
+    )
     if many or isinstance(data, dict):
         if ratings is not None:
-            raise TypeError("ratings is only for the single-user form (items, ratings); "
-                            f"it must be None when data is a {type(data).__name__}")
+            raise TypeError(
+                "ratings is only for the single-user form (items, ratings); "
+                f"it must be None when data is a {type(data).__name__}"
+            )
     if isinstance(data, ClientData):
         return _from_client_data(model, data, ignore_unknown, "data")
     if pd is not None and isinstance(data, pd.DataFrame):
@@ -151,8 +167,10 @@ def user_ratings(model, data, ratings=None, *, ignore_unknown: bool = False) -> 
     if isinstance(data, dict):
         return _one_user(model, list(data.keys()), list(data.values()), ignore_unknown)
     if ratings is None:
-        raise TypeError("ratings is required when data is an array of item ids (one user); "
-                        "for many users pass a ClientData, a DataFrame or a scipy.sparse matrix")
+        raise TypeError(
+            "ratings is required when data is an array of item ids (one user); "
+            "for many users pass a ClientData, a DataFrame or a scipy.sparse matrix"
+        )
     return _one_user(model, data, ratings, ignore_unknown)
 
 
@@ -167,8 +185,16 @@ def _settings(model, config, seed) -> tuple[ClientConfig, int]:
     return config, seed
 
 
-def reconstruct(model, data, ratings=None, *, ignore_unknown: bool = False,
-                config: ClientConfig | None = None, seed: int | None = None, num_threads: int = 0):
+def reconstruct(
+    model,
+    data,
+    ratings=None,
+    *,
+    ignore_unknown: bool = False,
+    config: ClientConfig | None = None,
+    seed: int | None = None,
+    num_threads: int = 0,
+):
     """Reconstruct the embedding ``u`` (and ``b_u``) of each user from all of its ratings.
 
     Returns ``(users, user_bias)``: float32 arrays of shape (m, dim) and (m,) (``user_bias`` is
@@ -179,9 +205,18 @@ def reconstruct(model, data, ratings=None, *, ignore_unknown: bool = False,
     batch = user_ratings(model, data, ratings, ignore_unknown=ignore_unknown)
     config, seed = _settings(model, config, seed)
     users, user_bias = kernels.infer_users(
-        model.item_factors, batch, None, config, item_bias=model.item_bias,
-        global_mean=model.global_mean, seed=seed, round=INFERENCE_ROUND, num_threads=num_threads,
-        check_finite=False, **model.default_kwargs())
+        model.item_factors,
+        batch,
+        None,
+        config,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=seed,
+        round=INFERENCE_ROUND,
+        num_threads=num_threads,
+        check_finite=False,
+        **model.default_kwargs(),
+    )
     if batch.single:
         return users[0], None if user_bias is None else user_bias[0]
     return users, user_bias
@@ -211,12 +246,12 @@ def predict(model, users, items, user_bias=None, *, ignore_unknown: bool = False
     U = as_float32_matrix(u.reshape(1, -1) if single else u, "users", cols=model.dim)
     ids = np.asarray(items)
     if ids.ndim not in (1, 2) or (ids.ndim == 2 and (single or ids.shape[0] != U.shape[0])):
-        raise ValueError(f"items must have shape (n,) or (number of users, n) = ({U.shape[0]}, n); "
-                         f"got {ids.shape}")
+        raise ValueError(f"items must have shape (n,) or (number of users, n) = ({U.shape[0]}, n); got {ids.shape}")
     biased = model.item_bias is not None
     if biased != (user_bias is not None):
-        raise ValueError("user_bias is required for a model with biases (from reconstruct) and "
-                         "must be None for a model without")
+        raise ValueError(
+            "user_bias is required for a model with biases (from reconstruct) and must be None for a model without"
+        )
     if biased:
         bu = np.asarray(user_bias)
         bu = as_float32_matrix(bu.reshape(-1, 1), "user_bias")[:, 0]
@@ -232,14 +267,23 @@ def predict(model, users, items, user_bias=None, *, ignore_unknown: bool = False
         out = np.einsum("mk,mnk->mn", U, V[safe])
     out += np.float32(model.global_mean)
     if biased:
-        out += (bu[:, None] + model.item_bias[safe])
+        out += bu[:, None] + model.item_bias[safe]
     out = np.where(known, out, np.float32(np.nan)).astype(np.float32, copy=False)
     return out[0] if single else out
 
 
-def recommend(model, data, ratings=None, *, k: int = 10, exclude_seen: bool = True,
-              ignore_unknown: bool = False, config: ClientConfig | None = None,
-              seed: int | None = None, num_threads: int = 0):
+def recommend(
+    model,
+    data,
+    ratings=None,
+    *,
+    k: int = 10,
+    exclude_seen: bool = True,
+    ignore_unknown: bool = False,
+    config: ClientConfig | None = None,
+    seed: int | None = None,
+    num_threads: int = 0,
+):
     """Top-k items for each user: ``(items, scores)`` with original item ids.
 
     Each user's ``u`` is reconstructed from all of its ratings (:func:`reconstruct`), every
@@ -255,9 +299,20 @@ def recommend(model, data, ratings=None, *, k: int = 10, exclude_seen: bool = Tr
     batch = user_ratings(model, data, ratings, ignore_unknown=ignore_unknown)
     config, seed = _settings(model, config, seed)
     rows, scores = kernels.recommend_users(
-        model.item_factors, batch, None, config, k=k, exclude_seen=exclude_seen,
-        item_bias=model.item_bias, global_mean=model.global_mean, seed=seed,
-        round=INFERENCE_ROUND, num_threads=num_threads, check_finite=False, **model.default_kwargs())
+        model.item_factors,
+        batch,
+        None,
+        config,
+        k=k,
+        exclude_seen=exclude_seen,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        seed=seed,
+        round=INFERENCE_ROUND,
+        num_threads=num_threads,
+        check_finite=False,
+        **model.default_kwargs(),
+    )
     items = np.where(rows >= 0, model.item_ids[np.maximum(rows, 0)], -1) if model.num_items else rows
     if batch.single:
         return items[0], scores[0]

@@ -52,8 +52,17 @@ __all__ = ["load_ratings", "read_ratings_file", "SwappedColumnsWarning", "SEPARA
 
 #: Separators the sniffer tries after ``::``, in this order (``--sep`` accepts any string).
 SEPARATORS = ("\t", ",", ";", "|")
-_SEP_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|",
-              "space": None, "spaces": None, "whitespace": None, " ": None}
+_SEP_NAMES = {
+    "tab": "\t",
+    "\\t": "\t",
+    "comma": ",",
+    "semicolon": ";",
+    "pipe": "|",
+    "space": None,
+    "spaces": None,
+    "whitespace": None,
+    " ": None,
+}
 _SAMPLE_BYTES = 1 << 16
 _SAMPLE_LINES = 50
 _FIELD_NAMES = {"user": "user id", "item": "item id", "rating": "rating", "timestamp": "timestamp"}
@@ -123,9 +132,11 @@ def load_ratings(source, *, columns=None, sep: Optional[str] = None) -> ClientDa
         if columns is not None:
             raise TypeError("columns does not apply to a (users, items, ratings[, timestamps]) tuple")
         return ClientData.from_coo(*source)
-    raise TypeError(f"cannot read ratings from a {type(source).__name__}: expected a path, a pandas DataFrame, "
-                    "a scipy.sparse matrix, a dict of columns, a (users, items, ratings[, timestamps]) tuple "
-                    "or a ClientData")
+    raise TypeError(
+        f"cannot read ratings from a {type(source).__name__}: expected a path, a pandas DataFrame, "
+        "a scipy.sparse matrix, a dict of columns, a (users, items, ratings[, timestamps]) tuple "
+        "or a ClientData"
+    )
 
 
 def read_ratings_file(path: Union[str, os.PathLike], *, columns=None, sep: Optional[str] = None) -> ClientData:
@@ -134,8 +145,10 @@ def read_ratings_file(path: Union[str, os.PathLike], *, columns=None, sep: Optio
     if p.is_dir():
         found = [p / name for name in RATINGS_FILES if (p / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"no ratings file in folder {str(p)!r}: expected one of {', '.join(RATINGS_FILES)} "
-                                    "(or pass the file itself)")
+            raise FileNotFoundError(
+                f"no ratings file in folder {str(p)!r}: expected one of {', '.join(RATINGS_FILES)} "
+                "(or pass the file itself)"
+            )
         p = found[0]
     elif not p.exists():
         raise FileNotFoundError(f"ratings path {str(p)!r} does not exist")
@@ -153,8 +166,10 @@ def read_ratings_file(path: Union[str, os.PathLike], *, columns=None, sep: Optio
 def _read_parquet(path: Path, columns) -> ClientData:
     missing = [m for m in ("pandas", "pyarrow") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"{path}: reading parquet needs pandas and pyarrow (missing: {', '.join(missing)}); "
-                          "pip install pandas pyarrow")
+        raise ImportError(
+            f"{path}: reading parquet needs pandas and pyarrow (missing: {', '.join(missing)}); "
+            "pip install pandas pyarrow"
+        )
     import pandas as pd
 
     return ClientData.from_dataframe(pd.read_parquet(path, engine="pyarrow"), columns=columns)
@@ -197,8 +212,10 @@ def _sniff(path: Path, sample: list) -> Optional[bytes]:
         return present[0]
     if len(split_fields(first, None)) >= 3:
         return None
-    raise ValueError(f"{str(path)!r}: cannot tell the field separator from its first lines; pass sep "
-                     "(--sep), e.g. ',', 'tab', ';', '::' or 'whitespace'")
+    raise ValueError(
+        f"{str(path)!r}: cannot tell the field separator from its first lines; pass sep "
+        "(--sep), e.g. ',', 'tab', ';', '::' or 'whitespace'"
+    )
 
 
 def _is_number(field: bytes) -> bool:
@@ -214,8 +231,10 @@ def _read_text(path: Path, columns, sep) -> ClientData:
     first_no, first = sample[0]
     head = [f.strip(b" ") for f in split_fields(first, sep)]
     if b'"' in first or any(b'"' in line for _, line in sample[1:]):
-        raise ValueError(f"{str(path)!r}: quoted fields are not supported in ratings files; "
-                         "read it with pandas and pass the DataFrame")
+        raise ValueError(
+            f"{str(path)!r}: quoted fields are not supported in ratings files; "
+            "read it with pandas and pass the DataFrame"
+        )
     has_header = not any(_is_number(f) for f in head)
     names = [f.decode("utf-8", "replace") for f in head] if has_header else None
     roles = resolve_columns(names, len(head), columns, where=repr(str(path)))
@@ -249,8 +268,16 @@ def _read_text(path: Path, columns, sep) -> ClientData:
     data = ClientData.from_coo(ids["user"], ids["item"], values["rating"], values.get("timestamp"))
     if id_labels["user"] is None and id_labels["item"] is None:
         return data
-    return ClientData(data.indptr, data.items, data.ratings, data.timestamps, data.user_ids, data.item_ids,
-                      user_labels=id_labels["user"], item_labels=id_labels["item"])
+    return ClientData(
+        data.indptr,
+        data.items,
+        data.ratings,
+        data.timestamps,
+        data.user_ids,
+        data.item_ids,
+        user_labels=id_labels["user"],
+        item_labels=id_labels["item"],
+    )
 
 
 def _warn_if_swapped(path: Path, users: np.ndarray, items: np.ndarray, num_columns: int) -> None:
@@ -268,9 +295,15 @@ def _warn_if_swapped(path: Path, users: np.ndarray, items: np.ndarray, num_colum
     inverted_counts = per_item.min() >= 10 and per_user.min() == 1
     if far_more_users or inverted_counts:
         layout = "user,item,rating" + (",timestamp" if num_columns == 4 else "")
-        why = (f"{per_user.size} users but only {per_item.size} items" if far_more_users else
-               f"every item has at least {per_item.min()} ratings while some users have only 1")
+        why = (
+            f"{per_user.size} users but only {per_item.size} items"
+            if far_more_users
+            else f"every item has at least {per_item.min()} ratings while some users have only 1"
+        )
         swapped = "item,user,rating" + (",timestamp" if num_columns == 4 else "")
-        warnings.warn(f"{path}: this headerless file was read as {layout}, but its columns look swapped ({why}); "
-                      f"if they are {swapped}, pass columns='{swapped}' (--columns {swapped})",
-                      SwappedColumnsWarning, stacklevel=5)
+        warnings.warn(
+            f"{path}: this headerless file was read as {layout}, but its columns look swapped ({why}); "
+            f"if they are {swapped}, pass columns='{swapped}' (--columns {swapped})",
+            SwappedColumnsWarning,
+            stacklevel=5,
+        )

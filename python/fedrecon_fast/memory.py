@@ -102,8 +102,9 @@ def available_memory() -> tuple[Optional[int], Optional[int]]:
         return None, None
 
 
-def check_training(num_items: int, config, *, client_sizes=None, num_threads: Optional[int] = None,
-                   available: Optional[int] = None) -> dict:
+def check_training(
+    num_items: int, config, *, client_sizes=None, num_threads: Optional[int] = None, available: Optional[int] = None
+) -> dict:
     """Refuse (:class:`MemoryEstimateError`) a run whose estimate exceeds the memory available.
 
     ``available`` defaults to :func:`available_memory`; when it is unknown nothing is refused.
@@ -114,10 +115,12 @@ def check_training(num_items: int, config, *, client_sizes=None, num_threads: Op
     if available is None:
         available, total_memory = available_memory()
     if available is not None and estimate["total"] > available:
-        parts = ", ".join(f"{name} {format_bytes(b)}" for name, b in sorted(
-            ((k, v) for k, v in estimate.items() if k != "total"), key=lambda kv: -kv[1]) if b)
-        machine = f"{format_bytes(available)} available" + (
-            f" of {format_bytes(total_memory)}" if total_memory else "")
+        parts = ", ".join(
+            f"{name} {format_bytes(b)}"
+            for name, b in sorted(((k, v) for k, v in estimate.items() if k != "total"), key=lambda kv: -kv[1])
+            if b
+        )
+        machine = f"{format_bytes(available)} available" + (f" of {format_bytes(total_memory)}" if total_memory else "")
         hint = "lower dim (--dim)"
         if config.client.recon == "exact" or config.evaluation.recon == "exact":
             hint += ", use SGD reconstruction (exact reconstruction solves a K x K system per thread) or fewer threads"
@@ -125,5 +128,6 @@ def check_training(num_items: int, config, *, client_sizes=None, num_threads: Op
         raise MemoryEstimateError(
             f"training needs about {format_bytes(estimate['total'])} of memory ({parts}; K = {config.dim}, "
             f"{num_items} items, {config.clients_per_round} clients per round), but this machine has {machine}: "
-            f"{hint}")
+            f"{hint}"
+        )
     return estimate

@@ -72,8 +72,7 @@ class GlobalModel:
         if np.unique(self.item_ids).size != n:  # an id must name one row
             raise ValueError("item_ids must be unique")
         if self.user_default is not None:
-            self.user_default = as_float32_vector(self.user_default, "user_default", size=self.dim,
-                                                  check_finite=True)
+            self.user_default = as_float32_vector(self.user_default, "user_default", size=self.dim, check_finite=True)
         check_float(self.user_bias_default, "user_bias_default", minimum=-FLOAT32_MAX, maximum=FLOAT32_MAX)
         self.user_bias_default = float(self.user_bias_default)
         for name in ("item_labels", "item_titles"):
@@ -85,7 +84,11 @@ class GlobalModel:
                 setattr(self, name, value.astype(str))
         if self.item_titles is not None and self.item_titles.shape != (n,):
             raise ValueError(f"item_titles must have one title per row of item_factors ({n})")
-        if self.item_labels is not None and n and (self.item_ids.min() < 0 or self.item_ids.max() >= self.item_labels.size):
+        if (
+            self.item_labels is not None
+            and n
+            and (self.item_ids.min() < 0 or self.item_ids.max() >= self.item_labels.size)
+        ):
             raise ValueError("item_labels must have a label for every item id (item_ids index it)")
 
     def set_titles(self, ids, titles) -> int:
@@ -105,7 +108,6 @@ class GlobalModel:
         self.item_titles = names
         return int(np.count_nonzero(found))
 
-
     def default_kwargs(self) -> dict:
         """The kernels' ``user_default``/``user_bias_default`` arguments for this model."""
         if self.user_default is None:
@@ -122,9 +124,16 @@ class GlobalModel:
 
     # ---------------------------------------------------------------- inference for new users
 
-    def reconstruct(self, data, ratings=None, *, ignore_unknown: bool = False,
-                    config: ClientConfig | None = None, seed: int | None = None,
-                    num_threads: int = 0):
+    def reconstruct(
+        self,
+        data,
+        ratings=None,
+        *,
+        ignore_unknown: bool = False,
+        config: ClientConfig | None = None,
+        seed: int | None = None,
+        num_threads: int = 0,
+    ):
         """Embeddings of new users, reconstructed from all of their ratings (V frozen).
 
         Parameters
@@ -152,8 +161,9 @@ class GlobalModel:
         users : ndarray, float32, shape (m, dim) (one user: (dim,))
         user_bias : ndarray, float32, shape (m,) (one user: a scalar), or None without biases
         """
-        return inference.reconstruct(self, data, ratings, ignore_unknown=ignore_unknown,
-                                     config=config, seed=seed, num_threads=num_threads)
+        return inference.reconstruct(
+            self, data, ratings, ignore_unknown=ignore_unknown, config=config, seed=seed, num_threads=num_threads
+        )
 
     def predict(self, users, items, user_bias=None, *, ignore_unknown: bool = False) -> np.ndarray:
         """Predicted ratings of reconstructed users for original item ids (vectorised).
@@ -165,9 +175,18 @@ class GlobalModel:
         """
         return inference.predict(self, users, items, user_bias, ignore_unknown=ignore_unknown)
 
-    def recommend(self, data, ratings=None, *, k: int = 10, exclude_seen: bool = True,
-                  ignore_unknown: bool = False, config: ClientConfig | None = None,
-                  seed: int | None = None, num_threads: int = 0):
+    def recommend(
+        self,
+        data,
+        ratings=None,
+        *,
+        k: int = 10,
+        exclude_seen: bool = True,
+        ignore_unknown: bool = False,
+        config: ClientConfig | None = None,
+        seed: int | None = None,
+        num_threads: int = 0,
+    ):
         """Top-k items for new users: ``(items, scores)`` with original item ids.
 
         ``data``/``ratings`` as for :meth:`reconstruct`. Items are ranked by predicted rating,
@@ -176,13 +195,20 @@ class GlobalModel:
         user), ``k`` capped at ``num_items``; slots beyond a user's candidates hold item -1 and
         score NaN. One native call, parallel over users.
         """
-        return inference.recommend(self, data, ratings, k=k, exclude_seen=exclude_seen,
-                                   ignore_unknown=ignore_unknown, config=config, seed=seed,
-                                   num_threads=num_threads)
+        return inference.recommend(
+            self,
+            data,
+            ratings,
+            k=k,
+            exclude_seen=exclude_seen,
+            ignore_unknown=ignore_unknown,
+            config=config,
+            seed=seed,
+            num_threads=num_threads,
+        )
 
     @classmethod
-    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0, *,
-                   item_labels=None) -> GlobalModel:
+    def initialize(cls, item_ids, config: FedReconConfig, global_mean: float = 0.0, *, item_labels=None) -> GlobalModel:
         """V ~ U(-a, a) (Keras 'uniform', a = config.item_init_scale), biases 0; ``item_labels``
         as the data's (string item ids)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
@@ -206,11 +232,11 @@ class GlobalModel:
         load back (non-finite values, a configuration that disagrees with the arrays) is
         refused with ``ValueError`` before anything is written; OS errors name ``path``.
         """
-        meta, arrays = self._parts()
-        self._from_parts(_bundle.Schema(f"model to save as {path}", meta, arrays))
+        meta, arrays = self.to_parts()
+        self.from_parts(_bundle.Schema(f"model to save as {path}", meta, arrays))
         return _folders.replace_folder(path, lambda folder: _bundle.write(folder, FORMAT, meta, arrays))
 
-    def _parts(self) -> tuple[dict, dict]:
+    def to_parts(self) -> tuple[dict, dict]:
         """The format's ``meta`` and arrays of this model (shared with checkpoints)."""
         arrays = {"item_factors": self.item_factors, "item_ids": self.item_ids}
         if self.item_bias is not None:
@@ -231,7 +257,7 @@ class GlobalModel:
         return meta, arrays
 
     @classmethod
-    def _from_parts(cls, schema: _bundle.Schema) -> GlobalModel:
+    def from_parts(cls, schema: _bundle.Schema) -> GlobalModel:
         """The model of verified ``meta`` and arrays, checked against the strict schema."""
         schema.keys({"num_items", "dim", "biases", "global_mean", "user_bias_default", "config"})
         n = schema.integer("num_items", 0, _INT32_MAX)
@@ -249,17 +275,21 @@ class GlobalModel:
             schema.fail("array 'item_bias' is present but 'biases' is false")
         u0 = schema.array("user_default", "<f4", (dim,), finite=True, optional=True)
         strings = {name: _strings_of(schema, name) for name in ("item_labels", "item_titles")}
-        schema.no_other_arrays(("item_factors", "item_ids", "item_bias", "user_default")
-                               + tuple(f"{name}_{part}" for name in strings for part in ("chars", "offsets")))
+        schema.no_other_arrays(
+            ("item_factors", "item_ids", "item_bias", "user_default")
+            + tuple(f"{name}_{part}" for name in strings for part in ("chars", "offsets"))
+        )
         if config is not None:
             try:
                 config = FedReconConfig.from_dict(config)
             except Exception as e:  # any malformed field: a TypeError, KeyError, ValueError, ...
                 schema.fail(f"'config' is invalid: {type(e).__name__}: {e}")
             if (config.dim, config.biases, config.learn_user_default) != (dim, biases, u0 is not None):
-                schema.fail(f"'config' (dim {config.dim}, biases {config.biases}, learn_user_default "
-                            f"{config.learn_user_default}) disagrees with the arrays (dim {dim}, biases "
-                            f"{biases}, user_default {'present' if u0 is not None else 'absent'})")
+                schema.fail(
+                    f"'config' (dim {config.dim}, biases {config.biases}, learn_user_default "
+                    f"{config.learn_user_default}) disagrees with the arrays (dim {dim}, biases "
+                    f"{biases}, user_default {'present' if u0 is not None else 'absent'})"
+                )
         try:
             return cls(V, bias, global_mean, ids, config, u0, user_bias_default, **strings)
         except (TypeError, ValueError) as e:
@@ -279,7 +309,7 @@ class GlobalModel:
         _folders.recover(path)
         if _bundle.is_bundle(path):
             meta, arrays = _bundle.read(path, FORMAT)
-            return cls._from_parts(_bundle.Schema(path / _bundle.MANIFEST, meta, arrays))
+            return cls.from_parts(_bundle.Schema(path / _bundle.MANIFEST, meta, arrays))
         if os.path.lexists(path / "model.json"):
             return cls._load_version_1(path)
         if not path.exists():
@@ -294,7 +324,7 @@ class GlobalModel:
         if meta.get("format") != FORMAT or meta.get("version") != 1:
             schema.fail(f"not a {FORMAT} file of version 1")
         meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
-        return cls._from_parts(_bundle.Schema(path / "model.json", meta, arrays))
+        return cls.from_parts(_bundle.Schema(path / "model.json", meta, arrays))
 
 
 def _strings_to_arrays(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

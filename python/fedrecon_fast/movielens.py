@@ -40,8 +40,16 @@ import numpy as np
 from .data import ClientData
 from .textparse import line_error, parse_table
 
-__all__ = ["load_movielens", "download_movielens", "load_titles", "find_titles", "MOVIELENS_URLS",
-           "MOVIELENS_CHECKSUMS", "RATINGS_FILES", "TITLE_FILES"]
+__all__ = [
+    "load_movielens",
+    "download_movielens",
+    "load_titles",
+    "find_titles",
+    "MOVIELENS_URLS",
+    "MOVIELENS_CHECKSUMS",
+    "RATINGS_FILES",
+    "TITLE_FILES",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -135,16 +143,16 @@ def load_movielens(path: PathLike) -> ClientData:
 def _resolve_ratings_file(path: PathLike) -> Tuple[Path, bytes]:
     """The ratings file to read and its field separator."""
     p = Path(path)
-    expected = ("u.data (MovieLens 100K), ratings.dat (1M, 10M) or "
-                "ratings.csv (20M, 25M, latest)")
+    expected = "u.data (MovieLens 100K), ratings.dat (1M, 10M) or ratings.csv (20M, 25M, latest)"
     if p.is_dir():
         for name in RATINGS_FILES:
             if (p / name).is_file():
                 return p / name, _FILE_FORMATS[name]
         raise FileNotFoundError(f"no MovieLens ratings file in folder {str(p)!r}: expected {expected}")
     if not p.is_file():
-        raise FileNotFoundError(f"MovieLens path {str(p)!r} does not exist: expected a folder "
-                                f"holding {expected}, or such a file")
+        raise FileNotFoundError(
+            f"MovieLens path {str(p)!r} does not exist: expected a folder holding {expected}, or such a file"
+        )
     if p.name in _FILE_FORMATS:
         return p, _FILE_FORMATS[p.name]
     with open(p, "rb") as fh:
@@ -164,8 +172,7 @@ def _csv_header_lines(file: Path, first_line: bytes, delim: bytes) -> int:
         return 0
     names = [f.strip().lower() for f in first_line.strip().decode("utf-8", "replace").split(",")]
     if names != _CSV_HEADER:
-        raise line_error(file, 1, "unexpected csv header (expected userId,movieId,rating,timestamp)",
-                         first_line)
+        raise line_error(file, 1, "unexpected csv header (expected userId,movieId,rating,timestamp)", first_line)
     return 1
 
 
@@ -229,7 +236,7 @@ def load_titles(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
         rows = (line.split("|") for line in text.splitlines())
         start = 1
     else:
-        rows = csv.reader(io.StringIO(text))
+        rows = csv.reader(io.StringIO(text))  # type: ignore[assignment]  # an iterator of lists too
         next(rows, None)  # movieId,title,genres
         start = 2
     ids, titles = [], []
@@ -246,8 +253,9 @@ def load_titles(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- download
 
 
-def download_movielens(name: str, dest: PathLike, *, url: Optional[str] = None,
-                       sha256: Optional[str] = None, md5: Optional[str] = None) -> Path:
+def download_movielens(
+    name: str, dest: PathLike, *, url: Optional[str] = None, sha256: Optional[str] = None, md5: Optional[str] = None
+) -> Path:
     """Download, verify and extract an official MovieLens release.
 
     Parameters
@@ -327,8 +335,11 @@ def download_movielens(name: str, dest: PathLike, *, url: Optional[str] = None,
                         h.update(chunk)
             actual = {algo: h.hexdigest() for algo, h in hashers.items()}
             if actual != expected:
-                diff = ", ".join(f"{algo}: expected {expected[algo]}, got {actual[algo]}"
-                                 for algo in expected if actual[algo] != expected[algo])
+                diff = ", ".join(
+                    f"{algo}: expected {expected[algo]}, got {actual[algo]}"
+                    for algo in expected
+                    if actual[algo] != expected[algo]
+                )
                 raise ValueError(f"checksum mismatch for {url} ({diff}); the download was deleted")
             os.replace(tmp, zip_path)
         finally:
@@ -357,8 +368,12 @@ def _file_digests(path: Path, expected: Dict[str, str]) -> Dict[str, str]:
 
 def _safe_member_parts(member: str) -> Tuple[str, ...]:
     """Path components of a zip member, rejecting absolute paths and ``..``."""
-    if (member.startswith(("/", "\\")) or PurePosixPath(member).is_absolute()
-            or PureWindowsPath(member).is_absolute() or PureWindowsPath(member).drive):
+    if (
+        member.startswith(("/", "\\"))
+        or PurePosixPath(member).is_absolute()
+        or PureWindowsPath(member).is_absolute()
+        or PureWindowsPath(member).drive
+    ):
         raise ValueError(f"unsafe member {member!r} in archive: absolute path")
     parts = tuple(p for p in re.split(r"[/\\]", member) if p not in ("", "."))
     if ".." in parts:
@@ -380,8 +395,7 @@ def _extract_release(zip_path: Path, dest: Path) -> Path:
             if ratings_member is not None:
                 break
         if ratings_member is None:
-            raise ValueError(f"{str(zip_path)!r} contains no MovieLens ratings file "
-                             f"({', '.join(RATINGS_FILES)})")
+            raise ValueError(f"{str(zip_path)!r} contains no MovieLens ratings file ({', '.join(RATINGS_FILES)})")
         target = dest.joinpath(*ratings_member)
         if target.is_file():
             return target.parent

@@ -67,10 +67,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar, Dict, Mapping, Protocol, Tuple, runtime_checkable
 
 import numpy as np
+
+from ._validation import check_bool, check_float
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -102,9 +103,14 @@ class ServerOptimizer(Protocol):
     """
 
     name: str
+    lr: float
 
     def init(self, params: Mapping[str, np.ndarray]) -> State:
         """Allocate the optimizer state for ``params``."""
+        ...
+
+    def count_step(self, state: Mapping[str, np.ndarray]) -> int:
+        """Count one applied update in ``state`` (``state["step"] += 1``); returns the new step."""
         ...
 
     def apply(
@@ -128,40 +134,23 @@ class ServerOptimizer(Protocol):
 # --------------------------------------------------------------------------
 
 
-def _as_float(arg: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{arg} must be a real number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{arg} must be finite, got {value!r}")
-    return out
-
-
 def _positive(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if out <= 0.0:
-        raise ValueError(f"{arg} must be > 0, got {value!r}")
-    return out
+    return check_float(value, arg, minimum=0.0, strict=True)
 
 
 def _non_negative(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if out < 0.0:
-        raise ValueError(f"{arg} must be >= 0, got {value!r}")
-    return out
+    return check_float(value, arg, minimum=0.0)
 
 
 def _unit_interval(arg: str, value: Any) -> float:
-    out = _as_float(arg, value)
-    if not 0.0 <= out < 1.0:
-        raise ValueError(f"{arg} must be in [0, 1), got {value!r}")
+    out = check_float(value, arg, minimum=0.0)
+    if out >= 1.0:
+        raise ValueError(f"{arg} must be in [0, 1); got {value!r}")
     return out
 
 
 def _boolean(arg: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{arg} must be a bool, got {value!r}")
-    return bool(value)
+    return check_bool(value, arg)
 
 
 # --------------------------------------------------------------------------
@@ -171,34 +160,30 @@ def _boolean(arg: str, value: Any) -> bool:
 
 def _check_params(params: Mapping[str, np.ndarray]) -> None:
     if not isinstance(params, Mapping):
-        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     for key, p in params.items():
         if not isinstance(key, str):
-            raise ValueError(f"parameter names must be str, got {key!r}")
+            raise TypeError(f"parameter names must be str, got {key!r}")
         if not isinstance(p, np.ndarray) or p.dtype != _DTYPE:
             dtype = getattr(p, "dtype", type(p).__name__)
-            raise ValueError(f"parameter {key!r} must be a float32 numpy array, got {dtype}")
+            raise TypeError(f"parameter {key!r} must be a float32 numpy array, got {dtype}")
         if not p.flags.writeable:
             raise ValueError(f"parameter {key!r} is read-only; it must be updated in place")
 
 
-def _check_update(
-    params: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]
-) -> Dict[str, np.ndarray]:
+def _check_update(params: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Validate ``update`` against ``params``; return it as float32 arrays."""
     if not isinstance(update, Mapping):
-        raise ValueError(f"update must be a dict of arrays, got {type(update).__name__}")
+        raise TypeError(f"update must be a dict of arrays, got {type(update).__name__}")
     missing = [k for k in params if k not in update]
     extra = [k for k in update if k not in params]
     if missing or extra:
-        raise ValueError(
-            f"update keys must equal params keys; missing: {missing}, unexpected: {extra}"
-        )
+        raise ValueError(f"update keys must equal params keys; missing: {missing}, unexpected: {extra}")
     out = {}
     for key, p in params.items():
         u = np.asarray(update[key])
         if not np.issubdtype(u.dtype, np.floating):
-            raise ValueError(f"update {key!r} must be a floating-point array, got {u.dtype}")
+            raise TypeError(f"update {key!r} must be a floating-point array, got {u.dtype}")
         if u.shape != p.shape:
             raise ValueError(f"update {key!r} has shape {u.shape}, expected {p.shape}")
         with np.errstate(over="ignore"):  # overflow -> inf, rejected just below
@@ -215,30 +200,21 @@ def _check_state(
     slots: Tuple[str, ...],
 ) -> None:
     if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a dict of arrays, got {type(state).__name__}")
+        raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
     expected = {_STEP_KEY} | {f"{k}/{s}" for k in params for s in slots}
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(
-            f"state does not match params/optimizer; missing: {missing}, unexpected: {extra}"
-        )
+        raise ValueError(f"state does not match params/optimizer; missing: {missing}, unexpected: {extra}")
     step = state[_STEP_KEY]
-    if (
-        not isinstance(step, np.ndarray)
-        or step.shape != ()
-        or step.dtype != np.int64
-        or not step.flags.writeable
-    ):
+    if not isinstance(step, np.ndarray) or step.shape != () or step.dtype != np.int64 or not step.flags.writeable:
         raise ValueError(f"state {_STEP_KEY!r} must be a writeable 0-d int64 array")
     for key, p in params.items():
         for s in slots:
             name = f"{key}/{s}"
             a = state[name]
             if not isinstance(a, np.ndarray) or a.dtype != _DTYPE or a.shape != p.shape:
-                raise ValueError(
-                    f"state {name!r} must be a float32 array of shape {p.shape}"
-                )
+                raise ValueError(f"state {name!r} must be a float32 array of shape {p.shape}")
             if not a.flags.writeable:
                 raise ValueError(f"state {name!r} is read-only")
 
@@ -256,8 +232,10 @@ def _squares_fit(name: str):
         with np.errstate(over="raise"):
             yield
     except FloatingPointError:
-        raise FloatingPointError(f"{name}: the squared update overflows float32 (an aggregated update "
-                                 "beyond ~1.8e19); training diverged: lower the learning rates") from None
+        raise FloatingPointError(
+            f"{name}: the squared update overflows float32 (an aggregated update "
+            "beyond ~1.8e19); training diverged: lower the learning rates"
+        ) from None
 
 
 class _Base:
@@ -345,7 +323,7 @@ class _Base:
             deltas = _check_update(params, update)
             _check_state(params, state, slot_names)
         else:
-            deltas = update
+            deltas = dict(update)
         t = self.count_step(state)
         for key, p in params.items():
             slots = {s: state[f"{key}/{s}"] for s in slot_names}
@@ -453,6 +431,10 @@ class _Moments(_Base):
     """Shared by Adam and Yogi: ``m = b1 m + (1 - b1) g``, a second-moment rule for ``v``, and
     ``p -= step_size(t) * m / (sqrt(v) + eps)``."""
 
+    lr: float
+    beta1: float
+    beta2: float
+
     def _second_moment(self, v, g2) -> None:
         raise NotImplementedError
 
@@ -498,9 +480,7 @@ class Adam(_Moments):
     beta2: float
     eps: float
 
-    def __init__(
-        self, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7
-    ) -> None:
+    def __init__(self, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7) -> None:
         self._set(
             lr=_positive("lr", lr),
             beta1=_unit_interval("beta1", beta1),
@@ -537,9 +517,7 @@ class Adagrad(_Base):
     initial_accumulator: float
     eps: float
 
-    def __init__(
-        self, *, lr: float = 0.1, initial_accumulator: float = 0.1, eps: float = 1e-7
-    ) -> None:
+    def __init__(self, *, lr: float = 0.1, initial_accumulator: float = 0.1, eps: float = 1e-7) -> None:
         self._set(
             lr=_positive("lr", lr),
             initial_accumulator=_non_negative("initial_accumulator", initial_accumulator),
@@ -627,9 +605,7 @@ class Yogi(_Moments):
 # Factory
 # --------------------------------------------------------------------------
 
-_REGISTRY: Dict[str, type] = {
-    cls.name: cls for cls in (SGD, MomentumSGD, Adam, Adagrad, Yogi)
-}
+_REGISTRY: Dict[str, type] = {cls.name: cls for cls in (SGD, MomentumSGD, Adam, Adagrad, Yogi)}
 OPTIMIZER_NAMES: Tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 
@@ -657,16 +633,11 @@ def make_optimizer(name: str, **kwargs: Any) -> ServerOptimizer:
     """
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(
-            f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZER_NAMES)}"
-        )
+        raise ValueError(f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZER_NAMES)}")
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; "
-            f"valid: {', '.join(allowed)}"
-        )
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {', '.join(allowed)}")
     return cls(**kwargs)
 
 
@@ -687,7 +658,9 @@ def optimizer_from_config(cfg: Mapping[str, Any]) -> ServerOptimizer:
     ValueError
         If ``cfg`` has no ``"name"`` or :func:`make_optimizer` rejects it.
     """
-    if not isinstance(cfg, Mapping) or "name" not in cfg:
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"optimizer config must be a dict with a 'name' entry; got {type(cfg).__name__}")
+    if "name" not in cfg:
         raise ValueError("optimizer config must be a dict with a 'name' entry")
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     return make_optimizer(cfg["name"], **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import FedReconConfig, preset
-from .data import ClientData, split_users
+from .data import ClientData
 
 __all__ = ["ClientSplits", "split_ratings"]
 
@@ -50,9 +50,11 @@ class ClientSplits:
         return iter((self.train, self.val, self.test))
 
     def __repr__(self) -> str:
-        return (f"ClientSplits(train={self.train.num_clients} users, val={self.val.num_clients}, "
-                f"test={self.test.num_clients}, items={self.train.num_items}, "
-                f"ratings={self.train.nnz}/{self.val.nnz}/{self.test.nnz})")
+        return (
+            f"ClientSplits(train={self.train.num_clients} users, val={self.val.num_clients}, "
+            f"test={self.test.num_clients}, items={self.train.num_items}, "
+            f"ratings={self.train.nnz}/{self.val.nnz}/{self.test.nnz})"
+        )
 
 
 def split_ratings(ratings, config: FedReconConfig | None = None, **read_options) -> ClientSplits:
@@ -63,8 +65,8 @@ def split_ratings(ratings, config: FedReconConfig | None = None, **read_options)
     ratings : path, pandas.DataFrame, scipy.sparse matrix, ClientData, dict or tuple of arrays
         Anything :func:`fedrecon_fast.load_ratings` reads.
     config : FedReconConfig, optional
-        Its ``max_examples``, ``min_examples``, ``user_split`` and ``seed`` decide the
-        preparation and the split (default: ``preset("default")``).
+        Its data recipe (``config.data``: ``max_examples``, ``min_examples``, ``user_split``)
+        and ``seed`` decide the preparation and the split (default: ``preset("default")``).
     **read_options
         Passed to :func:`fedrecon_fast.load_ratings` (``columns``, ``sep``).
 
@@ -94,14 +96,17 @@ def split_ratings(ratings, config: FedReconConfig | None = None, **read_options)
         from .loaders import load_ratings
 
         data = load_ratings(ratings, **read_options)
-    data = data.prepare(max_examples=config.max_examples, min_examples=config.min_examples,
-                        shuffle_seed=config.seed)
-    train, val, test = (data.subset(i) for i in split_users(data.num_clients, config.user_split, seed=config.seed))
+    recipe = config.data
+    data = recipe.prepare(data, config.seed)
+    train, val, test = recipe.split(data, config.seed)
     if train.num_clients == 0:
-        raise ValueError(f"{data.num_clients} users with at least {config.min_examples} rating(s) leave no "
-                         f"training users after the {config.user_split} user split")
-    return ClientSplits(train, val, test, config.max_examples, config.min_examples, config.seed,
-                        config.user_split, config.seed)
+        raise ValueError(
+            f"{data.num_clients} users with at least {recipe.min_examples} rating(s) leave no "
+            f"training users after the {recipe.user_split} user split"
+        )
+    return ClientSplits(
+        train, val, test, recipe.max_examples, recipe.min_examples, config.seed, recipe.user_split, config.seed
+    )
 
 
 def unpack(train, val):

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from ._validation import check_bool, check_float, check_int
 from .data import ClientData
 
 __all__ = ["synthetic_ratings"]
@@ -18,33 +19,26 @@ _USER_BIAS_STD = 0.45
 _ITEM_BIAS_STD = 0.5
 _POPULARITY_BIAS = 0.15  # popular items are rated a little higher, as on MovieLens
 _INTERACTION_STD = 0.6  # std of u . v
-_ZIPF_EXPONENT = 0.4  # top item rated by ~40% of users (ML-1M: 50%); steeper makes the paper recipe (client lr 0.5) diverge
+_ZIPF_EXPONENT = (
+    0.4  # top item rated by ~40% of users (ML-1M: 50%); steeper makes the paper recipe (client lr 0.5) diverge
+)
 _COUNT_SIGMA = 1.0  # lognormal shape of the ratings-per-user tail (ML-1M: mean/median ~ 1.7)
 _T0 = 956_700_000  # 2000-04-26, the first day of the MovieLens 1M data
 _KEY_BUDGET = 1 << 22  # random sort keys materialised at once (users x items per chunk)
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name: str, minimum: float) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be finite and >= {minimum}, got {value}")
-    return value
-
-
-def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int = 10,
-                      mean_ratings: float = 80, min_ratings: int = 20, noise: float = 0.5,
-                      half_stars: bool = False, popularity: float = _ZIPF_EXPONENT,
-                      seed: int = 0) -> ClientData:
+def synthetic_ratings(
+    num_users: int = 2000,
+    num_items: int = 1500,
+    *,
+    rank: int = 10,
+    mean_ratings: float = 80,
+    min_ratings: int = 20,
+    noise: float = 0.5,
+    half_stars: bool = False,
+    popularity: float = _ZIPF_EXPONENT,
+    seed: int = 0,
+) -> ClientData:
     """Generate a seeded synthetic ratings data set that looks like MovieLens.
 
     Model: every user rates ``n_u`` distinct items, ``n_u - min_ratings``
@@ -102,24 +96,23 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     chunks of users; about 0.2 s for the defaults, a few seconds for
     20 000 users x 5 000 items).
     """
-    num_users = _check_int(num_users, "num_users", 1)
-    num_items = _check_int(num_items, "num_items", 1)
-    rank = _check_int(rank, "rank", 1)
-    min_ratings = _check_int(min_ratings, "min_ratings", 1)
+    num_users = check_int(num_users, "num_users", minimum=1)
+    num_items = check_int(num_items, "num_items", minimum=1)
+    rank = check_int(rank, "rank", minimum=1)
+    min_ratings = check_int(min_ratings, "min_ratings", minimum=1)
     if min_ratings > num_items:
         raise ValueError(f"min_ratings ({min_ratings}) must be <= num_items ({num_items})")
-    mean_ratings = _check_real(mean_ratings, "mean_ratings", float(min_ratings))
-    noise = _check_real(noise, "noise", 0.0)
-    popularity = _check_real(popularity, "popularity", 0.0)
-    if not isinstance(half_stars, (bool, np.bool_)):
-        raise TypeError(f"half_stars must be a bool, got {type(half_stars).__name__}")
-    seed = _check_int(seed, "seed", 0)
+    mean_ratings = check_float(mean_ratings, "mean_ratings", minimum=float(min_ratings))
+    noise = check_float(noise, "noise", minimum=0.0)
+    popularity = check_float(popularity, "popularity", minimum=0.0)
+    check_bool(half_stars, "half_stars")
+    seed = check_int(seed, "seed", minimum=0)
     rng = np.random.Generator(np.random.PCG64(seed))
 
     # ratings per user: min_ratings + lognormal excess with the requested mean
     excess_mean = mean_ratings - min_ratings
     if excess_mean > 0:
-        mu = math.log(excess_mean) - 0.5 * _COUNT_SIGMA ** 2
+        mu = math.log(excess_mean) - 0.5 * _COUNT_SIGMA**2
         excess = np.floor(rng.lognormal(mu, _COUNT_SIGMA, size=num_users) + rng.random(num_users))
     else:
         excess = np.zeros(num_users)
@@ -151,7 +144,7 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     by_size = np.argsort(sizes, kind="stable")
     chunk = max(1, _KEY_BUDGET // num_items)
     for lo in range(0, num_users, chunk):
-        users = by_size[lo:lo + chunk]
+        users = by_size[lo : lo + chunk]
         k_user = sizes[users]
         k_max = int(k_user.max())
         keys = rng.standard_exponential(size=(users.size, num_items), dtype=np.float32)
@@ -160,11 +153,9 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
             cand = np.argpartition(keys, k_max - 1, axis=1)[:, :k_max]
         else:
             cand = np.broadcast_to(np.arange(num_items), keys.shape)
-        best = np.take_along_axis(cand, np.argsort(np.take_along_axis(keys, cand, axis=1), axis=1),
-                                  axis=1)
+        best = np.take_along_axis(cand, np.argsort(np.take_along_axis(keys, cand, axis=1), axis=1), axis=1)
         take = np.arange(k_max) < k_user[:, None]
-        positions = (np.arange(int(k_user.sum()))
-                     + np.repeat(indptr[users] - (np.cumsum(k_user) - k_user), k_user))
+        positions = np.arange(int(k_user.sum())) + np.repeat(indptr[users] - (np.cumsum(k_user) - k_user), k_user)
         items[positions] = best[take]  # row-major: each user's items, in chunk order
         scores = U[users] @ V.T
         interaction[positions] = np.take_along_axis(scores, best, axis=1)[take]
@@ -176,8 +167,7 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     if nnz:
         pop_z -= np.dot(np.bincount(items, minlength=num_items), pop_z) / nnz
     item_bias += _POPULARITY_BIAS * pop_z
-    raw = (_GLOBAL_MEAN + user_bias[user] + item_bias[items] + interaction
-           + noise * rng.standard_normal(nnz))
+    raw = _GLOBAL_MEAN + user_bias[user] + item_bias[items] + interaction + noise * rng.standard_normal(nnz)
     if half_stars:
         ratings = np.clip(np.rint(2 * raw) / 2, 0.5, 5).astype(np.float32)
     else:
@@ -194,6 +184,11 @@ def synthetic_ratings(num_users: int = 2000, num_items: int = 1500, *, rank: int
     # items get the timestamps in a random order per user (sort by user, then random key)
     bits = 62 - int(num_users).bit_length()
     order = np.argsort(user * (1 << bits) + rng.integers(0, 1 << bits, size=nnz), kind="stable")
-    return ClientData(indptr=indptr, items=items[order], ratings=ratings[order],
-                      timestamps=times, user_ids=np.arange(num_users, dtype=np.int64),
-                      item_ids=np.arange(num_items, dtype=np.int64))
+    return ClientData(
+        indptr=indptr,
+        items=items[order],
+        ratings=ratings[order],
+        timestamps=times,
+        user_ids=np.arange(num_users, dtype=np.int64),
+        item_ids=np.arange(num_items, dtype=np.int64),
+    )

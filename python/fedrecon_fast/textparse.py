@@ -44,8 +44,12 @@ def line_error(file: Path, line_no: int, reason: str, line: bytes) -> ValueError
 
 
 def _field_problem(name: str, kind: str) -> str:
-    what = {"uint": "a non-negative integer", "real": "a finite number", "str": "a non-empty text",
-            "date": "a date (ISO 8601)"}[kind]
+    what = {
+        "uint": "a non-negative integer",
+        "real": "a finite number",
+        "str": "a non-empty text",
+        "date": "a date (ISO 8601)",
+    }[kind]
     return f"{name} is not {what}"
 
 
@@ -55,8 +59,14 @@ def split_fields(line: bytes, sep: Optional[bytes]) -> List[bytes]:
     return _WHITESPACE.split(line.strip(b" \t")) if sep is None else line.split(sep)
 
 
-def parse_table(file: Path, sep: Optional[bytes], kinds: Sequence[Optional[str]],
-                names: Sequence[str], skip_lines: int = 0, strip_spaces: bool = False) -> list:
+def parse_table(
+    file: Path,
+    sep: Optional[bytes],
+    kinds: Sequence[Optional[str]],
+    names: Sequence[str],
+    skip_lines: int = 0,
+    strip_spaces: bool = False,
+) -> list:
     """Parse the fields of every non-blank line of ``file``.
 
     Parameters
@@ -93,7 +103,7 @@ def parse_table(file: Path, sep: Optional[bytes], kinds: Sequence[Optional[str]]
                     block = block[3:]
                 for _ in range(skip_lines):
                     end = block.find(b"\n")
-                    block = b"" if end < 0 else block[end + 1:]
+                    block = b"" if end < 0 else block[end + 1 :]
                     line_no += 1
             data = carry + block if carry else block
             if not block:
@@ -104,10 +114,10 @@ def parse_table(file: Path, sep: Optional[bytes], kinds: Sequence[Optional[str]]
             if cut < 0:
                 carry = data
                 continue
-            columns, n_lines = _parse_block(data[:cut + 1], sep, kinds, names, line_no, file, strip_spaces)
+            columns, n_lines = _parse_block(data[: cut + 1], sep, kinds, names, line_no, file, strip_spaces)
             parts.append(columns)
             line_no += n_lines
-            carry = data[cut + 1:]
+            carry = data[cut + 1 :]
     return [_concatenate(kind, [p[f] for p in parts]) for f, kind in enumerate(kinds)]
 
 
@@ -120,14 +130,15 @@ def _concatenate(kind: Optional[str], pieces: list):
         labels, inverse = np.unique(np.concatenate([lab for _, lab in pieces]), return_inverse=True)
         offsets = np.cumsum([0] + [lab.size for _, lab in pieces])
         inverse = inverse.reshape(-1)
-        codes = [inverse[offsets[i]:offsets[i + 1]][c] for i, (c, _) in enumerate(pieces)]
+        codes = [inverse[offsets[i] : offsets[i + 1]][c] for i, (c, _) in enumerate(pieces)]
         return np.concatenate(codes).astype(np.int64), labels
     dtype = np.float64 if kind == "real" else np.int64
     return np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
 
 
-def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: int, file: Path,
-                 strip_spaces: bool = False):
+def _parse_block(
+    raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: int, file: Path, strip_spaces: bool = False
+):
     """Parse whole lines of text: ``(fields, number of lines)``.
 
     Structure is checked vectorised: every non-blank line must hold exactly
@@ -137,12 +148,14 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     buf = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw  # keeps the line count
     if buf.endswith(b"\r"):  # a CRLF file cut after its last CR: the line ends there
         buf = buf[:-1]
-    delim = sep
+    delim: bytes
     if sep is None:  # runs of blanks become one space, none at either end of a line
         buf = _EDGE_SPACE.sub(b"", _WHITESPACE.sub(b" ", buf))
         delim = b" "
-    elif strip_spaces and b" " in buf:  # line numbers stay: only spaces go
-        buf = _EDGE_SPACES.sub(b"", re.sub(rb" *" + re.escape(sep) + rb" *", sep.replace(b"\\", b"\\\\"), buf))
+    else:
+        delim = sep
+        if strip_spaces and b" " in buf:  # line numbers stay: only spaces go
+            buf = _EDGE_SPACES.sub(b"", re.sub(rb" *" + re.escape(sep) + rb" *", sep.replace(b"\\", b"\\\\"), buf))
     a = np.frombuffer(buf, dtype=np.uint8)
     n = a.size
     ends = np.flatnonzero(a == 10)
@@ -165,12 +178,15 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     per_line = (num_fields - 1) * width
     pos = np.flatnonzero(a == delim[0]) if per_line else np.zeros(0, np.int64)
     ok = pos.size == per_line * n_lines
-    c = pos.reshape(n_lines, per_line) if ok else None
+    c = pos.reshape(n_lines, per_line) if ok else np.zeros((0, 0), np.int64)
     if ok and n_lines and per_line:
         ok = bool((c[:, 0] >= starts).all() and (c[:, -1] < ends).all())
         for j in range(1, width):
-            ok = ok and bool((c[:, j::width] == c[:, 0::width] + j).all()) \
+            ok = (
+                ok
+                and bool((c[:, j::width] == c[:, 0::width] + j).all())
                 and bool((a[c[:, j::width]] == delim[j]).all())
+            )
     if not ok:
         raise _diagnose_block(raw, sep, kinds, names, first_line_no, file, strip_spaces)
     if n_lines == 0:
@@ -178,7 +194,8 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
     field_start = np.column_stack([starts] + [c[:, width * f + width - 1] + 1 for f in range(num_fields - 1)])
     field_end = np.column_stack([c[:, width * f] for f in range(num_fields - 1)] + [ends])
 
-    out, bad = [], np.zeros(n_lines, dtype=bool)
+    out: list = []
+    bad = np.zeros(n_lines, dtype=bool)
     bad_field = np.full(n_lines, -1)
     for f, kind in enumerate(kinds):
         if kind is None:
@@ -192,8 +209,12 @@ def _parse_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: 
         k = int(np.argmax(bad))
         f = int(bad_field[k])
         line_index = int(lines[k])
-        raise line_error(file, first_line_no + line_index, _field_problem(names[f], kinds[f]),
-                         raw.split(b"\n", line_index + 1)[line_index])
+        raise line_error(
+            file,
+            first_line_no + line_index,
+            _field_problem(names[f], kinds[f]),
+            raw.split(b"\n", line_index + 1)[line_index],
+        )
     return out, total_lines
 
 
@@ -221,8 +242,9 @@ def _date_or_none(value: bytes):
         return None
 
 
-def _diagnose_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: int, file: Path,
-                    strip_spaces: bool = False) -> ValueError:
+def _diagnose_block(
+    raw: bytes, sep: Optional[bytes], kinds, names, first_line_no: int, file: Path, strip_spaces: bool = False
+) -> ValueError:
     """Error for the first malformed line of a block (slow path, errors only)."""
     shown = "spaces or tabs" if sep is None else repr(sep.decode())
     blanks = b" \t" if sep is None else (b" " if strip_spaces else b"")
@@ -234,8 +256,9 @@ def _diagnose_block(raw: bytes, sep: Optional[bytes], kinds, names, first_line_n
         if strip_spaces:
             fields = [f.strip(b" ") for f in fields]
         if len(fields) != len(kinds):
-            return line_error(file, first_line_no + j,
-                              f"expected {len(kinds)} fields separated by {shown}, found {len(fields)}", line)
+            return line_error(
+                file, first_line_no + j, f"expected {len(kinds)} fields separated by {shown}, found {len(fields)}", line
+            )
         for name, kind, value in zip(names, kinds, fields):
             if kind is not None and not _good(value, kind):
                 return line_error(file, first_line_no + j, _field_problem(name, kind), line)

@@ -20,8 +20,9 @@ import importlib
 import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["core", "TARGETS", "compiled_targets", "show_config"]
+__all__ = ["core", "TARGETS", "compiled_targets", "show_config", "__version__"]
 
 # Preference order: the widest target first.
 TARGETS = ("native", "avx512", "avx2", "baseline")
@@ -42,15 +43,24 @@ def _load():
     forced = os.environ.get("FEDRECON_TARGET")
     if forced:
         if forced not in runnable:
-            raise ValueError(f"FEDRECON_TARGET={forced!r} is not a compiled target this CPU runs; "
-                             f"compiled: {compiled}, runnable here: {runnable}")
+            raise ValueError(
+                f"FEDRECON_TARGET={forced!r} is not a compiled target this CPU runs; "
+                f"compiled: {compiled}, runnable here: {runnable}"
+            )
         chosen = forced
     else:
         chosen = runnable[0]
     return importlib.import_module(f"{__name__}._core_{chosen}"), compiled, runnable
 
 
-core, _compiled, _runnable = _load()
+if TYPE_CHECKING:  # every _core_<target> has the interface of the stub _core.pyi
+    from . import _core as core
+
+    _compiled: list[str]
+    _runnable: list[str]
+else:
+    core, _compiled, _runnable = _load()
+__version__: str = core.__version__
 
 
 def show_config(file=None) -> None:
@@ -62,7 +72,8 @@ def show_config(file=None) -> None:
         "fedrecon_fast native core",
         f"  version:            {core.__version__}",
         f"  compiler:           {core.COMPILER}",
-        "  baseline:           " + ("x86-64 (SSE2)" if features else "the compiler's default for this CPU architecture"),
+        "  baseline:           "
+        + ("x86-64 (SSE2)" if features else "the compiler's default for this CPU architecture"),
         f"  targets compiled:   {', '.join(reversed(_compiled))}",
         f"  runnable here:      {', '.join(reversed(_runnable))}",
         f"  in use:             {core.TARGET} ({core.TARGET_FLAGS or 'no extra flags'})"

@@ -2,7 +2,7 @@
 
 Install with ``pip install "fedrecon_fast[flower]"``. Two ways to use Flower:
 
-* **The Flower App** (:mod:`fedrecon_fast.flower_app`; ``examples/flower`` is its app folder):
+* **The Flower App** (:mod:`fedrecon_fast.integrations.flower_app`; ``examples/flower`` is its app folder):
   ``flwr run`` it in Flower's simulation runtime or on a SuperLink with SuperNodes, each node
   holding a partition of the users. The ServerApp runs :class:`fedrecon_fast.FedRecon` with the
   nodes as its backend, so the model is the local trainer's bit for bit. :class:`FlowerFedRecon`
@@ -33,7 +33,7 @@ again bit-identical to the local trainer's.
 Example
 -------
 >>> import fedrecon_fast as ff
->>> from fedrecon_fast.flower import FlowerFedRecon
+>>> from fedrecon_fast.integrations.flower import FlowerFedRecon
 >>> data = ff.synthetic_ratings(num_users=60, num_items=50, seed=0)
 >>> train, val, test = (data.subset(ix) for ix in ff.split_users(data.num_clients, seed=0))
 >>> trainer = FlowerFedRecon(ff.preset("paper", dim=8, rounds=3, clients_per_round=5))
@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,16 +65,16 @@ try:
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("fedrecon_fast.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
+    raise ImportError("fedrecon_fast.integrations.flower needs Flower: pip install 'fedrecon_fast[flower]'") from e
 
-from . import compression
-from ._guards import one_fit_at_a_time
-from ._rng import STREAM_SAMPLE, generator
-from ._validation import check_float, check_int, check_threads
-from .config import FedReconConfig
-from .data import ClientData
-from .evaluation import recon_eval, summarize
-from .functional import (
+from .. import compression
+from .._guards import one_fit_at_a_time
+from .._rng import STREAM_SAMPLE, generator
+from .._validation import check_float, check_int, check_threads
+from ..config import FedReconConfig
+from ..data import ClientData
+from ..evaluation import recon_eval, summarize
+from ..functional import (
     ClientResult,
     ClientUpdate,
     ServerState,
@@ -81,8 +82,9 @@ from .functional import (
     client_step,
     server_step,
 )
-from .model import GlobalModel
-from .training import check_training_clients, sample_clients
+from ..model import GlobalModel
+from ..training import check_training_clients, sample_clients
+from . import _records as records
 
 __all__ = [
     "FedReconStrategy",
@@ -110,8 +112,13 @@ def save_client_data(data: ClientData, path: str | os.PathLike) -> Path:
     if not isinstance(data, ClientData):
         raise TypeError(f"data must be a ClientData; got {type(data).__name__}")
     path = Path(path)
-    arrays = {"indptr": data.indptr, "items": data.items, "ratings": data.ratings,
-              "user_ids": data.user_ids, "item_ids": data.item_ids}
+    arrays: dict[str, Any] = {
+        "indptr": data.indptr,
+        "items": data.items,
+        "ratings": data.ratings,
+        "user_ids": data.user_ids,
+        "item_ids": data.item_ids,
+    }
     if data.timestamps is not None:
         arrays["timestamps"] = data.timestamps
     with open(path, "wb") as f:
@@ -176,9 +183,9 @@ def _model_record(model: GlobalModel) -> ArrayRecord:
 
 def _model_from(message: Message) -> dict:
     """The broadcast model as the dict client_step takes."""
-    arrays = message.content["arrays"]
-    cfg = message.content["config"]
-    model = {"item_factors": arrays["item_factors"].numpy(), "global_mean": float(cfg["global-mean"])}
+    arrays = message.content.array_records["arrays"]
+    cfg = message.content.config_records["config"]
+    model = {"item_factors": arrays["item_factors"].numpy(), "global_mean": records.number(cfg, "global-mean")}
     if "item_bias" in arrays:
         model["item_bias"] = arrays["item_bias"].numpy()
     return model
@@ -188,7 +195,7 @@ _config_cache: dict[str, FedReconConfig] = {}
 
 
 def _config_from(message: Message) -> FedReconConfig:
-    text = message.content["config"][_CONFIG_KEY]
+    text = records.text(message.content.config_records["config"], _CONFIG_KEY)
     if text not in _config_cache:
         _config_cache[text] = FedReconConfig.from_dict(json.loads(text))
     return _config_cache[text]
@@ -223,8 +230,8 @@ def _update_record(result: ClientResult, config: FedReconConfig) -> ArrayRecord:
 
 def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> ClientResult:
     """Rebuild a client's ClientResult from its reply (decoding a wire buffer)."""
-    arrays = content["update"]
-    metrics = dict(content["metrics"])
+    arrays = content.array_records["update"]
+    metrics = dict(content.metric_records["metrics"])
     N, K = model.item_factors.shape
     bias = arrays["item-bias"].numpy() if "item-bias" in arrays else None
     encoded = None
@@ -246,8 +253,9 @@ def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> C
         if values.shape[0] not in (0, N):
             raise ValueError(f"a reply's dense update has {values.shape[0]} rows; V has {N}")
     if values.ndim != 2 or values.shape[1] != K or rows.shape[0] != values.shape[0]:
-        raise ValueError(f"a reply's update has {rows.shape[0]} rows and values of shape {values.shape}; "
-                         f"V is {N} x {K}")
+        raise ValueError(
+            f"a reply's update has {rows.shape[0]} rows and values of shape {values.shape}; V is {N} x {K}"
+        )
     # One bad reply must not sink the round's aggregation: check it here, per client.
     if rows.size and (rows.min() < 0 or rows.max() >= N):
         raise ValueError(f"a reply's rows lie outside [0, {N})")
@@ -255,7 +263,8 @@ def _result_from(content: RecordDict, model: GlobalModel, num_threads: int) -> C
         raise ValueError("a reply's item-bias values do not match its rows or the model")
     if not (np.isfinite(values).all() and (bias is None or np.isfinite(bias).all())):
         raise ValueError("a reply's update is not finite")
-    weight = float(metrics.pop("weight"))
+    weight = records.number(metrics, "weight")
+    del metrics["weight"]
     metrics = {k.replace("-", "_"): v for k, v in metrics.items()}
     update = ClientUpdate(rows, values, bias, N, dense="rows" not in arrays, encoded=encoded)
     return ClientResult(update, weight, metrics)
@@ -300,9 +309,9 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
 
     def user_data(message: Message, context: Context) -> tuple[ClientData, int, int]:
         user = _partition(context)
-        expected = message.content["config"].get("user") if "config" in message.content else None
-        if expected is not None and int(expected) != user:
-            raise ValueError(f"a message for user {expected} reached the node of user {user}")
+        expected = message.content.config_records["config"].get("user") if "config" in message.content else None
+        if expected is not None and records.integer({"user": expected}, "user") != user:
+            raise ValueError(f"a message for user {expected!r} reached the node of user {user}")
         node_data = _node_data(data, context)
         return node_data, _row(node_data, user), user
 
@@ -316,27 +325,48 @@ def client_app(data, *, num_threads: int = 1) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         node_data, row, user = user_data(message, context)
         config = _config_from(message)
-        result = client_step(_model_from(message), node_data, config, client=row, client_id=user,
-                             seed=config.seed, round=int(message.content["config"]["round"]),
-                             num_threads=num_threads)
+        result = client_step(
+            _model_from(message),
+            node_data,
+            config,
+            client=row,
+            client_id=user,
+            seed=config.seed,
+            round=records.integer(message.content.config_records["config"], "round"),
+            num_threads=num_threads,
+        )
         m = result.metrics
-        metrics = MetricRecord({
-            "weight": float(result.weight), "num-examples": int(m["num_examples"]),
-            "loss-sum": float(m["loss_sum"]), "num-correct": int(m["num_correct"]),
-            "recon-examples": int(m["recon_examples"]), "rows": int(m["rows"]), "bytes": int(m["bytes"]),
-            "clipped": int(m["clipped"]), "status": int(m["status"]), "user": user,
-        })
-        return Message(RecordDict({"update": _update_record(result, config), "metrics": metrics}),
-                       reply_to=message)
+        metrics = MetricRecord(
+            {
+                "weight": float(result.weight),
+                "num-examples": int(m["num_examples"]),
+                "loss-sum": float(m["loss_sum"]),
+                "num-correct": int(m["num_correct"]),
+                "recon-examples": int(m["recon_examples"]),
+                "rows": int(m["rows"]),
+                "bytes": int(m["bytes"]),
+                "clipped": int(m["clipped"]),
+                "status": int(m["status"]),
+                "user": user,
+            }
+        )
+        return Message(RecordDict({"update": _update_record(result, config), "metrics": metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         node_data, row, user = user_data(message, context)
         config = _config_from(message)
-        m = client_evaluate(_model_from(message), node_data, config, client=row, client_id=user,
-                            num_threads=num_threads)
-        metrics = MetricRecord({"num-examples": m["num_examples"], "sq-err-sum": m["sq_err_sum"],
-                                "num-correct": m["num_correct"], "user": user})
+        m = client_evaluate(
+            _model_from(message), node_data, config, client=row, client_id=user, num_threads=num_threads
+        )
+        metrics = MetricRecord(
+            {
+                "num-examples": m["num_examples"],
+                "sq-err-sum": m["sq_err_sum"],
+                "num-correct": m["num_correct"],
+                "user": user,
+            }
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
@@ -382,8 +412,16 @@ class FedReconStrategy(FedAvg):
         Time spent in centralized evaluation (:meth:`evaluate_fn`).
     """
 
-    def __init__(self, state: ServerState, num_users: int, *, fraction_evaluate: float = 0.0,
-                 on_failure: str = "drop", node_timeout: float = 600.0, timeout: float | None = None):
+    def __init__(
+        self,
+        state: ServerState,
+        num_users: int,
+        *,
+        fraction_evaluate: float = 0.0,
+        on_failure: str = "drop",
+        node_timeout: float = 600.0,
+        timeout: float | None = None,
+    ):
         if not isinstance(state, ServerState):
             raise TypeError(f"state must be a ServerState; got {type(state).__name__}")
         check_int(num_users, "num_users", minimum=1)
@@ -392,9 +430,14 @@ class FedReconStrategy(FedAvg):
             raise ValueError(f"on_failure must be 'drop' or 'raise'; got {on_failure!r}")
         check_float(node_timeout, "node_timeout", minimum=0.0)
         cfg = state.config
-        super().__init__(fraction_train=min(1.0, cfg.clients_per_round / num_users),
-                         fraction_evaluate=fraction_evaluate, min_train_nodes=0, min_evaluate_nodes=0,
-                         min_available_nodes=num_users, weighted_by_key="num-examples")
+        super().__init__(
+            fraction_train=min(1.0, cfg.clients_per_round / num_users),
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=0,
+            min_evaluate_nodes=0,
+            min_available_nodes=num_users,
+            weighted_by_key="num-examples",
+        )
         self.state = state
         self.num_users = int(num_users)
         self.on_failure = on_failure
@@ -419,8 +462,14 @@ class FedReconStrategy(FedAvg):
 
     def summary(self) -> None:
         cfg = self.config
-        logger.info("FedReconStrategy: %d users, %d per round, server %s lr %g, seed %d",
-                    self.num_users, cfg.clients_per_round, cfg.server_optimizer, cfg.server_lr, cfg.seed)
+        logger.info(
+            "FedReconStrategy: %d users, %d per round, server %s lr %g, seed %d",
+            self.num_users,
+            cfg.clients_per_round,
+            cfg.server_optimizer,
+            cfg.server_lr,
+            cfg.seed,
+        )
 
     # -- users and nodes
 
@@ -429,23 +478,36 @@ class FedReconStrategy(FedAvg):
         start = time.perf_counter()
         while len(nodes := list(grid.get_node_ids())) < self.num_users:
             if time.perf_counter() - start > self.node_timeout:
-                raise RuntimeError(f"only {len(nodes)} of {self.num_users} nodes connected within "
-                                   f"{self.node_timeout:g} s")
+                raise RuntimeError(
+                    f"only {len(nodes)} of {self.num_users} nodes connected within {self.node_timeout:g} s"
+                )
             time.sleep(0.05)
-        messages = [Message(RecordDict({"config": ConfigRecord({"fedrecon": "partition-id"})}),
-                            message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({"fedrecon": "partition-id"})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
         failed = [m for m in replies if m.has_error()]
         if failed or len(replies) != len(nodes):
             reason = failed[0].error.reason if failed else "no reply"
-            raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did "
-                               f"not say their partition id ({reason})")
-        users = {m.metadata.src_node_id: int(m.content["metrics"][PARTITION_ID]) for m in replies}
+            raise RuntimeError(
+                f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did "
+                f"not say their partition id ({reason})"
+            )
+        users = {
+            m.metadata.src_node_id: records.integer(m.content.metric_records["metrics"], PARTITION_ID) for m in replies
+        }
         self.node_of_user = {u: n for n, u in users.items() if u < self.num_users}
         missing = sorted(set(range(self.num_users)) - set(self.node_of_user))
         if missing or len(self.node_of_user) != sum(u < self.num_users for u in users.values()):
-            raise RuntimeError(f"nodes must hold partition ids 0..{self.num_users - 1} once each; "
-                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} or duplicated")
+            raise RuntimeError(
+                f"nodes must hold partition ids 0..{self.num_users - 1} once each; "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} or duplicated"
+            )
         self._user_of_node = {n: u for u, n in self.node_of_user.items()}
         self.discovery_seconds += time.perf_counter() - start
         return self.node_of_user
@@ -456,16 +518,33 @@ class FedReconStrategy(FedAvg):
         arrays = _model_record(model)
         self._bytes_down = len(users) * arrays.count_bytes()
         text = json.dumps(cfg.to_dict())
-        return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
-                    "server-round": server_round, "round": self.state.round, "user": int(u),
-                    "global-mean": float(model.global_mean), _CONFIG_KEY: text})}),
-                        message_type=message_type, dst_node_id=self.node_of_user[int(u)])
-                for u in users]
+        return [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": arrays,
+                        "config": ConfigRecord(
+                            {
+                                "server-round": server_round,
+                                "round": self.state.round,
+                                "user": int(u),
+                                "global-mean": float(model.global_mean),
+                                _CONFIG_KEY: text,
+                            }
+                        ),
+                    }
+                ),
+                message_type=message_type,
+                dst_node_id=self.node_of_user[int(u)],
+            )
+            for u in users
+        ]
 
     # -- training
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         """Sample this round's users as FedRecon does and send them the model.
 
         The model sent is ``self.state``'s (equal to ``arrays``, which the previous
@@ -482,7 +561,7 @@ class FedReconStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate in cohort order with the native kernel; apply the server optimizer."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=True)
-        reasons = [m.error.reason for m in failed]
+        reasons = [str(m.error.reason) for m in failed]
         results, bytes_up = [], 0
         for m in valid:
             user = self._user_of_node.get(m.metadata.src_node_id)
@@ -494,17 +573,23 @@ class FedReconStrategy(FedAvg):
                 reasons.append(f"unusable reply: {e}")
                 continue
             results.append((self._cohort[user], result))
-            bytes_up += m.content["update"].count_bytes()
+            bytes_up += m.content.array_records["update"].count_bytes()
         self._failures(reasons, "training")
         if not results:
             raise RuntimeError(f"no client replied usefully in round {server_round}")
         results.sort(key=lambda pair: pair[0])
         self.state = server_step(self.state, [r for _, r in results], inplace=True)
         row = dict(self.state.metrics)
-        row.update(round_seconds=time.perf_counter() - self._round_start, failures=len(reasons),
-                   flower_bytes_down=self._bytes_down, flower_bytes_up=bytes_up)
+        row.update(
+            round_seconds=time.perf_counter() - self._round_start,
+            failures=len(reasons),
+            flower_bytes_down=self._bytes_down,
+            flower_bytes_up=bytes_up,
+        )
         self.history.append(row)
-        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric: dict[str, Any] = {
+            k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return self.arrays(), MetricRecord(numeric)
 
     def _failures(self, reasons: list[str], what: str) -> None:
@@ -512,13 +597,13 @@ class FedReconStrategy(FedAvg):
             return
         if self.on_failure == "raise":
             raise RuntimeError(f"{len(reasons)} client(s) failed in {what}; the first said: {reasons[0]}")
-        logger.warning("%d client(s) failed in %s and were dropped; the first said: %s", len(reasons), what,
-                       reasons[0])
+        logger.warning("%d client(s) failed in %s and were dropped; the first said: %s", len(reasons), what, reasons[0])
 
     # -- evaluation
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> list[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         """Federated ReconEval on a seeded sample of users' own ratings (if enabled and due)."""
         done, every = self.state.round, self.config.eval_every
         if self.fraction_evaluate == 0.0 or (every and done % every):
@@ -534,18 +619,25 @@ class FedReconStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         """Pool the users' ReconEval sums (example-weighted, as recon_eval)."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=False)
-        self._failures([m.error.reason for m in failed], "evaluation")
+        self._failures([str(m.error.reason) for m in failed], "evaluation")
         if not valid:
             return None
-        sums = [(m.content["metrics"]["sq-err-sum"], m.content["metrics"]["num-examples"],
-                 m.content["metrics"]["num-correct"]) for m in valid]
+        sums = [
+            (
+                m.content.metric_records["metrics"]["sq-err-sum"],
+                m.content.metric_records["metrics"]["num-examples"],
+                m.content.metric_records["metrics"]["num-correct"],
+            )
+            for m in valid
+        ]
         pooled = summarize(*zip(*sums))
         if self.history:
             self.history[-1].update(fed_loss=pooled["loss"], fed_rmse=pooled["rmse"], fed_accuracy=pooled["accuracy"])
         return MetricRecord({k: pooled[k] for k in ("loss", "rmse", "accuracy", "users", "ratings")})
 
-    def evaluate_fn(self, data: ClientData | None, last_round: int | None = None, *,
-                    on_round: Callable[[dict], None] | None = None) -> Callable:
+    def evaluate_fn(
+        self, data: ClientData | None, last_round: int | None = None, *, on_round: Callable[[dict], None] | None = None
+    ) -> Callable:
         """Centralized ReconEval on ``data`` (e.g. validation users) for ``start(evaluate_fn=...)``.
 
         After each round, runs :func:`fedrecon_fast.recon_eval` when ``config.eval_every``
@@ -563,8 +655,14 @@ class FedReconStrategy(FedAvg):
             out = None
             if data is not None and data.num_clients and ((every and done % every == 0) or done == last_round):
                 start = time.perf_counter()
-                m = recon_eval(self.state.model, data, None, self.config.evaluation, seed=self.config.seed,
-                               num_threads=self.config.num_threads)
+                m = recon_eval(
+                    self.state.model,
+                    data,
+                    None,
+                    self.config.evaluation,
+                    seed=self.config.seed,
+                    num_threads=self.config.num_threads,
+                )
                 self.eval_seconds += time.perf_counter() - start
                 row.update(val_loss=m["loss"], val_rmse=m["rmse"], val_accuracy=m["accuracy"])
                 out = MetricRecord({"val_loss": m["loss"], "val_rmse": m["rmse"], "val_accuracy": m["accuracy"]})
@@ -598,9 +696,13 @@ def flower_env(home: str | os.PathLike) -> dict:
     """Environment of the Flower processes: their own ``FLWR_HOME``, no telemetry, this
     environment's commands first on PATH."""
     env = dict(os.environ)
-    env.update(FLWR_HOME=os.fspath(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env.update(
+        FLWR_HOME=os.fspath(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
     return env
 
 
@@ -615,18 +717,28 @@ def local_superlink(home: str | os.PathLike, *, simulation: bool, startup_timeou
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedrecon"\n\n[superlink.fedrecon]\n'
-                                      f'address = "{address}"\ninsecure = true\n')
-    command = [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-runtime-dependency-installation"] + (["--simulation"] if simulation else [])
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedrecon"\n\n[superlink.fedrecon]\naddress = "{address}"\ninsecure = true\n'
+    )
+    command = [
+        _executable("flower-superlink"),
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ] + (["--simulation"] if simulation else [])
     log = open(home / "superlink.log", "wb")
     proc = subprocess.Popen(command, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}: "
-                                   f"{(home / 'superlink.log').read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"flower-superlink exited with code {proc.returncode}: "
+                    f"{(home / 'superlink.log').read_text(errors='replace')[-2000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"http://{address}/health", timeout=1.0) as reply:
                     if reply.status == 200:
@@ -662,10 +774,28 @@ def local_supernodes(home: str | os.PathLike, address: str, num_nodes: int):
     try:
         for p in range(num_nodes):
             log = open(home / f"supernode-{p}.log", "wb")
-            nodes.append((subprocess.Popen(
-                [_executable("flower-supernode"), "--insecure", "--superlink", address, "--node-config",
-                 f"partition-id={p} num-partitions={num_nodes}", "--host", "127.0.0.1", "--port", str(_free_port())],
-                env=flower_env(home), stdout=log, stderr=subprocess.STDOUT), log))
+            nodes.append(
+                (
+                    subprocess.Popen(
+                        [
+                            _executable("flower-supernode"),
+                            "--insecure",
+                            "--superlink",
+                            address,
+                            "--node-config",
+                            f"partition-id={p} num-partitions={num_nodes}",
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(_free_port()),
+                        ],
+                        env=flower_env(home),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
         yield [proc for proc, _ in nodes]
     finally:
         for proc, log in nodes:
@@ -673,8 +803,14 @@ def local_supernodes(home: str | os.PathLike, address: str, num_nodes: int):
             log.close()
 
 
-def flwr_run(app: str | os.PathLike, home: str | os.PathLike, *, run_config: str | None = None,
-             federation_config: str | None = None, timeout: float | None = None) -> str:
+def flwr_run(
+    app: str | os.PathLike,
+    home: str | os.PathLike,
+    *,
+    run_config: str | None = None,
+    federation_config: str | None = None,
+    timeout: float | None = None,
+) -> str:
     """``flwr run <app> --stream`` against ``home``'s default SuperLink; returns its output.
 
     ``run_config`` and ``federation_config`` are passed as ``--run-config`` and
@@ -698,7 +834,7 @@ def flwr_run(app: str | os.PathLike, home: str | os.PathLike, *, run_config: str
 
 
 def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
-    """A Flower App folder whose components are this package's :mod:`fedrecon_fast.flower_app`,
+    """A Flower App folder whose components are this package's :mod:`fedrecon_fast.integrations.flower_app`,
     with ``run_config`` as its ``[tool.flwr.app.config]``."""
     import tomli_w
 
@@ -706,19 +842,32 @@ def write_app(folder: str | os.PathLike, run_config: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedrecon-run", "version": "1.0.0", "license": "Apache-2.0",
-                    "description": "A FedRecon run of fedrecon_fast.FlowerFedRecon", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedrecon-fast",
-                                  "components": {"serverapp": "fedrecon_fast.flower_app:server_app",
-                                                 "clientapp": "fedrecon_fast.flower_app:client_app"},
-                                  "config": run_config}}},
+        "project": {
+            "name": "fedrecon-run",
+            "version": "1.0.0",
+            "license": "Apache-2.0",
+            "description": "A FedRecon run of fedrecon_fast.FlowerFedRecon",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedrecon-fast",
+                    "components": {
+                        "serverapp": "fedrecon_fast.integrations.flower_app:server_app",
+                        "clientapp": "fedrecon_fast.integrations.flower_app:client_app",
+                    },
+                    "config": run_config,
+                }
+            }
+        },
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
     return folder
 
 
 class FlowerFedRecon:
-    """FedRecon trained by the Flower App (:mod:`fedrecon_fast.flower_app`) through ``flwr run``
+    """FedRecon trained by the Flower App (:mod:`fedrecon_fast.integrations.flower_app`) through ``flwr run``
     in Flower's simulation runtime, on a SuperLink started here for the run.
 
     Each ``fit`` writes the data and the current state (a checkpoint) to a temporary folder,
@@ -751,10 +900,18 @@ class FlowerFedRecon:
         node discovery, shut-down).
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                 num_nodes: int | None = None, num_cpus: int | None = None, client_cpus: int = 1,
-                 verbose: bool = False, timeout: float = 3600.0):
-        from .training import FedRecon
+    def __init__(
+        self,
+        config: FedReconConfig | None = None,
+        *,
+        model: GlobalModel | None = None,
+        num_nodes: int | None = None,
+        num_cpus: int | None = None,
+        client_cpus: int = 1,
+        verbose: bool = False,
+        timeout: float = 3600.0,
+    ):
+        from ..training import FedRecon
 
         config = config if config is not None else FedReconConfig()
         if not isinstance(config, FedReconConfig):
@@ -784,15 +941,22 @@ class FlowerFedRecon:
     aggregated_bits = property(lambda self: self._trainer.aggregated_bits)
 
     @one_fit_at_a_time
-    def fit(self, train: ClientData, val: ClientData | None = None, *, rounds: int | None = None,
-            progress: bool = False, callback: Callable[[dict], None] | None = None) -> FlowerFedRecon:
+    def fit(
+        self,
+        train: ClientData,
+        val: ClientData | None = None,
+        *,
+        rounds: int | None = None,
+        progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
+    ) -> FlowerFedRecon:
         """Run rounds in a Flower simulation; calling ``fit`` again continues.
 
         Arguments as in :meth:`FedRecon.fit <fedrecon_fast.FedRecon.fit>`; the rounds run in
         Flower's processes, so ``callback`` and the progress bar see each round's row when the
         run ends.
         """
-        from .training import FedRecon
+        from ..training import FedRecon
 
         rounds = self.config.rounds if rounds is None else rounds
         check_int(rounds, "rounds", minimum=0)
@@ -806,37 +970,42 @@ class FlowerFedRecon:
         start = time.perf_counter()
         seconds = before.train_seconds + before.eval_seconds
         first = len(before.history)
-        with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory(prefix="fedrecon-flower-") as folder:
+            tmp = Path(folder)
             ckpt = tmp / "checkpoints"
             before.save_checkpoint(ckpt)
-            run_config = {"config": json.dumps(before.config.replace(rounds=before.round + rounds).to_dict()),
-                          "train-file": str(save_client_data(train, tmp / "train.npz")),
-                          "checkpoint-dir": str(ckpt), "timeout": self.timeout}
+            run_config = {
+                "config": json.dumps(before.config.replace(rounds=before.round + rounds).to_dict()),
+                "train-file": str(save_client_data(train, tmp / "train.npz")),
+                "checkpoint-dir": str(ckpt),
+                "timeout": self.timeout,
+            }
             if val is not None:
                 run_config["val-file"] = str(save_client_data(val, tmp / "val.npz"))
             app = write_app(tmp / "app", run_config)
             nodes = self.num_nodes or min(train.num_clients, os.cpu_count() or 1)
             cpus = self.num_cpus or os.cpu_count() or 1
-            federation = (f"num-supernodes={nodes} client-resources-num-cpus={self.client_cpus} "
-                          f"init-args-num-cpus={cpus}")
+            federation = (
+                f"num-supernodes={nodes} client-resources-num-cpus={self.client_cpus} init-args-num-cpus={cpus}"
+            )
             with local_superlink(tmp / "flwr-home", simulation=True) as _:
                 self.output = flwr_run(app, tmp / "flwr-home", federation_config=federation, timeout=self.timeout)
             if self.verbose:
                 print(self.output)
             after = FedRecon.from_checkpoint(ckpt, before.config.replace(rounds=before.round + rounds))
         if after.round != before.round + rounds:
-            raise RuntimeError(f"the Flower run ended at round {after.round}, not {before.round + rounds}: "
-                               f"...{self.output[-2000:]}")
+            raise RuntimeError(
+                f"the Flower run ended at round {after.round}, not {before.round + rounds}: ...{self.output[-2000:]}"
+            )
         after.config = before.config
         after.model.config = before.config
         self._trainer = after
         new = after.history[first:]
-        self.startup_seconds = (time.perf_counter() - start
-                                - (after.train_seconds + after.eval_seconds - seconds))
+        self.startup_seconds = time.perf_counter() - start - (after.train_seconds + after.eval_seconds - seconds)
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=rounds, desc="FedRecon (Flower)", unit="round", leave=False)
         for row in new:
             if callback is not None:
@@ -847,11 +1016,26 @@ class FlowerFedRecon:
             bar.close()
         return self
 
-    def evaluate(self, data: ClientData, clients=None, *, per_user: bool = False, k: int | None = 10,
-                 relevance_threshold: float | None = 4.0) -> dict:
+    def evaluate(
+        self,
+        data: ClientData,
+        clients=None,
+        *,
+        per_user: bool = False,
+        k: int | None = 10,
+        relevance_threshold: float | None = 4.0,
+    ) -> dict:
         """ReconEval of the current model on clients of ``data`` (as :meth:`FedRecon.evaluate`)."""
         if self.model is None:
             raise ValueError("the model is not trained yet: call fit() first")
-        return recon_eval(self.model, data, clients, self.config.evaluation, seed=self.config.seed,
-                          num_threads=self.config.num_threads, per_user=per_user, k=k,
-                          relevance_threshold=relevance_threshold)
+        return recon_eval(
+            self.model,
+            data,
+            clients,
+            self.config.evaluation,
+            seed=self.config.seed,
+            num_threads=self.config.num_threads,
+            per_user=per_user,
+            k=k,
+            relevance_threshold=relevance_threshold,
+        )

@@ -14,12 +14,11 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-
+from ..config import preset
+from ..data import ClientData, split_by_time
+from ..evaluation import recon_eval
+from ..training import FedRecon
 from .baselines import CentralizedConfig, CentralizedMF, FedAvg, fedavg_config
-from .config import preset
-from .data import ClientData, split_by_time, split_users
-from .evaluation import recon_eval
-from .training import FedRecon
 
 ROWS = ("centralized_standard", "centralized_recon", "fedavg_standard", "fedavg_recon", "fedrecon")
 
@@ -54,12 +53,18 @@ FEDAVG_CLIENT_LR = {"fedavg_standard": 0.1, "fedavg_recon": 0.3}
 
 
 def _prepare(data: ClientData, seed: int) -> ClientData:
-    base = preset("paper", seed=seed)
-    return data.prepare(max_examples=base.max_examples, min_examples=1, shuffle_seed=seed)
+    return preset("paper").data.prepare(data, seed)
 
 
-def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
-           rounds: int | None = None, progress: bool = False) -> dict:
+def table1(
+    data: ClientData,
+    *,
+    seed: int = 0,
+    num_threads: int = 0,
+    rows=ROWS,
+    rounds: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Run the rows of Table 1 on ``data``; returns {row: {rmse, accuracy, seconds, ...}}.
 
     ``rounds`` overrides the federated rows' 500 rounds (for quick checks only).
@@ -73,20 +78,24 @@ def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
         paper = paper.replace(rounds=rounds)
     recon_cfg = paper.client  # every ReconEval row reconstructs with the paper's schedule
     by_time = split_by_time(data)
-    train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
+    train_u, _, test_u = paper.data.split(data, seed)
     centralized = replace(CENTRALIZED, seed=seed, num_threads=num_threads)
-    fedavg = {row: fedavg_config(client_lr=lr, seed=seed, num_threads=num_threads, rounds=paper.rounds)
-              for row, lr in FEDAVG_CLIENT_LR.items()}
+    fedavg = {
+        row: fedavg_config(client_lr=lr, seed=seed, num_threads=num_threads, rounds=paper.rounds)
+        for row, lr in FEDAVG_CLIENT_LR.items()
+    }
 
     def recon(model):
         return recon_eval(model, test_u, None, recon_cfg, seed=seed, num_threads=num_threads, k=None)
 
     jobs = {
         "centralized_standard": lambda: (lambda c: c.standard_eval(by_time[2]))(
-            CentralizedMF(centralized).fit(by_time[0], progress=progress)),
+            CentralizedMF(centralized).fit(by_time[0], progress=progress)
+        ),
         "centralized_recon": lambda: recon(CentralizedMF(centralized).fit(train_u, progress=progress).model),
         "fedavg_standard": lambda: (lambda f: f.standard_eval(by_time[2]))(
-            FedAvg(fedavg["fedavg_standard"]).fit(by_time[0], progress=progress)),
+            FedAvg(fedavg["fedavg_standard"]).fit(by_time[0], progress=progress)
+        ),
         "fedavg_recon": lambda: recon(FedAvg(fedavg["fedavg_recon"]).fit(train_u, progress=progress).model),
         "fedrecon": lambda: recon(FedRecon(paper).fit(train_u, progress=progress).model),
     }
@@ -95,19 +104,29 @@ def table1(data: ClientData, *, seed: int = 0, num_threads: int = 0, rows=ROWS,
         start = time.perf_counter()
         m = jobs[row]()
         paper_rmse, paper_acc = PAPER_TABLE1[row]
-        out[row] = {"rmse": m["rmse"], "accuracy": m["accuracy"], "seconds": time.perf_counter() - start,
-                    "users": m["users"], "ratings": m["ratings"],
-                    "paper_rmse": paper_rmse, "paper_accuracy": paper_acc}
+        out[row] = {
+            "rmse": m["rmse"],
+            "accuracy": m["accuracy"],
+            "seconds": time.perf_counter() - start,
+            "users": m["users"],
+            "ratings": m["ratings"],
+            "paper_rmse": paper_rmse,
+            "paper_accuracy": paper_acc,
+        }
     return out
 
 
 def table1_markdown(rows: dict) -> str:
     """The table with the paper's values beside ours."""
-    lines = ["| method | RMSE (ours) | RMSE (paper) | accuracy (ours) | accuracy (paper) | seconds |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | RMSE (ours) | RMSE (paper) | accuracy (ours) | accuracy (paper) | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for row, r in rows.items():
-        lines.append(f"| {LABELS[row]} | {r['rmse']:.3f} | {r['paper_rmse']:.3f} | "
-                     f"{100 * r['accuracy']:.1f}% | {100 * r['paper_accuracy']:.1f}% | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {LABELS[row]} | {r['rmse']:.3f} | {r['paper_rmse']:.3f} | "
+            f"{100 * r['accuracy']:.1f}% | {100 * r['paper_accuracy']:.1f}% | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -115,8 +134,16 @@ KR = (0, 1, 2, 5, 10)
 KU = (1, 2, 5, 10)
 
 
-def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku=KU,
-             rounds: int | None = None, progress: bool = False) -> dict:
+def ablation(
+    data: ClientData,
+    *,
+    seed: int = 0,
+    num_threads: int = 0,
+    kr=KR,
+    ku=KU,
+    rounds: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Figure 3: FedRecon with kr reconstruction steps and/or ku client update steps (in
     training and in evaluation), accuracy relative to base FedRecon (the paper preset).
 
@@ -128,15 +155,19 @@ def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku
     paper = preset("paper", seed=seed, num_threads=num_threads)
     if rounds is not None:
         paper = paper.replace(rounds=rounds)
-    train_u, _, test_u = (data.subset(i) for i in split_users(data.num_clients, paper.user_split, seed=seed))
+    train_u, _, test_u = paper.data.split(data, seed)
 
     def run(config):
         start = time.perf_counter()
         try:
             m = FedRecon(config).fit(train_u, progress=progress).evaluate(test_u, k=None)
         except FloatingPointError as e:  # a setting that diverges is a result, not a crash
-            return {"rmse": float("nan"), "accuracy": float("nan"), "diverged": str(e),
-                    "seconds": time.perf_counter() - start}
+            return {
+                "rmse": float("nan"),
+                "accuracy": float("nan"),
+                "diverged": str(e),
+                "seconds": time.perf_counter() - start,
+            }
         return {"rmse": m["rmse"], "accuracy": m["accuracy"], "seconds": time.perf_counter() - start}
 
     def with_kr(config, r):
@@ -156,8 +187,9 @@ def ablation(data: ClientData, *, seed: int = 0, num_threads: int = 0, kr=KR, ku
         "base": base,
         "kr_sweep": {str(r): relative({"kr": r, **run(with_kr(paper, r))}) for r in kr},
         "ku_sweep": {str(u): relative({"ku": u, **run(with_ku(paper, u))}) for u in ku},
-        "grid": {f"kr={r},ku={u}": relative({"kr": r, "ku": u, **run(with_ku(with_kr(paper, r), u))})
-                 for r in kr for u in ku},
+        "grid": {
+            f"kr={r},ku={u}": relative({"kr": r, "ku": u, **run(with_ku(with_kr(paper, r), u))}) for r in kr for u in ku
+        },
     }
 
 
@@ -167,14 +199,18 @@ def _rel(g: dict) -> str:
 
 def ablation_markdown(result: dict) -> str:
     b = result["base"]
-    lines = [f"Base FedRecon (paper preset): accuracy {100 * b['accuracy']:.2f}%, RMSE {b['rmse']:.4f}.", "",
-             "| kr (ku as base) | " + " | ".join(result["kr_sweep"]) + " |",
-             "|---|" + "---|" * len(result["kr_sweep"]),
-             "| relative accuracy | " + " | ".join(_rel(g) for g in result["kr_sweep"].values()) + " |",
-             "", "| ku (kr as base) | " + " | ".join(result["ku_sweep"]) + " |",
-             "|---|" + "---|" * len(result["ku_sweep"]),
-             "| relative accuracy | " + " | ".join(_rel(g) for g in result["ku_sweep"].values()) + " |",
-             ""]
+    lines = [
+        f"Base FedRecon (paper preset): accuracy {100 * b['accuracy']:.2f}%, RMSE {b['rmse']:.4f}.",
+        "",
+        "| kr (ku as base) | " + " | ".join(result["kr_sweep"]) + " |",
+        "|---|" + "---|" * len(result["kr_sweep"]),
+        "| relative accuracy | " + " | ".join(_rel(g) for g in result["kr_sweep"].values()) + " |",
+        "",
+        "| ku (kr as base) | " + " | ".join(result["ku_sweep"]) + " |",
+        "|---|" + "---|" * len(result["ku_sweep"]),
+        "| relative accuracy | " + " | ".join(_rel(g) for g in result["ku_sweep"].values()) + " |",
+        "",
+    ]
     kus = sorted({g["ku"] for g in result["grid"].values()})
     krs = sorted({g["kr"] for g in result["grid"].values()})
     lines += ["| kr \\ ku (both varied) | " + " | ".join(str(u) for u in kus) + " |", "|---|" + "---|" * len(kus)]
@@ -192,8 +228,10 @@ def plot_ablation(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, sweep, key, label in ((ax1, result["kr_sweep"], "kr", "reconstruction steps kr"),
-                                  (ax2, result["ku_sweep"], "ku", "client update steps ku")):
+    for ax, sweep, key, label in (
+        (ax1, result["kr_sweep"], "kr", "reconstruction steps kr"),
+        (ax2, result["ku_sweep"], "ku", "client update steps ku"),
+    ):
         xs = [g[key] for g in sweep.values()]
         ax.plot(xs, [g["relative_accuracy"] for g in sweep.values()], "o-", label="other at base")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -208,4 +246,3 @@ def plot_ablation(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -21,12 +21,14 @@ def plot_learning_curve(history: list[dict], path: str | Path, *, title: str = "
     ax1.plot(rounds, train_rmse, color="C0", lw=1, label="train (query batches)")
     ax2.plot(rounds, [100 * h["train_accuracy"] for h in history], color="C0", lw=1, label="train")
     if val:
-        ax1.plot([h["round"] for h in val], [h["val_rmse"] for h in val], "o-", color="C1",
-                 label="validation (ReconEval)")
-        ax2.plot([h["round"] for h in val], [100 * h["val_accuracy"] for h in val], "o-",
-                 color="C1", label="validation")
+        ax1.plot(
+            [h["round"] for h in val], [h["val_rmse"] for h in val], "o-", color="C1", label="validation (ReconEval)"
+        )
+        ax2.plot(
+            [h["round"] for h in val], [100 * h["val_accuracy"] for h in val], "o-", color="C1", label="validation"
+        )
     # The untrained model's error dwarfs the rest: zoom on the range after the first rounds.
-    tail = [r for r in train_rmse[len(train_rmse) // 10:] if np.isfinite(r)]
+    tail = [r for r in train_rmse[len(train_rmse) // 10 :] if np.isfinite(r)]
     if tail:
         ax1.set_ylim(0.95 * min(tail), 1.5 * float(np.median(tail)))
     ax1.set(xlabel="round", ylabel="RMSE", title=f"{title}: RMSE")

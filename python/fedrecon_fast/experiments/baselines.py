@@ -17,75 +17,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
-from ._guards import one_fit_at_a_time
-from ._native import core as _core
-from ._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
-from ._validation import (
+from .. import kernels
+from .._guards import one_fit_at_a_time
+from .._rng import STREAM_EPOCH_ORDER, STREAM_ITEM_TABLE, STREAM_USER_TABLE, generator
+from .._validation import (
     as_float32_matrix,
-    as_float32_vector,
-    as_index_array,
     check_choice,
     check_float,
     check_int,
     check_threads,
-    writable_float32,
 )
-from .config import ClientConfig, FedReconConfig, preset
-from .data import ClientData
-from .evaluation import summarize
-from .model import GlobalModel
-from .training import FedRecon
+from ..config import ClientConfig, FedReconConfig, preset
+from ..data import ClientData
+from ..evaluation import summarize
+from ..kernels import mf_sgd_epoch
+from ..model import GlobalModel
+from ..training import FedRecon
 
 
 def _uniform(shape, scale: float, seed: int, stream: int) -> np.ndarray:
     rng = generator(seed, 0, 0, stream)
     return rng.uniform(-scale, scale, size=shape).astype(np.float32)
-
-
-def mf_sgd_epoch(users, items, user_ids, item_ids, ratings, *, user_bias=None, item_bias=None,
-                 global_mean: float = 0.0, batch_size: int = 32, lr: float = 0.1,
-                 l2: float = 0.0) -> float:
-    """One pass of minibatch SGD over ratings in the given order, updating the tables in place.
-
-    Parameters
-    ----------
-    users : ndarray, shape (num_users, dim), float32, writeable
-    items : ndarray, shape (num_items, dim), float32, writeable
-    user_ids, item_ids : array_like of int, shape (n,)
-        The rating's user row and item row, in the order the batches are cut.
-    ratings : array_like, shape (n,)
-    user_bias, item_bias : ndarray, float32, writeable, optional
-        Given together: the model adds ``global_mean + b_u + b_i``.
-    batch_size, lr, l2
-        Loss per batch = mean squared error + ``l2`` (|u|² + |v|²) over the batch's rows.
-
-    Returns
-    -------
-    float
-        Sum of squared errors of the pre-step predictions.
-    """
-    users = writable_float32(users, "users", 2)
-    items = writable_float32(items, "items", 2)
-    if users.shape[1] != items.shape[1] or users.shape[1] < 1:
-        raise ValueError(f"users and items must have the same dim >= 1; got {users.shape} and {items.shape}")
-    if (user_bias is None) != (item_bias is None):
-        raise ValueError("user_bias and item_bias must be given together")
-    if user_bias is not None:
-        user_bias = writable_float32(user_bias, "user_bias", 1)
-        item_bias = writable_float32(item_bias, "item_bias", 1)
-    user_ids = as_index_array(user_ids, "user_ids", upper=users.shape[0])
-    item_ids = as_index_array(item_ids, "item_ids", upper=items.shape[0]).astype(np.int32)
-    ratings = as_float32_vector(ratings, "ratings", size=len(user_ids))
-    if len(item_ids) != len(user_ids):
-        raise ValueError("user_ids, item_ids and ratings must have the same length")
-    check_int(batch_size, "batch_size", minimum=1)
-    batch_size = min(batch_size, max(len(ratings), 1))  # a batch never exceeds the data
-    check_float(lr, "lr", minimum=0.0)
-    check_float(l2, "l2", minimum=0.0)
-    check_float(global_mean, "global_mean")
-    return _core.mf_sgd_epoch(users, user_bias, items, item_bias, float(global_mean), user_ids,
-                              item_ids, ratings, batch_size, lr, l2)
 
 
 def transpose(data: ClientData) -> ClientData:
@@ -94,12 +46,12 @@ def transpose(data: ClientData) -> ClientData:
     order = np.argsort(items, kind="stable")
     indptr = np.zeros(data.num_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(items, minlength=data.num_items), out=indptr[1:])
-    return ClientData(indptr, user_index[order].astype(np.int32), ratings[order],
-                      user_ids=data.item_ids, item_ids=data.user_ids)
+    return ClientData(
+        indptr, user_index[order].astype(np.int32), ratings[order], user_ids=data.item_ids, item_ids=data.user_ids
+    )
 
 
-def standard_eval(users, model: GlobalModel, data: ClientData, *, user_bias=None,
-                  per_user: bool = False) -> dict:
+def standard_eval(users, model: GlobalModel, data: ClientData, *, user_bias=None, per_user: bool = False) -> dict:
     """StandardEval: score every rating of ``data`` with the stored user embeddings.
 
     Parameters
@@ -183,7 +135,10 @@ class CentralizedMF:
 
     def __init__(self, config: CentralizedConfig | None = None):
         self.config = config or CentralizedConfig()
-        self.users = self.user_bias = self.model = None
+        # Filled in by fit: the stored users (and biases) and the item side as a model.
+        self.users: np.ndarray = None  # type: ignore[assignment]
+        self.user_bias: np.ndarray | None = None
+        self.model: GlobalModel = None  # type: ignore[assignment]
         self.history: list[dict] = []
         self.train_seconds = 0.0
 
@@ -202,19 +157,30 @@ class CentralizedMF:
         # GlobalModel keeps these float32 arrays without copying: training updates the model.
         self.model = GlobalModel(items, item_bias, mean, data.item_ids)
         user_index, item_index, ratings = data.to_coo()
-        by_item = transpose(data) if cfg.method == "als" else None
+        by_item = transpose(data) if cfg.method == "als" else data
         rng = generator(cfg.seed, 0, 0, STREAM_EPOCH_ORDER)
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=cfg.epochs, desc=f"centralized {cfg.method}", unit="epoch", leave=False)
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
             if cfg.method == "sgd":
                 order = rng.permutation(len(ratings))
-                sse = mf_sgd_epoch(self.users, items, user_index[order], item_index[order], ratings[order],
-                                   user_bias=self.user_bias, item_bias=item_bias, global_mean=mean,
-                                   batch_size=cfg.batch_size, lr=cfg.lr, l2=cfg.l2)
+                sse = mf_sgd_epoch(
+                    self.users,
+                    items,
+                    user_index[order],
+                    item_index[order],
+                    ratings[order],
+                    user_bias=self.user_bias,
+                    item_bias=item_bias,
+                    global_mean=mean,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    l2=cfg.l2,
+                )
                 row = {"epoch": epoch + 1, "train_rmse": float(np.sqrt(sse / len(ratings)))}
             else:
                 self._als_sweep(data, by_item)
@@ -237,16 +203,28 @@ class CentralizedMF:
         solve = ClientConfig(recon="exact", ridge=cfg.als_ridge, split="reuse")
         m = self.model
         users, user_bias = kernels.reconstruct_users(
-            m.item_factors, data, None, solve, item_bias=m.item_bias, global_mean=m.global_mean,
-            num_threads=cfg.num_threads)
+            m.item_factors,
+            data,
+            None,
+            solve,
+            item_bias=m.item_bias,
+            global_mean=m.global_mean,
+            num_threads=cfg.num_threads,
+        )
         self.users[...] = users
-        if user_bias is not None:
+        if user_bias is not None and self.user_bias is not None:
             self.user_bias[...] = user_bias
         items, item_bias = kernels.reconstruct_users(
-            self.users, by_item, None, solve, item_bias=self.user_bias, global_mean=m.global_mean,
-            num_threads=cfg.num_threads)
+            self.users,
+            by_item,
+            None,
+            solve,
+            item_bias=self.user_bias,
+            global_mean=m.global_mean,
+            num_threads=cfg.num_threads,
+        )
         m.item_factors[...] = items
-        if item_bias is not None:
+        if item_bias is not None and m.item_bias is not None:
             m.item_bias[...] = item_bias
 
     def standard_eval(self, data: ClientData, **kw) -> dict:
@@ -259,8 +237,7 @@ def fedavg_config(**overrides) -> FedReconConfig:
     stored u jointly with V on all of its ratings (one epoch, batch 5, ≤ 50 steps). ReconEval of
     its V uses the paper's reconstruction schedule."""
     paper = preset("paper")
-    base = paper.replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True,
-                         eval_client=paper.client)
+    base = paper.replace(split="reuse", recon_epochs=0, recon_steps_max=None, joint=True, eval_client=paper.client)
     return base.replace(**overrides) if overrides else base
 
 
@@ -272,12 +249,13 @@ class FedAvg(FedRecon):
     StandardEval uses. ReconEval ignores them and reconstructs, as for FedRecon.
     """
 
-    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None,
-                 backend="local"):
+    def __init__(self, config: FedReconConfig | None = None, *, model: GlobalModel | None = None, backend="local"):
         super().__init__(config if config is not None else fedavg_config(), model=model, backend=backend)
         if self.config.learn_user_default:
             raise ValueError("FedAvg stores every user's embedding; learn_user_default is for FedRecon")
-        self.users = self.user_bias = None
+        # Filled in by the first round: one stored embedding (and bias) per training client.
+        self.users: np.ndarray = None  # type: ignore[assignment]
+        self.user_bias: np.ndarray | None = None
 
     def _user_state(self, train, clients) -> dict:
         if self.users is None:
@@ -291,8 +269,8 @@ class FedAvg(FedRecon):
             state["user_bias"] = self.user_bias[clients]
         return state
 
-    def _extra_arrays(self) -> dict:
-        out = super()._extra_arrays()
+    def extra_state(self) -> dict:
+        out = super().extra_state()
         if self.users is not None:
             out["users"] = self.users
         if self.user_bias is not None:
@@ -301,12 +279,12 @@ class FedAvg(FedRecon):
 
     def _restore_extra(self, arrays: dict) -> None:
         super()._restore_extra(arrays)
-        self.users = arrays.get("users")
+        self.users = arrays.get("users")  # type: ignore[assignment]  # None until the first round
         self.user_bias = arrays.get("user_bias")
 
     def _store_users(self, clients, result) -> None:
         self.users[clients] = result.users
-        if result.user_bias is not None:
+        if result.user_bias is not None and self.user_bias is not None:
             self.user_bias[clients] = result.user_bias
 
     def standard_eval(self, data: ClientData, **kw) -> dict:

@@ -19,13 +19,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import kernels
-from ._validation import check_int
-from .kernels import ClientUpdates, DenseNoise, RoundResult
+from .. import kernels
+from .._validation import check_int
+from ..kernels import ClientUpdates, DenseNoise, RoundResult
+from ..server import round_summary
 
 __all__ = ["Route", "partition_bounds", "partition_data", "route", "combine"]
-
-_NONFINITE = 1  # ClientStats status of a diverged client
 
 
 def partition_bounds(num_clients: int, num_partitions: int) -> np.ndarray:
@@ -45,10 +44,14 @@ def partition_data(data, lo: int, hi: int) -> SimpleNamespace:
     """Users ``[lo, hi)`` of ``data`` as CSR arrays (copies: a holder keeps only these), with
     ``stream_ids`` keeping each user's global id for its random streams."""
     a, b = int(data.indptr[lo]), int(data.indptr[hi])
-    return SimpleNamespace(indptr=np.ascontiguousarray(data.indptr[lo:hi + 1] - a),
-                           items=data.items[a:b].copy(), ratings=data.ratings[a:b].copy(),
-                           stream_ids=np.arange(lo, hi, dtype=np.int64), num_clients=hi - lo,
-                           num_items=data.num_items)
+    return SimpleNamespace(
+        indptr=np.ascontiguousarray(data.indptr[lo : hi + 1] - a),
+        items=data.items[a:b].copy(),
+        ratings=data.ratings[a:b].copy(),
+        stream_ids=np.arange(lo, hi, dtype=np.int64),
+        num_clients=hi - lo,
+        num_items=data.num_items,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,15 @@ def _scatter(pieces, total: int, get):
     return out
 
 
-def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int, num_items: int, dim: int, *,
-            num_threads: int = 0) -> RoundResult:
+def combine(
+    routes: list[Route],
+    updates: list[ClientUpdates],
+    num_clients: int,
+    num_items: int,
+    dim: int,
+    *,
+    num_threads: int = 0,
+) -> RoundResult:
     """The round's :class:`kernels.RoundResult` from each partition's :func:`kernels.client_updates`.
 
     Parameters
@@ -113,51 +123,28 @@ def combine(routes: list[Route], updates: list[ClientUpdates], num_clients: int,
     entries = int(offsets[-1])
     rows = np.empty(entries, dtype=np.int32)
     values = np.empty((entries, dim), dtype=np.float32)
-    biased = pieces[0][1].bias_values is not None
-    bias = np.empty(entries, dtype=np.float32) if biased else None
+    bias = np.empty(entries, dtype=np.float32) if pieces[0][1].bias_values is not None else None
     for r, u in pieces:
         counts = np.diff(u.offsets)
         # Entry j of a client goes to its cohort position's segment, at the same offset.
         dst = np.repeat(offsets[r.positions] - u.offsets[:-1], counts) + np.arange(len(u.rows))
         rows[dst] = u.rows
         values[dst] = u.values
-        if biased:
+        if bias is not None:
             bias[dst] = u.bias_values
-    stats = {key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key])
-             for key in pieces[0][1].client_stats}
+    stats = {
+        key: _scatter(pieces, num_clients, lambda u, key=key: u.client_stats[key]) for key in pieces[0][1].client_stats
+    }
     weights = stats["weight"]
     noise = None
     if pieces[0][1].noise is not None:  # dense quantized updates: each client's untouched-row noise
         order = np.argsort(np.concatenate([r.positions for r, _ in pieces]), kind="stable")
         noise = DenseNoise.concat(u.noise for _, u in pieces).take(order)
-    delta, delta_bias, _ = kernels.reduce_updates(rows, values, offsets, weights, num_items=num_items,
-                                                  bias_values=bias, num_threads=num_threads, noise=noise)
+    delta, delta_bias, _ = kernels.reduce_updates(
+        rows, values, offsets, weights, num_items=num_items, bias_values=bias, num_threads=num_threads, noise=noise
+    )
     reporting = np.repeat(weights > 0, lengths)
     summary = round_summary(stats, int(np.unique(rows[reporting]).size))
     users = _scatter(pieces, num_clients, lambda u: u.users)
     user_bias = _scatter(pieces, num_clients, lambda u: u.user_bias)
     return RoundResult(delta, delta_bias, stats, summary, users, user_bias)
-
-
-def _sequential_sum(x: np.ndarray) -> float:
-    # cumsum adds left to right, as the native round totals its clients.
-    return float(np.cumsum(x, dtype=np.float64)[-1]) if len(x) else 0.0
-
-
-def round_summary(stats: dict, rows_aggregated: int) -> dict:
-    """The native round's totals from its per-client statistics (same order, same sums)."""
-    ok = stats["status"] != _NONFINITE
-    reporting = ok & (stats["weight"] > 0)
-    total = lambda key, mask: int(stats[key][mask].sum())  # noqa: E731  (exact integer sums)
-    return {
-        "total_weight": _sequential_sum(np.where(reporting, stats["weight"], 0.0)),
-        "loss_sum": _sequential_sum(np.where(ok, stats["loss_sum"], 0.0)),
-        "num_examples": total("num_examples", ok),
-        "num_correct": total("num_correct", ok),
-        "num_reporting": int(reporting.sum()),
-        "num_nonfinite": int((~ok).sum()),
-        "rows_sent": total("rows", reporting),
-        "rows_aggregated": rows_aggregated,
-        "bytes_sent": total("bytes", reporting),
-        "num_clipped": total("clipped", reporting),
-    }

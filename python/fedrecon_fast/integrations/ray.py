@@ -4,7 +4,7 @@
 :class:`fedrecon_fast.FedRecon`) gives each Ray actor one partition of the users, put once
 per data set. A round sends each actor V and the ids of its sampled users; the actor runs the
 native client updates and returns them, and the driver combines them in cohort order with the
-native reduction (:mod:`fedrecon_fast.partitions`). Actors restart and calls are retried when a
+native reduction (:mod:`fedrecon_fast.integrations.partitions`). Actors restart and calls are retried when a
 worker dies: a round is a pure function of (V, seed, round, clients), so a retried call returns
 the same bits.
 """
@@ -12,12 +12,13 @@ the same bits.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
-from . import kernels
-from ._validation import as_index_array, check_int
-from .kernels import RoundResult
+from .. import kernels
+from .._validation import as_index_array, check_int
+from ..kernels import RoundResult
 from .partitions import combine, partition_bounds, partition_data, route
 
 __all__ = ["RayExecutor"]
@@ -40,9 +41,17 @@ class _PartitionWorker:
         return os.getpid()
 
     def updates(self, item_factors, item_bias, local, config, users, user_bias, kwargs):
-        return kernels.client_updates(item_factors, self.partition, local, config, item_bias=item_bias,
-                                      users=users, user_bias=user_bias, num_threads=self.num_threads, **kwargs)
-
+        return kernels.client_updates(
+            item_factors,
+            self.partition,
+            local,
+            config,
+            item_bias=item_bias,
+            users=users,
+            user_bias=user_bias,
+            num_threads=self.num_threads,
+            **kwargs,
+        )
 
 
 class RayExecutor:
@@ -65,8 +74,14 @@ class RayExecutor:
         Restarts of each actor, and retries of each call, after a worker dies (-1: no limit).
     """
 
-    def __init__(self, num_workers: int | None = None, *, address: str | None = None,
-                 threads_per_worker: int = 1, max_retries: int = 3):
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        *,
+        address: str | None = None,
+        threads_per_worker: int = 1,
+        max_retries: int = 3,
+    ):
         try:
             import ray
         except ImportError:
@@ -78,20 +93,22 @@ class RayExecutor:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             address = address or os.environ.get("RAY_ADDRESS")
-            local = {} if address else {"num_cpus": num_workers * threads_per_worker if num_workers else None}
+            local: dict[str, Any] = (
+                {} if address else {"num_cpus": num_workers * threads_per_worker if num_workers else None}
+            )
             # We use no accelerators; this opts in to Ray's future default (and silences its warning).
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **local)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
         if num_workers is None:
             num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
-        self._actor = ray.remote(num_cpus=threads_per_worker, max_restarts=max_retries,
-                                 max_task_retries=max_retries)(_PartitionWorker)
+        self._actor = ray.remote(num_cpus=threads_per_worker, max_restarts=max_retries, max_task_retries=max_retries)(
+            _PartitionWorker
+        )
         self.num_workers = num_workers
         self.threads_per_worker = threads_per_worker
         self._workers: list | None = []
         self._partition_refs: list = []
-        self._bounds = None
+        self._bounds = np.zeros(1, np.int64)
         self._data = None
 
     @property
@@ -108,28 +125,62 @@ class RayExecutor:
         for w in self.workers:
             self._ray.kill(w)
         self._bounds = partition_bounds(data.num_clients, self.num_workers)
-        self._partition_refs = [self._ray.put(partition_data(data, int(lo), int(hi)))
-                                for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
+        self._partition_refs = [
+            self._ray.put(partition_data(data, int(lo), int(hi))) for lo, hi in zip(self._bounds[:-1], self._bounds[1:])
+        ]
         self._workers = [self._actor.remote([ref], self.threads_per_worker) for ref in self._partition_refs]
         self._data = data
 
-    def train_round(self, item_factors, data, clients=None, config=None, *, item_bias=None,
-                    users=None, user_bias=None, num_threads: int = 0, **kwargs) -> RoundResult:
+    def train_round(
+        self,
+        item_factors,
+        data,
+        clients=None,
+        config=None,
+        *,
+        item_bias=None,
+        users=None,
+        user_bias=None,
+        num_threads: int = 0,
+        **kwargs,
+    ) -> RoundResult:
         """:func:`kernels.train_round` with the clients run by the actors holding them."""
         self._hold(data)
         ray = self._ray
-        clients = np.arange(data.num_clients, dtype=np.int64) if clients is None else \
-            as_index_array(clients, "clients", upper=data.num_clients)
+        clients = (
+            np.arange(data.num_clients, dtype=np.int64)
+            if clients is None
+            else as_index_array(clients, "clients", upper=data.num_clients)
+        )
         V = np.asarray(item_factors)
         if len(clients) == 0:  # nothing to send: the (empty) round is the local one
-            return kernels.train_round(V, data, clients, config, item_bias=item_bias, users=users,
-                                       user_bias=user_bias, num_threads=num_threads, **kwargs)
+            return kernels.train_round(
+                V,
+                data,
+                clients,
+                config,
+                item_bias=item_bias,
+                users=users,
+                user_bias=user_bias,
+                num_threads=num_threads,
+                **kwargs,
+            )
         V_ref = ray.put(V)  # once per round, shared by every call
         bias_ref = None if item_bias is None else ray.put(np.asarray(item_bias))
         routes = route(clients, self._bounds)
-        futures = [self._workers[r.partition].updates.remote(
-            V_ref, bias_ref, r.local, config, None if users is None else users[r.positions],
-            None if user_bias is None else user_bias[r.positions], kwargs) for r in routes]
+        workers = self.workers
+        futures = [
+            workers[r.partition].updates.remote(
+                V_ref,
+                bias_ref,
+                r.local,
+                config,
+                None if users is None else users[r.positions],
+                None if user_bias is None else user_bias[r.positions],
+                kwargs,
+            )
+            for r in routes
+        ]
         return combine(routes, ray.get(futures), len(clients), *V.shape, num_threads=num_threads)
 
     def close(self) -> None:
