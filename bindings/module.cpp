@@ -152,6 +152,40 @@ py::dict summary_dict(const fedrecon::RoundSummary& s) {
                   "bytes_sent"_a = s.bytes_sent, "num_clipped"_a = s.num_clipped);
 }
 
+// The server step a native round takes in place: SGD at lr, or with `velocity` SGD with
+// momentum (the optimizer state's velocity arrays, updated in place). Validated here.
+fedrecon::InPlaceStep in_place_step(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
+                                    const char* lr_name, double lr, double momentum, bool nesterov,
+                                    const std::optional<Array<float>>& velocity,
+                                    const std::optional<Array<float>>& velocity_bias) {
+  if (!(std::isfinite(lr) && static_cast<float>(lr) > 0.0f && lr <= 3.4028234663852886e38))
+    fail(std::string(lr_name) + " must be a finite float32 > 0 (at least 1.4e-45)");
+  if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
+    fail("the in-place step updates item_factors and item_bias: they must be writeable");
+  fedrecon::InPlaceStep step;
+  step.item_factors = const_cast<float*>(item_factors.data());
+  step.item_bias = item_bias ? const_cast<float*>(item_bias->data()) : nullptr;
+  step.lr = static_cast<float>(lr);
+  if (!velocity) {
+    if (velocity_bias) fail("velocity_bias needs velocity");
+    return step;
+  }
+  if (!(momentum >= 0.0 && momentum < 1.0)) fail("momentum must be in [0, 1)");
+  if (velocity->ndim() != 2 || velocity->shape(0) != item_factors.shape(0) || velocity->shape(1) != item_factors.shape(1))
+    fail("velocity must have the shape of item_factors");
+  if (!velocity->writeable()) fail("velocity is updated in place: it must be writeable");
+  if (item_bias.has_value() != velocity_bias.has_value())
+    fail("velocity_bias must be given exactly when item_bias is");
+  if (velocity_bias && (velocity_bias->ndim() != 1 || velocity_bias->shape(0) != item_bias->shape(0) ||
+                        !velocity_bias->writeable()))
+    fail("velocity_bias must be a writeable array with the shape of item_bias");
+  step.velocity = const_cast<float*>(velocity->data());
+  step.velocity_bias = velocity_bias ? const_cast<float*>(velocity_bias->data()) : nullptr;
+  step.momentum = static_cast<float>(momentum);
+  step.nesterov = nesterov;
+  return step;
+}
+
 py::tuple train_round(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
                       float global_mean, const Array<std::int64_t>& indptr,
                       const Array<std::int32_t>& items, const Array<float>& ratings,
@@ -159,23 +193,20 @@ py::tuple train_round(const Array<float>& item_factors, const std::optional<Arra
                       std::uint64_t seed, std::uint64_t round, int num_threads,
                       const std::optional<Array<float>>& users,
                       const std::optional<Array<float>>& user_bias, const fedrecon::UpdateCodec& codec,
-                      const OptionalIds& stream_ids, double apply_lr) {
+                      const OptionalIds& stream_ids, double apply_lr, double momentum, bool nesterov,
+                      const std::optional<Array<float>>& velocity,
+                      const std::optional<Array<float>>& velocity_bias) {
   auto c = update_call(item_factors, item_bias, global_mean, indptr, items, ratings, clients, users,
                        user_bias, codec, stream_ids);
   const auto& model = c.model;
   const auto n = c.n;
-  // apply_lr > 0: server SGD in place on the model's arrays, no dense delta.
+  // apply_lr > 0: the server step in place on the model's arrays, no dense delta.
   fedrecon::InPlaceStep step;
   std::optional<Array<float>> delta, delta_bias;
   if (apply_lr != 0.0) {
-    if (!(std::isfinite(apply_lr) && static_cast<float>(apply_lr) > 0.0f && apply_lr <= 3.4028234663852886e38))
-      fail("apply_lr must be a finite float32 > 0 (at least 1.4e-45)");
-    if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
-      fail("apply_lr updates item_factors and item_bias in place: they must be writeable");
-    step.item_factors = const_cast<float*>(model.item_factors);
-    step.item_bias = const_cast<float*>(model.item_bias);
-    step.lr = static_cast<float>(apply_lr);
+    step = in_place_step(item_factors, item_bias, "apply_lr", apply_lr, momentum, nesterov, velocity, velocity_bias);
   } else {
+    if (velocity || velocity_bias) fail("velocity needs apply_lr (the step in place)");
     delta.emplace(std::vector<py::ssize_t>{model.num_items, static_cast<py::ssize_t>(model.dim)});
     if (model.has_bias()) delta_bias.emplace(model.num_items);
   }
@@ -392,19 +423,19 @@ py::dict train_rounds(Array<float>& item_factors, std::optional<Array<float>>& i
                       const Array<std::int64_t>& indptr, const Array<std::int32_t>& items,
                       const Array<float>& ratings, const ClientConfig& config,
                       const fedrecon::UpdateCodec& codec, std::uint64_t seed, std::uint64_t first_round,
-                      std::int64_t num_rounds, std::int64_t clients_per_round, float lr, int num_threads) {
+                      std::int64_t num_rounds, std::int64_t clients_per_round, double lr, int num_threads,
+                      double momentum, bool nesterov, const std::optional<Array<float>>& velocity,
+                      const std::optional<Array<float>>& velocity_bias) {
   const auto model = model_view(item_factors, item_bias, global_mean);
   const auto data = csr_view(indptr, items, ratings);
-  if (!item_factors.writeable() || (item_bias && !item_bias->writeable()))
-    fail("train_rounds updates item_factors and item_bias in place: they must be writeable");
-  if (!(std::isfinite(lr) && lr > 0.0f)) fail("lr must be a finite float32 > 0");
+  const fedrecon::InPlaceStep step = in_place_step(item_factors, item_bias, "lr", lr, momentum, nesterov, velocity, velocity_bias);
   if (num_rounds < 0) fail("num_rounds must be >= 0");
   if (clients_per_round < 1) fail("clients_per_round must be >= 1");
   std::vector<fedrecon::RoundRecord> records;
   {
     py::gil_scoped_release release;
     records = fedrecon::train_rounds(model, data, config, codec, seed, first_round, num_rounds,
-                                     clients_per_round, lr, num_threads);
+                                     clients_per_round, step, num_threads);
   }
   const auto n = static_cast<py::ssize_t>(records.size());
   const auto col = [&](auto get) {
@@ -534,11 +565,15 @@ PYBIND11_MODULE(FEDRECON_MODULE, m) {
   "users"_a.noconvert().none(true) = py::none(), "user_bias"_a.noconvert().none(true) = py::none(), \
       "codec"_a = fedrecon::UpdateCodec()
 #define FEDRECON_STREAM_IDS "stream_ids"_a.noconvert().none(true) = py::none()
+#define FEDRECON_MOMENTUM_ARGS                                                                   \
+  "momentum"_a = 0.0, "nesterov"_a = false, "velocity"_a.noconvert().none(true) = py::none(),    \
+      "velocity_bias"_a.noconvert().none(true) = py::none()
   m.def("train_round", &train_round, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS,
-        "apply_lr"_a = 0.0);
+        "apply_lr"_a = 0.0, FEDRECON_MOMENTUM_ARGS);
   m.def("train_rounds", &train_rounds, "item_factors"_a.noconvert(), "item_bias"_a.noconvert().none(true),
         "global_mean"_a, "indptr"_a.noconvert(), "items"_a.noconvert(), "ratings"_a.noconvert(), "config"_a,
-        "codec"_a, "seed"_a, "first_round"_a, "num_rounds"_a, "clients_per_round"_a, "lr"_a, "num_threads"_a);
+        "codec"_a, "seed"_a, "first_round"_a, "num_rounds"_a, "clients_per_round"_a, "lr"_a, "num_threads"_a,
+        FEDRECON_MOMENTUM_ARGS);
   m.def("client_updates", &client_updates, FEDRECON_COHORT_ARGS, FEDRECON_UPDATE_ARGS, FEDRECON_STREAM_IDS);
   m.def("reduce_updates", &reduce_updates, "rows"_a.noconvert(), "values"_a.noconvert(),
         "bias_values"_a.noconvert().none(true), "offsets"_a.noconvert(), "weights"_a.noconvert(),

@@ -194,3 +194,147 @@ def test_in_place_divergence_is_the_same_clear_error(problem):
                 trainer.fit(data)
         messages.append(str(err.value))
     assert messages[0] == messages[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Server SGD with momentum in the native round (ServerMomentum)
+
+
+def momentum_reference(p, vel, delta, lr, momentum, nesterov):
+    """optimizers.MomentumSGD's step on (p, vel) with the round's delta, written out in NumPy:
+    the float32 roundings in its order."""
+    p, vel = p.copy(), vel.copy()
+    lr_d = np.multiply(delta, np.float32(lr))
+    vel *= np.float32(momentum)
+    vel += lr_d
+    if nesterov:
+        p += lr_d
+        p += np.multiply(vel, np.float32(momentum))
+    else:
+        p += vel
+    return p, vel
+
+
+def _velocities(shape_v, shape_b, seed):
+    rng = np.random.default_rng(seed)
+    vel = rng.normal(0, 0.05, shape_v).astype(np.float32)
+    vel.flat[::7] = -0.0  # -0 * m + 0 must come out +0, as in NumPy
+    vel_b = rng.normal(0, 0.05, shape_b).astype(np.float32)
+    vel_b[::5] = -0.0
+    return vel, vel_b
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cohort", ["40 clients", "nobody"])
+def test_momentum_step_in_place_equals_momentum_sgd_on_the_delta(problem, nesterov, momentum, threads, bias, cohort):
+    data, V0, b0 = problem
+    clients = ff.sample_clients(data.num_clients, 40, seed=5, round=2) if cohort == "40 clients" else []
+    cfg = ff.ClientConfig(batch_size=5, recon_steps_max=20, update_steps_max=20, client_lr=0.3)
+    common = dict(seed=5, round=2, num_threads=threads, global_mean=3.5)
+    vel0, velb0 = _velocities(V0.shape, b0.shape, 4)
+    dense = ff.train_round(V0, data, clients, cfg, item_bias=b0 if bias else None, **common)
+    V, b, vel, velb = V0.copy(), b0.copy(), vel0.copy(), velb0.copy()
+    m = kernels.ServerMomentum(momentum, nesterov, vel, velb if bias else None)
+    res = ff.train_round(V, data, clients, cfg, item_bias=b if bias else None, apply_lr=0.7, momentum=m, **common)
+    want_V, want_vel = momentum_reference(V0, vel0, dense.delta, 0.7, momentum, nesterov)
+    assert V.tobytes() == want_V.tobytes() and vel.tobytes() == want_vel.tobytes()
+    if bias:
+        want_b, want_velb = momentum_reference(b0, velb0, dense.delta_bias, 0.7, momentum, nesterov)
+        assert b.tobytes() == want_b.tobytes() and velb.tobytes() == want_velb.tobytes()
+    else:
+        assert b.tobytes() == b0.tobytes() and velb.tobytes() == velb0.tobytes()
+    if momentum > 0:
+        assert not np.array_equal(V, V0)  # every row moved (untouched rows by their velocity)
+    assert res.summary["nonfinite_rows"] == 0
+
+
+def test_momentum_counts_every_row_it_leaves_non_finite(problem):
+    data, V0, _ = problem
+    V, vel = V0.copy(), np.zeros_like(V0)
+    vel[5, 0] = np.float32(3e38)  # an untouched row's velocity that overflows the row
+    V[5, 0] = np.float32(3e38)
+    res = ff.train_round(V, data, [], apply_lr=1.0, momentum=kernels.ServerMomentum(0.99, False, vel))
+    assert res.summary["nonfinite_rows"] == 1 and np.isinf(V[5, 0])
+
+
+def test_momentum_arguments_are_checked(problem):
+    data, V0, b0 = problem
+    V, b = V0.copy(), b0.copy()
+    vel, velb = np.zeros_like(V), np.zeros_like(b)
+    M = kernels.ServerMomentum
+    with pytest.raises(ValueError, match="momentum needs apply_lr"):
+        ff.train_round(V, data, [0], momentum=M(0.9, False, vel))
+    with pytest.raises(TypeError, match="momentum must be a ServerMomentum"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=(0.9, False, vel))
+    with pytest.raises(ValueError, match=r"momentum.momentum must be in \[0, 1\)"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=M(1.0, False, vel))
+    with pytest.raises(TypeError, match="momentum.velocity must be a writeable"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=M(0.9, False, vel.astype(np.float64)))
+    with pytest.raises(ValueError, match="momentum.velocity must have item_factors' shape"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=M(0.9, False, vel[:-1]))
+    with pytest.raises(ValueError, match="velocity_bias must be given exactly when item_bias is"):
+        ff.train_round(V, data, [0], item_bias=b, apply_lr=1.0, momentum=M(0.9, False, vel))
+    with pytest.raises(ValueError, match="velocity_bias must be given exactly when item_bias is"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=M(0.9, False, vel, velb))
+    with pytest.raises(ValueError, match="must not overlap"):
+        ff.train_round(V, data, [0], apply_lr=1.0, momentum=M(0.9, False, V))
+    with pytest.raises(ValueError, match="must not overlap"):
+        ff.train_round(V, data, [0], item_bias=b, apply_lr=1.0, momentum=M(0.9, False, vel, b))
+    assert np.array_equal(V, V0) and np.array_equal(b, b0) and not vel.any()  # nothing was written
+
+
+MOMENTUM_FITS = {
+    "momentum": dict(server_optimizer="momentum", server_lr=0.1, server_options={"momentum": 0.9}),
+    "nesterov-bias": dict(
+        server_optimizer="momentum", server_lr=0.1, server_options={"momentum": 0.9, "nesterov": True}, biases=True
+    ),
+    "2threads-bias": dict(
+        server_optimizer="momentum", server_lr=0.3, server_options={"momentum": 0.5}, biases=True, num_threads=2
+    ),
+}
+
+
+@pytest.mark.parametrize("kw", list(MOMENTUM_FITS.values()), ids=list(MOMENTUM_FITS))
+@pytest.mark.parametrize("route", ["native loop", "per round"])
+def test_fit_with_server_momentum_in_the_native_round_is_bit_identical(problem, kw, route):
+    data, _, _ = problem
+    taken = []
+
+    def run(in_place):
+        cfg = ff.preset("paper", rounds=20, clients_per_round=40, dim=8, **kw)
+        trainer = ff.FedRecon(cfg)
+        trainer.in_place_step = in_place
+        rounds_fn, round_fn = kernels.train_rounds, kernels.train_round
+
+        def spy_rounds(*a, **k):
+            taken.append(("loop", k.get("momentum") is not None))
+            return rounds_fn(*a, **k)
+
+        def spy_round(*a, **k):
+            taken.append(("round", k.get("momentum") is not None))
+            return round_fn(*a, **k)
+
+        kernels.train_rounds, kernels.train_round = spy_rounds, spy_round
+        try:
+            trainer.fit(data, callback=(lambda row: None) if route == "per round" else None)
+        finally:
+            kernels.train_rounds, kernels.train_round = rounds_fn, round_fn
+        return trainer
+
+    a = run(True)
+    native = list(taken)
+    taken.clear()
+    b = run(False)
+    expected = "loop" if route == "native loop" else "round"
+    assert native and all(t == (expected, True) for t in native)  # the momentum step ran natively
+    assert taken and all(t == ("round", False) for t in taken)  # and not in the reference run
+    assert a.model.item_factors.tobytes() == b.model.item_factors.tobytes()
+    if a.model.item_bias is not None:
+        assert a.model.item_bias.tobytes() == b.model.item_bias.tobytes()
+    assert _without_timing(a.history) == _without_timing(b.history)
+    assert set(a.state.optimizer_state) == set(b.state.optimizer_state)
+    for key in a.state.optimizer_state:
+        assert a.state.optimizer_state[key].tobytes() == b.state.optimizer_state[key].tobytes(), key

@@ -325,6 +325,9 @@ RoundSummary train_round(const ModelView& model, const CsrView& data, const std:
     throw std::invalid_argument("an in-place step updates the model's own arrays");
   if (step.item_factors != nullptr && !(std::isfinite(step.lr) && step.lr > 0.0f))
     throw std::invalid_argument("the in-place step's lr must be finite and > 0");
+  if (step.item_factors != nullptr && step.velocity != nullptr &&
+      (!(step.momentum >= 0.0f && step.momentum < 1.0f) || (model.has_bias() && step.velocity_bias == nullptr)))
+    throw std::invalid_argument("the in-place step's momentum must be in [0, 1), with a bias velocity for a biased model");
   WorkerLease lease(model, resolve_threads(num_threads, num_sampled));
   const CohortUpdates updates =
       run_updates(lease, model, data, clients, num_sampled, config, seed, round, num_threads, users, codec, false);

@@ -12,13 +12,11 @@ std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& dat
                                       const ClientConfig& config, const UpdateCodec& codec,
                                       std::uint64_t seed, std::uint64_t first_round,
                                       std::int64_t num_rounds, std::int64_t clients_per_round,
-                                      float lr, int num_threads) {
+                                      InPlaceStep step, int num_threads) {
   if (num_rounds < 0 || clients_per_round < 1)
     throw std::invalid_argument("num_rounds must be >= 0 and clients_per_round >= 1");
-  InPlaceStep step;
   step.item_factors = const_cast<float*>(model.item_factors);
   step.item_bias = const_cast<float*>(model.item_bias);
-  step.lr = lr;
   const std::int64_t m = std::min(clients_per_round, data.num_clients);
   std::vector<std::int64_t> clients(static_cast<std::size_t>(m));
   std::vector<ClientStats> stats(static_cast<std::size_t>(m));

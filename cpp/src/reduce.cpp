@@ -48,6 +48,35 @@ inline std::uint32_t step_columns(float* v, const double* sum, std::int64_t n, d
   return bad;
 }
 
+// Server SGD with momentum on columns [0, n) of a row (optimizers.MomentumSGD's float32
+// roundings, in its order: lr_d = mean * lr; vel = vel * momentum; vel += lr_d; then p += vel,
+// or with nesterov p += lr_d; p += vel * momentum). sum == nullptr: a row nobody touched, whose
+// mean is 0 (lr_d = 0 * lr, kept as arithmetic: -0 + 0 is +0, as in NumPy). Returns non-zero if
+// a result is non-finite, as step_columns.
+inline std::uint32_t momentum_columns(float* p, float* vel, const double* sum, std::int64_t n, double inv_total,
+                                      const InPlaceStep& step) {
+  std::uint32_t bad = 0;
+  const float zero_step = 0.0f * step.lr;
+  for (std::int64_t k = 0; k < n; ++k) {
+    const float lr_d = sum != nullptr ? static_cast<float>(sum[k] * inv_total) * step.lr : zero_step;
+    float v = vel[k] * step.momentum;
+    v = v + lr_d;
+    vel[k] = v;
+    float x;
+    if (step.nesterov) {
+      x = p[k] + lr_d;
+      x = x + v * step.momentum;
+    } else {
+      x = p[k] + v;
+    }
+    p[k] = x;
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad;
+}
+
 // One client's contribution to one row, in a chunk's index: the client's cohort position, the
 // row of its update (-1: the quantization noise of a row it did not touch) and, for the scalar
 // form, its numbers (copied while indexing, so the sums read them in order).
@@ -373,7 +402,8 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
                          float* delta_bias_out, const InPlaceStep& step) {
   const std::int64_t K = model.dim;
   const bool bias = model.has_bias();
-  // Nobody reports: nothing is reduced, and the model (or the zero delta) stays as it is.
+  // Nobody reports: nothing is reduced, and the model (or the zero delta) stays as it is, but for
+  // momentum, which moves every row by its velocity.
   const double inv_total = total_weight > 0.0 ? 1.0 / total_weight : 0.0;
   ReduceResult result;
   if (step.item_factors != nullptr) {
@@ -385,15 +415,29 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
       double inv_total;
       std::atomic<std::int64_t>& nonfinite;
       std::uint32_t block(std::int64_t row, std::int64_t kb, const double* sums, std::int64_t n) const {
+        if (step.velocity != nullptr)
+          return momentum_columns(step.item_factors + row * K + kb, step.velocity + row * K + kb, sums, n,
+                                  inv_total, step);
         return step_columns(step.item_factors + row * K + kb, sums, n, inv_total, step.lr);
       }
       void row_done(std::int64_t row, double bias_sum, std::uint32_t bad) const {
-        if (bias) bad |= step_columns(step.item_bias + row, &bias_sum, 1, inv_total, step.lr);
+        if (bias && step.velocity != nullptr)
+          bad |= momentum_columns(step.item_bias + row, step.velocity_bias + row, &bias_sum, 1, inv_total, step);
+        else if (bias)
+          bad |= step_columns(step.item_bias + row, &bias_sum, 1, inv_total, step.lr);
         if (bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
       }
     };
-    result.rows_aggregated = reduce_rows(updates, model, num_threads, [](std::int64_t, std::int64_t) {},
-                                         StepSink{step, K, bias, inv_total, nonfinite});
+    // Plain SGD leaves untouched rows alone; momentum moves them too (a zero mean).
+    const auto gap = [&](std::int64_t lo, std::int64_t hi) {
+      if (step.velocity == nullptr) return;
+      for (std::int64_t r = lo; r < hi; ++r) {
+        std::uint32_t bad = momentum_columns(step.item_factors + r * K, step.velocity + r * K, nullptr, K, 0.0, step);
+        if (bias) bad |= momentum_columns(step.item_bias + r, step.velocity_bias + r, nullptr, 1, 0.0, step);
+        if (bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
+      }
+    };
+    result.rows_aggregated = reduce_rows(updates, model, num_threads, gap, StepSink{step, K, bias, inv_total, nonfinite});
     result.nonfinite_rows = nonfinite.load();
     return result;
   }

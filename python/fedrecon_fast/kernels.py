@@ -5,6 +5,7 @@ from ._native.kernels import (
     ClientUpdates,
     DenseNoise,
     RoundResult,
+    ServerMomentum,
     client_updates,
     derive_seed,
     evaluate_users,

@@ -25,8 +25,9 @@ import numpy as np
 
 from . import divergence
 from .config import DpParams, FedReconConfig
+from .kernels import ServerMomentum
 from .model import GlobalModel
-from .optimizers import ServerOptimizer, make_optimizer
+from .optimizers import MomentumSGD, ServerOptimizer, make_optimizer
 from .privacy import privatize_mean
 
 __all__ = ["FixedPrivacy", "Server", "ServerState", "model_params", "round_summary", "server_optimizer"]
@@ -179,17 +180,29 @@ class Server:
             state.optimizer_state = self.optimizer.init(self.params)
         self.optimizer_state: dict = state.optimizer_state
 
-    def in_place_lr(self) -> float | None:
-        """Server SGD's learning rate when a native round can take the step itself
-        (:func:`fedrecon_fast.kernels.train_round`'s ``apply_lr``): plain SGD on V and the item
-        biases only, with no DP noise to add to the mean first; otherwise None."""
+    def in_place_step(self) -> dict | None:
+        """The arguments with which a native round takes the server step itself
+        (:func:`fedrecon_fast.kernels.train_round`'s ``apply_lr`` and ``momentum``): server SGD,
+        or SGD with momentum (its velocity is this server's optimizer state), on V and the
+        item biases only, with no DP noise to add to the mean first; otherwise None."""
         cfg = self.state.config
-        if cfg.server_optimizer == "sgd" and cfg.dp_clip is None and set(self.params) <= {"item_factors", "item_bias"}:
-            return self.optimizer.lr
+        if cfg.dp_clip is not None or not set(self.params) <= {"item_factors", "item_bias"}:
+            return None
+        if cfg.server_optimizer == "sgd":
+            return {"apply_lr": self.optimizer.lr}
+        if isinstance(self.optimizer, MomentumSGD):
+            opt, slots = self.optimizer, self.optimizer_state
+            momentum = ServerMomentum(
+                opt.momentum,
+                opt.nesterov,
+                slots["item_factors/velocity"],
+                slots.get("item_bias/velocity"),
+            )
+            return {"apply_lr": opt.lr, "momentum": momentum}
         return None
 
     def stepped_in_place(self) -> None:
-        """Count a step that the native round took itself (``apply_lr``)."""
+        """Count a step that the native round took itself (:meth:`in_place_step`)."""
         self.optimizer.count_step(self.optimizer_state)
 
     def apply(self, result, *, privacy: RoundPrivacy | None = None, num_threads: int = 0) -> bool:

@@ -124,7 +124,7 @@ class FedRecon:
         # DP state between rounds (clip norm, accountant), made by fit and kept in checkpoints.
         self._privacy: accounting.RunPrivacy | None = None
         self._privacy_state: dict = {}
-        # Server SGD inside the native round (Server.in_place_lr); False forces the dense
+        # The server step inside the native round (Server.in_place_step); False forces the dense
         # delta and the optimizer, e.g. to compare the two.
         self.in_place_step = True
 
@@ -342,11 +342,11 @@ class FedRecon:
     def _native_rounds(self, server: Server, callback) -> bool:
         """Whether ``fit`` runs whole chunks of rounds in one native call (kernels.train_rounds):
         when no round needs Python, i.e. the server step runs in the native round
-        (:meth:`_in_place_lr`), no per-round callback, and no per-client state to keep
+        (:meth:`_native_step`), no per-round callback, and no per-client state to keep
         (FedRecon is stateless; the FedAvg baseline stores user embeddings)."""
         return (
             callback is None
-            and self._in_place_lr(server) is not None
+            and self._native_step(server) is not None
             and self.config.sampling == "fixed"
             and type(self)._user_state is FedRecon._user_state
         )
@@ -362,6 +362,8 @@ class FedRecon:
     def _run_chunk(self, server: Server, train, num_rounds: int) -> list[dict]:
         """``num_rounds`` rounds in the native training loop; their history rows."""
         cfg = self.config
+        step = self._native_step(server)
+        assert step is not None  # _native_rounds said so
         start = time.perf_counter()
         rec = kernels.train_rounds(
             self.model.item_factors,
@@ -373,9 +375,10 @@ class FedRecon:
             first_round=self.round,
             num_rounds=num_rounds,
             clients_per_round=cfg.clients_per_round,
-            lr=server.optimizer.lr,
+            lr=step["apply_lr"],
             num_threads=cfg.num_threads,
             codec=cfg.codec,
+            momentum=step.get("momentum"),
         )
         rows = []
         for i in range(len(rec["clients"])):
@@ -386,12 +389,12 @@ class FedRecon:
         self.train_seconds += time.perf_counter() - start - float(rec["seconds"].sum())
         return rows
 
-    def _in_place_lr(self, server: Server) -> float | None:
-        """The learning rate of a server SGD step that the local kernel takes itself
-        (:meth:`Server.in_place_lr`), or None. The model ends up the same as through the
-        optimizer, without a dense delta."""
+    def _native_step(self, server: Server) -> dict | None:
+        """The arguments of a server step that the local kernel takes itself
+        (:meth:`Server.in_place_step`: SGD, or SGD with momentum), or None. The model ends up
+        the same as through the optimizer, without a dense delta."""
         if self.in_place_step and self._executor is kernels:
-            return server.in_place_lr()
+            return server.in_place_step()
         return None
 
     def _run_round(self, server: Server, train) -> dict:
@@ -400,7 +403,7 @@ class FedRecon:
         start = time.perf_counter()
         clients = round_clients(cfg, train.num_clients, r)
         dp = self._privacy
-        lr = self._in_place_lr(server)
+        step = self._native_step(server)
         codec = cfg.codec if dp is None else dataclasses.replace(cfg.codec, clip=dp.clip)  # adaptive clipping moves it
         res = self._executor.train_round(
             self.model.item_factors,
@@ -416,12 +419,13 @@ class FedRecon:
             codec=codec,
             **self.model.default_kwargs(),
             **self._user_state(train, clients),
-            **({} if lr is None else {"apply_lr": lr}),
+            **(step or {}),
         )
         self._store_users(clients, res)
-        if lr is not None:
-            # The kernel took the SGD step on the rows the round touched; V was finite before
-            # (checked when fit started and after every round), so those rows are all it checks.
+        if step is not None:
+            # The kernel took the step on the rows it moved (the touched rows; every row with
+            # momentum); V was finite before (checked when fit started and after every round),
+            # so those rows are all it checks.
             server.stepped_in_place()
             finite = res.summary["nonfinite_rows"] == 0
         else:

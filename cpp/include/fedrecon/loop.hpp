@@ -20,8 +20,9 @@ struct RoundRecord {
 
 /// Runs rounds first_round .. first_round + num_rounds - 1 on `model`, whose arrays it updates
 /// in place: each round samples min(clients_per_round, data.num_clients) clients
-/// (sample_clients(seed, round)), runs train_round on them and takes the server SGD step
-/// V += lr * mean (InPlaceStep) - exactly what a Python loop of those calls gives, bit for bit.
+/// (sample_clients(seed, round)), runs train_round on them and takes the server step `step`
+/// (InPlaceStep: SGD, or SGD with momentum; its model pointers are set here to the model's
+/// arrays) - exactly what a Python loop of those calls gives, bit for bit.
 /// Stops after a round that diverged (every sampled client's update was non-finite, or the
 /// step left a row non-finite: RoundSummary says which) and returns the records of the rounds
 /// run. Throws what train_round throws.
@@ -29,6 +30,6 @@ std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& dat
                                       const ClientConfig& config, const UpdateCodec& codec,
                                       std::uint64_t seed, std::uint64_t first_round,
                                       std::int64_t num_rounds, std::int64_t clients_per_round,
-                                      float lr, int num_threads);
+                                      InPlaceStep step, int num_threads);
 
 }  // namespace fedrecon

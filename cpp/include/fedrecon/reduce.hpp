@@ -55,10 +55,17 @@ void materialize_row(float g, float beta, const float* v, const float* u, int di
 /// (and the item biases) for every row the round reduced, on the thread that reduced it, in
 /// the float32 arithmetic of optimizers.SGD on the delta (reduce.cpp, step_columns). Untouched rows are
 /// neither read nor written. The pointers are the model's own arrays (ModelView's memory).
+/// With `velocity`, server SGD with momentum instead (optimizers.MomentumSGD, Keras convention:
+/// vel = momentum * vel + lr * mean; V += vel, or with nesterov V += lr * mean + momentum * vel):
+/// every row moves, so the untouched rows take the step with a zero mean, chunk by chunk.
 struct InPlaceStep {
   float* item_factors = nullptr;  // nullptr: no step, write delta_out
   float* item_bias = nullptr;     // with a biased model
   float lr = 1.0f;
+  float* velocity = nullptr;       // num_items x dim, or nullptr: plain SGD
+  float* velocity_bias = nullptr;  // num_items, with velocity and a biased model
+  float momentum = 0.0f;           // in [0, 1)
+  bool nesterov = false;
 };
 
 struct ReduceResult {

@@ -338,6 +338,10 @@ def train_round(
     codec: UpdateCodec = ...,
     stream_ids: NDArray[np.int64] | None = None,
     apply_lr: float = 0.0,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    velocity: NDArray[np.float32] | None = None,
+    velocity_bias: NDArray[np.float32] | None = None,
 ) -> tuple[
     NDArray[np.float32] | None,
     NDArray[np.float32] | None,
@@ -361,6 +365,10 @@ def train_rounds(
     clients_per_round: int,
     lr: float,
     num_threads: int,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    velocity: NDArray[np.float32] | None = None,
+    velocity_bias: NDArray[np.float32] | None = None,
 ) -> dict[str, Any]: ...
 def weighted_mean_dense(
     updates: list[NDArray[np.float32]],

@@ -33,6 +33,7 @@ __all__ = [
     "RoundResult",
     "ClientUpdates",
     "DenseNoise",
+    "ServerMomentum",
     "train_round",
     "train_rounds",
     "client_updates",
@@ -97,6 +98,24 @@ class RoundResult:
     summary: dict
     users: np.ndarray | None = None
     user_bias: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ServerMomentum:
+    """Server SGD with momentum taken in place by a native round (``train_round(...,
+    apply_lr=lr, momentum=...)``, :func:`train_rounds`), with the float32 roundings of
+    ``optimizers.MomentumSGD(lr, momentum, nesterov)`` on the round's mean delta: every row
+    moves (untouched rows by their velocity), bit for bit as that optimizer's step.
+
+    ``velocity`` (and ``velocity_bias`` for a model with item biases) are the optimizer's state
+    arrays (``"item_factors/velocity"``, ``"item_bias/velocity"``): writeable C-contiguous
+    float32 arrays shaped like the model's, updated in place.
+    """
+
+    momentum: float
+    nesterov: bool
+    velocity: np.ndarray
+    velocity_bias: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -343,18 +362,49 @@ def _update_call(
     return native(*args, users=users, user_bias=user_bias, **_codec(codec), **_stream_ids(data), **extra)
 
 
-def _in_place_args(apply_lr, item_factors, item_bias) -> dict:
-    """``{"apply_lr": lr}`` for a round that updates the model's own arrays, after checking
-    that they are exactly what the kernel reads (a converted copy would lose the update)."""
+def _in_place_args(apply_lr, item_factors, item_bias, momentum=None, name: str = "apply_lr") -> dict:
+    """The native step arguments for a round that updates the model's own arrays, after
+    checking that they are exactly what the kernel reads (a converted copy would lose the
+    update): ``apply_lr`` and, with ``momentum``, its coefficient and velocity arrays."""
     if apply_lr is None:
+        if momentum is not None:
+            raise ValueError("momentum needs apply_lr (the server step taken in place)")
         return {}
-    check_float(apply_lr, "apply_lr", minimum=0.0, maximum=FLOAT32_MAX, strict=True)
+    check_float(apply_lr, name, minimum=0.0, maximum=FLOAT32_MAX, strict=True)
     if np.float32(apply_lr) == 0:  # the step is taken in float32
-        raise ValueError(f"apply_lr must be at least the smallest float32 (1.4e-45); got {apply_lr!r}")
+        raise ValueError(f"{name} must be at least the smallest float32 (1.4e-45); got {apply_lr!r}")
     writable_float32(item_factors, "item_factors", 2, error=TypeError)
     if item_bias is not None:
         writable_float32(item_bias, "item_bias", 1, error=TypeError)
-    return {"apply_lr": float(apply_lr)}
+    out: dict = {"apply_lr": float(apply_lr)}
+    if momentum is None:
+        return out
+    if not isinstance(momentum, ServerMomentum):
+        raise TypeError(f"momentum must be a ServerMomentum; got {type(momentum).__name__}")
+    m = check_float(momentum.momentum, "momentum.momentum", minimum=0.0)
+    if m >= 1.0:
+        raise ValueError(f"momentum.momentum must be in [0, 1); got {momentum.momentum!r}")
+    writable_float32(momentum.velocity, "momentum.velocity", 2, error=TypeError)
+    if momentum.velocity.shape != item_factors.shape:
+        raise ValueError(
+            f"momentum.velocity must have item_factors' shape {item_factors.shape}; got {momentum.velocity.shape}"
+        )
+    if (item_bias is None) != (momentum.velocity_bias is None):
+        raise ValueError("momentum.velocity_bias must be given exactly when item_bias is")
+    if item_bias is not None:
+        velocity_bias = writable_float32(momentum.velocity_bias, "momentum.velocity_bias", 1, error=TypeError)
+        if velocity_bias.shape != item_bias.shape:
+            raise ValueError(
+                f"momentum.velocity_bias must have item_bias' shape {item_bias.shape}; got {velocity_bias.shape}"
+            )
+    model = [a for a in (item_factors, item_bias) if a is not None]
+    arrays = model + [a for a in (momentum.velocity, momentum.velocity_bias) if a is not None]
+    if any(np.may_share_memory(arrays[i], arrays[j]) for j in range(len(model), len(arrays)) for i in range(j)):
+        raise ValueError("momentum's velocity arrays must not overlap the model or each other")
+    out.update(
+        momentum=m, nesterov=bool(momentum.nesterov), velocity=momentum.velocity, velocity_bias=momentum.velocity_bias
+    )
+    return out
 
 
 def train_round(
@@ -375,6 +425,7 @@ def train_round(
     user_bias_default: float = 0.0,
     codec: UpdateCodec | None = None,
     apply_lr: float | None = None,
+    momentum: ServerMomentum | None = None,
 ) -> RoundResult:
     """One fused FedRecon round: reconstruct → client update → weighted mean of updates.
 
@@ -423,12 +474,16 @@ def train_round(
         up the same. Untouched rows are not written and no dense delta is built: ``delta`` and
         ``delta_bias`` are None, and ``summary["nonfinite_rows"]`` counts rows the step left
         non-finite. Both arrays must be writeable C-contiguous float32 ndarrays.
+    momentum : ServerMomentum, optional
+        With ``apply_lr``: server SGD with momentum instead of plain SGD, bit for bit as
+        ``optimizers.MomentumSGD(lr=apply_lr, ...)`` on the delta. Every row moves (untouched
+        rows by their velocity), and ``nonfinite_rows`` counts any row left non-finite.
 
     Returns
     -------
     RoundResult
     """
-    in_place = _in_place_args(apply_lr, item_factors, item_bias)
+    in_place = _in_place_args(apply_lr, item_factors, item_bias, momentum)
     return RoundResult(
         *_update_call(
             _core.train_round,
@@ -466,6 +521,7 @@ def train_rounds(
     lr: float = 1.0,
     num_threads: int = 0,
     codec: UpdateCodec | None = None,
+    momentum: ServerMomentum | None = None,
 ) -> dict:
     """Several training rounds in one native call: sample, train, server SGD step, repeat.
 
@@ -488,6 +544,9 @@ def train_rounds(
         Which rounds to run, and the cohort size.
     lr : float
         Server learning rate (> 0).
+    momentum : ServerMomentum, optional
+        Server SGD with momentum instead (as for :func:`train_round`); its velocity arrays are
+        updated in place.
 
     Returns
     -------
@@ -499,7 +558,7 @@ def train_rounds(
     check_int(first_round, "first_round", minimum=0)
     check_int(num_rounds, "num_rounds", minimum=0, maximum=_INT64_MAX)
     check_int(clients_per_round, "clients_per_round", minimum=1, maximum=_INT64_MAX)
-    in_place = _in_place_args(lr, item_factors, item_bias)
+    in_place = _in_place_args(lr, item_factors, item_bias, momentum, name="lr")
     args = _cohort_args(
         item_factors,
         data,
@@ -526,8 +585,9 @@ def train_rounds(
         first,
         int(num_rounds),
         int(clients_per_round),
-        in_place["apply_lr"],
+        in_place.pop("apply_lr"),
         threads,
+        **in_place,
     )
 
 
