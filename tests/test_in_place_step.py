@@ -139,6 +139,17 @@ def _without_timing(history):
     return [{k: v for k, v in row.items() if not any(t in k for t in TIMING)} for row in history]
 
 
+def assert_same_training(a, b):
+    """Two trainers ended bit for bit alike: model, history (but timings), optimizer state."""
+    assert a.model.item_factors.tobytes() == b.model.item_factors.tobytes()
+    if a.model.item_bias is not None:
+        assert a.model.item_bias.tobytes() == b.model.item_bias.tobytes()
+    assert _without_timing(a.history) == _without_timing(b.history)
+    assert set(a.state.optimizer_state) == set(b.state.optimizer_state)
+    for key in a.state.optimizer_state:
+        assert a.state.optimizer_state[key].tobytes() == b.state.optimizer_state[key].tobytes(), key
+
+
 @pytest.mark.parametrize(
     ("trainer_class", "kw"),
     [
@@ -156,13 +167,7 @@ def test_fit_with_the_in_place_step_is_bit_identical(problem, trainer_class, kw)
     a, calls_a = _fit(data, True, trainer_class, **kw)
     b, calls_b = _fit(data, False, trainer_class, **kw)
     assert all(calls_a) and not any(calls_b)  # the fast path ran, and only where asked
-    assert a.model.item_factors.tobytes() == b.model.item_factors.tobytes()
-    if a.model.item_bias is not None:
-        assert a.model.item_bias.tobytes() == b.model.item_bias.tobytes()
-    assert _without_timing(a.history) == _without_timing(b.history)
-    assert set(a.state.optimizer_state) == set(b.state.optimizer_state)
-    for key in a.state.optimizer_state:
-        assert np.array_equal(a.state.optimizer_state[key], b.state.optimizer_state[key]), key
+    assert_same_training(a, b)
     if trainer_class is baselines.FedAvg:
         assert a.users.tobytes() == b.users.tobytes()
 
@@ -331,10 +336,4 @@ def test_fit_with_server_momentum_in_the_native_round_is_bit_identical(problem, 
     expected = "loop" if route == "native loop" else "round"
     assert native and all(t == (expected, True) for t in native)  # the momentum step ran natively
     assert taken and all(t == ("round", False) for t in taken)  # and not in the reference run
-    assert a.model.item_factors.tobytes() == b.model.item_factors.tobytes()
-    if a.model.item_bias is not None:
-        assert a.model.item_bias.tobytes() == b.model.item_bias.tobytes()
-    assert _without_timing(a.history) == _without_timing(b.history)
-    assert set(a.state.optimizer_state) == set(b.state.optimizer_state)
-    for key in a.state.optimizer_state:
-        assert a.state.optimizer_state[key].tobytes() == b.state.optimizer_state[key].tobytes(), key
+    assert_same_training(a, b)
