@@ -303,6 +303,25 @@ def case_paper_round(q) -> dict:
                   "eval_seconds": time.perf_counter() - start, "test_users": test.num_clients,
                   "test_rmse": metrics["rmse"]}
 
+    # Server momentum (0.9, lr 0.1): the step in the native loop against the dense delta and
+    # optimizers.MomentumSGD, one fit each per thread count, the same model bit for bit.
+    fit_momentum = {}
+    for t in THREADS:
+        cfg = config.replace(num_threads=t, server_optimizer="momentum", server_lr=0.1,
+                             server_options={"momentum": 0.9},
+                             **({"rounds": q["fit_rounds"]} if q["fit_rounds"] else {}))
+        both = {}
+        for native_step in (True, False):
+            trainer = ff.FedRecon(cfg)
+            trainer.in_place_step = native_step
+            trainer.fit(train)
+            both[native_step] = trainer
+        assert both[True].model.item_factors.tobytes() == both[False].model.item_factors.tobytes()
+        fit_momentum[str(t)] = {
+            ("native" if k else "numpy"): {"train_seconds": v.train_seconds,
+                                           "round_ms_median": _median_ms([h["round_seconds"] for h in v.history])}
+            for k, v in both.items()}
+
     peer_ms = {k: _median_ms(v) for k, v in peers.items() if v}
     best = min(native_ms.values())
     return {
@@ -326,6 +345,7 @@ def case_paper_round(q) -> dict:
         "fit_serial_us": {k: 1e3 * _median_ms(v) for k, v in fixed.items()},
         "fit": {str(t): v for t, v in fit.items()},
         "fit_dense_step": {str(t): v for t, v in fit_dense.items()},
+        "fit_momentum": fit_momentum,
         "round_with_step_ms": {kind: {str(t): _median_ms(with_step[kind, t]) for t in THREADS}
                                for kind in ("dense", "in_place")},
         "load_seconds": float(np.median(load)) if load else None,
@@ -747,6 +767,13 @@ def markdown(results: dict, meta: dict) -> str:
                     + "; ".join(f"{_fmt(f['train_seconds'], 3)} s, median round {_fmt(f['round_ms_median'], 3)} ms "
                                 f"({t} thread{'s' if t != '1' else ''})" for t, f in fd.items())
                     + " (the same model, bit for bit)."]
+        if "fit_momentum" in p:
+            out += ["", "Server momentum 0.9, lr 0.1 (`fit`, step in the native loop vs the dense delta and "
+                    "NumPy's MomentumSGD; the same model, bit for bit): "
+                    + "; ".join(f"{t} thread{'s' if t != '1' else ''}: median round "
+                                f"{_fmt(m['native']['round_ms_median'], 3)} vs {_fmt(m['numpy']['round_ms_median'], 3)} ms, "
+                                f"train_seconds {_fmt(m['native']['train_seconds'], 3)} vs "
+                                f"{_fmt(m['numpy']['train_seconds'], 3)} s" for t, m in p["fit_momentum"].items()) + "."]
         out += ["", f"`load_movielens`: {_fmt(p['load_seconds'], 3)} s for {p['ratings_loaded']:,} ratings; "
                 f"prepare + split: {_fmt(p['prepare_split_seconds'], 3)} s.", ""]
     k = results.get("kernel_efficiency")
