@@ -5,6 +5,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
@@ -48,24 +49,25 @@ inline std::uint32_t step_columns(float* v, const double* sum, std::int64_t n, d
   return bad;
 }
 
-// Server SGD with momentum on columns [0, n) of a row (optimizers.MomentumSGD's float32
-// roundings, in its order: lr_d = mean * lr; vel = vel * momentum; vel += lr_d; then p += vel,
-// or with nesterov p += lr_d; p += vel * momentum). sum == nullptr: a row nobody touched, whose
-// mean is 0 (lr_d = 0 * lr, kept as arithmetic: -0 + 0 is +0, as in NumPy). Returns non-zero if
-// a result is non-finite, as step_columns.
-inline std::uint32_t momentum_columns(float* p, float* vel, const double* sum, std::int64_t n, double inv_total,
-                                      const InPlaceStep& step) {
+// Server SGD with momentum on n consecutive floats, columns of a row or a run of whole rows
+// (optimizers.MomentumSGD's float32 roundings, in its order: lr_d = mean * lr; vel = vel *
+// momentum; vel += lr_d; then p += vel, or with nesterov p += lr_d; p += vel * momentum).
+// kZeroMean: rows nobody touched, whose mean is 0 (lr_d = 0 * lr, kept as arithmetic: -0 + 0 is
+// +0, as in NumPy). Returns non-zero if a result is non-finite, as step_columns.
+template <bool kNesterov, bool kZeroMean>
+inline std::uint32_t momentum_loop(float* p, float* vel, const double* sum, std::int64_t n, double inv_total,
+                                   float lr, float momentum) {
   std::uint32_t bad = 0;
-  const float zero_step = 0.0f * step.lr;
+  const float zero_step = 0.0f * lr;
   for (std::int64_t k = 0; k < n; ++k) {
-    const float lr_d = sum != nullptr ? static_cast<float>(sum[k] * inv_total) * step.lr : zero_step;
-    float v = vel[k] * step.momentum;
+    const float lr_d = kZeroMean ? zero_step : static_cast<float>(sum[k] * inv_total) * lr;
+    float v = vel[k] * momentum;
     v = v + lr_d;
     vel[k] = v;
     float x;
-    if (step.nesterov) {
+    if (kNesterov) {
       x = p[k] + lr_d;
-      x = x + v * step.momentum;
+      x = x + v * momentum;
     } else {
       x = p[k] + v;
     }
@@ -75,6 +77,16 @@ inline std::uint32_t momentum_columns(float* p, float* vel, const double* sum, s
     bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
   }
   return bad;
+}
+
+inline std::uint32_t momentum_columns(float* p, float* vel, const double* sum, std::int64_t n, double inv_total,
+                                      const InPlaceStep& step) {
+  const float lr = step.lr, m = step.momentum;
+  if (step.nesterov)
+    return sum == nullptr ? momentum_loop<true, true>(p, vel, sum, n, inv_total, lr, m)
+                          : momentum_loop<true, false>(p, vel, sum, n, inv_total, lr, m);
+  return sum == nullptr ? momentum_loop<false, true>(p, vel, sum, n, inv_total, lr, m)
+                        : momentum_loop<false, false>(p, vel, sum, n, inv_total, lr, m);
 }
 
 // One client's contribution to one row, in a chunk's index: the client's cohort position, the
@@ -428,13 +440,19 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
         if (bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
       }
     };
-    // Plain SGD leaves untouched rows alone; momentum moves them too (a zero mean).
+    // Plain SGD leaves untouched rows alone; momentum moves them too (a zero mean): the run of
+    // rows is one contiguous range, stepped in one loop; rows are counted only if it overflowed.
     const auto gap = [&](std::int64_t lo, std::int64_t hi) {
       if (step.velocity == nullptr) return;
+      std::uint32_t bad =
+          momentum_columns(step.item_factors + lo * K, step.velocity + lo * K, nullptr, (hi - lo) * K, 0.0, step);
+      if (bias) bad |= momentum_columns(step.item_bias + lo, step.velocity_bias + lo, nullptr, hi - lo, 0.0, step);
+      if (!bad) return;
       for (std::int64_t r = lo; r < hi; ++r) {
-        std::uint32_t bad = momentum_columns(step.item_factors + r * K, step.velocity + r * K, nullptr, K, 0.0, step);
-        if (bias) bad |= momentum_columns(step.item_bias + r, step.velocity_bias + r, nullptr, 1, 0.0, step);
-        if (bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
+        const float* v = step.item_factors + r * K;
+        bool row_bad = bias && !std::isfinite(step.item_bias[r]);
+        for (std::int64_t k = 0; k < K && !row_bad; ++k) row_bad = !std::isfinite(v[k]);
+        if (row_bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
       }
     };
     result.rows_aggregated = reduce_rows(updates, model, num_threads, gap, StepSink{step, K, bias, inv_total, nonfinite});
