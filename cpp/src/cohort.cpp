@@ -263,7 +263,7 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
         std::int32_t* bounds = a.chunks.data() + res.chunk_offset;
         const std::int32_t* rows = w.rows().data();
         for (std::size_t r = 0; r < nrows; ++r) ++bounds[chunks.of(rows[r]) + 1];
-        for (std::int64_t c = 0; c < chunks.count; ++c) bounds[c + 1] += bounds[c];
+        for (std::int64_t b = 0; b < chunks.count; ++b) bounds[b + 1] += bounds[b];
         std::vector<std::int32_t>& place = scratch[static_cast<std::size_t>(tid)].place;
         place.assign(bounds, bounds + chunks.count);
         for (std::size_t r = 0; r < nrows; ++r) {
