@@ -268,6 +268,16 @@ py::tuple reduce_updates(const Array<std::int32_t>& rows, const Array<float>& va
   return py::make_tuple(delta, or_none(delta_bias), total);
 }
 
+// A NumPy array that takes over a result vector's buffer (no copy, so nothing large is copied
+// or page-faulted while the GIL is held); the capsule frees it with the array.
+template <class T>
+Array<T> owned_array(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  if (v.empty()) return Array<T>(shape);
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return Array<T>(shape, heap->data(), owner);
+}
+
 py::dict client_updates(const Array<float>& item_factors, const std::optional<Array<float>>& item_bias,
                         float global_mean, const Array<std::int64_t>& indptr,
                         const Array<std::int32_t>& items, const Array<float>& ratings,
@@ -286,18 +296,18 @@ py::dict client_updates(const Array<float>& item_factors, const std::optional<Ar
     u = fedrecon::client_updates(model, c.data, c.ids, n, config, seed, round, num_threads, c.users.state, c.codec);
   }
   const auto nrows = static_cast<py::ssize_t>(u.rows.size());
-  Array<float> values({nrows, static_cast<py::ssize_t>(model.dim)});
-  std::copy(u.values.begin(), u.values.end(), values.mutable_data());
+  Array<float> values = owned_array(std::move(u.values), {nrows, static_cast<py::ssize_t>(model.dim)});
   py::object bias = py::none();
-  if (model.has_bias()) bias = Array<float>(nrows, u.bias_values.data());
+  if (model.has_bias()) bias = owned_array(std::move(u.bias_values), {nrows});
   py::object noise = py::none();
   if (!u.noise_key.empty()) {
     const auto m = static_cast<py::ssize_t>(u.noise_key.size());
     noise = py::dict("lo"_a = Array<float>(m, u.noise_lo.data()), "step"_a = Array<float>(m, u.noise_step.data()),
                      "key"_a = Array<std::uint64_t>(m, u.noise_key.data()));
   }
-  return py::dict("offsets"_a = Array<std::int64_t>(static_cast<py::ssize_t>(u.offsets.size()), u.offsets.data()),
-                  "rows"_a = Array<std::int32_t>(nrows, u.rows.data()), "values"_a = values,
+  const auto noffsets = static_cast<py::ssize_t>(u.offsets.size());
+  return py::dict("offsets"_a = owned_array(std::move(u.offsets), {noffsets}),
+                  "rows"_a = owned_array(std::move(u.rows), {nrows}), "values"_a = values,
                   "bias_values"_a = bias, "stats"_a = stats_dict(u.stats), "noise"_a = noise,
                   "users"_a = or_none(c.users.users_out), "user_bias"_a = or_none(c.users.user_bias_out));
 }
