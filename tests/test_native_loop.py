@@ -31,11 +31,12 @@ CODECS = {
 @pytest.mark.parametrize("codec", list(CODECS))
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_train_rounds_equals_the_rounds_one_by_one(data, name, codec, threads):
+@pytest.mark.parametrize("dim", [9, 16])  # the loop pads rows of 9 floats to 16 and reads rows of 16 in place
+def test_train_rounds_equals_the_rounds_one_by_one(data, name, codec, threads, dim):
     # Prepare: the same model twice; biases for one configuration
     cfg = ff.ClientConfig(recon_steps_max=10, update_steps_max=10, client_lr=0.3, **CONFIGS[name])
     rng = np.random.default_rng(0)
-    V0 = rng.normal(0, 0.1, (data.num_items, 9)).astype(np.float32)
+    V0 = rng.normal(0, 0.1, (data.num_items, dim)).astype(np.float32)
     b0 = rng.normal(0, 0.1, data.num_items).astype(np.float32) if name == "l2-bias" else None
     common = dict(global_mean=3.0, seed=7, num_threads=threads, codec=CODECS[codec])
     lr = 0.8
@@ -66,6 +67,20 @@ def test_train_rounds_stops_after_a_diverged_round(data):
     rec = kernels.train_rounds(V, data, cfg, num_rounds=10, clients_per_round=20)
     assert len(rec["clients"]) == 1
     assert rec["num_nonfinite"][0] == 20 or rec["nonfinite_rows"][0] > 0
+
+
+def test_train_rounds_writes_back_the_rounds_before_it_stopped(data):
+    # The loop runs on a padded copy of V (4 -> 8 floats a row); a huge server step makes it stop
+    # early, and the caller's V then holds what the rounds run wrote, as the per-round path leaves it.
+    V = np.full((data.num_items, 4), 0.1, np.float32)
+    rec = kernels.train_rounds(V, data, ff.ClientConfig(), num_rounds=10, clients_per_round=20, lr=3e38)
+    ran = len(rec["clients"])
+    assert ran < 10 and (rec["nonfinite_rows"][-1] > 0 or rec["num_nonfinite"][-1] == 20)
+    assert not np.array_equal(V, np.full_like(V, 0.1))
+    W = np.full((data.num_items, 4), 0.1, np.float32)
+    for r in range(ran):
+        ff.train_round(W, data, ff.sample_clients(data.num_clients, 20, 0, r), ff.ClientConfig(), round=r, apply_lr=3e38)
+    assert np.array_equal(V, W, equal_nan=True)
 
 
 def test_train_rounds_rejects_bad_arguments(data):

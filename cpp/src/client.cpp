@@ -65,10 +65,11 @@ std::int64_t schedule_steps(std::int64_t batches, int epochs, std::int64_t steps
   return steps;
 }
 
-// The SGD steps of an SGD reconstruction over gathered support rows (stride P), cycling the
-// batches; returns the examples seen. U and G are fixed-size locals or maps of the scratch.
+// The SGD steps of an SGD reconstruction over the support rows (row k of the batches at
+// rows[k], P floats: V's own rows or padded copies), cycling the batches; returns the examples
+// seen. U and G are fixed-size locals or maps of the scratch.
 struct SgdChain {
-  const float* rows;
+  const float* const* rows;
   const float* y;
   const std::int64_t* off;
   std::int64_t batches, steps, stride;
@@ -81,7 +82,7 @@ struct SgdChain {
     float bu = bu_ref;
     std::int64_t examples = 0;
     const auto error = [&](std::int64_t k) {
-      const float err = u.dot(Row(rows + k * stride, stride)) - y[k];
+      const float err = u.dot(Row(rows[k], stride)) - y[k];
       return bias ? err + bu : err;
     };
     for (std::int64_t s = 0, batch = 0; s < steps; ++s, batch = batch + 1 == batches ? 0 : batch + 1) {
@@ -90,10 +91,10 @@ struct SgdChain {
       // The gradient starts from the batch's first row, not from zero (0 + x == x up to the
       // sign of a zero): zeroing a local compiled to a memset call per step.
       float gb = error(lo);
-      g = gb * Row(rows + lo * stride, stride);
+      g = gb * Row(rows[lo], stride);
       for (std::int64_t k = lo + 1; k < hi; ++k) {
         const float err = error(k);
-        g += err * Row(rows + k * stride, stride);
+        g += err * Row(rows[k], stride);
         gb += err;
       }
       // Mean squared error of the batch: d/du = 2/m sum err v; L2 adds 2 * l2 * u.
@@ -235,7 +236,6 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   VecMap u(u_.data(), dim_);
   bu_ = 0.0f;
   const bool bias = model_.has_bias();
-  const float* V = model_.item_factors;
   const std::int64_t K = dim_;
   const bool has_default = !config.user_default.empty();
 
@@ -252,7 +252,7 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
       for (std::int64_t k = 0; k < ns; ++k) {
         const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
         const std::int32_t item = items_[p];
-        X.row(k).head(K) = CVecMap(V + item * K, K).transpose();
+        X.row(k).head(K) = CVecMap(model_.row(item), K).transpose();
         float target = ratings_[p] - model_.global_mean;
         if (bias) {
           X(k, K) = 1.0f;
@@ -290,19 +290,29 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
     u.setZero();
   }
 
-  // Gather the support rows (padded) and targets once; every epoch then reads them in order.
+  // The support rows and targets in batch order. Rows of V whose stride is already padded
+  // (dim a multiple of 8, or train_rounds' padded copy) are read in place: gathering copies
+  // cost more than the chain's first reads of the rows themselves (10% of a paper round on
+  // one thread, measured). Other rows are gathered once into padded copies.
   const std::int64_t ns = num_support();
   const std::int64_t P = pdim_;
-  sup_rows_.resize(static_cast<std::size_t>(ns * P));
+  const bool in_place = model_.stride() == P;
+  if (!in_place) sup_rows_.resize(static_cast<std::size_t>(ns * P));
+  sup_ptr_.resize(static_cast<std::size_t>(ns));
   sup_y_.resize(static_cast<std::size_t>(ns));
   for (std::int64_t k = 0; k < ns; ++k) {
     const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
     const std::int32_t item = items_[p];
-    gather_padded(V + item * K, dim_, sup_rows_.data() + k * P);
+    if (in_place) {
+      sup_ptr_[static_cast<std::size_t>(k)] = model_.row(item);
+    } else {
+      gather_padded(model_.row(item), dim_, sup_rows_.data() + k * P);
+      sup_ptr_[static_cast<std::size_t>(k)] = sup_rows_.data() + k * P;
+    }
     sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
   }
   for (std::int64_t k = 0; k < next_n; ++k)
-    prefetch_bytes(V + static_cast<std::int64_t>(next_items[k]) * K, static_cast<std::size_t>(K) * sizeof(float));
+    prefetch_bytes(model_.row(next_items[k]), static_cast<std::size_t>(K) * sizeof(float));
   with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
 }
 
@@ -310,7 +320,7 @@ template <int P>
 void ClientWorker::reconstruct_sgd(const ClientConfig& config) {
   const std::int64_t batches = static_cast<std::int64_t>(sup_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.recon_epochs, config.recon_steps_max);
-  const SgdChain chain{sup_rows_.data(), sup_y_.data(), sup_off_.data(), batches, steps,
+  const SgdChain chain{sup_ptr_.data(), sup_y_.data(), sup_off_.data(), batches, steps,
                        pdim_, config.recon_lr, 2.0f * config.recon_l2, model_.has_bias()};
   Eigen::Map<Vec<P>> u(u_.data(), pdim_);
   if constexpr (P == Eigen::Dynamic) {
@@ -375,7 +385,7 @@ ClientStats ClientWorker::update_compact(const ClientConfig& config) {
   const float uu = u.squaredNorm();
   p0_.resize(nrows);
   for (std::size_t r = 0; r < nrows; ++r)
-    p0_[r] = u.dot(CVecMap(model_.item_factors + static_cast<std::int64_t>(rows_[r]) * K, dim_));
+    p0_[r] = u.dot(CVecMap(model_.row(rows_[r]), dim_));
   beta_.assign(nrows, 0.0f);
   const float l2 = config.update_l2;
   gamma_.assign(l2 > 0.0f ? nrows : 0, 0.0f);
@@ -446,7 +456,7 @@ double ClientWorker::compact_sq_norm() const {
     const double b = beta_[r];
     sq += b * b * uu;
     if (!gamma_.empty() && gamma_[r] != 0.0f) {
-      const CVecMap v(model_.item_factors + static_cast<std::int64_t>(rows_[r]) * K, dim_);
+      const CVecMap v(model_.row(rows_[r]), dim_);
       const double g = gamma_[r];
       sq += g * g * static_cast<double>(v.squaredNorm()) + 2.0 * g * b * static_cast<double>(p0_[r]);
     }
@@ -476,7 +486,7 @@ ClientStats ClientWorker::update_joint(const ClientConfig& config, UninitVector<
   local_bias_.assign(static_cast<std::size_t>(bias ? nrows : 0), 0.0f);
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int32_t item = rows_[static_cast<std::size_t>(r)];
-    gather_padded(model_.item_factors + item * K, dim_, local_.data() + r * P);
+    gather_padded(model_.row(item), dim_, local_.data() + r * P);
     if (bias) local_bias_[static_cast<std::size_t>(r)] = model_.item_bias[item];
   }
   decayed_at_.assign(static_cast<std::size_t>(nrows), -1);
@@ -493,7 +503,7 @@ ClientStats ClientWorker::update_joint(const ClientConfig& config, UninitVector<
   for (std::int64_t r = 0; r < nrows; ++r) {
     const std::int64_t item = rows_[static_cast<std::size_t>(r)];
     const float* w = local_.data() + r * P;
-    const float* v = model_.item_factors + item * K;
+    const float* v = model_.row(item);
     float* dlt = out + r * K;
     std::int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
@@ -575,7 +585,7 @@ EvalStats ClientWorker::evaluate() const {
   const bool bias = model_.has_bias();
   for (const std::int64_t p : qry_pos_) {
     const std::int32_t item = items_[p];
-    const float err = predict_row(model_.item_factors + static_cast<std::int64_t>(item) * dim_,
+    const float err = predict_row(model_.row(item),
                                   bias ? model_.item_bias[item] : 0.0f) - ratings_[p];
     stats.sq_err_sum += static_cast<double>(err) * err;
     stats.abs_err_sum += std::fabs(static_cast<double>(err));
@@ -601,10 +611,9 @@ std::int64_t ClientWorker::top_k(std::int64_t k, bool skip_support, std::int64_t
   };
   heap_.clear();
   const bool bias = model_.has_bias();
-  const float* V = model_.item_factors;
   for (std::int64_t i = 0; i < model_.num_items; ++i) {
     // The prediction of evaluate(), so ranking and rating metrics see the same numbers.
-    const float score = predict_row(V + i * dim_, bias ? model_.item_bias[i] : 0.0f);
+    const float score = predict_row(model_.row(i), bias ? model_.item_bias[i] : 0.0f);
     const bool full = static_cast<std::int64_t>(heap_.size()) == k;
     // Once k items are kept, most items fail this one comparison (NaN always does).
     if (full ? !(score > heap_.front().score) : std::isnan(score)) continue;

@@ -247,7 +247,7 @@ CohortUpdates run_updates(WorkerLease& workers, const ModelView& model, const Cs
       float* dst = a.values.data() + res.offset * static_cast<std::size_t>(K);
       for (std::size_t r = 0; r < nrows; ++r)
         materialize_row(w.gamma() != nullptr ? w.gamma()[r] : 0.0f, w.beta()[r],
-                        model.item_factors + static_cast<std::int64_t>(w.rows()[r]) * K, w.user(),
+                        model.row(w.rows()[r]), w.user(),
                         model.dim, dst + r * static_cast<std::size_t>(K));
     } else if (compact) {
       a.beta.resize(a.beta.size() + nrows);

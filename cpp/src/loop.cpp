@@ -2,19 +2,47 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <stdexcept>
 
 #include "fedrecon/sampling.hpp"
 
 namespace fedrecon {
 
-std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& data,
-                                      const ClientConfig& config, const UpdateCodec& codec,
-                                      std::uint64_t seed, std::uint64_t first_round,
-                                      std::int64_t num_rounds, std::int64_t clients_per_round,
-                                      InPlaceStep step, int num_threads) {
-  if (num_rounds < 0 || clients_per_round < 1)
-    throw std::invalid_argument("num_rounds must be >= 0 and clients_per_round >= 1");
+namespace {
+
+// Tables up to this size are padded for the loop; for a larger one the copy costs more memory
+// than its gathers cost time (its rows come from DRAM either way).
+constexpr std::int64_t kPadBytes = std::int64_t{64} << 20;
+
+// Rows of dim floats (V, the momentum's velocity) padded to `stride` floats with zeros past dim
+// for the duration of a train_rounds call, so that the clients read V's rows in place
+// (ModelView::stride); written back to the caller's array when the loop returns or throws.
+class PaddedRows {
+ public:
+  PaddedRows(float* rows, std::int64_t n, int dim, std::int64_t stride)
+      : rows_(rows), n_(n), dim_(dim), stride_(stride), padded_(static_cast<std::size_t>(n * stride), 0.0f) {
+    for (std::int64_t i = 0; i < n; ++i) std::copy_n(rows + i * dim, dim, padded_.data() + i * stride);
+  }
+  PaddedRows(const PaddedRows&) = delete;
+  PaddedRows& operator=(const PaddedRows&) = delete;
+  ~PaddedRows() {
+    for (std::int64_t i = 0; i < n_; ++i) std::copy_n(padded_.data() + i * stride_, dim_, rows_ + i * dim_);
+  }
+  float* data() { return padded_.data(); }
+
+ private:
+  float* rows_;
+  std::int64_t n_;
+  int dim_;
+  std::int64_t stride_;
+  std::vector<float> padded_;
+};
+
+std::vector<RoundRecord> run_rounds(const ModelView& model, const CsrView& data, const ClientConfig& config,
+                                    const UpdateCodec& codec, std::uint64_t seed, std::uint64_t first_round,
+                                    std::int64_t num_rounds, std::int64_t clients_per_round, InPlaceStep step,
+                                    int num_threads) {
   step.item_factors = const_cast<float*>(model.item_factors);
   step.item_bias = const_cast<float*>(model.item_bias);
   const std::int64_t m = std::min(clients_per_round, data.num_clients);
@@ -36,6 +64,34 @@ std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& dat
     if (all_nonfinite || r.summary.nonfinite_rows > 0) break;
   }
   return records;
+}
+
+}  // namespace
+
+std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& data,
+                                      const ClientConfig& config, const UpdateCodec& codec,
+                                      std::uint64_t seed, std::uint64_t first_round,
+                                      std::int64_t num_rounds, std::int64_t clients_per_round,
+                                      InPlaceStep step, int num_threads) {
+  if (num_rounds < 0 || clients_per_round < 1)
+    throw std::invalid_argument("num_rounds must be >= 0 and clients_per_round >= 1");
+  const std::int64_t P = (model.dim + 7) / 8 * 8;
+  const bool pad = model.stride() == model.dim && P != model.dim && num_rounds > 0 &&
+                   model.num_items * P * static_cast<std::int64_t>(sizeof(float)) <= kPadBytes;
+  if (!pad)
+    return run_rounds(model, data, config, codec, seed, first_round, num_rounds, clients_per_round, step, num_threads);
+  // Written back also when a round throws: the caller's arrays then hold the rounds that
+  // completed, as when the loop runs on them directly.
+  PaddedRows rows(const_cast<float*>(model.item_factors), model.num_items, model.dim, P);
+  std::unique_ptr<PaddedRows> velocity;
+  if (step.velocity != nullptr) {
+    velocity = std::make_unique<PaddedRows>(step.velocity, model.num_items, model.dim, P);
+    step.velocity = velocity->data();
+  }
+  ModelView padded = model;
+  padded.item_factors = rows.data();
+  padded.row_stride = P;
+  return run_rounds(padded, data, config, codec, seed, first_round, num_rounds, clients_per_round, step, num_threads);
 }
 
 }  // namespace fedrecon

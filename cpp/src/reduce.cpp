@@ -324,7 +324,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
         bad = scalar_sum(e, n, cohort, K, current_row, sink);
       } else {
         // With L2: x = g * v + beta * u, materialize_row's arithmetic, one contribution at a time.
-        const float* v = model.item_factors + current_row * K;
+        const float* v = model.row(current_row);
         for (std::size_t i = 0; i < n; ++i) {
           const float* u = cohort.U.data() + static_cast<std::int64_t>(e[i].pos) * P;
           if (e[i].gamma == 0.0f) {
@@ -367,7 +367,7 @@ std::int64_t reduce_rows(const std::vector<UpdateRef>& updates, const ModelView&
     for (std::int64_t v = 0; v < visits; ++v) {
       const std::int64_t row = cohort.any_noisy ? lo + v : touched_rows[static_cast<std::size_t>(v)];
       if (large_table && v + kRowsAhead < visits)
-        prefetch_bytes(model.item_factors + touched_rows[static_cast<std::size_t>(v + kRowsAhead)] * K,
+        prefetch_bytes(model.row(touched_rows[static_cast<std::size_t>(v + kRowsAhead)]),
                        static_cast<std::size_t>(K) * sizeof(float));
       const std::size_t b = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo)]);
       const std::size_t b_end = static_cast<std::size_t>(start[static_cast<std::size_t>(row - lo) + 1]);
@@ -420,17 +420,19 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
   ReduceResult result;
   if (step.item_factors != nullptr) {
     std::atomic<std::int64_t> nonfinite{0};
+    // The model's rows and the velocity's are S floats apart (ModelView::stride).
+    const std::int64_t S = model.stride();
     struct StepSink {
       const InPlaceStep& step;
-      std::int64_t K;
+      std::int64_t S;
       bool bias;
       double inv_total;
       std::atomic<std::int64_t>& nonfinite;
       std::uint32_t block(std::int64_t row, std::int64_t kb, const double* sums, std::int64_t n) const {
         if (step.velocity != nullptr)
-          return momentum_columns(step.item_factors + row * K + kb, step.velocity + row * K + kb, sums, n,
+          return momentum_columns(step.item_factors + row * S + kb, step.velocity + row * S + kb, sums, n,
                                   inv_total, step);
-        return step_columns(step.item_factors + row * K + kb, sums, n, inv_total, step.lr);
+        return step_columns(step.item_factors + row * S + kb, sums, n, inv_total, step.lr);
       }
       void row_done(std::int64_t row, double bias_sum, std::uint32_t bad) const {
         if (bias && step.velocity != nullptr)
@@ -441,21 +443,22 @@ ReduceResult reduce_mean(const ModelView& model, const std::vector<UpdateRef>& u
       }
     };
     // Plain SGD leaves untouched rows alone; momentum moves them too (a zero mean): the run of
-    // rows is one contiguous range, stepped in one loop; rows are counted only if it overflowed.
+    // rows is one contiguous range, stepped in one loop (a padded row's zero columns stay zero:
+    // 0 * momentum + 0 * lr); rows are counted only if it overflowed.
     const auto gap = [&](std::int64_t lo, std::int64_t hi) {
       if (step.velocity == nullptr) return;
       std::uint32_t bad =
-          momentum_columns(step.item_factors + lo * K, step.velocity + lo * K, nullptr, (hi - lo) * K, 0.0, step);
+          momentum_columns(step.item_factors + lo * S, step.velocity + lo * S, nullptr, (hi - lo) * S, 0.0, step);
       if (bias) bad |= momentum_columns(step.item_bias + lo, step.velocity_bias + lo, nullptr, hi - lo, 0.0, step);
       if (!bad) return;
       for (std::int64_t r = lo; r < hi; ++r) {
-        const float* v = step.item_factors + r * K;
+        const float* v = step.item_factors + r * S;
         bool row_bad = bias && !std::isfinite(step.item_bias[r]);
         for (std::int64_t k = 0; k < K && !row_bad; ++k) row_bad = !std::isfinite(v[k]);
         if (row_bad) nonfinite.fetch_add(1, std::memory_order_relaxed);
       }
     };
-    result.rows_aggregated = reduce_rows(updates, model, num_threads, gap, StepSink{step, K, bias, inv_total, nonfinite});
+    result.rows_aggregated = reduce_rows(updates, model, num_threads, gap, StepSink{step, S, bias, inv_total, nonfinite});
     result.nonfinite_rows = nonfinite.load();
     return result;
   }

@@ -137,9 +137,10 @@ class ClientWorker {
   std::vector<std::uint32_t> draws_;  // the shuffle's draws
   std::vector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
   std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
-  // The support rows gathered once per client (padded, in batch order) and their targets
-  // r - global_mean - b_i, so reconstruction streams through contiguous memory.
+  // The support rows in batch order (pointers into V when its rows are padded, else into the
+  // padded copies gathered in sup_rows_) and their targets r - global_mean - b_i.
   UninitVector<float> sup_rows_, sup_y_;
+  std::vector<const float*> sup_ptr_;
   // Local embedding and its gradient (padded; the padding stays zero).
   std::vector<float> u_, grad_u_;
   float bu_ = 0.0f;

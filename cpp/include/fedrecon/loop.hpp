@@ -26,6 +26,9 @@ struct RoundRecord {
 /// Stops after a round that diverged (every sampled client's update was non-finite, or the
 /// step left a row non-finite: RoundSummary says which) and returns the records of the rounds
 /// run. Throws what train_round throws.
+/// When dim is not a multiple of 8, the rounds run on a copy of V (and of the velocity) with
+/// rows padded to whole vectors, written back when the call returns (tables up to 64 MiB): the
+/// clients then read V's rows in place. The arithmetic, and so every bit, is the same.
 std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& data,
                                       const ClientConfig& config, const UpdateCodec& codec,
                                       std::uint64_t seed, std::uint64_t first_round,

@@ -62,7 +62,7 @@ struct InPlaceStep {
   float* item_factors = nullptr;  // nullptr: no step, write delta_out
   float* item_bias = nullptr;     // with a biased model
   float lr = 1.0f;
-  float* velocity = nullptr;       // num_items x dim, or nullptr: plain SGD
+  float* velocity = nullptr;       // num_items rows of the model's stride, or nullptr: plain SGD
   float* velocity_bias = nullptr;  // num_items, with velocity and a biased model
   float momentum = 0.0f;           // in [0, 1)
   bool nesterov = false;

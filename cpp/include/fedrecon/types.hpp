@@ -27,13 +27,19 @@ struct CsrView {
 /// The global model: item factors V (num_items x dim, row-major), optional item biases and a
 /// global mean. With item biases the model also reconstructs a local user bias:
 ///   r_hat = u . v_i + global_mean [+ b_u + b_i].
+/// Rows are `stride()` floats apart: `dim` (a NumPy array's layout), or dim rounded up to a
+/// multiple of 8 with zeros in columns [dim, stride), which train_rounds uses so that the
+/// clients read whole-vector rows of V in place instead of gathering padded copies.
 struct ModelView {
   const float* item_factors = nullptr;
   const float* item_bias = nullptr;  // nullptr: a model without biases
   float global_mean = 0.0f;
   std::int64_t num_items = 0;
   int dim = 0;
+  std::int64_t row_stride = 0;  // 0: dim
   bool has_bias() const { return item_bias != nullptr; }
+  std::int64_t stride() const { return row_stride > 0 ? row_stride : dim; }
+  const float* row(std::int64_t i) const { return item_factors + i * stride(); }
 };
 
 /// How a client's ratings are divided into a support set (reconstruction) and a query set
