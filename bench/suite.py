@@ -57,7 +57,7 @@ CHILD_CASES = ("scale", "aggregation")  # run in a fresh process: their peak RSS
 
 FULL = dict(
     load_reps=5, paper_rounds=10, native_reps=20, reference_rounds=2, overhead_reps=200,
-    fit_rounds=None, fit_reps=3, ke_dims=(16, 32, 50, 64, 128), ke_batches=(1, 5, 20, "full"),
+    fit_rounds=None, fit_reps=5, ke_dims=(16, 32, 50, 64, 128), ke_batches=(1, 5, 20, "full"),
     ke_clients=None, ke_reps=5, cm_cohorts=10, cm_reps=5, ts_users=20_000, ts_items=3_700, ts_clients=1_000, ts_reps=60,
     sc_items=1_000_000, sc_users=10_000_000, sc_clients=1_000, sc_dim=64, sc_rounds=5,
     ag_rows=1_000_000, ag_clients=1_000, ag_per_client=100, ag_dim=64, ag_reps=7,
@@ -276,25 +276,29 @@ def case_paper_round(q) -> dict:
 
     # Full training (evaluation excluded) with every thread count, then evaluation on its own.
     # Each thread count trains q["fit_reps"] times, each fit right after a block of yardstick
-    # rounds; the numbers are medians over the fits, and the targets medians over the pairs.
-    fit, fit_dense, pairs = {}, {}, {}
+    # rounds, the thread counts taking turns (a slow window of this VM then lands on both); the
+    # numbers are medians over the fits, and the targets medians over the pairs.
+    fit, fit_dense, pairs, trainers = {}, {}, {t: [] for t in THREADS}, {}
+    cfgs = {t: config.replace(num_threads=t, **({"rounds": q["fit_rounds"]} if q["fit_rounds"] else {}))
+            for t in THREADS}
     for t in THREADS:
-        cfg = config.replace(num_threads=t, **({"rounds": q["fit_rounds"]} if q["fit_rounds"] else {}))
-        dense = ff.FedRecon(cfg)
+        dense = ff.FedRecon(cfgs[t])
         dense.in_place_step = False  # the same training with the dense delta and NumPy's step
         dense.fit(train)
         fit_dense[t] = {"train_seconds": dense.train_seconds,
                         "round_ms_median": _median_ms([h["round_seconds"] for h in dense.history])}
-        runs = []
-        for _ in range(q["fit_reps"]):
+        trainers[t] = dense
+    for _ in range(q["fit_reps"]):
+        for t in THREADS:
             yard_ms = _median_ms(yard_block()) if yard is not None else None
-            trainer = ff.FedRecon(cfg)
+            trainer = ff.FedRecon(cfgs[t])
             wall = _time(lambda: trainer.fit(train))
-            assert trainer.model.item_factors.tobytes() == dense.model.item_factors.tobytes()
-            runs.append({"train_seconds": trainer.train_seconds, "fit_wall_seconds": wall,
-                         "round_ms_median": _median_ms([h["round_seconds"] for h in trainer.history]),
-                         "yardstick_ms": yard_ms})
-        pairs[t] = runs
+            assert trainer.model.item_factors.tobytes() == trainers[t].model.item_factors.tobytes()
+            pairs[t].append({"train_seconds": trainer.train_seconds, "fit_wall_seconds": wall,
+                             "round_ms_median": _median_ms([h["round_seconds"] for h in trainer.history]),
+                             "yardstick_ms": yard_ms})
+    for t in THREADS:
+        runs, trainer, cfg = pairs[t], trainers[t], cfgs[t]
         start = time.perf_counter()
         metrics = trainer.evaluate(test, k=None)  # RMSE only, as measured before ranking existed
         fit[t] = {"rounds": cfg.rounds, "fits": len(runs),

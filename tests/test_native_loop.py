@@ -79,7 +79,8 @@ def test_train_rounds_writes_back_the_rounds_before_it_stopped(data):
     assert not np.array_equal(V, np.full_like(V, 0.1))
     W = np.full((data.num_items, 4), 0.1, np.float32)
     for r in range(ran):
-        ff.train_round(W, data, ff.sample_clients(data.num_clients, 20, 0, r), ff.ClientConfig(), round=r, apply_lr=3e38)
+        clients = ff.sample_clients(data.num_clients, 20, 0, r)
+        ff.train_round(W, data, clients, ff.ClientConfig(), round=r, apply_lr=3e38)
     assert np.array_equal(V, W, equal_nan=True)
 
 
