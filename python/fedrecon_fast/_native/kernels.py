@@ -537,7 +537,10 @@ def train_rounds(
     Parameters
     ----------
     item_factors, item_bias : ndarray
-        The model, updated in place: writeable C-contiguous float32 arrays.
+        The model, updated in place: writeable C-contiguous float32 arrays. When the rank is
+        not a multiple of 8 (and V is at most 64 MiB), the rounds run on a copy of V (and of
+        the momentum's velocity) with rows padded to whole SIMD vectors, written back when the
+        call returns or raises: other threads see the new values only then.
     data, config, global_mean, seed, num_threads, codec
         As for :func:`train_round`.
     first_round, num_rounds, clients_per_round : int
