@@ -39,12 +39,10 @@ void append_batches(const std::int64_t* positions, std::int64_t count, std::int6
 template <int P>
 using Vec = Eigen::Matrix<float, P, 1>;
 
-int padded(int dim) { return (dim + 7) / 8 * 8; }
-
-// Copies a dim-float row of V into a padded working row (stride padded(dim)) and zeroes its
+// Copies a dim-float row of V into a padded working row (stride padded_dim(dim)) and zeroes its
 // padding. Inline vector moves: a memmove call per 200-byte row cost more than the copy.
 inline void gather_padded(const float* src, int dim, float* dst) {
-  Eigen::Map<Eigen::Matrix<float, 8, 1>>(dst + padded(dim) - 8).setZero();
+  Eigen::Map<Eigen::Matrix<float, 8, 1>>(dst + padded_dim(dim) - 8).setZero();
   Eigen::Map<Eigen::VectorXf>(dst, dim) = Eigen::Map<const Eigen::VectorXf>(src, dim);
 }
 
@@ -138,15 +136,15 @@ void validate_config(const ClientConfig& c) {
 ClientWorker::ClientWorker(const ModelView& model)
     : model_(model),
       dim_(model.dim),
-      pdim_(padded(model.dim)),
-      u_(static_cast<std::size_t>(padded(model.dim)), 0.0f),
-      grad_u_(static_cast<std::size_t>(padded(model.dim)), 0.0f),
+      pdim_(padded_dim(model.dim)),
+      u_(static_cast<std::size_t>(padded_dim(model.dim)), 0.0f),
+      grad_u_(static_cast<std::size_t>(padded_dim(model.dim)), 0.0f),
       item_to_local_(static_cast<std::size_t>(model.num_items), -1) {}
 
 void ClientWorker::rebind(const ModelView& model) {
   if (model.dim != dim_) {
     dim_ = model.dim;
-    pdim_ = padded(model.dim);
+    pdim_ = padded_dim(model.dim);
     u_.assign(static_cast<std::size_t>(pdim_), 0.0f);
     grad_u_.assign(static_cast<std::size_t>(pdim_), 0.0f);
   }
@@ -374,7 +372,6 @@ void ClientWorker::finish_update(const ClientConfig& config, std::int64_t steps,
 ClientStats ClientWorker::update_compact(const ClientConfig& config) {
   ClientStats stats;
   const bool bias = model_.has_bias();
-  const std::int64_t K = dim_;
   const std::int64_t batches = static_cast<std::int64_t>(qry_off_.size()) - 1;
   const std::int64_t steps = schedule_steps(batches, config.update_epochs, config.update_steps_max);
   touched_rows(steps);
@@ -448,7 +445,6 @@ ClientStats ClientWorker::update_compact(const ClientConfig& config) {
 }
 
 double ClientWorker::compact_sq_norm() const {
-  const std::int64_t K = dim_;
   const CVecMap u(u_.data(), dim_);
   const double uu = static_cast<double>(u.squaredNorm());
   double sq = 0.0;

@@ -75,7 +75,7 @@ std::vector<RoundRecord> train_rounds(const ModelView& model, const CsrView& dat
                                       InPlaceStep step, int num_threads) {
   if (num_rounds < 0 || clients_per_round < 1)
     throw std::invalid_argument("num_rounds must be >= 0 and clients_per_round >= 1");
-  const std::int64_t P = (model.dim + 7) / 8 * 8;
+  const std::int64_t P = padded_dim(model.dim);
   const bool pad = model.stride() == model.dim && P != model.dim && num_rounds > 0 &&
                    model.num_items * P * static_cast<std::int64_t>(sizeof(float)) <= kPadBytes;
   if (!pad)

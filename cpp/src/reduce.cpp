@@ -121,7 +121,7 @@ struct Cohort {
       any_noisy = any_noisy || (u.enc != nullptr && u.enc->noisy_zeros);
       reporting.push_back(static_cast<std::uint32_t>(i));
     }
-    P = scalar ? (dim + 7) / 8 * 8 : dim;
+    P = scalar ? padded_dim(dim) : dim;
     if (!scalar) return;
     weights.assign(updates.size(), 0.0);
     U.assign(updates.size() * static_cast<std::size_t>(P), 0.0f);

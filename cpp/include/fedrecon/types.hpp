@@ -24,6 +24,10 @@ struct CsrView {
   }
 };
 
+/// dim rounded up to a multiple of 8 floats: the row length of the kernels' whole-vector rows
+/// (padded working rows, a padded model's stride, the reduction's cohort of u's).
+inline int padded_dim(int dim) { return (dim + 7) / 8 * 8; }
+
 /// The global model: item factors V (num_items x dim, row-major), optional item biases and a
 /// global mean. With item biases the model also reconstructs a local user bias:
 ///   r_hat = u . v_i + global_mean [+ b_u + b_i].
