@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -23,14 +24,16 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
-// Cuts positions[begin, end) into batches of `batch`, appending them to pos/off.
+// Cuts positions[0, count) into batches of `batch`, appending them to pos/off. One copy and the
+// batch ends, not an insert per batch (the paper's split calls this once per batch of 5).
 void append_batches(const std::int64_t* positions, std::int64_t count, std::int64_t batch,
                     std::vector<std::int64_t>& pos, std::vector<std::int64_t>& off) {
-  for (std::int64_t k = 0; k < count; k += batch) {
-    const std::int64_t end = std::min(count, k + batch);
-    pos.insert(pos.end(), positions + k, positions + end);
-    off.push_back(static_cast<std::int64_t>(pos.size()));
-  }
+  if (count <= 0) return;
+  const auto base = static_cast<std::int64_t>(pos.size());
+  pos.resize(pos.size() + static_cast<std::size_t>(count));
+  std::copy_n(positions, count, pos.data() + base);
+  for (std::int64_t k = batch; k < count; k += batch) off.push_back(base + k);
+  off.push_back(base + count);
 }
 
 // Rows are padded to a multiple of 8 floats and the hot loops are compiled for each padded size,
@@ -54,6 +57,18 @@ void with_padded(int p, F&& f) {
     if (p == P) return f(std::integral_constant<int, P>{});
     with_padded<P + 8>(p, std::forward<F>(f));
   }
+}
+
+// No element is infinite or NaN (all exponent bits set): an OR of bit tests, which vectorises
+// (a float sum of x - x, the other way to ask, is a serial dependency chain).
+bool all_finite(const float* x, std::size_t n) {
+  std::uint32_t bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 // Number of steps of `epochs` passes over `batches` batches, capped by steps_max (> 0).
@@ -164,7 +179,13 @@ void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientC
   const std::int64_t n = data.indptr[client + 1] - begin;
   items_ = data.items + begin;
   ratings_ = data.ratings + begin;
-  for (std::int64_t k = 0; k < n; ++k) {
+  // One branch-free pass (it vectorises; a throw inside the loop kept it scalar, 2% of a round),
+  // then the first bad id for the message.
+  const std::uint64_t num_items = static_cast<std::uint64_t>(model_.num_items);
+  bool bad = false;
+  for (std::int64_t k = 0; k < n; ++k)
+    bad |= static_cast<std::uint64_t>(static_cast<std::int64_t>(items_[k])) >= num_items;
+  for (std::int64_t k = 0; bad && k < n; ++k) {
     if (items_[k] < 0 || items_[k] >= model_.num_items)
       throw std::out_of_range("item id " + std::to_string(items_[k]) + " of client " +
                               std::to_string(client) + " is outside [0, " +
@@ -298,17 +319,30 @@ void ClientWorker::reconstruct(const ClientConfig& config, std::uint64_t seed, s
   if (!in_place) sup_rows_.resize(static_cast<std::size_t>(ns * P));
   sup_ptr_.resize(static_cast<std::size_t>(ns));
   sup_y_.resize(static_cast<std::size_t>(ns));
-  for (std::int64_t k = 0; k < ns; ++k) {
-    const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
-    const std::int32_t item = items_[p];
-    if (in_place) {
-      sup_ptr_[static_cast<std::size_t>(k)] = model_.row(item);
-    } else {
-      gather_padded(model_.row(item), dim_, sup_rows_.data() + k * P);
-      sup_ptr_[static_cast<std::size_t>(k)] = sup_rows_.data() + k * P;
+  // The branches on in_place and bias hoisted out of the per-rating loop.
+  const auto fill = [&](auto in_place_c, auto bias_c) {
+    const float* V = model_.item_factors;
+    const std::int64_t S = model_.stride();
+    for (std::int64_t k = 0; k < ns; ++k) {
+      const std::int64_t p = sup_pos_[static_cast<std::size_t>(k)];
+      const std::int32_t item = items_[p];
+      if constexpr (decltype(in_place_c)::value) {
+        sup_ptr_[static_cast<std::size_t>(k)] = V + item * S;
+      } else {
+        gather_padded(V + item * S, dim_, sup_rows_.data() + k * P);
+        sup_ptr_[static_cast<std::size_t>(k)] = sup_rows_.data() + k * P;
+      }
+      float y = ratings_[p] - model_.global_mean;
+      if constexpr (decltype(bias_c)::value) y -= model_.item_bias[item];
+      sup_y_[static_cast<std::size_t>(k)] = y;
     }
-    sup_y_[static_cast<std::size_t>(k)] = ratings_[p] - model_.global_mean - (bias ? model_.item_bias[item] : 0.0f);
-  }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (in_place)
+    bias ? fill(Yes{}, Yes{}) : fill(Yes{}, No{});
+  else
+    bias ? fill(No{}, Yes{}) : fill(No{}, No{});
   for (std::int64_t k = 0; k < next_n; ++k)
     prefetch_bytes(model_.row(next_items[k]), static_cast<std::size_t>(K) * sizeof(float));
   with_padded<8>(pdim_, [&](auto pc) { reconstruct_sgd<decltype(pc)::value>(config); });
@@ -377,12 +411,26 @@ ClientStats ClientWorker::update_compact(const ClientConfig& config) {
   touched_rows(steps);
   const auto nrows = rows_.size();
 
-  // u.v_j once per touched row (the only K-length work of the update), and |u|^2.
+  // u.v_j once per touched row (the only K-length work of the update), and |u|^2. The dot runs
+  // over the padded size (u's padding is zero): on V's rows in place when their stride is
+  // padded, else on a padded copy, so every path gets the same bits. A dynamic-size dot with
+  // its scalar tail was half of this function.
   const CVecMap u(u_.data(), dim_);
   const float uu = u.squaredNorm();
   p0_.resize(nrows);
-  for (std::size_t r = 0; r < nrows; ++r)
-    p0_[r] = u.dot(CVecMap(model_.row(rows_[r]), dim_));
+  with_padded<8>(pdim_, [&](auto pc) {
+    using Row = Eigen::Map<const Vec<decltype(pc)::value>>;
+    const Row up(u_.data(), pdim_);
+    if (model_.stride() == pdim_) {
+      for (std::size_t r = 0; r < nrows; ++r) p0_[r] = up.dot(Row(model_.row(rows_[r]), pdim_));
+    } else {
+      float* copy = grad_u_.data();  // pdim_ floats, free during the update
+      for (std::size_t r = 0; r < nrows; ++r) {
+        gather_padded(model_.row(rows_[r]), dim_, copy);
+        p0_[r] = up.dot(Row(copy, pdim_));
+      }
+    }
+  });
   beta_.assign(nrows, 0.0f);
   const float l2 = config.update_l2;
   gamma_.assign(l2 > 0.0f ? nrows : 0, 0.0f);
@@ -427,16 +475,11 @@ ClientStats ClientWorker::update_compact(const ClientConfig& config) {
     }
   }
 
-  // Finite scalars and u give a finite update (x - x is 0 for finite x, NaN otherwise).
-  float probe = 0.0f;
-  for (std::size_t r = 0; r < nrows; ++r) probe += beta_[r] - beta_[r];
-  for (const float x : gamma_) probe += x - x;
-  for (std::size_t r = 0; r < nrows && bias; ++r) {
-    local_bias_[r] -= model_.item_bias[rows_[r]];
-    probe += local_bias_[r] - local_bias_[r];
-  }
-  if (nrows > 0) probe += uu - uu;
-  finish_update(config, steps, probe == 0.0f, stats);
+  // Finite scalars and u give a finite update.
+  for (std::size_t r = 0; r < nrows && bias; ++r) local_bias_[r] -= model_.item_bias[rows_[r]];
+  const bool finite = all_finite(beta_.data(), beta_.size()) && all_finite(gamma_.data(), gamma_.size()) &&
+                      all_finite(local_bias_.data(), local_bias_.size()) && (nrows == 0 || std::isfinite(uu));
+  finish_update(config, steps, finite, stats);
   if (stats.status == kNonFinite) {
     beta_.clear();
     gamma_.clear();

@@ -43,7 +43,21 @@ struct ReduceChunks {
   std::int64_t count = 1;
   std::int64_t rows_per_chunk = 1;
   ReduceChunks(std::int64_t num_items, int num_threads);
-  std::int64_t of(std::int64_t row) const { return row / rows_per_chunk; }
+  /// The chunk of a row in [0, num_items) (rows are int32). The clients bucket every row they
+  /// touch by it: a 64-bit idiv per row was 6% of a 2-thread round (perf), so it divides by
+  /// multiplying (Lemire, Kaser & Kurz 2019: floor(n / d) = (M * n) >> 64 with
+  /// M = floor((2^64 - 1) / d) + 1, exact for all 32-bit n and d).
+  std::int64_t of(std::int32_t row) const {
+#if defined(__SIZEOF_INT128__)
+    if (magic_ == 0) return row;  // d = 1
+    return static_cast<std::int64_t>((static_cast<unsigned __int128>(magic_) * static_cast<std::uint32_t>(row)) >> 64);
+#else
+    return row / rows_per_chunk;
+#endif
+  }
+
+ private:
+  std::uint64_t magic_ = 0;
 };
 
 /// A scalar-form row: out = g * v + beta * u in float32 (each product rounded, then the sum; just
