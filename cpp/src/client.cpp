@@ -24,16 +24,15 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
-// Cuts positions[0, count) into batches of `batch`, appending them to pos/off. One copy and the
-// batch ends, not an insert per batch (the paper's split calls this once per batch of 5).
-void append_batches(const std::int64_t* positions, std::int64_t count, std::int64_t batch,
-                    std::vector<std::int64_t>& pos, std::vector<std::int64_t>& off) {
-  if (count <= 0) return;
-  const auto base = static_cast<std::int64_t>(pos.size());
-  pos.resize(pos.size() + static_cast<std::size_t>(count));
-  std::copy_n(positions, count, pos.data() + base);
-  for (std::int64_t k = batch; k < count; k += batch) off.push_back(base + k);
-  off.push_back(base + count);
+// Sets pos/off to positions[0, count) cut into batches of `batch` (off[0] = 0).
+void cut_batches(const std::int64_t* positions, std::int64_t count, std::int64_t batch,
+                 UninitVector<std::int64_t>& pos, UninitVector<std::int64_t>& off) {
+  pos.assign(positions, positions + count);
+  off.resize(static_cast<std::size_t>((count + batch - 1) / batch + 1));
+  std::int64_t* o = off.data();
+  *o++ = 0;
+  for (std::int64_t k = batch; k < count; k += batch) *o++ = k;
+  if (count > 0) *o = count;
 }
 
 // Rows are padded to a multiple of 8 floats and the hot loops are compiled for each padded size,
@@ -181,10 +180,10 @@ void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientC
   ratings_ = data.ratings + begin;
   // One branch-free pass (it vectorises; a throw inside the loop kept it scalar, 2% of a round),
   // then the first bad id for the message.
-  const std::uint64_t num_items = static_cast<std::uint64_t>(model_.num_items);
-  bool bad = false;
-  for (std::int64_t k = 0; k < n; ++k)
-    bad |= static_cast<std::uint64_t>(static_cast<std::int64_t>(items_[k])) >= num_items;
+  // As unsigned 32-bit, a negative id is >= 2^31, past any limit.
+  const auto limit = static_cast<std::uint32_t>(std::min<std::int64_t>(model_.num_items, std::int64_t{1} << 31));
+  std::uint32_t bad = 0;
+  for (std::int64_t k = 0; k < n; ++k) bad |= static_cast<std::uint32_t>(static_cast<std::uint32_t>(items_[k]) >= limit);
   for (std::int64_t k = 0; bad && k < n; ++k) {
     if (items_[k] < 0 || items_[k] >= model_.num_items)
       throw std::out_of_range("item id " + std::to_string(items_[k]) + " of client " +
@@ -207,32 +206,41 @@ void ClientWorker::split(const CsrView& data, std::int64_t client, const ClientC
   }
 
   const std::int64_t b = config.batch_size;
-  sup_pos_.clear();
-  qry_pos_.clear();
-  sup_off_.assign(1, 0);
-  qry_off_.assign(1, 0);
   switch (config.split) {
-    case SplitMode::Batches:
+    case SplitMode::Batches: {
       // TFF split_dataset: batch k of the (fixed-order) data goes to support if k is even.
+      // Sized first and written in place (an append per batch of 5 was 5% of a round).
+      const std::int64_t batches = (n + b - 1) / b;
+      std::int64_t ns = 0;
+      for (std::int64_t k = 0; k < batches; k += 2) ns += std::min(b, n - k * b);
+      sup_pos_.resize(static_cast<std::size_t>(ns));
+      qry_pos_.resize(static_cast<std::size_t>(n - ns));
+      sup_off_.resize(static_cast<std::size_t>((batches + 1) / 2 + 1));
+      qry_off_.resize(static_cast<std::size_t>(batches / 2 + 1));
+      sup_off_[0] = qry_off_[0] = 0;
+      std::int64_t* pos[2] = {sup_pos_.data(), qry_pos_.data()};
+      std::int64_t* off[2] = {sup_off_.data() + 1, qry_off_.data() + 1};
+      std::int64_t filled[2] = {0, 0};
       for (std::int64_t k = 0, batch = 0; k < n; k += b, ++batch) {
+        const int set = static_cast<int>(batch % 2);
         const std::int64_t len = std::min(b, n - k);
-        if (batch % 2 == 0)
-          append_batches(perm_.data() + k, len, b, sup_pos_, sup_off_);
-        else
-          append_batches(perm_.data() + k, len, b, qry_pos_, qry_off_);
+        std::copy_n(perm_.data() + k, len, pos[set] + filled[set]);
+        filled[set] += len;
+        *off[set]++ = filled[set];
       }
       break;
+    }
     case SplitMode::Random: {
       auto ns = static_cast<std::int64_t>(std::floor(config.support_fraction * static_cast<double>(n) + 0.5));
       if (n >= 2) ns = std::min(std::max<std::int64_t>(ns, 1), n - 1);  // both sets non-empty
       ns = std::min(ns, n);
-      append_batches(perm_.data(), ns, b, sup_pos_, sup_off_);
-      append_batches(perm_.data() + ns, n - ns, b, qry_pos_, qry_off_);
+      cut_batches(perm_.data(), ns, b, sup_pos_, sup_off_);
+      cut_batches(perm_.data() + ns, n - ns, b, qry_pos_, qry_off_);
       break;
     }
     case SplitMode::Reuse:
-      append_batches(perm_.data(), n, b, sup_pos_, sup_off_);
-      append_batches(perm_.data(), n, b, qry_pos_, qry_off_);
+      cut_batches(perm_.data(), n, b, sup_pos_, sup_off_);
+      cut_batches(perm_.data(), n, b, qry_pos_, qry_off_);
       break;
   }
 }

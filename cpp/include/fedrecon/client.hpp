@@ -133,10 +133,11 @@ class ClientWorker {
   // The current client: its entries in the CSR arrays, and positions relative to `base_`.
   const std::int32_t* items_ = nullptr;
   const float* ratings_ = nullptr;
-  std::vector<std::int64_t> perm_;
-  std::vector<std::uint32_t> draws_;  // the shuffle's draws
-  std::vector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
-  std::vector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
+  // Written in full whenever they are sized (the split), so never zero-filled first.
+  UninitVector<std::int64_t> perm_;
+  UninitVector<std::uint32_t> draws_;  // the shuffle's draws
+  UninitVector<std::int64_t> sup_pos_, sup_off_;  // support positions, cut into batches
+  UninitVector<std::int64_t> qry_pos_, qry_off_;  // query positions, cut into batches
   // The support rows in batch order (pointers into V when its rows are padded, else into the
   // padded copies gathered in sup_rows_) and their targets r - global_mean - b_i.
   UninitVector<float> sup_rows_, sup_y_;
