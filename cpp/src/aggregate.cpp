@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
 
 #include "fedrecon/cache.hpp"
+#include "fedrecon/finite.hpp"
 #include "fedrecon/parallel.hpp"
 #include "fedrecon/privacy.hpp"
 
@@ -46,28 +46,6 @@ inline void axpy_n(const double* c, const float* const* x, std::int64_t lo, doub
     for (std::size_t k = 0; k < N; ++k) a += c[k] * static_cast<double>(xs[k][j]);
     acc[j] = a;
   }
-}
-
-// NaN and infinity are the values whose exponent bits are all ones; an integer OR over the
-// words keeps the scan vectorisable (a float reduction would not be).
-inline bool all_finite(const float* x, std::int64_t n) {
-  std::uint32_t bad = 0;
-  for (std::int64_t j = 0; j < n; ++j) {
-    std::uint32_t bits;
-    std::memcpy(&bits, x + j, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
-
-inline bool all_finite(const double* x, std::int64_t n) {
-  std::uint64_t bad = 0;
-  for (std::int64_t j = 0; j < n; ++j) {
-    std::uint64_t bits;
-    std::memcpy(&bits, x + j, sizeof bits);
-    bad |= static_cast<std::uint64_t>((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
-  }
-  return bad == 0;
 }
 
 // out[j] = (sum[j] + noise_{g0+j}) * scale for j < n; sum == nullptr stands for zeros.

@@ -4,13 +4,13 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "fedrecon/cache.hpp"
+#include "fedrecon/finite.hpp"
 #include "fedrecon/rng.hpp"
 
 namespace fedrecon {
@@ -56,18 +56,6 @@ void with_padded(int p, F&& f) {
     if (p == P) return f(std::integral_constant<int, P>{});
     with_padded<P + 8>(p, std::forward<F>(f));
   }
-}
-
-// No element is infinite or NaN (all exponent bits set): an OR of bit tests, which vectorises
-// (a float sum of x - x, the other way to ask, is a serial dependency chain).
-bool all_finite(const float* x, std::size_t n) {
-  std::uint32_t bad = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
 }
 
 // Number of steps of `epochs` passes over `batches` batches, capped by steps_max (> 0).

@@ -6,11 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 
 #include "fedrecon/cache.hpp"
 #include "fedrecon/client.hpp"
+#include "fedrecon/finite.hpp"
 #include "fedrecon/parallel.hpp"
 
 namespace fedrecon {
@@ -44,9 +44,7 @@ inline std::uint32_t step_columns(float* v, const double* sum, std::int64_t n, d
     const float mean = static_cast<float>(sum[k] * inv_total);
     const float x = v[k] + mean * lr;
     v[k] = x;
-    std::uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    bad |= nonfinite_bit(x);
   }
   return bad;
 }
@@ -74,9 +72,7 @@ inline std::uint32_t momentum_loop(float* p, float* vel, const double* sum, std:
       x = p[k] + v;
     }
     p[k] = x;
-    std::uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    bad |= nonfinite_bit(x);
   }
   return bad;
 }
